@@ -1,0 +1,101 @@
+"""Argument checks shared by every public function and callback.
+
+Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, bad value) with a message that
+names the argument, shows what was received and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` (not a ``bool``) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an ``int`` greater than zero."""
+    return check_int(name, value, minimum=1)
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Return ``float(value)`` if it is a finite real number inside the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
+    return value
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite number greater than zero."""
+    return check_float(name, value, low=0.0, low_inclusive=False)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}.")
+    return value
+
+
+def check_optional_str(name: str, value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a non-empty ``str``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a string or None, got {type(value).__name__} {value!r}.")
+    if not value:
+        raise ValueError(f"`{name}` must be a non-empty string or None, got ''.")
+    return value
+
+
+def check_patterns(name: str, value: Any) -> list[str] | None:
+    """Return ``value`` as a list of non-empty pattern strings, or ``None``.
+
+    A single string becomes a one-element list. Anything else (numbers, dicts, lists holding non-strings) raises.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{name}` must be None, a string or a list of strings, got {type(value).__name__} {value!r}.")
+    if not value:
+        raise ValueError(f"`{name}` must not be an empty list; use None for the default.")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"`{name}` entries must be non-empty strings, got {type(item).__name__} {item!r}.")
+    return list(value)

@@ -1,0 +1,156 @@
+"""What every surgery callback shares: when surgery runs, on which models, and how the result is reported.
+
+Lightning's order inside ``trainer.fit`` is ``Callback.setup`` → ``LightningModule.setup`` → ``configure_model`` →
+checkpoint restore → optimizers. A network built in ``LightningModule.setup`` or ``configure_model`` does not exist
+yet at ``Callback.setup``, so the surgery is scheduled to run right after the module's ``configure_model`` (whether
+or not the module overrides it): after the network exists, before a checkpoint is restored into it and before
+``configure_optimizers`` sees its parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from peft_callbacks._validation import check_optional_str
+from peft_callbacks.core.models import find_models
+from peft_callbacks.core.params import ParameterCount, count_parameters
+
+log = logging.getLogger(__name__)
+
+_PENDING = "_peft_callbacks_pending_{}"
+
+
+def run_after_hook(pl_module: pl.LightningModule, hook: str, surgery: Callable[..., None]) -> None:
+    """Run ``surgery(*args)`` right after Lightning calls ``pl_module.<hook>(*args)`` (once).
+
+    An instance-level hook is installed that calls the class's own hook first, then every scheduled surgery in
+    order, and then removes itself, so the module pickles and behaves as before. Several callbacks can schedule
+    surgery on the same hook. :func:`remove_scheduled_hooks` drops whatever did not run.
+    """
+    key = _PENDING.format(hook)
+    pending = pl_module.__dict__.get(key)
+    if pending is None:
+        pending = []
+        pl_module.__dict__[key] = pending
+
+        def run_hook(*args, **kwargs):  # no functools.wraps: Lightning must see an overridden hook
+            try:
+                result = getattr(type(pl_module), hook)(pl_module, *args, **kwargs)
+                for scheduled in pending:
+                    scheduled(*args, **kwargs)
+                return result
+            finally:
+                pl_module.__dict__.pop(hook, None)
+                pl_module.__dict__.pop(key, None)
+
+        pl_module.__dict__[hook] = run_hook
+    pending.append(surgery)
+
+
+def run_after_configure_model(pl_module: pl.LightningModule, surgery: Callable[[], None]) -> None:
+    """Run ``surgery()`` right after ``pl_module.configure_model()``: the network exists, nothing is restored yet."""
+    run_after_hook(pl_module, "configure_model", surgery)
+
+
+def remove_scheduled_hooks(pl_module: pl.LightningModule) -> None:
+    """Drop instance-level hooks installed by :func:`run_after_hook` that never ran."""
+    for hook in ("configure_model", "on_load_checkpoint"):
+        if pl_module.__dict__.pop(_PENDING.format(hook), None) is not None:
+            pl_module.__dict__.pop(hook, None)
+
+
+class SurgeryCallback(Callback):
+    """Base class of the callbacks that change a model: LoRA, adapters, prompts, freezing.
+
+    Subclasses implement :meth:`apply` (surgery on one found model) and may override :meth:`finalize`
+    (``on_train_end``). This class finds the timm/transformers models inside the LightningModule, schedules the
+    surgery at the right moment of ``fit``, and logs trainable/total parameters through the trainer's loggers
+    (``peft/trainable_params``, ``peft/total_params``, ``peft/trainable_percent``) and a rank-zero info line.
+
+    Args:
+        module: dotted path of the submodule to adapt (e.g. ``"model"``); by default every timm/transformers model
+            found inside the LightningModule, or the whole module when it holds none.
+    """
+
+    def __init__(self, module: str | None = None) -> None:
+        self.module = check_optional_str("module", module)
+        self.parameter_count: ParameterCount | None = None
+        self.adapted_models: list[str] = []
+        self._applied = False
+
+    # -- to implement -------------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, path: str) -> None:
+        """Change ``model`` (found at ``path`` inside the LightningModule) in place."""
+        raise NotImplementedError
+
+    def is_applied(self, model: nn.Module) -> bool:
+        """Does ``model`` already carry this callback's surgery (e.g. a second ``fit`` on the same module)?"""
+        return False
+
+    def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called at ``on_train_end``; LoRA merges here."""
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._applied = False
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+
+    def run_surgery(self, pl_module: nn.Module) -> None:
+        """Find the models inside ``pl_module`` and apply the surgery to each (used by :meth:`setup`)."""
+        self.adapted_models = []
+        for path, model in find_models(pl_module, self.module):
+            if self.is_applied(model):
+                log.info("%s: %s already adapted; continuing with its current weights.", self.name, path or "model")
+            else:
+                self.apply(model, path)
+            self.adapted_models.append(path)
+        self.parameter_count = count_parameters(pl_module)
+        self._applied = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._applied:
+            raise RuntimeError(
+                f"{self.name} could not run its surgery: Lightning did not call `configure_model` during fit. "
+                f"Call the surgery function on your model before `trainer.fit` instead."
+            )
+        count = self.parameter_count
+        rank_zero_info(f"{self.name}: {count} on {self.adapted_models or ['<module>']}")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(count.as_dict("peft/"), step=0)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finalize(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_scheduled_hooks(pl_module)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def state_dict(self) -> dict:
+        count = self.parameter_count
+        return {
+            "adapted_models": list(self.adapted_models),
+            "parameter_count": None if count is None else {"trainable": count.trainable, "total": count.total},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("parameter_count")
+        if saved and self.parameter_count and saved["trainable"] != self.parameter_count.trainable:
+            log.warning(
+                "%s: the checkpoint was trained with %d trainable parameters, this run has %d; check that the "
+                "callback's arguments match the ones used for the checkpoint.",
+                self.name,
+                saved["trainable"],
+                self.parameter_count.trainable,
+            )

@@ -1,0 +1,116 @@
+"""Find a model's task head through its family's public contract.
+
+* timm: ``model.get_classifier()`` (a tuple for distilled models; ``nn.Identity`` when ``num_classes=0``).
+* transformers: every top-level submodule of a ``*For<Task>`` model that is not the base model
+  (``model.base_model``) and has parameters, e.g. ``classifier``, ``score``, ``pre_classifier``,
+  ``classification_head``, ``qa_outputs``. The vocabulary projection (``get_output_embeddings()``, usually tied to the
+  input embeddings) is reported separately: it is not a new task head and is never adapted or trained by default.
+* anything else: the last Linear/Conv layer, with a log line saying this fallback was used.
+
+Example::
+
+    >>> import timm
+    >>> find_head(timm.create_model("test_resnet", pretrained=False, num_classes=3)).head
+    ['fc']
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from peft_callbacks.core.models import family_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadInfo:
+    """Where a model's head is.
+
+    Attributes:
+        head: paths (relative to the model) of the task-head modules.
+        output_embeddings: paths of the vocabulary projection of language models (``lm_head``), if any.
+        source: how the head was found, for log lines.
+    """
+
+    head: list[str] = field(default_factory=list)
+    output_embeddings: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def all_paths(self) -> list[str]:
+        """Head and output-embedding paths together."""
+        return self.head + self.output_embeddings
+
+
+def find_head(model: nn.Module) -> HeadInfo:
+    """Locate the task head of ``model`` (see the module docstring for the rules of each family)."""
+    family = family_of(model)
+    if family == "timm":
+        return _timm_head(model)
+    if family == "transformers":
+        return _transformers_head(model)
+    return _generic_head(model)
+
+
+def _paths_of(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    wanted = {id(m) for m in modules}
+    return [name for name, m in model.named_modules() if id(m) in wanted and name]
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _timm_head(model: nn.Module) -> HeadInfo:
+    classifier = model.get_classifier()
+    modules = list(classifier) if isinstance(classifier, (tuple, list)) else [classifier]
+    modules = [m for m in modules if isinstance(m, nn.Module) and _has_params(m)]
+    return HeadInfo(head=_paths_of(model, modules), source=f"{type(model).__name__}.get_classifier()")
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    try:
+        out = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return out if isinstance(out, nn.Module) else None
+
+
+def _transformers_head(model: nn.Module) -> HeadInfo:
+    out = _output_embeddings(model)
+    out_paths = _paths_of(model, [out]) if out is not None else []
+    base = model.base_model
+    head_modules = []
+    if base is not model:
+        for _, child in model.named_children():
+            if child is base or not _has_params(child):
+                continue
+            if out is not None and any(m is out for m in child.modules()):
+                continue  # e.g. BERT's MLM `cls` block: only its vocabulary projection is special
+            head_modules.append(child)
+    return HeadInfo(
+        head=_paths_of(model, head_modules),
+        output_embeddings=out_paths,
+        source=f"{type(model).__name__} (transformers base_model / get_output_embeddings())",
+    )
+
+
+def _generic_head(model: nn.Module) -> HeadInfo:
+    from peft_callbacks.core.targets import layer_kind
+
+    last = None
+    for name, m in model.named_modules():
+        if name and layer_kind(m) is not None:
+            last = name
+    if last is None:
+        return HeadInfo(source=f"{type(model).__name__}: no timm/transformers contract and no Linear/Conv layer")
+    log.info(
+        "%s follows no timm/transformers contract; treating its last layer %r as the task head.",
+        type(model).__name__,
+        last,
+    )
+    return HeadInfo(head=[last], source=f"{type(model).__name__}: last Linear/Conv layer (generic fallback)")

@@ -1,0 +1,272 @@
+"""Which layers of a model to adapt: supported layer types and ``target_modules`` / ``exclude_modules`` patterns.
+
+Pattern rules (the same for ``target_modules`` and ``exclude_modules``, and for every callback):
+
+* ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``) except the task head and the
+  vocabulary projection. Grouped/depthwise convolutions are skipped with a log line.
+* ``"all-linear"`` — the same, Linear and ``Conv1D`` only (as in HF PEFT).
+* a name such as ``"qkv"`` or ``"attn.proj"`` — modules whose path equals it or ends with ``"." + name``.
+* a regular expression (any string holding one of ``* + ? [ ] ( ) { } | ^ $ \\``) — modules whose full path
+  matches it (``re.fullmatch``).
+* a list of the above.
+
+A pattern that matches a container (``"blocks.11"``) selects every supported layer inside it. Each pattern must
+select something: a typo is an error that lists the layers that do exist, never a silent no-op.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> model = nn.Sequential()
+    >>> model.add_module("attn", nn.Sequential()); model.attn.add_module("qkv", nn.Linear(4, 12))
+    >>> model.add_module("fc", nn.Linear(4, 2))
+    >>> resolve_targets(model, "qkv").targets
+    ['attn.qkv']
+    >>> resolve_targets(model, ["qkvv"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: `target_modules` entry 'qkvv' matched no module in Sequential; supported layers include: attn.qkv, fc...
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from peft_callbacks._validation import check_patterns
+from peft_callbacks.core.modules import PEFTModule
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/Conv2d/Conv3d (groups=1) and transformers' Conv1D"
+_REGEX_CHARS = frozenset("*+?[](){}|^$\\")
+_MAX_LISTED = 12
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Is ``module`` a transformers ``Conv1D`` (GPT-2 style Linear with a transposed weight)?"""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """Is ``module`` a grouped or depthwise convolution (``groups > 1``)?"""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` or ``"hf_conv1d"`` for layers LoRA can adapt, else ``None``."""
+    if isinstance(module, PEFTModule):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1:
+        return "conv"
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
+    return None
+
+
+def is_regex(pattern: str) -> bool:
+    """Patterns holding a regex metacharacter are matched with ``re.fullmatch``; others by name or suffix."""
+    return any(c in _REGEX_CHARS for c in pattern)
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """Does module ``path`` match ``pattern`` (see the module docstring for the rules)?"""
+    if is_regex(pattern):
+        return re.fullmatch(pattern, path) is not None
+    return path == pattern or path.endswith("." + pattern)
+
+
+def exact_patterns(paths: Iterable[str]) -> list[str]:
+    """Patterns that match exactly these module paths and nothing else (for replaying a recorded selection)."""
+    return [f"^{re.escape(p)}$" for p in paths]
+
+
+def in_subtree(path: str, roots: Iterable[str]) -> bool:
+    """Is ``path`` one of ``roots`` or inside one of them?"""
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+@dataclass
+class TargetSelection:
+    """The outcome of :func:`resolve_targets`.
+
+    Attributes:
+        targets: paths of the layers to adapt, in model order.
+        skipped_grouped: grouped/depthwise convolutions skipped by a default selection.
+        protected: paths left out because they are the head (or the vocabulary projection).
+    """
+
+    targets: list[str] = field(default_factory=list)
+    skipped_grouped: list[str] = field(default_factory=list)
+    protected: list[str] = field(default_factory=list)
+
+
+def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules of ``model`` without the root and without the inside of modules we inserted."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            out.append((path, child))
+            if not isinstance(child, PEFTModule):
+                visit(child, path)
+
+    visit(model, "")
+    return out
+
+
+def _describe(paths: list[str], modules: dict[str, nn.Module]) -> str:
+    shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:_MAX_LISTED])
+    return shown + (f", … ({len(paths)} in all)" if len(paths) > _MAX_LISTED else "")
+
+
+def _listing(paths: list[str]) -> str:
+    shown = ", ".join(paths[:_MAX_LISTED])
+    return shown + (f", … ({len(paths)} in all)" if len(paths) > _MAX_LISTED else "") if paths else "(none)"
+
+
+def _compile_checked(argument: str, pattern: str) -> None:
+    if is_regex(pattern):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"`{argument}` entry {pattern!r} is not a valid regular expression: {err}.") from None
+
+
+def resolve_targets(
+    model: nn.Module,
+    target_modules: str | list[str] | None = None,
+    exclude_modules: str | list[str] | None = None,
+    *,
+    protected: Iterable[str] = (),
+    always_protected: Iterable[str] = (),
+    kind_filter: Callable[[str], bool] | None = None,
+    method: str = "LoRA",
+) -> TargetSelection:
+    """Resolve target/exclude patterns to the layer paths to adapt.
+
+    Args:
+        model: the model to search.
+        target_modules: ``None``, ``"all-linear"``, a name, a regex or a list (see the module docstring).
+        exclude_modules: patterns of modules (and everything inside them) to leave alone.
+        protected: paths (the trainable task head) never adapted; naming one explicitly is an error.
+        always_protected: paths left out of default selections only (e.g. the vocabulary projection); naming one
+            explicitly adapts it.
+        kind_filter: optional extra predicate on :func:`layer_kind` results.
+        method: the method's name, for messages.
+
+    Raises:
+        ValueError: a pattern selects nothing, names only protected/unsupported layers, or is not a valid regex.
+    """
+    if not (target_modules is None or target_modules == "all-linear"):
+        target_modules = check_patterns("target_modules", target_modules)
+    exclude_modules = check_patterns("exclude_modules", exclude_modules)
+    for argument, patterns in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        for pattern in patterns if isinstance(patterns, list) else []:
+            _compile_checked(argument, pattern)
+
+    walk = _walk(model)
+    modules = dict(walk)
+    protected = list(protected)
+    default_protected = protected + list(always_protected)
+    model_name = type(model).__name__
+
+    def supported(path: str) -> bool:
+        kind = layer_kind(modules[path])
+        return kind is not None and (kind_filter is None or kind_filter(kind))
+
+    supported_paths = [p for p, _ in walk if supported(p)]
+    candidates = [p for p in supported_paths if not in_subtree(p, default_protected)]
+    selection = TargetSelection(protected=[p for p in supported_paths if in_subtree(p, default_protected)])
+
+    if target_modules is None or target_modules == "all-linear":
+        linear_only = target_modules == "all-linear"
+        for path in candidates:
+            if not linear_only or layer_kind(modules[path]) in ("linear", "hf_conv1d"):
+                selection.targets.append(path)
+        selection.skipped_grouped = [
+            p for p, m in walk if is_grouped_conv(m) and not linear_only and not in_subtree(p, default_protected)
+        ]
+        if selection.skipped_grouped:
+            log.info(
+                "%s: skipped %d grouped/depthwise convolution(s) (name them in target_modules to be told why): %s",
+                method,
+                len(selection.skipped_grouped),
+                _listing(selection.skipped_grouped),
+            )
+    else:
+        chosen: set[str] = set()
+        for pattern in target_modules:
+            chosen.update(
+                _select(pattern, walk, modules, supported, protected, candidates, model_name, method, supported_paths)
+            )
+        selection.targets = [p for p in supported_paths if p in chosen]
+
+    for pattern in exclude_modules or []:
+        hits = [p for p, _ in walk if path_matches(pattern, p)]
+        if not hits:
+            raise ValueError(
+                f"`exclude_modules` entry {pattern!r} matched no module in {model_name}; "
+                f"supported layers include: {_listing(supported_paths)}."
+            )
+        selection.targets = [p for p in selection.targets if not in_subtree(p, hits)]
+
+    if not selection.targets:
+        raise ValueError(
+            f"No layer of {model_name} was selected for {method} (target_modules={target_modules!r}, "
+            f"exclude_modules={exclude_modules!r}). Layers {method} can adapt ({SUPPORTED_LAYERS}) outside the head: "
+            f"{_listing(candidates)}."
+        )
+    return selection
+
+
+def _select(
+    pattern: str,
+    walk: list[tuple[str, nn.Module]],
+    modules: dict[str, nn.Module],
+    supported: Callable[[str], bool],
+    protected: list[str],
+    candidates: list[str],
+    model_name: str,
+    method: str,
+    supported_paths: list[str],
+) -> set[str]:
+    hits = [p for p, _ in walk if path_matches(pattern, p)]
+    if not hits:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} matched no module in {model_name}; supported layers include: "
+            f"{_listing(candidates or supported_paths)}."
+        )
+    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]
+    if inserted:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} matched {_describe(inserted, modules)}, which is already a module "
+            f"inserted by peft_callbacks; merge or remove it first."
+        )
+    grouped = [p for p in hits if is_grouped_conv(modules[p])]
+    if grouped:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} matched grouped/depthwise convolution(s) "
+            f"{_describe(grouped, modules)}; {method} supports {SUPPORTED_LAYERS}. Exclude them or name other layers."
+        )
+    selected = {p for p in supported_paths if in_subtree(p, hits)}
+    allowed = {p for p in selected if not in_subtree(p, protected)}
+    if allowed:
+        return allowed
+    if selected:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} selects only the task head ({_listing(sorted(selected))}), which "
+            f"is trained in full while `train_head=True`. Set `train_head=False` to adapt the head with {method}."
+        )
+    raise ValueError(
+        f"`target_modules` entry {pattern!r} matched {_describe(hits, modules)}, which {method} cannot adapt; "
+        f"it supports {SUPPORTED_LAYERS}. Supported layers include: {_listing(candidates or supported_paths)}."
+    )

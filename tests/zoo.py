@@ -1,0 +1,160 @@
+"""Tiny timm and transformers models built from configs (no download), with example inputs.
+
+Shared by every test module: ``TIMM_MODELS`` / ``HF_MODELS`` map a family name to a builder returning
+``(model, inputs)`` where ``inputs`` is a dict of keyword arguments (``{"x": tensor}`` for timm models).
+Call :func:`run` to get the main output tensor of a model on its inputs.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import transformers as hf
+from timm.models.mlp_mixer import MlpMixer
+
+VOCAB = 99
+
+
+def _img(size: int = 32, batch: int = 2) -> dict:
+    return {"x": torch.randn(batch, 3, size, size)}
+
+
+def _timm(name, size: int = 32, **kwargs):
+    def build(num_classes: int = 3):
+        torch.manual_seed(0)
+        if callable(name):  # a timm model class, for sizes no registered name offers
+            model = name(num_classes=num_classes, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return model, _img(size)
+
+    return build
+
+
+TIMM_MODELS = {
+    "vit": _timm("test_vit", size=160),
+    "deit": _timm("deit_tiny_patch16_224", size=32, img_size=32, depth=2, embed_dim=32, num_heads=2),
+    "swin": _timm(
+        "swin_tiny_patch4_window7_224",
+        size=32,
+        img_size=32,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+    ),
+    "convnext": _timm("test_convnext", size=32),
+    "resnet": _timm("test_resnet", size=32),
+    "efficientnet": _timm("test_efficientnet", size=32),
+    "mobilenetv3": _timm("mobilenetv3_small_050", size=32),
+    "regnet": _timm("regnetx_002", size=32),
+    "mixer": _timm(MlpMixer, size=32, img_size=32, patch_size=8, num_blocks=2, embed_dim=32),
+    "levit": _timm("levit_128s", size=64, img_size=64),
+    "byobnet": _timm("test_byobnet", size=32),
+    "nfnet": _timm("test_nfnet", size=32),
+}
+
+
+def _text(batch: int = 2, seq: int = 7, pad_last: bool = True) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_last:
+        mask[-1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_SMALL = dict(vocab_size=VOCAB)
+_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **_SMALL)
+_DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=37,
+    **_SMALL,
+)
+
+
+def _hf(model_cls, config, inputs=_text):
+    def build(num_labels: int = 3):
+        torch.manual_seed(0)
+        cfg = config()
+        if "Classification" in model_cls.__name__:
+            cfg.num_labels = num_labels
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = 0
+        model = model_cls(cfg).eval()
+        return model, inputs()
+
+    return build
+
+
+def _seq2seq_inputs() -> dict:
+    out = _text()
+    out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 5))
+    return out
+
+
+def _eos_inputs() -> dict:
+    out = _text()
+    out["input_ids"][:, -3] = 2  # BART classifies from the <eos> token (id 2), which every row must hold once
+    return out
+
+
+def _pixel_inputs() -> dict:
+    return {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+HF_MODELS = {
+    "bert": _hf(hf.BertForSequenceClassification, lambda: hf.BertConfig(**_ENCODER)),
+    "distilbert": _hf(
+        hf.DistilBertForSequenceClassification,
+        lambda: hf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **_SMALL),
+    ),
+    "roberta": _hf(hf.RobertaForSequenceClassification, lambda: hf.RobertaConfig(**_ENCODER)),
+    "albert": _hf(hf.AlbertForSequenceClassification, lambda: hf.AlbertConfig(embedding_size=16, **_ENCODER)),
+    "electra": _hf(hf.ElectraForSequenceClassification, lambda: hf.ElectraConfig(embedding_size=16, **_ENCODER)),
+    "gpt2": _hf(
+        hf.GPT2LMHeadModel,
+        lambda: hf.GPT2Config(n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1, **_SMALL),
+    ),
+    "gpt2_cls": _hf(
+        hf.GPT2ForSequenceClassification,
+        lambda: hf.GPT2Config(n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1, **_SMALL),
+    ),
+    "llama": _hf(hf.LlamaForCausalLM, lambda: hf.LlamaConfig(**_DECODER)),
+    "qwen2": _hf(hf.Qwen2ForSequenceClassification, lambda: hf.Qwen2Config(**_DECODER)),
+    "mistral": _hf(hf.MistralForCausalLM, lambda: hf.MistralConfig(**_DECODER)),
+    "t5": _hf(
+        hf.T5ForConditionalGeneration,
+        lambda: hf.T5Config(d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2, **_SMALL),
+        _seq2seq_inputs,
+    ),
+    "bart": _hf(
+        hf.BartForSequenceClassification,
+        lambda: hf.BartConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            **_SMALL,
+        ),
+        _eos_inputs,
+    ),
+    "vit_hf": _hf(
+        hf.ViTForImageClassification,
+        lambda: hf.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in _ENCODER.items() if k != "vocab_size"}),
+        _pixel_inputs,
+    ),
+}
+
+
+def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The main output tensor (logits) of ``model`` on ``inputs``."""
+    if "x" in inputs:
+        return model(inputs["x"])
+    return model(**inputs).logits
