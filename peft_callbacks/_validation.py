@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch.nn as nn
+
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """Return ``value`` if it is an ``int`` (not a ``bool``) that is at least ``minimum``."""
@@ -53,6 +55,18 @@ def check_float(
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``float(value)`` if it is a finite number greater than zero."""
     return check_float(name, value, low=0.0, low_inclusive=False)
+
+
+def check_module(name: str, value: Any) -> Any:
+    """Return ``value`` if it is a ``torch.nn.Module``."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(value).__name__} {_short_repr(value)}.")
+    return value
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_bool(name: str, value: Any) -> bool:

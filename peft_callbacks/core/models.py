@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch.nn as nn
 
+from peft_callbacks._validation import check_module
+
 log = logging.getLogger(__name__)
 
 Family = Literal["timm", "transformers", "generic"]
@@ -79,6 +81,7 @@ def find_models(root: nn.Module, module: str | None = None) -> list[tuple[str, n
     """
     if module is not None and not isinstance(module, str):
         raise TypeError(f"`module` must be a dotted submodule path (str) or None, got {type(module).__name__}.")
+    check_module("root", root)
     start_path = module or ""
     start = get_submodule(root, start_path)
     found: list[tuple[str, nn.Module]] = []

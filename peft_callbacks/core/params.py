@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from peft_callbacks._validation import check_int, check_module
+
 _BN_HOOK_ATTR = "_peft_frozen_stats_hook"
 
 
@@ -38,6 +40,10 @@ class ParameterCount:
 
     trainable: int
     total: int
+
+    def __post_init__(self) -> None:
+        check_int("trainable", self.trainable, minimum=0)
+        check_int("total", self.total, minimum=self.trainable)
 
     @property
     def frozen(self) -> int:
@@ -134,6 +140,7 @@ def freeze_batchnorm_stats(module: nn.Module) -> list[nn.Module]:
         >>> bool(bn.running_mean.abs().sum() == 0)
         True
     """
+    check_module("module", module)
     frozen = []
     for m in module.modules():
         if isinstance(m, _BatchNorm):

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
+from peft_callbacks._validation import check_bool, check_float, check_module, check_positive_float, check_positive_int
+from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters, freeze, unfreeze
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     """``{path: layer}`` of every LoRA layer inside ``model``."""
-    return peft_modules(model, LoRALayer)
+    return peft_modules(check_module("model", model), LoRALayer)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -104,9 +105,11 @@ def inject_lora(
     freeze(model)
     for path in selection.targets:
         base = model.get_submodule(path)
-        _replace(model, path, lora_layer_for(base)(base, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora))
+        with torch.device(base.weight.device):  # factors are created where the base weight lives (free on `meta`)
+            _replace(model, path, lora_layer_for(base)(base, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora))
     if train_head:
         unfreeze([model.get_submodule(p) for p in head.head])
+    enable_input_grads_for_checkpointing(model)
     record_surgery(
         model,
         "lora",

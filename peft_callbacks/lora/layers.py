@@ -34,8 +34,16 @@ import math
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_float, check_positive_float, check_positive_int
+from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
 from peft_callbacks.core.modules import PEFTModule
+
+
+def _check_base_layer(base_layer: object) -> None:
+    if not isinstance(base_layer, nn.Module) or not isinstance(getattr(base_layer, "weight", None), torch.Tensor):
+        raise TypeError(
+            f"`base_layer` must be a layer with a `weight` tensor (nn.Linear, nn.Conv*d, transformers Conv1D), "
+            f"got {type(base_layer).__name__}."
+        )
 
 
 class LoRALayer(PEFTModule):
@@ -58,9 +66,11 @@ class LoRALayer(PEFTModule):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("rank", r)
-        check_positive_float("alpha", lora_alpha)
-        check_float("dropout", lora_dropout, low=0.0, high=1.0, high_inclusive=False)
+        _check_base_layer(base_layer)
+        check_positive_int("r", r)
+        check_positive_float("lora_alpha", lora_alpha)
+        check_float("lora_dropout", lora_dropout, low=0.0, high=1.0, high_inclusive=False)
+        check_bool("use_rslora", use_rslora)
         self.base_layer = base_layer
         self.r = r
         self.lora_alpha = float(lora_alpha)
@@ -132,7 +142,7 @@ class LoRAConv(LoRALayer):
     """
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, lora_alpha: float, **kwargs) -> None:
-        if base_layer.groups != 1:
+        if getattr(base_layer, "groups", 1) != 1:
             raise ValueError(
                 f"LoRAConv supports groups=1 only; got a {type(base_layer).__name__} with groups={base_layer.groups}."
             )
