@@ -1,0 +1,172 @@
+"""Training step time and peak memory: full fine-tuning vs HF peft LoRA vs peft_callbacks LoRA.
+
+* Speed: one process per model holds the three variants and alternates single training steps between them
+  (full, peft, ours; the order rotates every round), so a change in machine load hits all three alike. The figure
+  is the median step time per variant; ratios are taken from these medians. ``--repeats`` runs that many such
+  processes and reports the median of their medians.
+* Memory: one process per (model, variant), so nothing is shared. Peak memory is the rise of the process's peak RSS
+  (``VmHWM``, reset right before the first step) over its RSS once the model is built: gradients, optimizer state and
+  activations. The exact bytes of gradients + AdamW state are counted too (independent of the allocator).
+
+Usage::
+
+    python benchmarks/train_step.py --models vit_s16 minilm gpt2 --rounds 10 --repeats 2 --threads 1
+    python benchmarks/train_step.py --speed-worker vit_s16 --rounds 10    # one speed process, JSON on stdout
+    python benchmarks/train_step.py --memory-worker vit_s16 ours           # one memory process, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+MODES = ["full", "peft", "ours"]
+
+
+def _trainer(bench, mode: str):
+    import torch
+
+    from benchmarks.common import prepare
+
+    model = prepare(bench, mode)
+    inputs, target = bench.batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        bench.loss(model, inputs, target).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return model, optimizer, params, step
+
+
+def speed_worker(model_name: str, rounds: int, warmup: int) -> dict:
+    from benchmarks.common import BENCHES
+
+    bench = BENCHES[model_name]
+    steps = {mode: _trainer(bench, mode)[3] for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for r in range(warmup + rounds):
+        order = MODES[r % 3 :] + MODES[: r % 3]
+        for mode in order:
+            t = steps[mode]()
+            if r >= warmup:
+                times[mode].append(t)
+    return {"model": model_name, "median_s": {m: statistics.median(t) for m, t in times.items()}, "times": times}
+
+
+def memory_worker(model_name: str, mode: str, steps: int) -> dict:
+    from benchmarks.common import BENCHES, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    model, optimizer, params, step = _trainer(BENCHES[model_name], mode)
+    base = rss_bytes()
+    reset_peak_rss()
+    for _ in range(steps):
+        step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if hasattr(t, "nbytes"))
+    grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {
+        "model": model_name,
+        "mode": mode,
+        "peak_rise_mb": (peak_rss_bytes() - base) / 2**20,
+        "grad_and_optimizer_mb": (state + grads) / 2**20,
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in unique),
+    }
+
+
+def _run(args: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
+    cmd = [sys.executable, __file__, "--threads", str(threads), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit_s16", "minilm", "gpt2"])
+    parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant in a speed process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="speed processes per model")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--speed-worker", metavar="MODEL")
+    parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "MODE"))
+    parser.add_argument("--out", help="write the raw results as JSON here")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.speed_worker:
+        print(json.dumps(speed_worker(args.speed_worker, args.rounds, args.warmup)))
+        return
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*args.memory_worker, args.memory_steps)))
+        return
+
+    speed, memory = [], []
+    for name in args.models:
+        for r in range(args.repeats):
+            worker = ["--speed-worker", name, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+            res = _run(worker, args.threads)
+            speed.append(res)
+            shown = ", ".join(f"{m} {t * 1000:.0f} ms" for m, t in res["median_s"].items())
+            print(f"{name} speed repeat {r}: {shown}", file=sys.stderr, flush=True)
+        for mode in [] if args.skip_memory else MODES:
+            res = _run(["--memory-worker", name, mode, "--memory-steps", str(args.memory_steps)], args.threads)
+            memory.append(res)
+            print(f"{name} memory {mode}: {res['peak_rise_mb']:.0f} MB", file=sys.stderr, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"speed": speed, "memory": memory}, f, indent=1)
+    print(table(speed, memory, args.models))
+
+
+def table(speed: list[dict], memory: list[dict], models: list[str]) -> str:
+    from benchmarks.common import BENCHES
+
+    lines = [
+        "| model | variant | trainable params | step (ms) | peak RSS rise (MB) | grads + AdamW state (MB) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    ratios = []
+    for name in models:
+        med = {m: statistics.median(s["median_s"][m] for s in speed if s["model"] == name) * 1000 for m in MODES}
+        mem = {r["mode"]: r for r in memory if r["model"] == name}
+        for m in MODES:
+            row = mem.get(m)
+            figures = f"{row['peak_rise_mb']:.0f} | {row['grad_and_optimizer_mb']:.1f}" if row else "– | –"
+            params = f"{row['trainable']:,}" if row else "–"
+            lines.append(f"| {name} | {m} | {params} | {med[m]:.0f} | {figures} |")
+        both = {"ours", "full"} <= mem.keys()
+        mem_ratio = f"{mem['ours']['peak_rise_mb'] / mem['full']['peak_rise_mb']:.2f}" if both else "–"
+        ratios.append(
+            f"| {name} | {med['ours'] / med['peft']:.3f} | {med['ours'] / med['full']:.3f} | "
+            f"{med['peft'] / med['full']:.3f} | {mem_ratio} |"
+        )
+    lines += [
+        "",
+        "| model | ours/peft step | ours/full step | peft/full step | ours/full peak RSS rise |",
+        "|---|---:|---:|---:|---:|",
+        *ratios,
+        "",
+        *[f"- {m}: {BENCHES[m].describe}" for m in models],
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
