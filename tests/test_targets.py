@@ -216,3 +216,13 @@ def test_find_models_returns_outermost_timm_and_hf_models():
 def test_find_models_unknown_module_lists_children():
     with pytest.raises(ValueError, match=r"`module`='txt' is not a submodule of Task.*backbone, text, head"):
         find_models(Task(), module="txt")
+
+
+def test_multihead_attention_out_proj_is_never_a_silent_no_op():
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 2))
+    inject_lora(model, rank=2)
+    assert "1.self_attn.out_proj" not in lora_layers(model)  # MHA reads out_proj.weight without calling it
+    assert "1.linear1" in lora_layers(model)
+    fresh = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(ValueError, match=r"own forward"):
+        inject_lora(fresh, target_modules=["out_proj"])

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from peft_callbacks._validation import check_patterns
 from peft_callbacks.core.modules import PEFTModule
@@ -65,8 +66,11 @@ def is_custom_layer(module: nn.Module) -> bool:
     """Is ``module`` a Linear/Conv subclass with its own forward (timm's ``ScaledStdConv2d``, ``Conv2dSame``, …)?
 
     Such layers transform their weight or input before the matmul, so ``base(x) + B·A·x`` would not equal a merged
-    layer's output; LoRA leaves them alone.
+    layer's output; LoRA leaves them alone. ``nn.MultiheadAttention.out_proj`` counts too: its parent reads the
+    weight directly and never calls it, so a LoRA branch there would silently do nothing.
     """
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        return True
     for plain in (nn.Linear, *_PLAIN_CONVS):
         if isinstance(module, plain):
             own = type(module)
