@@ -236,3 +236,14 @@ def test_callback_fit_then_test_from_checkpoint(tmp_path):
     ckpt = trainer.checkpoint_callback.best_model_path
     restored = tester.test(_Classifier(), data, ckpt_path=ckpt, verbose=False)[0]["test_loss"]
     assert restored == pytest.approx(trained, rel=1e-5)
+
+
+def test_callback_from_yaml_and_state():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(AdapterCallback, "adapters")
+    config = parser.parse_string("adapters:\n  bottleneck: 16\n  placement: pfeiffer\n  modules: [mlp]\n")
+    callback = parser.instantiate(config).adapters
+    assert (callback.bottleneck, callback.placement, callback.modules) == (16, "pfeiffer", ["mlp"])
+    assert callback.state_dict()["config"]["placement"] == "pfeiffer"

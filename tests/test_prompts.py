@@ -384,3 +384,20 @@ def test_visual_prompt_callback_fit(tmp_path):
     assert callback.state_dict()["config"] == {"num_virtual_tokens": N, "deep": True}
     with pytest.raises(ValueError, match="use inject_visual_prompts / VisualPromptCallback"):
         _fit(_Task("deit"), PromptTuningCallback(num_virtual_tokens=N), data, tmp_path)
+
+
+def test_inputs_embeds_calls_and_yaml_configs():
+    from jsonargparse import ArgumentParser
+
+    model, inputs = build("bert")
+    inject_prompt_tuning(model, N)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])  # the user's own embedding call gets no prompt
+    from_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(from_embeds, run(model, inputs))
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(PromptTuningCallback, "soft")
+    parser.add_class_arguments(VisualPromptCallback, "visual")
+    config = parser.parse_string("soft:\n  num_virtual_tokens: 4\n  init: vocab\nvisual:\n  deep: true\n")
+    built = parser.instantiate(config)
+    assert built.soft.num_virtual_tokens == 4 and built.soft.init == "vocab" and built.visual.deep is True
