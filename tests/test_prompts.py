@@ -394,6 +394,12 @@ def test_inputs_embeds_calls_and_yaml_configs():
     embeds = model.get_input_embeddings()(inputs["input_ids"])  # the user's own embedding call gets no prompt
     from_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
     torch.testing.assert_close(from_embeds, run(model, inputs))
+    encoder = model.bert  # a bare encoder: last_hidden_state lines up with the user's tokens again
+    remove_prompt_tuning(model)
+    inject_prompt_tuning(encoder, N)
+    out = encoder(**inputs, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 7, 32)
+    torch.testing.assert_close(out.last_hidden_state, out.hidden_states[-1][:, N:])
 
     parser = ArgumentParser()
     parser.add_class_arguments(PromptTuningCallback, "soft")

@@ -7,8 +7,9 @@ do the rest:
    ``inputs_embeds``) and extends ``attention_mask`` (ones), ``token_type_ids`` (zeros), ``position_ids`` and
    ``cache_position`` (shifted by ``n``) and token-level ``labels`` (``-100``, so no loss is taken on the prompt);
 2. a forward hook on ``get_input_embeddings()`` swaps the placeholders' embeddings for the learned prompt;
-3. a forward hook on the model drops the prompt positions from token-level ``logits``, so they line up with the
-   user's ``input_ids`` again (``hidden_states`` / ``attentions`` keep them).
+3. a forward hook on the model drops the prompt positions from token-level ``logits`` and ``last_hidden_state``,
+   so they line up with the user's ``input_ids`` and ``attention_mask`` again (``hidden_states`` / ``attentions``
+   keep them; as in HF PEFT, BERT's ``pooler_output`` and classifiers pool the first position, now a prompt).
 
 Keeping ``input_ids`` (rather than passing ``inputs_embeds``) lets models that pool at the last non-padding token
 (GPT-2 / Qwen2 sequence classifiers) still find it. ``model.generate`` works: the prompt enters the key/value cache
@@ -148,12 +149,14 @@ class SoftPrompt(PEFTModule):
         return torch.cat([prompt, output[:, n:]], dim=1)  # (B, n, d) + (B, T, d) -> (B, n + T, d)
 
     def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Forward hook on the model: drop the prompt positions from token-level logits."""
+        """Forward hook on the model: drop the prompt positions from token-level logits and last hidden states."""
         lengths, self._lengths, self._pending = self._lengths, None, False
-        logits = output.get("logits") if hasattr(output, "get") else None
-        if lengths is not None and isinstance(logits, torch.Tensor) and logits.ndim >= 3:
-            if logits.shape[1] == lengths[1]:
-                output["logits"] = logits[:, self.num_virtual_tokens :]
+        if lengths is None or not hasattr(output, "get"):
+            return output
+        for key in ("logits", "last_hidden_state"):
+            value = output.get(key)
+            if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == lengths[1]:
+                output[key] = value[:, self.num_virtual_tokens :]  # (B, n + T, ...) -> (B, T, ...)
         return output
 
 
