@@ -38,6 +38,16 @@ class BottleneckAdapter(PEFTModule):
         dim: width ``d`` of the hidden states the adapter sits on.
         bottleneck: width ``m`` of the bottleneck (Houlsby et al. 2019 use 8-256).
         activation: one of ``"gelu"``, ``"relu"``, ``"silu"``, ``"tanh"``.
+
+    Example::
+
+        >>> BottleneckAdapter(dim=768, bottleneck=64)
+        BottleneckAdapter(
+          dim=768, bottleneck=64
+          (down): Linear(in_features=768, out_features=64, bias=True)
+          (act): GELU(approximate='none')
+          (up): Linear(in_features=64, out_features=768, bias=True)
+        )
     """
 
     def __init__(self, dim: int, bottleneck: int, activation: str = "gelu") -> None:

@@ -44,12 +44,24 @@ ADAPTER_NAME = "adapter"
 
 
 def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
-    """``{path: adapter}`` of every bottleneck adapter inside ``model``."""
+    """``{path: adapter}`` of every bottleneck adapter inside ``model``.
+
+    Example::
+
+        >>> adapter_layers(nn.Linear(2, 2))
+        {}
+    """
     return peft_modules(model, BottleneckAdapter)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """LayerNorm / RMSNorm / GroupNorm, including the transformers classes named ``*LayerNorm`` / ``*RMSNorm``."""
+    """LayerNorm / RMSNorm / GroupNorm, including the transformers classes named ``*LayerNorm`` / ``*RMSNorm``.
+
+    Example::
+
+        >>> is_norm_layer(nn.LayerNorm(4)), is_norm_layer(nn.BatchNorm1d(4))
+        (True, False)
+    """
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
     return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
@@ -97,6 +109,14 @@ def inject_adapters(
 
     Returns:
         ``model`` itself, modified in place.
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=10)
+        >>> gpt2 = inject_adapters(hf.GPT2LMHeadModel(cfg), bottleneck=4)
+        >>> count_parameters(gpt2).trainable == 4 * (2 * 16 * 4 + 16 + 4)  # 2 blocks x 2 adapters
+        True
 
     Raises:
         ValueError: bad hyper-parameters, no supported block (the message lists them), a ``modules`` entry that
@@ -146,7 +166,11 @@ def inject_adapters(
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Take every bottleneck adapter (and its hook) out of ``model``; the base model is as before (in place)."""
+    """Take every bottleneck adapter (and its hook) out of ``model``; the base model is as before (in place).
+
+    Parameters keep the ``requires_grad`` the injection gave them; unfreeze what you want to train next.
+    See the module docstring for an example.
+    """
     for path, adapter in adapter_layers(model).items():
         parent = model.get_submodule(path.rpartition(".")[0])
         remove_hooks_of(parent, adapter)

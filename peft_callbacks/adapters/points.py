@@ -80,7 +80,13 @@ BLOCK_RULES: list[tuple[str, Callable[[nn.Module], tuple[str, str] | None]]] = [
 
 
 def supported_blocks() -> str:
-    """One line listing the block types found automatically, for error messages."""
+    """One line listing the block types found automatically, for error messages.
+
+    Example::
+
+        >>> supported_blocks().split("; ")[1]
+        'Llama/Qwen/Mistral-style decoder layers (self_attn + mlp)'
+    """
     return "; ".join(name for name, _ in BLOCK_RULES)
 
 
@@ -90,6 +96,14 @@ def find_insertion_points(model: nn.Module, placement: str = "houlsby") -> list[
     Args:
         model: the model to search.
         placement: ``"houlsby"`` (after attention and after the MLP) or ``"pfeiffer"`` (after the MLP only).
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      vocab_size=10)
+        >>> find_insertion_points(hf.LlamaForCausalLM(cfg))
+        ['model.layers.0.self_attn', 'model.layers.0.mlp']
 
     Raises:
         ValueError: no supported transformer block was found (the message lists the supported ones).
@@ -122,6 +136,12 @@ def find_insertion_points(model: nn.Module, placement: str = "houlsby") -> list[
 def match_modules(model: nn.Module, modules: str | list[str]) -> list[str]:
     """Paths of the modules named by ``modules`` (names, dotted suffixes or regexes), in model order.
 
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        >>> match_modules(net, "[0-9]")
+        ['0', '1', '2']
+
     Raises:
         ValueError: an entry matches no module.
     """
@@ -153,6 +173,11 @@ def _inside_inserted(model: nn.Module, path: str) -> bool:
 
 def output_width(module: nn.Module, path: str = "module") -> int:
     """Width ``d`` of a sub-layer's output: its own, or that of the last Linear / ``Conv1D`` inside it.
+
+    Example::
+
+        >>> output_width(nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)))
+        8
 
     Raises:
         ValueError: the module holds no Linear layer to read the width from.

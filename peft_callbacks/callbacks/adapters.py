@@ -16,7 +16,13 @@ from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_m
 
 class PermanentSurgeryCallback(SurgeryCallback):
     """A surgery that stays in the model after training (adapters, prompts): it is also applied before
-    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights."""
+    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights.
+
+    Example::
+
+        >>> issubclass(AdapterCallback, PermanentSurgeryCallback)
+        True
+    """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -12,12 +12,29 @@ _DICTS = {
 
 
 def hook_owner(hook) -> object | None:
-    """The object a hook is a bound method of (looking through ``functools.partial``)."""
+    """The object a hook is a bound method of (looking through ``functools.partial``).
+
+    Example::
+
+        >>> import functools
+        >>> net = nn.Linear(2, 2)
+        >>> hook_owner(functools.partial(net.forward)) is net, hook_owner(lambda *args: None)
+        (True, None)
+    """
     return getattr(getattr(hook, "func", hook), "__self__", None)
 
 
 def remove_hooks_of(root: nn.Module, owner: nn.Module) -> int:
-    """Remove every forward (pre-)hook inside ``root`` that is a method of ``owner``; return how many."""
+    """Remove every forward (pre-)hook inside ``root`` that is a method of ``owner``; return how many.
+
+    Example::
+
+        >>> net, owner = nn.Sequential(nn.Linear(2, 2)), nn.Identity()
+        >>> _ = net[0].register_forward_hook(lambda m, a, out: owner(out))
+        >>> _ = net[0].register_forward_hook(owner.forward)
+        >>> remove_hooks_of(net, owner), len(net[0]._forward_hooks)
+        (1, 1)
+    """
     removed = 0
     for module in root.modules():
         for main, extra in _DICTS.items():

@@ -78,6 +78,11 @@ class SoftPrompt(PEFTModule):
         num_virtual_tokens: the number of prompt tokens ``n``.
         dim: the embedding width ``d``; the prompt holds ``n·d`` parameters.
         placeholder_id: a token id (not padding, not EOS) that marks the prompt positions in ``input_ids``.
+
+    Example::
+
+        >>> SoftPrompt(num_virtual_tokens=20, dim=768).weight.shape
+        torch.Size([20, 768])
     """
 
     def __init__(self, num_virtual_tokens: int, dim: int, placeholder_id: int = 0) -> None:
@@ -161,7 +166,16 @@ class SoftPrompt(PEFTModule):
 
 
 def soft_prompts(model: nn.Module) -> dict[str, SoftPrompt]:
-    """``{path: prompt}`` of every soft prompt inside ``model``."""
+    """``{path: prompt}`` of every soft prompt inside ``model``.
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        ...                     vocab_size=20)
+        >>> list(soft_prompts(inject_prompt_tuning(hf.BertForSequenceClassification(cfg), 4)))
+        ['bert.soft_prompt']
+    """
     return peft_modules(model, SoftPrompt)
 
 
@@ -287,7 +301,16 @@ def inject_prompt_tuning(
 
 
 def remove_prompt_tuning(model: nn.Module) -> nn.Module:
-    """Take the soft prompt and its hooks out of ``model``; it is called as before again (in place)."""
+    """Take the soft prompt and its hooks out of ``model``; it is called as before again (in place).
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20)
+        >>> lm = inject_prompt_tuning(hf.GPT2LMHeadModel(cfg), 4)
+        >>> len(soft_prompts(remove_prompt_tuning(lm))), len(lm._forward_pre_hooks)
+        (0, 0)
+    """
     for path, prompt in soft_prompts(model).items():
         remove_hooks_of(model, prompt)
         parent, _, name = path.rpartition(".")

@@ -55,6 +55,11 @@ class VisualPrompts(PEFTModule):
         depth: number of prompt sets (1 for shallow VPT, the number of blocks for deep VPT).
         num_prefix_tokens: class/register/distillation tokens in front of the patches (prompts go after them).
         dropout: dropout on the prompts (VPT uses 0.1).
+
+    Example::
+
+        >>> VisualPrompts(num_virtual_tokens=10, dim=192, depth=12, num_prefix_tokens=1).weight.shape
+        torch.Size([12, 10, 192])
     """
 
     def __init__(
@@ -92,7 +97,15 @@ class VisualPrompts(PEFTModule):
 
 
 def visual_prompts(model: nn.Module) -> dict[str, VisualPrompts]:
-    """``{path: prompts}`` of every set of visual prompts inside ``model``."""
+    """``{path: prompts}`` of every set of visual prompts inside ``model``.
+
+    Example::
+
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> list(visual_prompts(inject_visual_prompts(vit, 4)))
+        ['visual_prompts']
+    """
     return peft_modules(model, VisualPrompts)
 
 
@@ -173,7 +186,16 @@ def inject_visual_prompts(
 
 
 def remove_visual_prompts(model: nn.Module) -> nn.Module:
-    """Take the visual prompts and their hooks out of ``model`` (in place)."""
+    """Take the visual prompts and their hooks out of ``model`` (in place).
+
+    Example::
+
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> vit = remove_visual_prompts(inject_visual_prompts(vit, 4, deep=True))
+        >>> len(visual_prompts(vit)), len(vit.blocks[0]._forward_pre_hooks)
+        (0, 0)
+    """
     for path, prompts in visual_prompts(model).items():
         remove_hooks_of(model, prompts)
         parent, _, name = path.rpartition(".")
