@@ -7,6 +7,7 @@ import pickle
 
 import lightning as L
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,7 +20,11 @@ from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.core.recipe import replay_surgery, surgery_records
 
-TIMM = ["vit", "deit", "swin", "levit"]
+TIMM = ["vit", "deit", "swin", "levit", "eva", "beit"]
+EXTRA = {  # ViT-family blocks the zoo does not hold
+    "eva": ("eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28),
+    "beit": ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=32, num_heads=2), 32),
+}
 HF = [
     "bert",
     "distilbert",
@@ -38,6 +43,11 @@ BLOCKS = {"vit": 6, "deit": 2, "swin": 2, "levit": 9, "t5": 4, "bart": 4}  # tra
 
 
 def build(name: str):
+    if name in EXTRA:
+        arch, kwargs, size = EXTRA[name]
+        torch.manual_seed(0)
+        model = timm.create_model(arch, pretrained=False, num_classes=3, **kwargs)
+        return model.eval(), {"x": torch.randn(2, 3, size, size)}
     model, inputs = (TIMM_MODELS if name in TIMM_MODELS else HF_MODELS)[name]()
     return model.eval(), inputs  # eval: Swin's drop-path would make two calls differ
 
@@ -157,6 +167,18 @@ def test_bad_arguments(kwargs, error, match):
         inject_adapters(build("deit")[0], **kwargs)
     with pytest.raises(error, match=match):
         AdapterCallback(**kwargs)
+
+
+def test_adapters_follow_lora():
+    from peft_callbacks.lora import inject_lora, lora_layers
+
+    model, inputs = build("bert")
+    reference = run(model, inputs)
+    inject_lora(model, rank=2)
+    inject_adapters(model, 4)
+    assert len(adapter_layers(model)) == 4 and not any(".adapter" in p for p in lora_layers(model))
+    torch.testing.assert_close(run(model, inputs), reference, rtol=0, atol=1e-6)
+    assert [r["method"] for r in surgery_records(model)] == ["lora", "adapters"]
 
 
 def test_unsupported_model_and_double_injection():

@@ -41,10 +41,9 @@ PLACEMENTS = ("houlsby", "pfeiffer")
 
 def _child(module: nn.Module, path: str) -> nn.Module | None:
     try:
-        found = module.get_submodule(path)
+        return module.get_submodule(path)  # a LoRA-wrapped projection still counts: adapters can follow LoRA
     except AttributeError:
         return None
-    return None if isinstance(found, PEFTModule) else found
 
 
 def _fixed(attn: str, mlp: str, *extra: str) -> Callable[[nn.Module], tuple[str, str] | None]:
