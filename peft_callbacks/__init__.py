@@ -8,27 +8,51 @@ The surgery itself (``inject_lora``, ``merge_lora``, ``count_parameters``, …) 
 Trainer.
 """
 
+from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, inject_adapters, remove_adapters
+from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
+from peft_callbacks.prompts import (
+    SoftPrompt,
+    VisualPrompts,
+    inject_prompt_tuning,
+    inject_visual_prompts,
+    remove_prompt_tuning,
+    remove_visual_prompts,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCallback",
+    "BottleneckAdapter",
     "LoRACallback",
     "LoRAConv",
     "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",
     "ParameterCount",
+    "PromptTuningCallback",
+    "SoftPrompt",
+    "VisualPromptCallback",
+    "VisualPrompts",
+    "adapter_layers",
     "count_parameters",
     "find_models",
     "freeze_batchnorm_stats",
+    "inject_adapters",
     "inject_lora",
+    "inject_prompt_tuning",
+    "inject_visual_prompts",
     "lora_disabled",
     "lora_layers",
     "merge_lora",
+    "remove_adapters",
+    "remove_prompt_tuning",
+    "remove_visual_prompts",
     "unload_lora",
 ]
