@@ -4,30 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning.pytorch as pl
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_choice, check_patterns, check_positive_int
 from peft_callbacks.adapters.bottleneck import ACTIVATIONS
 from peft_callbacks.adapters.inject import adapter_layers, inject_adapters
 from peft_callbacks.adapters.points import PLACEMENTS
-from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model
-
-
-class PermanentSurgeryCallback(SurgeryCallback):
-    """A surgery that stays in the model after training (adapters, prompts): it is also applied before
-    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights.
-
-    Example::
-
-        >>> issubclass(AdapterCallback, PermanentSurgeryCallback)
-        True
-    """
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+from peft_callbacks.callbacks.base import PermanentSurgeryCallback
 
 
 class AdapterCallback(PermanentSurgeryCallback):

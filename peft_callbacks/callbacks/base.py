@@ -154,3 +154,20 @@ class SurgeryCallback(Callback):
                 saved["trainable"],
                 self.parameter_count.trainable,
             )
+
+
+class PermanentSurgeryCallback(SurgeryCallback):
+    """A surgery that stays in the model after training (adapters, prompts): it is also applied before
+    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights.
+
+    Example::
+
+        >>> from peft_callbacks import AdapterCallback
+        >>> issubclass(AdapterCallback, PermanentSurgeryCallback)
+        True
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))

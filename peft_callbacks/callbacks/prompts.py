@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_positive_int
-from peft_callbacks.callbacks.adapters import PermanentSurgeryCallback
+from peft_callbacks.callbacks.base import PermanentSurgeryCallback
 from peft_callbacks.prompts.soft import inject_prompt_tuning, soft_prompts
 from peft_callbacks.prompts.visual import inject_visual_prompts, visual_prompts
 
