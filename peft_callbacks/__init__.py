@@ -9,26 +9,34 @@ Trainer.
 """
 
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.slim import SlimCheckpoint
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "LoRACallback",
     "LoRAConv",
     "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",
     "ParameterCount",
+    "SlimCheckpoint",
     "count_parameters",
+    "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
+    "import_peft",
     "inject_lora",
+    "load_adapter",
     "lora_disabled",
     "lora_layers",
     "merge_lora",
+    "save_adapter",
     "unload_lora",
 ]
