@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
-from peft_callbacks.io.fingerprint import base_fingerprint
+from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,16 @@ class SlimCheckpoint(Callback):
         remove_scheduled_hooks(pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self._fingerprint is None:  # the base is frozen: fingerprint it once per run
-            self._fingerprint = base_fingerprint(pl_module)
+        fingerprint = base_fingerprint(pl_module, hash_names=(self._fingerprint or {}).get("hashes"))
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint
+        elif compare_fingerprints(self._fingerprint, fingerprint):
+            # e.g. LoRA was merged at the end of fit: the base is no longer the one built, so keep it all
+            log.info("SlimCheckpoint: the base weights changed during this run; writing a full checkpoint.")
+            return
         state = checkpoint["state_dict"]
         before = len(state)
-        checkpoint[CHECKPOINT_KEY] = slim_state_dict(pl_module, state, self._fingerprint)
+        checkpoint[CHECKPOINT_KEY] = slim_state_dict(pl_module, state, fingerprint)
         log.debug("SlimCheckpoint: kept %d of %d tensors.", len(state), before)
 
     def _fill(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -55,7 +55,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class AdapterFileError(ValueError):
-    """An adapter directory that cannot be loaded: corrupted, from a newer version, or for another base model."""
+    """An adapter directory that cannot be loaded: corrupted, from a newer version, or for another base model.
+
+    A ``ValueError``, so code that catches bad input in general catches it too.
+
+    Example::
+
+        >>> issubclass(AdapterFileError, ValueError)
+        True
+    """
 
 
 def _library_version() -> str:
@@ -92,6 +100,14 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
     Raises:
         ValueError: ``model`` has nothing trained to save.
+
+    Example::
+
+        >>> import tempfile, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
+        >>> save_adapter(net, tempfile.mkdtemp()).name
+        'adapter_model.safetensors'
     """
     model = _check_module(model)
     tensors = {k: t.to("cpu").contiguous() for k, t in trained_state(model).items()}
@@ -126,6 +142,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
         AdapterFileError: the recipe is not valid JSON, not an adapter recipe, or from a newer format version.
+
+    Example::
+
+        >>> import tempfile, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = save_adapter(inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2), folder)
+        >>> recipe = read_adapter_config(folder)
+        >>> recipe["format_version"], [r["method"] for r in recipe["models"][0]["recipe"]]
+        (1, ['lora'])
     """
     folder = Path(directory)
     path = folder / RECIPE_FILE
@@ -260,6 +286,17 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
         FileNotFoundError: a file is missing.
         AdapterFileError: a corrupted/truncated file, a newer format version, another base (``strict``), or tensors
             that do not fit.
+
+    Example::
+
+        >>> import tempfile, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = save_adapter(inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2), folder)
+        >>> load_adapter(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)), folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        peft_callbacks.io.adapter_file.AdapterFileError: The adapter was trained on another base ... shapes differ: ...
     """
     model = _check_module(model)
     folder = Path(directory)
@@ -281,6 +318,12 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
 
     Returns:
         The directory.
+
+    Example::
+
+        >>> import tempfile, torch.nn as nn
+        >>> (save_weights(nn.Linear(2, 2), tempfile.mkdtemp()) / "model.safetensors").is_file()
+        True
     """
     model = _check_module(model)
     folder = Path(directory)

@@ -32,20 +32,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks.io.state import BASE_LAYER, _wrapper_paths, base_keys
+from peft_callbacks.io.state import BASE_LAYER, base_keys, wrapper_paths
+
+__all__ = ["architecture", "base_fingerprint", "compare_fingerprints", "tensor_digest"]
 
 _HASHED_VALUES = 2**20
 _MAX_LISTED = 5
 
 
 def architecture(model: nn.Module) -> str:
-    """The fully qualified class name of ``model`` (``timm.models.vision_transformer.VisionTransformer``)."""
+    """The fully qualified class name of ``model`` (``timm.models.vision_transformer.VisionTransformer``).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> architecture(nn.Linear(2, 2))
+        'torch.nn.modules.linear.Linear'
+    """
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of the first ``2**20`` values of ``tensor`` (as float32, so devices agree), with its dtype."""
+    """SHA-256 of the first ``2**20`` values of ``tensor`` (as float32, so devices and dtypes that hold them agree).
+
+    Example::
+
+        >>> import torch
+        >>> tensor_digest(torch.ones(3)) == tensor_digest(torch.ones(3, dtype=torch.bfloat16))
+        True
+    """
     values = tensor.detach().flatten()[:_HASHED_VALUES].to("cpu", torch.float32).contiguous()
     return hashlib.sha256(values.numpy().tobytes()).hexdigest()
 
@@ -53,7 +69,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 def _choose_hashed(model: nn.Module, keys: dict[str, str], count: int) -> list[str]:
     """Base names of up to ``count`` frozen parameters: first/last wrapped by PEFT modules, then first/last others."""
     state = model.state_dict(keep_vars=True)
-    wrappers = _wrapper_paths(model)
+    wrappers = wrapper_paths(model)
     frozen = [
         key
         for key, t in state.items()
@@ -81,6 +97,12 @@ def base_fingerprint(model: nn.Module, hash_names: Iterable[str] | None = None, 
 
     Returns:
         ``{"architecture": str, "shapes": {base name: [sizes]}, "hashes": {base name: {"sha256", "dtype"}}}``.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> base_fingerprint(nn.Linear(2, 3))["shapes"]
+        {'weight': [3, 2], 'bias': [3]}
     """
     keys = base_keys(model)
     state = model.state_dict(keep_vars=True)
@@ -103,7 +125,14 @@ def _listing(items: list[str]) -> str:
 
 
 def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Say how ``current`` differs from ``saved``: one sentence per kind of difference, empty when they match."""
+    """Say how ``current`` differs from ``saved``: one sentence per kind of difference, empty when they match.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> compare_fingerprints(base_fingerprint(nn.Linear(2, 3)), base_fingerprint(nn.Linear(2, 3, bias=False)))
+        ['1 base tensor(s) missing: bias']
+    """
     diffs = []
     if saved.get("architecture") != current.get("architecture"):
         diffs.append(f"architecture differs: saved for {saved.get('architecture')}, got {current.get('architecture')}")

@@ -112,6 +112,14 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         ValueError: no LoRA in ``model``, LoRA layers that differ in rank/alpha/dropout, or layers that are not
             plain LoRA (e.g. DoRA magnitudes).
+
+    Example::
+
+        >>> import os, tempfile, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
+        >>> sorted(os.listdir(export_peft(net, tempfile.mkdtemp())))
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -208,6 +216,15 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         FileNotFoundError: a file is missing (``adapter_model.bin`` pickles are refused).
         ValueError: not a LoRA adapter, options we do not support (DoRA, bias training, rank patterns, …), or
             tensors that do not fit ``model``.
+
+    Example::
+
+        >>> import tempfile, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> tuned = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
+        >>> folder = export_peft(tuned, tempfile.mkdtemp())
+        >>> type(import_peft(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), folder)[0]).__name__
+        'LoRALinear'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -40,7 +40,13 @@ SLIM_FORMAT_VERSION = 1
 
 
 class SlimCheckpointError(ValueError):
-    """A slim checkpoint that cannot be filled from this model's base."""
+    """A slim checkpoint that cannot be filled from this model's base (a ``ValueError``).
+
+    Example::
+
+        >>> issubclass(SlimCheckpointError, ValueError)
+        True
+    """
 
 
 def slim_state_dict(
@@ -56,6 +62,14 @@ def slim_state_dict(
 
     Returns:
         ``{"format_version", "omitted": {key: base name}, "fingerprint"}`` (plain Python values).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 2))
+        >>> state = net.state_dict()
+        >>> sorted(slim_state_dict(net, state)["omitted"]), sorted(state)
+        (['0.bias', '0.weight'], ['1.bias', '1.weight'])
     """
     trained = trained_state(model)
     names = base_keys(model)
@@ -80,6 +94,15 @@ def fill_slim_state_dict(
     Raises:
         SlimCheckpointError: a newer format, or ``model``'s base differs from the checkpoint's (another model,
             another pretrained checkpoint, or LoRA already merged into the base weights).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 2))
+        >>> state = net.state_dict()
+        >>> record = slim_state_dict(net, state)
+        >>> sorted(fill_slim_state_dict(net, state, record))
+        ['0.bias', '0.weight', '1.bias', '1.weight']
     """
     version = record.get("format_version")
     if not isinstance(version, int) or version > SLIM_FORMAT_VERSION:

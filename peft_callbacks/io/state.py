@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from peft_callbacks.core.modules import PEFTModule
 
+__all__ = ["BASE_LAYER", "base_keys", "base_name", "base_state", "peft_owned", "trained_state", "wrapper_paths"]
+
 BASE_LAYER = "base_layer"
 
 
@@ -36,8 +38,16 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _wrapper_paths(model: nn.Module) -> set[str]:
-    """Paths of the PEFT modules that wrap a base layer (kept as their ``base_layer`` attribute)."""
+def wrapper_paths(model: nn.Module) -> set[str]:
+    """Paths of the PEFT modules that wrap a base layer (kept as their ``base_layer`` attribute).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> wrapper_paths(inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1))
+        {'0'}
+    """
     return {
         path
         for path, m in model.named_modules()
@@ -46,7 +56,16 @@ def _wrapper_paths(model: nn.Module) -> set[str]:
 
 
 def peft_owned(model: nn.Module) -> set[int]:
-    """``id`` of every tensor that belongs to an inserted PEFT module itself (not to a layer it wraps)."""
+    """``id`` of every tensor that belongs to an inserted PEFT module itself (not to a layer it wraps).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1)
+        >>> peft_owned(net) == {id(net[0].lora_A.weight), id(net[0].lora_B.weight)}
+        True
+    """
     owned: set[int] = set()
     for m in model.modules():
         if isinstance(m, PEFTModule):
@@ -69,7 +88,15 @@ def _trained_ids(model: nn.Module) -> set[int]:
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{state_dict key: tensor}`` of the trained part of ``model`` (see the module docstring), each tensor once."""
+    """``{state_dict key: tensor}`` of the trained part of ``model`` (see the module docstring), each tensor once.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> frozen_bn = nn.Sequential(nn.BatchNorm1d(2).requires_grad_(False), nn.Linear(2, 2))
+        >>> sorted(trained_state(frozen_bn))  # a frozen BatchNorm keeps its statistics out
+        ['1.bias', '1.weight']
+    """
     ids = _trained_ids(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -81,7 +108,13 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_name(key: str, wrappers: set[str]) -> str:
-    """``key`` with the ``base_layer`` step of every wrapper in ``wrappers`` left out."""
+    """``key`` with the ``base_layer`` step of every wrapper in ``wrappers`` left out.
+
+    Example::
+
+        >>> base_name("blocks.0.qkv.base_layer.weight", {"blocks.0.qkv"})
+        'blocks.0.qkv.weight'
+    """
     kept: list[str] = []
     prefix = ""  # the original path of the module that holds `part`
     for part in key.split("."):
@@ -92,9 +125,17 @@ def base_name(key: str, wrappers: set[str]) -> str:
 
 
 def base_keys(model: nn.Module) -> dict[str, str]:
-    """``{state_dict key: base name}`` of every tensor of ``model`` that is not PEFT-owned (trainable head included)."""
+    """``{state_dict key: base name}`` of every tensor of ``model`` that is not PEFT-owned (trainable head included).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> base_keys(inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1))["0.base_layer.weight"]
+        '0.weight'
+    """
     owned = peft_owned(model)
-    wrappers = _wrapper_paths(model)
+    wrappers = wrapper_paths(model)
     return {
         key: base_name(key, wrappers)
         for key, tensor in model.state_dict(keep_vars=True).items()
@@ -103,6 +144,15 @@ def base_keys(model: nn.Module) -> dict[str, str]:
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{base name: tensor}`` of every tensor of ``model`` that is not PEFT-owned: the model as before surgery."""
+    """``{base name: tensor}`` of every tensor of ``model`` that is not PEFT-owned: the model as before surgery.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1)
+        >>> torch.equal(base_state(net)["0.weight"], net[0].base_layer.weight)
+        True
+    """
     state = model.state_dict(keep_vars=True)
     return {name: state[key].detach() for key, name in base_keys(model).items()}
