@@ -213,6 +213,15 @@ def test_loading_never_unpickles(saved, monkeypatch):
     assert lora_layers(load_adapter(TIMM_MODELS["resnet"]()[0], saved))
 
 
+def test_bad_arguments(saved):
+    with pytest.raises(TypeError, match="`directory` must be a non-empty str or pathlib.Path, got int 3"):
+        load_adapter(TIMM_MODELS["resnet"]()[0], 3)
+    with pytest.raises(TypeError, match="`strict` must be True or False"):
+        load_adapter(TIMM_MODELS["resnet"]()[0], saved, strict="yes")
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        save_adapter("model", saved)
+
+
 def test_nothing_to_save_and_already_adapted(tmp_path, saved):
     plain = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to save"):

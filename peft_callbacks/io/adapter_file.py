@@ -40,6 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
+from peft_callbacks._validation import check_bool
 from peft_callbacks.core.recipe import recorded_models, replay_surgery, surgery_records
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
 from peft_callbacks.io.state import trained_state
@@ -86,6 +87,14 @@ def _check_module(model: Any) -> nn.Module:
     return model
 
 
+def _check_directory(directory: Any) -> Path:
+    if not isinstance(directory, (str, Path)) or not str(directory):
+        raise TypeError(
+            f"`directory` must be a non-empty str or pathlib.Path, got {type(directory).__name__} {directory!r}."
+        )
+    return Path(directory)
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the trained PEFT tensors of ``model`` and the recipe to rebuild them (see the module docstring).
 
@@ -116,8 +125,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             f"{type(model).__name__} has no PEFT module and no trainable parameter: nothing to save. Save before "
             f"merging LoRA (e.g. `LoRACallback(save_adapter_to=...)` does), or inject a method first."
         )
+    folder = _check_directory(directory)
     models = recorded_models(model) or {"": model}
-    folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -299,7 +308,8 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
         peft_callbacks.io.adapter_file.AdapterFileError: The adapter was trained on another base ... shapes differ: ...
     """
     model = _check_module(model)
-    folder = Path(directory)
+    check_bool("strict", strict)
+    folder = _check_directory(directory)
     recipe = read_adapter_config(folder)
     tensors = _read_weights(folder, recipe)
     moves = {entry["path"]: _prepare(model, entry, strict) for entry in recipe["models"]}
@@ -326,7 +336,7 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
         True
     """
     model = _check_module(model)
-    folder = Path(directory)
+    folder = _check_directory(directory)
     folder.mkdir(parents=True, exist_ok=True)
     if callable(getattr(model, "save_pretrained", None)):
         model.save_pretrained(str(folder))
