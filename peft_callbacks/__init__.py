@@ -12,8 +12,10 @@ from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, inject_ad
 from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+from peft_callbacks.callbacks.slim import SlimCheckpoint
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
 from peft_callbacks.prompts import (
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCallback",
+    "AdapterFileError",
     "BottleneckAdapter",
     "LoRACallback",
     "LoRAConv",
@@ -37,22 +40,27 @@ __all__ = [
     "LoRALinear",
     "ParameterCount",
     "PromptTuningCallback",
+    "SlimCheckpoint",
     "SoftPrompt",
     "VisualPromptCallback",
     "VisualPrompts",
     "adapter_layers",
     "count_parameters",
+    "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
+    "import_peft",
     "inject_adapters",
     "inject_lora",
     "inject_prompt_tuning",
     "inject_visual_prompts",
+    "load_adapter",
     "lora_disabled",
     "lora_layers",
     "merge_lora",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
+    "save_adapter",
     "unload_lora",
 ]

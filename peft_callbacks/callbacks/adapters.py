@@ -31,6 +31,8 @@ class AdapterCallback(PermanentSurgeryCallback):
         train_head: keep the task head trainable.
         train_norms: also train every LayerNorm / RMSNorm.
         module: dotted path of the submodule to adapt; by default every timm/transformers model found.
+        save_adapter_to: directory to write the adapter file to when training ends (see :func:`save_adapter`).
+        save_merged_to: directory to write the adapted model's full weights to when training ends.
 
     Example::
 
@@ -64,8 +66,10 @@ class AdapterCallback(PermanentSurgeryCallback):
         train_head: bool = True,
         train_norms: bool = False,
         module: str | None = None,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module)
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.bottleneck = check_positive_int("bottleneck", bottleneck)
         self.placement = check_choice("placement", placement, PLACEMENTS)
         self.activation = check_choice("activation", activation, ACTIVATIONS)

@@ -48,6 +48,8 @@ class LoRACallback(SurgeryCallback):
         module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
         merge_on_train_end: fold LoRA into the base weights when training ends.
         use_rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA).
+        save_adapter_to: directory for the adapter file (LoRA factors + head + recipe), written before the merge.
+        save_merged_to: directory for the merged model's weights, written after the merge.
 
     Example::
 
@@ -83,8 +85,10 @@ class LoRACallback(SurgeryCallback):
         module: str | None = None,
         merge_on_train_end: bool = True,
         use_rslora: bool = False,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module)
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.rank = check_positive_int("rank", rank)
         self.alpha = check_positive_float("alpha", alpha)
         self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)

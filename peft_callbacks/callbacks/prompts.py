@@ -33,6 +33,8 @@ class PromptTuningCallback(PermanentSurgeryCallback):
         tokenizer: a tokenizer for a text ``init``.
         train_head: keep the task head (``classifier``, ``score``, …) trainable.
         module: dotted path of the submodule to adapt; by default every transformers model found.
+        save_adapter_to: directory to write the adapter file to when training ends (see :func:`save_adapter`).
+        save_merged_to: directory to write the adapted model's full weights to when training ends.
 
     Example::
 
@@ -65,8 +67,10 @@ class PromptTuningCallback(PermanentSurgeryCallback):
         tokenizer: Any = None,
         train_head: bool = True,
         module: str | None = None,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module)
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
         if not isinstance(init, str) or not init:
             raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {init!r}.")
@@ -109,6 +113,8 @@ class VisualPromptCallback(PermanentSurgeryCallback):
         dropout: dropout on the prompts, in ``[0, 1)``.
         train_head: keep the classifier trainable.
         module: dotted path of the submodule to adapt; by default every timm model found.
+        save_adapter_to: directory to write the adapter file to when training ends (see :func:`save_adapter`).
+        save_merged_to: directory to write the adapted model's full weights to when training ends.
 
     Example::
 
@@ -124,8 +130,10 @@ class VisualPromptCallback(PermanentSurgeryCallback):
         dropout: float = 0.0,
         train_head: bool = True,
         module: str | None = None,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module)
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
         self.deep = check_bool("deep", deep)
         self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
