@@ -69,6 +69,8 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
             raise NotImplementedError(f"{self.name} does not support the DeepSpeed strategy.")
         self._applied = False
         self.freezers = {}
+        self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
+        self._restarting = False
 
         def schedule_last() -> None:  # runs after the surgery other callbacks scheduled on configure_model
             run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))

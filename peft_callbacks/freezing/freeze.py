@@ -116,6 +116,7 @@ class LayerFreezer:
             for bn in self._batchnorms[i]:
                 if id(bn) in self._stats_frozen_by_us:
                     unfreeze_batchnorm_stats(bn)
+                    bn.train(self.model.training)  # the hook kept it in eval mode; follow the model again
                     self._stats_frozen_by_us.discard(id(bn))
             self.frozen.discard(i)
         return released
@@ -140,6 +141,17 @@ def resolve_freeze(model: nn.Module, layers: list[Layer], freeze: FreezeSpec) ->
         TypeError: ``freeze`` is not an int, a string or a list of strings.
         ValueError: ``N`` is below 1 or leaves no layer trainable, the model has no head for ``"backbone"``, or a
             pattern matches nothing.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> [layer.name for layer in resolve_freeze(model, split_layers(model), 2)]
+        ['0', '1']
+        >>> resolve_freeze(model, split_layers(model), 3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `freeze`=3 but Sequential has 3 layers (0: 0; 1: 1; 2: 2); freeze at most 2 so that the last ...
     """
     name = type(model).__name__
     if isinstance(freeze, int) and not isinstance(freeze, bool):

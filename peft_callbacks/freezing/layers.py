@@ -49,6 +49,11 @@ class Layer:
         paths: the fewest module paths (or root-level parameter names) that hold exactly this layer's parameters.
         parameters: names of the parameters (as in ``model.named_parameters()``) that make up the layer.
         is_head: whether this is the task head.
+
+    Example::
+
+        >>> Layer(0, ("conv1", "bn1"), ("conv1.weight", "bn1.weight", "bn1.bias")).name
+        'conv1, bn1'
     """
 
     index: int
@@ -76,6 +81,14 @@ def split_layers(model: nn.Module, coarse: bool = False) -> list[Layer]:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``model`` has no parameters.
+
+    Example::
+
+        >>> import transformers as hf
+        >>> config = hf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                        intermediate_size=37, num_labels=3)
+        >>> [layer.name for layer in split_layers(hf.BertForSequenceClassification(config))]
+        ['bert.embeddings', 'bert.encoder.layer.0', 'bert.encoder.layer.1', 'bert.pooler', 'classifier']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -34,6 +34,14 @@ def remove_parameters(optimizer: torch.optim.Optimizer, params: Iterable[torch.n
 
     Returns:
         How many parameter entries were removed.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> remove_parameters(opt, [net.bias]), len(opt.param_groups[0]["params"])
+        (1, 1)
     """
     drop = {id(p) for p in params}
     removed = 0
@@ -66,6 +74,16 @@ def add_param_group(
 
     Returns:
         The new group, or ``None`` when every parameter was already in the optimizer.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(a.parameters(), lr=0.1)
+        >>> add_param_group(opt, list(b.parameters()), lr_scale=0.5)["lr"]
+        0.05
+        >>> add_param_group(opt, list(b.parameters())) is None  # already there
+        True
     """
     present = {id(p) for group in optimizer.param_groups for p in group["params"]}
     new = [p for p in params if id(p) not in present]
@@ -89,6 +107,17 @@ def extend_schedulers(optimizer: torch.optim.Optimizer, schedulers: Iterable[obj
     ``ReduceLROnPlateau``'s ``min_lrs``) are extended to the number of groups, repeating their last entry. Schedulers
     with other per-group state (``OneCycleLR``, ``CyclicLR``) cannot follow new groups: a warning says so, and the new
     groups keep the learning rate they were added with.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(a.parameters(), lr=0.1)
+        >>> scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)
+        >>> opt.add_param_group({"params": list(b.parameters()), "lr": 0.2})
+        >>> extend_schedulers(opt, [scheduler])
+        >>> len(scheduler.lr_lambdas), scheduler.base_lrs
+        (2, [0.1, 0.2])
     """
     n = len(optimizer.param_groups)
     for scheduler in schedulers:
