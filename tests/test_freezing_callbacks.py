@@ -25,12 +25,12 @@ from peft_callbacks.lora.inject import lora_layers  # noqa: E402
 
 
 class Task(L.LightningModule):
-    def __init__(self, family="timm", name="resnet", lr=0.1, scheduler=False):
+    def __init__(self, family="timm", name="resnet", lr=0.1, scheduler=False, adam=False):
         super().__init__()
         builders = TIMM_MODELS if family == "timm" else HF_MODELS
         self.model, self.example = builders[name]()
         self.model.train()  # the zoo builds transformers models in eval mode
-        self.lr, self.scheduler = lr, scheduler
+        self.lr, self.scheduler, self.adam = lr, scheduler, adam
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -38,7 +38,7 @@ class Task(L.LightningModule):
         return torch.nn.functional.cross_entropy(run(self.model, inputs), y)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        optimizer = (torch.optim.AdamW if self.adam else torch.optim.SGD)(self.parameters(), lr=self.lr)
         if not self.scheduler:
             return optimizer
         return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)]
@@ -55,6 +55,9 @@ class Recorder(Callback):
 
     def __init__(self):
         self.epochs = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_start = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
 
     def on_train_epoch_start(self, trainer, pl_module):
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -101,7 +104,7 @@ def test_layerwise_unfreezing_schedule_and_groups():
 def test_resume_mid_schedule_equals_uninterrupted_run(tmp_path):
     def make():
         torch.manual_seed(0)
-        return Task(scheduler=True), Recorder()
+        return Task(lr=0.01, scheduler=True, adam=True), Recorder()  # AdamW: its state must resume too
 
     def checkpoints():
         return ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -113,11 +116,12 @@ def test_resume_mid_schedule_equals_uninterrupted_run(tmp_path):
     callbacks = [LayerwiseUnfreezing(lr_decay=0.5), resumed_rec, checkpoints()]
     trainer = _fit(resumed, callbacks, 4, tmp_path=tmp_path, ckpt_path=ckpt)
     assert sorted(resumed_rec.epochs) == [2, 3]
+    assert resumed_rec.fit_start == full_rec.epochs[1]["trainable"]  # the frozen set comes back before epoch 2
     for epoch in (2, 3):
         assert resumed_rec.epochs[epoch] == full_rec.epochs[epoch]
     assert len(full_rec.epochs[3]["groups"]) == 4  # head + three unfrozen layers, lr following the schedule
     lrs = [lr for _, lr in full_rec.epochs[3]["groups"]]
-    assert lrs == pytest.approx([0.1 * 0.9**3 * 0.5**d for d in range(4)])
+    assert lrs == pytest.approx([0.01 * 0.9**3 * 0.5**d for d in range(4)])
     assert len(trainer.lr_scheduler_configs[0].scheduler.base_lrs) == 4
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
@@ -191,3 +195,19 @@ def test_callbacks_pickle_and_validate():
         FreezeBackbone(freeze=True)
     with pytest.raises(ValueError, match=r"`freeze`=9 but ResNet has 6 layers"):
         _fit(Task(), [FreezeBackbone(freeze=9)], epochs=1)
+
+
+def test_two_freezing_callbacks_are_refused():
+    with pytest.raises(ValueError, match="cannot be combined with HeadThenFull"):
+        _fit(Task(), [FreezeBackbone(2), HeadThenFull()], epochs=1)
+
+
+def test_callbacks_build_from_cli_arguments():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(FreezeBackbone, "freezing")
+    cases = [("3", 3), ("backbone", "backbone"), ("[blocks.0, patch_embed]", ["blocks.0", "patch_embed"])]
+    for value, expected in cases:
+        config = parser.parse_args([f"--freezing.freeze={value}"])
+        assert FreezeBackbone(**config.freezing.as_dict()).freeze == expected

@@ -67,6 +67,12 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             raise NotImplementedError(f"{self.name} does not support the DeepSpeed strategy.")
+        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _FreezingCallback) and c is not self]
+        if others:
+            raise ValueError(
+                f"{self.name} cannot be combined with {', '.join(others)}: each decides on its own which layers are "
+                f"frozen and which param groups the optimizer gets. Use one freezing callback."
+            )
         self._applied = False
         self.freezers = {}
         self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
