@@ -36,7 +36,7 @@ from peft_callbacks.freezing.optim import add_param_group, extend_schedulers, re
 
 log = logging.getLogger(__name__)
 
-_RUNTIME = ("freezers", "_schedulers", "_trainer_optimizers")
+_RUNTIME = ("freezers", "_schedulers")
 
 
 class _FreezingCallback(SurgeryCallback, BaseFinetuning):
@@ -78,7 +78,9 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
         self._restarting = False
 
-        def schedule_last() -> None:  # runs after the surgery other callbacks scheduled on configure_model
+        # Scheduling from inside a scheduled surgery appends to the list being run, so the freezing runs after the
+        # surgery every other callback scheduled on configure_model (LoRA, adapters), whatever the callback order.
+        def schedule_last() -> None:
             run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
 
         run_after_configure_model(pl_module, schedule_last)
@@ -139,6 +141,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         SurgeryCallback.teardown(self, trainer, pl_module, stage)
+        self.finalize(trainer, pl_module)  # a no-op after on_train_end; after an exception, puts the model back
         self.freezers = {}
         self._schedulers = []
 
