@@ -10,11 +10,13 @@ Trainer.
 
 from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, inject_adapters, remove_adapters
 from peft_callbacks.callbacks.adapters import AdapterCallback
+from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.callbacks.slim import SlimCheckpoint
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
 from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
@@ -33,6 +35,11 @@ __all__ = [
     "AdapterCallback",
     "AdapterFileError",
     "BottleneckAdapter",
+    "FreezeBackbone",
+    "HeadOnly",
+    "HeadThenFull",
+    "LayerFreezer",
+    "LayerwiseUnfreezing",
     "LoRACallback",
     "LoRAConv",
     "LoRAConv1D",
@@ -46,9 +53,11 @@ __all__ = [
     "VisualPrompts",
     "adapter_layers",
     "count_parameters",
+    "describe_layers",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
+    "freeze_layers",
     "import_peft",
     "inject_adapters",
     "inject_lora",
@@ -62,5 +71,6 @@ __all__ = [
     "remove_prompt_tuning",
     "remove_visual_prompts",
     "save_adapter",
+    "split_layers",
     "unload_lora",
 ]

@@ -244,3 +244,17 @@ def test_ddp_two_processes_gloo(tmp_path):
     t = trainer(tmp_path, [LoRACallback(rank=2)], strategy="ddp_spawn", devices=2, max_steps=2)
     t.fit(module, image_data())
     assert list(module.state_dict()) == keys  # merged in the workers, weights returned to the main process
+
+
+def test_logged_count_reflects_freezing_done_after_lora(tmp_path):
+    from peft_callbacks import FreezeBackbone, count_parameters
+
+    counts = {}
+
+    class Probe(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            counts["actual"] = count_parameters(pl_module).trainable
+
+    lora = LoRACallback(rank=2, merge_on_train_end=False)
+    trainer(tmp_path, [lora, FreezeBackbone(freeze=3), Probe()], max_steps=1).fit(ImageClassifier(), image_data())
+    assert lora.parameter_count.trainable == counts["actual"]

@@ -8,14 +8,21 @@ from peft_callbacks.callbacks.base import (
     run_after_configure_model,
     run_after_hook,
 )
+from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+from peft_callbacks.callbacks.slim import SlimCheckpoint
 
 __all__ = [
     "AdapterCallback",
+    "FreezeBackbone",
+    "HeadOnly",
+    "HeadThenFull",
+    "LayerwiseUnfreezing",
     "LoRACallback",
     "PermanentSurgeryCallback",
     "PromptTuningCallback",
+    "SlimCheckpoint",
     "SurgeryCallback",
     "VisualPromptCallback",
     "remove_scheduled_hooks",

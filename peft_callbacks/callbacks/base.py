@@ -131,7 +131,8 @@ class SurgeryCallback(Callback):
                 f"{self.name} could not run its surgery: Lightning did not call `configure_model` during fit. "
                 f"Call the surgery function on your model before `trainer.fit` instead."
             )
-        count = self.parameter_count
+        # counted now, not at surgery time: other callbacks (freezing) may have changed what trains since
+        count = self.parameter_count = count_parameters(pl_module)
         rank_zero_info(f"{self.name}: {count} on {self.adapted_models or ['<module>']}")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
