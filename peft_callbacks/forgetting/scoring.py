@@ -157,7 +157,7 @@ class BaseTaskScorer:
             ValueError: the loader yields no batch, or a metric needs labels the batches lack.
             TypeError: a batch or model output cannot be read.
         """
-        device = next(self.model.parameters()).device
+        device = _device_of(self.model, self.root)
         metric = build_metric(self.metric_spec, self.num_classes).to(device) if self.metric_spec is not None else None
         kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
         taking_reference = self.drift and self.reference is None
@@ -232,6 +232,13 @@ class BaseTaskScorer:
         if features is None:
             features, ref_features = log_p, ref_log_p  # no head input seen: compare the outputs themselves
         cosine.update(F.cosine_similarity(features, ref_features.to(features.device), dim=-1))
+
+
+def _device_of(*modules: nn.Module) -> torch.device:
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _labels_of(batch: Any) -> torch.Tensor | None:
