@@ -8,6 +8,7 @@ The surgery itself (``inject_lora``, ``merge_lora``, ``count_parameters``, …) 
 Trainer.
 """
 
+from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
@@ -17,6 +18,7 @@ from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALine
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForgettingMonitor",
     "LoRACallback",
     "LoRAConv",
     "LoRAConv1D",

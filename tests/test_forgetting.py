@@ -261,5 +261,6 @@ def test_loader_sources_yaml_arguments_and_pickling(tmp_path):
         model.reset_classifier(3)
         fit(NamedBaseSet(model, base), [monitor], epochs=1, val=False, limit_train_batches=1)
         assert monitor.baseline == pytest.approx(expected)
+    assert ForgettingMonitor(base, prefix="forgetting_imagenet").state_key != from_yaml.state_key
     restored = pickle.loads(pickle.dumps(from_yaml))
     assert restored.history == from_yaml.history and restored.base_head == str(head_file)

@@ -33,15 +33,22 @@ class ForgettingMonitor(Callback):
     A baseline is taken at ``on_fit_start``, before any training step (LoRA's ``B`` starts at zero, so with
     ``LoRACallback`` the model is still the original), then the base task is scored every ``every_n_epochs`` epochs
     and/or ``every_n_steps`` steps, and at the end of training. Logged under ``forgetting/…`` (``base_<metric>``,
-    ``baseline``, ``forgetting`` = baseline − now as in Avalanche, ``relative_drop_percent``, ``max_forgetting``,
-    ``kl_to_baseline``, ``feature_cosine``); a summary table is logged at the end and a learn-vs-forget PNG
-    (``forgetting.png``) is written to the logger's directory. Baseline and history are saved in checkpoints, so a
-    resumed run keeps its baseline.
+    ``baseline``, ``forgetting`` = baseline − now as in Avalanche (now − baseline for loss and perplexity, so
+    positive always means worse), ``relative_drop_percent``, ``max_forgetting``, ``kl_to_baseline``,
+    ``feature_cosine``); a summary table is logged at the end and a learn-vs-forget PNG (``forgetting.png``) is
+    written to the logger's directory. Baseline and history are saved in checkpoints, so a resumed run keeps its
+    baseline. With several processes each scores a share of the base batches and torchmetrics sums the states.
 
     **From YAML** (LightningCLI) the base set is named rather than built: ``dataloader: base_dataloader`` names a
     method or attribute of the LightningModule or of the trainer's DataModule that returns the loader, and
     ``base_head: path/to/head.pt`` a ``torch.save``'d or ``.safetensors`` state dict of the original head (or of
-    the whole original model / a Lightning checkpoint).
+    the whole original model / a Lightning checkpoint)::
+
+        trainer:
+          callbacks:
+            - class_path: peft_callbacks.callbacks.forgetting.ForgettingMonitor
+              init_args: {dataloader: base_dataloader, base_head: original_head.pt, max_forgetting: 5.0,
+                          relative: true, on_exceed: stop}
 
     Args:
         dataloader: the held-out base-task set: a ``DataLoader``, a ``LightningDataModule`` (its val, else test
@@ -67,6 +74,8 @@ class ForgettingMonitor(Callback):
             first key starting with ``val``.
         plot: write the PNG at the end of training.
         plot_dir: folder for the PNG; by default the logger's ``log_dir`` (``default_root_dir`` without logger).
+        prefix: logging namespace, plot file name and checkpoint key; give each monitor its own when several
+            watch different base sets.
 
     Example::
 
@@ -107,6 +116,7 @@ class ForgettingMonitor(Callback):
         val_metric: str | None = None,
         plot: bool = True,
         plot_dir: str | None = None,
+        prefix: str = "forgetting",
     ) -> None:
         self.dataloader = _check_dataloader(dataloader)
         self.metric = check_metric(metric)
@@ -122,12 +132,13 @@ class ForgettingMonitor(Callback):
         self.drift = check_bool("drift", drift)
         if self.metric is None and not self.drift:
             raise ValueError("`metric=None` with `drift=False` measures nothing; set a metric or drift=True.")
-        self.max_forgetting = None if max_forgetting is None else check_float("max_forgetting", max_forgetting)
+        self.max_forgetting = None if max_forgetting is None else check_float("max_forgetting", max_forgetting, low=0)
         self.relative = check_bool("relative", relative)
         self.on_exceed = check_choice("on_exceed", on_exceed, ("warn", "stop"))
         self.val_metric = check_optional_str("val_metric", val_metric)
         self.plot = check_bool("plot", plot)
         self.plot_dir = check_optional_str("plot_dir", plot_dir)
+        self.prefix = check_optional_str("prefix", prefix) or "forgetting"
         self.tracker = ForgettingTracker()
         self.stop_reason: str | None = None
         self.plot_path: str | None = None
@@ -142,6 +153,10 @@ class ForgettingMonitor(Callback):
         if isinstance(self.metric, Metric):
             return type(self.metric).__name__
         return self.metric or "drift"
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
 
     @property
     def baseline(self) -> float | None:
@@ -197,12 +212,13 @@ class ForgettingMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._evaluated_now(trainer):
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
-        rank_zero_info(f"ForgettingMonitor ({self.metric_name}):\n{self.tracker.summary_table(self.metric_name)}")
+        table = self.tracker.summary_table(self.metric_name)
+        rank_zero_info(f"ForgettingMonitor {self.prefix!r} ({self.metric_name}):\n{table}")
         if self.plot:
             folder = self.plot_dir or trainer.log_dir or "."  # log_dir broadcasts: every rank asks
             if trainer.is_global_zero:
                 self.plot_path = write_forgetting_plot(
-                    self.history, os.path.join(folder, "forgetting.png"), self.metric_name, self.val_metric
+                    self.history, os.path.join(folder, f"{self.prefix}.png"), self.metric_name, self.val_metric
                 )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -237,15 +253,15 @@ class ForgettingMonitor(Callback):
 
     def _log(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         figures = {
-            f"forgetting/base_{self.metric_name}": row["value"],
-            "forgetting/baseline": self.baseline,
-            "forgetting/forgetting": row["forgetting"],
-            "forgetting/relative_drop_percent": row["relative_drop_percent"],
-            "forgetting/max_forgetting": row["max_forgetting"],
-            "forgetting/kl_to_baseline": row["kl_to_baseline"],
-            "forgetting/feature_cosine": row["feature_cosine"],
+            f"base_{self.metric_name}": row["value"],
+            "baseline": self.baseline,
+            "forgetting": row["forgetting"],
+            "relative_drop_percent": row["relative_drop_percent"],
+            "max_forgetting": row["max_forgetting"],
+            "kl_to_baseline": row["kl_to_baseline"],
+            "feature_cosine": row["feature_cosine"],
         }
-        figures = {k: float(v) for k, v in figures.items() if v is not None}
+        figures = {f"{self.prefix}/{k}": float(v) for k, v in figures.items() if v is not None}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:

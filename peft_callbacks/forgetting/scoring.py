@@ -139,6 +139,7 @@ class BaseTaskScorer:
         self.drift = drift
         self.reference: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._causal = _is_causal_lm(self.model)
+        self._head_paths = head_paths(self.model)  # the place stays the same when LoRA wraps or merges the head
 
     @staticmethod
     def _single_model(root: nn.Module, module: str | None, forward_fn: ForwardFn | None) -> nn.Module:
@@ -158,6 +159,8 @@ class BaseTaskScorer:
             TypeError: a batch or model output cannot be read.
         """
         device = _device_of(self.model, self.root)
+        # the unwrapped model is called, never a DDP wrapper: ranks score different numbers of batches, and a
+        # wrapper's forward would wait for the other ranks (buffer broadcast)
         metric = build_metric(self.metric_spec, self.num_classes).to(device) if self.metric_spec is not None else None
         kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
         taking_reference = self.drift and self.reference is None
@@ -189,7 +192,7 @@ class BaseTaskScorer:
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         store: list[torch.Tensor] = []
         with swapped_heads(self.model, self.heads):
-            paths = head_paths(self.model)
+            paths = self._head_paths
             feature_module = self.model.get_submodule(paths[0]) if paths else None
             with captured_input(feature_module, store):
                 if self.forward_fn is not None:
