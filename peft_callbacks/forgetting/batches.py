@@ -78,7 +78,13 @@ def split_batch(batch: Any) -> tuple[torch.Tensor | dict[str, torch.Tensor], tor
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:
-    """``data`` with every tensor inside (dicts, lists, tuples) moved to ``device``."""
+    """``data`` with every tensor inside (dicts, lists, tuples) moved to ``device``.
+
+    Example::
+
+        >>> move_to_device({"x": [torch.zeros(1)]}, torch.device("meta"))["x"][0].device
+        device(type='meta')
+    """
     if isinstance(data, torch.Tensor):
         return data.to(device, non_blocking=True)
     if isinstance(data, Mapping):
@@ -100,6 +106,12 @@ def logits_of(output: Any) -> torch.Tensor:
 
     Raises:
         TypeError: no tensor could be found.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> logits_of(SimpleNamespace(logits=torch.ones(2, 3))).shape
+        torch.Size([2, 3])
     """
     if isinstance(output, torch.Tensor):
         return output
@@ -117,7 +129,15 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def call_model(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run ``model`` on ``inputs`` (``model(x)`` or ``model(**kwargs)``) and return its logits."""
+    """Run ``model`` on ``inputs`` (``model(x)`` or ``model(**kwargs)``) and return its logits.
+
+    Keyword inputs the model's ``forward`` does not accept (e.g. an ``idx`` column) are dropped.
+
+    Example::
+
+        >>> call_model(nn.Linear(3, 2), torch.zeros(4, 3)).shape
+        torch.Size([4, 2])
+    """
     if isinstance(inputs, dict):
         return logits_of(model(**_accepted_kwargs(model, inputs)))
     return logits_of(model(inputs))
@@ -126,7 +146,14 @@ def call_model(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor])
 def language_model_labels(
     inputs: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """Token labels of a language-model batch: ``labels`` if given, else ``input_ids`` with padding ignored."""
+    """Token labels of a language-model batch: ``labels`` if given, else ``input_ids`` with padding ignored.
+
+    Example::
+
+        >>> batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+        >>> language_model_labels(batch, None).tolist()
+        [[5, 6, -100]]
+    """
     if labels is not None or not isinstance(inputs, dict) or "input_ids" not in inputs:
         return labels
     labels = inputs["input_ids"].clone()

@@ -36,7 +36,14 @@ from peft_callbacks.core.models import family_of
 
 
 def head_paths(model: nn.Module) -> list[str]:
-    """Paths of ``model``'s task head, or of its output embeddings (``lm_head``) when it has no task head."""
+    """Paths of ``model``'s task head, or of its output embeddings (``lm_head``) when it has no task head.
+
+    Example::
+
+        >>> import timm
+        >>> head_paths(timm.create_model("test_vit", pretrained=False, num_classes=3))
+        ['head']
+    """
     info = find_head(model)
     return info.head or info.output_embeddings
 
@@ -123,6 +130,19 @@ def base_heads_from_file(path: str, model: nn.Module) -> dict[str, nn.Module]:
 
     The file holds either the state dict of the single head module (``{"weight", "bias"}``), or the state dict of
     the whole original model / LightningModule / Lightning checkpoint (keys ending in ``<head path>.weight``).
+
+    Raises:
+        ValueError: no such file, or no tensors for the head in it (the message lists the keys it has).
+
+    Example::
+
+        >>> import os, tempfile, timm
+        >>> original = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+        >>> path = os.path.join(tempfile.mkdtemp(), "original.pt")
+        >>> torch.save({"model." + k: v for k, v in original.state_dict().items()}, path)
+        >>> original.reset_classifier(4)
+        >>> base_heads_from_file(path, original)["fc"].out_features
+        10
     """
     state = _load_state(path)
     heads = {}
@@ -152,7 +172,17 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def swapped_heads(model: nn.Module, heads: dict[str, nn.Module] | None) -> Iterator[None]:
-    """Put ``heads`` (``{path: module}``) in place inside ``model`` and put the current ones back afterwards."""
+    """Put ``heads`` (``{path: module}``) in place inside ``model`` and put the current ones back afterwards.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> with swapped_heads(model, {"1": nn.Linear(4, 7)}):
+        ...     model(torch.zeros(1, 3)).shape
+        torch.Size([1, 7])
+        >>> model[1].out_features
+        2
+    """
     if not heads:
         yield
         return
@@ -171,7 +201,14 @@ def swapped_heads(model: nn.Module, heads: dict[str, nn.Module] | None) -> Itera
 
 
 def output_size(heads: dict[str, nn.Module] | None, model: nn.Module) -> int | None:
-    """Number of outputs (classes) of the last head layer: of ``heads`` if given, else of ``model``'s head."""
+    """Number of outputs (classes) of the last head layer: of ``heads`` if given, else of ``model``'s head.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 4))
+        >>> output_size({"1": nn.Linear(8, 10)}, model), output_size(None, model)
+        (10, 4)
+    """
     modules = list(heads.values()) if heads else [model.get_submodule(p) for p in head_paths(model)]
     size = None
     for module in modules:
@@ -187,7 +224,16 @@ def output_size(heads: dict[str, nn.Module] | None, model: nn.Module) -> int | N
 
 @contextlib.contextmanager
 def captured_input(module: nn.Module | None, store: list[torch.Tensor]) -> Iterator[None]:
-    """Append the first positional input of each ``module`` call to ``store`` (the head's input: pooled features)."""
+    """Append the first positional input of each ``module`` call to ``store`` (the head's input: pooled features).
+
+    Example::
+
+        >>> model, store = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), []
+        >>> with captured_input(model[1], store):
+        ...     _ = model(torch.zeros(5, 3))
+        >>> store[0].shape
+        torch.Size([5, 4])
+    """
     if module is None:
         yield
         return

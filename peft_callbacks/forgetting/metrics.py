@@ -66,6 +66,11 @@ def build_metric(metric: str | Metric, num_classes: int | None) -> Metric:
 
     Raises:
         ValueError: ``"accuracy"``/``"f1"`` without a known number of classes.
+
+    Example::
+
+        >>> type(build_metric("f1", num_classes=4)).__name__
+        'MulticlassF1Score'
     """
     if isinstance(metric, Metric):
         metric.reset()
@@ -89,7 +94,17 @@ def higher_is_better(metric: Metric) -> bool:
 
 
 def check_metric(metric: object) -> str | Metric | None:
-    """Return ``metric`` if it is ``None``, a name from :data:`METRIC_NAMES` or a ``torchmetrics.Metric``."""
+    """Return ``metric`` if it is ``None``, a name from :data:`METRIC_NAMES` or a ``torchmetrics.Metric``.
+
+    Example::
+
+        >>> check_metric("accuracy")
+        'accuracy'
+        >>> check_metric("acc")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `metric` must be one of 'accuracy', 'f1', 'loss', 'perplexity', None or a ... got 'acc'.
+    """
     if metric is None or isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):

@@ -73,7 +73,18 @@ class BaseTaskScore:
 
 @contextlib.contextmanager
 def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` under ``torch.no_grad()``, then each submodule's own previous ``training`` flag back."""
+    """``module.eval()`` under ``torch.no_grad()``, then each submodule's own previous ``training`` flag back.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> _ = model[1].eval()
+        >>> with evaluation_mode(model):
+        ...     model.training, torch.is_grad_enabled()
+        (False, False)
+        >>> model.training, model[1].training
+        (True, False)
+    """
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -112,6 +123,19 @@ class BaseTaskScorer:
         num_classes: number of base-task classes for accuracy/F1; read from the head when ``None``.
         limit_batches: score only the first ``limit_batches`` batches.
         drift: measure KL and feature cosine against the outputs cached at the first call.
+
+    Example::
+
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])), batch_size=3)
+        >>> scorer = BaseTaskScorer(model, metric="loss", limit_batches=1)
+        >>> scorer.score(data).batches
+        1
+        >>> with torch.no_grad():
+        ...     _ = model[2].weight.mul_(3)  # the model drifts
+        >>> scorer.score(data).kl_to_baseline > 0
+        True
     """
 
     def __init__(

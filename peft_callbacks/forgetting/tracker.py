@@ -26,6 +26,13 @@ class ForgettingTracker:
 
     Args:
         higher_is_better: whether a larger metric is better (accuracy) or worse (loss, perplexity).
+
+    Example::
+
+        >>> tracker = ForgettingTracker(higher_is_better=False)  # a loss: rising means forgetting
+        >>> _ = tracker.record(value=2.0, epoch=0, step=0)
+        >>> tracker.record(value=2.5, epoch=1, step=5)["forgetting"]
+        0.5
     """
 
     def __init__(self, higher_is_better: bool = True) -> None:
