@@ -217,6 +217,16 @@ def test_stop_rule_stops_training_and_warn_rule_warns():
     assert trainer.global_step == 4  # warn only: training ran to the end
 
 
+def test_empty_or_shuffled_base_set_fails_at_fit_start_with_a_clear_error():
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4)
+    with pytest.raises(ValueError, match="base-task `dataloader` yielded no batches"):
+        fit(NewTask(mixer(4)), [ForgettingMonitor(empty, plot=False)], epochs=1, val=False)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffles; .* build it with shuffle=False"):
+        fit(NewTask(mixer(4)), [ForgettingMonitor(shuffled, plot=False)], epochs=1, val=False)
+
+
 class NamedBaseSet(NewTask):
     """Exposes the base set as a method, the way a YAML config names it (``dataloader: base_dataloader``)."""
 

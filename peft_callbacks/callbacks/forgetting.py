@@ -195,6 +195,11 @@ class ForgettingMonitor(Callback):
             self._restore_reference(trainer)
             rank_zero_info(f"ForgettingMonitor: resumed; keeping the baseline {self.metric_name}={self.baseline}.")
         else:
+            if trainer.ckpt_path:
+                rank_zero_warn(
+                    "ForgettingMonitor: resuming from a checkpoint without a forgetting baseline; the baseline is "
+                    "taken on the restored model, not on the original one."
+                )
             self._evaluate(trainer, pl_module, epoch=0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import pickle
 from collections.abc import Iterator
 
 import torch
@@ -93,7 +94,13 @@ def _load_state(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"`base_head`={path!r} holds objects other than tensors and cannot be loaded safely; save the head with "
+            f"torch.save(head.state_dict(), path) or safetensors. ({error.__class__.__name__}: {str(error)[:200]})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
