@@ -3,8 +3,9 @@
 :class:`BaseTaskScorer` runs a held-out base-task loader through the current backbone (and the frozen original
 head, when one is given), under ``torch.no_grad()`` in eval mode, restoring every module's train/eval mode
 afterwards. The first call caches, per batch, the output distribution and the pooled features (the input of the
-head); later calls report the KL divergence ``KL(p_baseline || p_now)`` and the cosine similarity of the features
-to those cached at the first call, so drift is measured even without base labels.
+head, averaged over token positions for token-level heads); later calls report the KL divergence
+``KL(p_baseline || p_now)`` and the cosine similarity of the features to those cached at the first call, so drift is
+measured even without base labels.
 
 With several processes, batch ``i`` is scored by rank ``i % world_size`` and the torchmetrics states are summed
 over ranks, so the figures equal a single-process run.
@@ -248,11 +249,12 @@ class BaseTaskScorer:
         log_p = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)  # (N, C)
         if taking_reference:
             reference[index] = (log_p.cpu(), None if features is None else features.cpu())
-        ref_log_p, ref_features = reference[index]
-        if ref_log_p.shape != log_p.shape:
+        ref_log_p, ref_features = reference.get(index, (None, None))
+        if ref_log_p is None or ref_log_p.shape != log_p.shape:
+            baseline = "no such batch" if ref_log_p is None else f"shape {tuple(ref_log_p.shape)}"
             raise ValueError(
-                f"Base-task batch {index} has outputs of shape {tuple(log_p.shape)} now but {tuple(ref_log_p.shape)} "
-                f"at baseline: the `dataloader` must yield the same batches in the same order (shuffle=False)."
+                f"Base-task batch {index} has outputs of shape {tuple(log_p.shape)} now but {baseline} at baseline: "
+                f"the `dataloader` must yield the same batches in the same order (shuffle=False)."
             )
         ref_log_p = ref_log_p.to(log_p.device)
         kl.update((ref_log_p.exp() * (ref_log_p - log_p)).sum(-1))
