@@ -23,7 +23,7 @@ from peft_callbacks.core.params import freeze, unfreeze
 def mixer(num_classes: int) -> MlpMixer:
     torch.manual_seed(0)
     model = MlpMixer(num_classes=num_classes, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
-    nn.init.normal_(model.head.weight)  # timm zero-initialises the head; a "pretrained" one must tell classes apart
+    nn.init.normal_(model.head.weight, std=0.3)  # timm zero-initialises heads; a "pretrained" one separates classes
     return model
 
 
@@ -107,7 +107,7 @@ def test_full_fine_tuning_forgets_and_figures_match_hand_computation(tmp_path):
     base = base_set(model)
     before = hand_outputs(copy.deepcopy(model), model.head, base)
     monitor = ForgettingMonitor(base, metric="accuracy", plot_dir=str(tmp_path))
-    trainer = fit(NewTask(model), [monitor])
+    trainer = fit(NewTask(model, lr=0.05), [monitor])
     assert all(m.training for m in model.modules())  # train mode restored after each check
 
     after = hand_outputs(model, model.head, base)
@@ -116,7 +116,7 @@ def test_full_fine_tuning_forgets_and_figures_match_hand_computation(tmp_path):
     assert monitor.baseline == pytest.approx(before[0]) == 1.0
     assert rows[-1]["value"] == pytest.approx(after[0])
     forgetting = before[0] - after[0]
-    assert forgetting > 0
+    assert forgetting > 0 and after[0] > 0  # partly forgotten
     assert rows[-1]["forgetting"] == pytest.approx(forgetting)
     assert rows[-1]["relative_drop_percent"] == pytest.approx(100 * forgetting / before[0])
     assert rows[-1]["max_forgetting"] == pytest.approx(max(r["forgetting"] for r in rows))
@@ -192,7 +192,8 @@ def test_resume_keeps_baseline_and_drift_reference(tmp_path):
 
     resumed_model = mixer(4)
     second = ForgettingMonitor(base, plot=False)
-    fit(NewTask(resumed_model), [second], epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    fit(NewTask(resumed_model), [second, checkpoint], epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
     assert second.baseline == first.baseline == pytest.approx(before[0])
     assert second.history[:2] == first.history
     assert [r["epoch"] for r in second.history] == [0, 1, 2]

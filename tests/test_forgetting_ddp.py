@@ -73,6 +73,7 @@ def run(tmp_path, devices: int) -> list[dict[str, float]]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
         use_distributed_sampler=False,  # every process trains on the same batches: the same model as one process
     )
     trainer.fit(NewTask(), DataLoader(train, batch_size=8))
