@@ -28,6 +28,7 @@ def write_forgetting_plot(history: list[dict[str, Any]], path: str, metric_name:
         ``path``.
     """
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, touches no global backend state
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -35,6 +36,7 @@ def write_forgetting_plot(history: list[dict[str, Any]], path: str, metric_name:
     if base:
         ax.plot(*zip(*base), marker="o", color="tab:red", label=f"base task {metric_name}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"base task {metric_name}", color="tab:red")
     val = [(r["epoch"], r["val_metric"]) for r in history if r.get("val_metric") is not None]
     if val:
