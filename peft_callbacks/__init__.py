@@ -10,6 +10,7 @@ Trainer.
 
 from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, inject_adapters, remove_adapters
 from peft_callbacks.callbacks.adapters import AdapterCallback
+from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
@@ -35,6 +36,7 @@ __all__ = [
     "AdapterCallback",
     "AdapterFileError",
     "BottleneckAdapter",
+    "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",

@@ -8,6 +8,7 @@ from peft_callbacks.callbacks.base import (
     run_after_configure_model,
     run_after_hook,
 )
+from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
@@ -15,6 +16,7 @@ from peft_callbacks.callbacks.slim import SlimCheckpoint
 
 __all__ = [
     "AdapterCallback",
+    "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
