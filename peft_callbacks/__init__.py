@@ -15,7 +15,7 @@ from peft_callbacks.lora.dora import DoRAConv, DoRAConv1D, DoRALayer, DoRALinear
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
 from peft_callbacks.lora.lora_plus import loraplus_param_groups
-from peft_callbacks.lora.lora_pro import apply_lora_pro
+from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",
+    "LoRAProAdamW",
     "ParameterCount",
     "apply_lora_pro",
     "count_parameters",

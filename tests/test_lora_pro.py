@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import LoRACallback
 from peft_callbacks.lora import (
+    LoRAProAdamW,
     apply_lora_pro,
     equivalent_gradient,
     inject_lora,
@@ -226,3 +227,80 @@ def test_callback_steps_along_lora_pro_gradients():
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
     for name, p in reference.named_parameters():
         torch.testing.assert_close(module.net.get_parameter(name), p, atol=1e-6, rtol=1e-5)
+
+
+def test_full_adam_first_step_follows_the_adam_direction_of_the_equivalent_gradient():
+    torch.manual_seed(0)
+    net = inject_lora(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rank=2, alpha=4)
+    layer = net[0]
+    optimizer = LoRAProAdamW(net, lr=1e-2, eps=1e-12)
+    nn.functional.mse_loss(net(torch.randn(16, 6)), torch.randn(16, 3)).backward()
+    a, b, s = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(), layer.scaling
+    pro_a, pro_b = lora_pro_gradients(a, b, layer.lora_A.weight.grad, layer.lora_B.weight.grad, s)
+    direction = equivalent_gradient(a, b, pro_a, pro_b, s).sign()  # Adam's first step: m̂/√v̂ = sign
+    head_before = net[2].weight.detach().clone()
+    optimizer.step()
+    torch.testing.assert_close(layer.lora_A.weight, a)  # B = 0: A gets no LoRA-Pro gradient
+    projector = torch.linalg.pinv(a) @ a
+    torch.testing.assert_close(s * layer.lora_B.weight @ a, -1e-2 * direction @ projector, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(net[2].weight, head_before - 1e-2 * net[2].weight.grad.sign(), atol=1e-6, rtol=1e-4)
+
+
+def test_full_adam_trains_and_rejects_dora():
+    torch.manual_seed(0)
+    net = inject_lora(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), rank=2)
+    optimizer = LoRAProAdamW(net, lr=1e-2, weight_decay=0.01)
+    x, y = torch.randn(64, 6), torch.randn(64, 3)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert torch.count_nonzero(net[0].lora_B.weight) > 0
+    dora = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2, use_dora=True)
+    with pytest.raises(TypeError, match="DoRA"):
+        LoRAProAdamW(dora)
+    with pytest.raises(ValueError, match="lr"):
+        LoRAProAdamW(net, lr=0)
+
+
+class _AdamModule(_Module):
+    def __init__(self, net, optimizer):
+        super().__init__(net)
+        self.optimizer_name = optimizer
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "lora_pro_adamw":
+            return LoRAProAdamW(self, lr=1e-2)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _fit(module, callback, steps=2):
+    data = DataLoader(TensorDataset(torch.randn(16, 6), torch.randn(16, 3)), batch_size=8)
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+
+
+def test_full_adam_from_configure_optimizers_with_the_callback():
+    module = _AdamModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), "lora_pro_adamw")
+    _fit(module, LoRACallback(rank=2), steps=3)
+    assert isinstance(module.net[0], nn.Linear) and not lora_layers(module)  # trained, then merged
+    module = _AdamModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), "lora_pro_adamw")
+    with pytest.raises(ValueError, match="LoRAProAdamW"):
+        _fit(module, LoRACallback(rank=2, lora_pro=True))
+
+
+def test_gradient_replacement_with_adam_warns():
+    module = _AdamModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), "adamw")
+    with pytest.warns(UserWarning, match="LoRAProAdamW"):
+        _fit(module, LoRACallback(rank=2, lora_pro=True), steps=1)

@@ -23,7 +23,7 @@ from peft_callbacks.core.params import freeze_batchnorm_stats, unfreeze, unfreez
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.lora.inject import inject_lora, lora_layers, merge_lora
 from peft_callbacks.lora.lora_plus import MARKER, lora_B_parameters, split_loraplus_groups
-from peft_callbacks.lora.lora_pro import apply_lora_pro
+from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class LoRACallback(SurgeryCallback):
             ``None`` keeps one learning rate.
         lora_pro: LoRA-Pro: before each optimizer step, replace the gradients of ``A`` and ``B`` by those whose
             low-rank update best approximates the full fine-tuning gradient (:mod:`peft_callbacks.lora.lora_pro`).
+            Exact for SGD; for Adam-type training return ``LoRAProAdamW(self, lr)`` from ``configure_optimizers``
+            instead (the paper's full-Adam variant) and leave this ``False``.
 
     Example::
 
@@ -150,8 +152,28 @@ class LoRACallback(SurgeryCallback):
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.loraplus_lr_ratio is None:
-            return
+        if self.lora_pro or self.loraplus_lr_ratio is not None:
+            self._check_optimizers(trainer.optimizers)
+        if self.loraplus_lr_ratio is not None:
+            self._split_loraplus(trainer, pl_module)
+
+    def _check_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        option = "lora_pro=True" if self.lora_pro else f"loraplus_lr_ratio={self.loraplus_lr_ratio:g}"
+        for optimizer in optimizers:
+            if isinstance(optimizer, LoRAProAdamW):
+                raise ValueError(
+                    f"LoRACallback({option}) cannot be used with LoRAProAdamW, which already computes LoRA-Pro's "
+                    f"updates itself (and steps A and B with one learning rate). Keep the callback's defaults "
+                    f"(lora_pro=False, loraplus_lr_ratio=None) with LoRAProAdamW."
+                )
+            if self.lora_pro and not isinstance(optimizer, torch.optim.SGD):
+                rank_zero_warn(
+                    f"LoRACallback(lora_pro=True) replaces gradients, which makes the step match the full gradient's "
+                    f"projection exactly with SGD; {type(optimizer).__name__} rescales them per coordinate. For "
+                    f"Adam-type training the paper's variant is LoRAProAdamW (peft_callbacks.lora.lora_pro)."
+                )
+
+    def _split_loraplus(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         b_params = lora_B_parameters(pl_module)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         moved = sum(

@@ -4,7 +4,13 @@ from peft_callbacks.lora.dora import DoRAConv, DoRAConv1D, DoRALayer, DoRALinear
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
 from peft_callbacks.lora.lora_plus import lora_B_parameters, loraplus_param_groups, split_loraplus_groups
-from peft_callbacks.lora.lora_pro import apply_lora_pro, equivalent_gradient, lora_pro_gradients, solve_sylvester
+from peft_callbacks.lora.lora_pro import (
+    LoRAProAdamW,
+    apply_lora_pro,
+    equivalent_gradient,
+    lora_pro_gradients,
+    solve_sylvester,
+)
 
 __all__ = [
     "DoRAConv",
@@ -12,6 +18,7 @@ __all__ = [
     "DoRALayer",
     "DoRALinear",
     "LoRAConv",
+    "LoRAProAdamW",
     "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",

@@ -18,7 +18,7 @@ reaches ``g·P_A``. The small r × r algebra uses symmetric eigendecompositions,
 
 Only the gradients change, so this works with any optimizer; with SGD the step follows ``g̃`` exactly. With Adam
 the optimizer's per-coordinate scaling is applied to ``ĝ`` (the paper's full-Adam variant, which keeps the moment
-estimates in the full weight space, is not implemented).
+estimates in the full weight space, is :class:`LoRAProAdamW`).
 
 Example::
 
@@ -37,6 +37,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -44,7 +46,7 @@ from peft_callbacks._validation import check_positive_float
 from peft_callbacks.lora.dora import DoRALayer
 from peft_callbacks.lora.inject import lora_layers
 
-__all__ = ["apply_lora_pro", "equivalent_gradient", "lora_pro_gradients", "solve_sylvester"]
+__all__ = ["LoRAProAdamW", "apply_lora_pro", "equivalent_gradient", "lora_pro_gradients", "solve_sylvester"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -194,3 +196,98 @@ def apply_lora_pro(model: nn.Module, params: list[torch.Tensor] | None = None, r
         b.grad.copy_(new_b.view_as(b.grad))
         done += 1
     return done
+
+
+class LoRAProAdamW(torch.optim.Optimizer):
+    """The paper's full-Adam LoRA-Pro (Wang et al. 2024, Algorithm 1): Adam moments kept in the full weight space.
+
+    Per LoRA layer, the equivalent gradient ``g̃`` (out × in) feeds AdamW's moment estimates, as if the merged weight
+    were trained in full; the Adam direction ``d = m̂ / (√v̂ + ε)`` is then mapped back onto ``A`` and ``B`` with
+    :func:`lora_pro_gradients` (``g_A = s·Bᵀd``, ``g_B = s·d·Aᵀ``) and applied with step ``lr``. Decoupled weight decay
+    shrinks ``A`` and ``B`` by ``√(1 − lr·wd)`` each, so ``s·B·A`` decays like a fully fine-tuned delta. Every other
+    trainable parameter (the head, biases) gets plain AdamW. Memory: two ``out × in`` tensors per LoRA layer, as in
+    the paper; use ``LoRACallback(lora_pro=True)`` (gradients only) with your own optimizer to avoid it.
+
+    Args:
+        model: a model with (non-DoRA) LoRA layers; all its trainable parameters are optimized.
+        lr: learning rate (> 0).
+        betas: Adam's moment decay rates.
+        eps: Adam's ε.
+        weight_decay: decoupled weight decay.
+        rcond: see :func:`lora_pro_gradients`.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from peft_callbacks.lora import inject_lora
+        >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), rank=2)
+        >>> optimizer = LoRAProAdamW(net, lr=1e-2)
+        >>> net(torch.randn(4, 8)).pow(2).sum().backward()
+        >>> optimizer.step()
+        >>> optimizer.state[net[0].lora_A.weight]["exp_avg"].shape  # full-space moments of the (8, 8) weight
+        torch.Size([8, 8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rcond: float = 1e-10,
+    ) -> None:
+        check_positive_float("lr", lr)
+        check_positive_float("rcond", rcond)
+        self._pairs: dict[int, tuple[nn.Parameter, nn.Parameter, float]] = {}
+        for path, layer in lora_layers(model).items():
+            if isinstance(layer, DoRALayer):
+                raise TypeError(f"LoRAProAdamW does not support DoRA layers (found one at {path!r}).")
+            a, b = layer.lora_A.weight, layer.lora_B.weight
+            if a.requires_grad and b.requires_grad:
+                self._pairs[id(a)] = (a, b, layer.scaling)
+        self._b_ids = {id(b) for _, b, _ in self._pairs.values()}
+        self._rcond = rcond
+        params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _adam_direction(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+        return m_hat / (v_hat.sqrt() + group["eps"])
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if id(p) in self._b_ids or p.grad is None:
+                    continue
+                if id(p) not in self._pairs:
+                    p.mul_(1 - lr * wd)
+                    p.sub_(lr * self._adam_direction(self.state[p], p.grad, group))
+                    continue
+                a, b, s = self._pairs[id(p)]
+                if b.grad is None:
+                    continue
+                a2, b2 = a.flatten(1), b.flatten(1)  # (r, in·k…), (out, r)
+                pro_a, pro_b = lora_pro_gradients(a2, b2, a.grad.flatten(1), b.grad.flatten(1), s, self._rcond)
+                direction = self._adam_direction(self.state[a], equivalent_gradient(a2, b2, pro_a, pro_b, s), group)
+                new_a, new_b = lora_pro_gradients(a2, b2, s * b2.T @ direction, s * direction @ a2.T, s, self._rcond)
+                shrink = math.sqrt(1 - lr * wd)
+                a.mul_(shrink).sub_(lr * new_a.view_as(a))
+                b.mul_(shrink).sub_(lr * new_b.view_as(b))
+        return loss
