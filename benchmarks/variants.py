@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import time
 import warnings
@@ -101,7 +102,8 @@ def finetune(base, train, test, name: str, seed: int, args: argparse.Namespace):
     steps, rank, options = args.steps, args.rank, METHODS[name]
     L.seed_everything(seed, verbose=False)
     model = Classifier(_copy(base), args.lr, "lorapro" if name == FULL_ADAM else args.optimizer)
-    callbacks = [] if options is None else [LoRACallback(rank=rank, alpha=2.0 * rank, **options)]
+    lora = LoRACallback(rank=rank, alpha=2.0 * rank, merge_on_train_end=False, **(options or {}))
+    callbacks = [] if options is None else [lora]
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(*train), batch_size=64, shuffle=True, generator=shuffle)
     trainer = L.Trainer(
@@ -115,10 +117,12 @@ def finetune(base, train, test, name: str, seed: int, args: argparse.Namespace):
     )
     trainer.fit(model, loader)
     model.eval()
-    with torch.no_grad():  # LoRA is merged back at the end of fit: this is a plain MLP again
+    with torch.no_grad():  # evaluated unmerged, so that a diverged run is reported instead of refused by the merge
         train_loss = F.cross_entropy(model.model(train[0]), train[1]).item()
         accuracy = (model.model(test[0]).argmax(1) == test[1]).float().mean().item()
-    trainable = callbacks[0].parameter_count.trainable if callbacks else sum(p.numel() for p in base.parameters())
+    trainable = lora.parameter_count.trainable if callbacks else sum(p.numel() for p in base.parameters())
+    if not math.isfinite(train_loss):
+        return math.nan, math.nan, trainable
     return train_loss, accuracy, trainable
 
 
@@ -129,9 +133,18 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "diverged"
+    mean = statistics.fmean(finite)
+    std = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+    diverged = f" ({len(values) - len(finite)}/{len(values)} diverged)" if len(finite) < len(values) else ""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{diverged}"
+
+
+def _mean_loss(runs) -> float:
+    finite = [r[0] for r in runs if math.isfinite(r[0])]
+    return statistics.fmean(finite) if finite else math.nan
 
 
 def main() -> None:
@@ -162,17 +175,18 @@ def main() -> None:
         results[name] = runs
         print(f"{name}: {time.perf_counter() - start:.1f}s", flush=True)
 
-    full = statistics.fmean(r[0] for r in results["full fine-tuning"])
-    lora = statistics.fmean(r[0] for r in results["LoRA"])
+    full, lora = _mean_loss(results["full fine-tuning"]), _mean_loss(results["LoRA"])
     setting = f"{args.optimizer} lr={args.lr:g} steps={args.steps} rank={args.rank} alpha={2 * args.rank}"
     print(f"\n{setting} seeds={args.seeds}\n")
     print("| method | trainable params | final train loss | test accuracy | LoRA→full gap closed |")
     print("|---|---:|---:|---:|---:|")
     for name, runs in results.items():
-        loss = statistics.fmean(r[0] for r in runs)
-        closed = "—" if name in ("full fine-tuning", "LoRA") else f"{(lora - loss) / (lora - full):+.0%}"
-        row = f"| {name} | {runs[0][2]:,} | {_fmt([r[0] for r in runs])} | {_fmt([r[1] for r in runs])} | {closed} |"
-        print(row)
+        loss = _mean_loss(runs)
+        closed = (
+            "—" if name in ("full fine-tuning", "LoRA") or math.isnan(loss) else f"{(lora - loss) / (lora - full):+.0%}"
+        )
+        losses, accuracies = _fmt([r[0] for r in runs]), _fmt([r[1] for r in runs])
+        print(f"| {name} | {max(r[2] for r in runs):,} | {losses} | {accuracies} | {closed} |")
 
 
 if __name__ == "__main__":

@@ -326,6 +326,10 @@ def test_callback_dora_trains_merges_and_reloads_its_checkpoint(tmp_path):
     reloaded = trainer.validate(module, _data(), ckpt_path=str(tmp_path / "last.ckpt"))[0]["val_loss"]
     assert reloaded == pytest.approx(merged_loss, abs=1e-5)
     assert isinstance(module.net[0], nn.Linear)
+    plain = _trainer(tmp_path, [LoRACallback(rank=2)], max_steps=1)  # DoRA is read from the checkpoint's keys
+    assert plain.validate(_Module(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))[0]["val_loss"] == pytest.approx(
+        merged_loss, abs=1e-5
+    )
 
 
 def test_callback_conflicting_variants_and_pickle():

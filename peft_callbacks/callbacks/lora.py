@@ -28,6 +28,7 @@ from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
 log = logging.getLogger(__name__)
 
 _LORA_A_SUFFIX = ".lora_A.weight"
+_DORA_SUFFIX = ".lora_magnitude_vector"
 
 
 def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool) -> None:
@@ -227,6 +228,7 @@ class LoRACallback(SurgeryCallback):
         paths = [k[: -len(_LORA_A_SUFFIX)] for k in state if k.endswith(_LORA_A_SUFFIX)]
         if not paths or lora_layers(pl_module):
             return
+        use_dora = self.use_dora or any(k.endswith(_DORA_SUFFIX) for k in state)  # the checkpoint says DoRA
         for model_path, model in find_models(pl_module, self.module):
             prefix = f"{model_path}." if model_path else ""
             inside = [p[len(prefix) :] for p in paths if p.startswith(prefix)]
@@ -239,7 +241,7 @@ class LoRACallback(SurgeryCallback):
                     target_modules=inside,
                     train_head=False,
                     use_rslora=self.use_rslora,
-                    use_dora=self.use_dora,
+                    use_dora=use_dora,
                 )
         self._reinjected = True
         log.info("LoRACallback: re-created LoRA on %d layer(s) to load the checkpoint.", len(paths))
