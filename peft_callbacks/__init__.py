@@ -19,8 +19,11 @@ from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
 from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
 from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
+from peft_callbacks.lora.dora import DoRAConv, DoRAConv1D, DoRALayer, DoRALinear
 from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
 from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
+from peft_callbacks.lora.lora_plus import loraplus_param_groups
+from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
 from peft_callbacks.prompts import (
     SoftPrompt,
     VisualPrompts,
@@ -36,6 +39,10 @@ __all__ = [
     "AdapterCallback",
     "AdapterFileError",
     "BottleneckAdapter",
+    "DoRAConv",
+    "DoRAConv1D",
+    "DoRALayer",
+    "DoRALinear",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
@@ -47,6 +54,7 @@ __all__ = [
     "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",
+    "LoRAProAdamW",
     "ParameterCount",
     "PromptTuningCallback",
     "SlimCheckpoint",
@@ -54,6 +62,7 @@ __all__ = [
     "VisualPromptCallback",
     "VisualPrompts",
     "adapter_layers",
+    "apply_lora_pro",
     "count_parameters",
     "describe_layers",
     "export_peft",
@@ -68,6 +77,7 @@ __all__ = [
     "load_adapter",
     "lora_disabled",
     "lora_layers",
+    "loraplus_param_groups",
     "merge_lora",
     "remove_adapters",
     "remove_prompt_tuning",
