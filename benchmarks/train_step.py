@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-worker", metavar="MODEL")
     parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "MODE"))
     parser.add_argument("--out", help="write the raw results as JSON here")
@@ -119,7 +120,7 @@ def main() -> None:
 
     speed, memory = [], []
     for name in args.models:
-        for r in range(args.repeats):
+        for r in range(0 if args.skip_speed else args.repeats):
             worker = ["--speed-worker", name, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
             res = _run(worker, args.threads)
             speed.append(res)
@@ -144,7 +145,8 @@ def table(speed: list[dict], memory: list[dict], models: list[str]) -> str:
     ]
     ratios = []
     for name in models:
-        med = {m: statistics.median(s["median_s"][m] for s in speed if s["model"] == name) * 1000 for m in MODES}
+        runs = [s["median_s"] for s in speed if s["model"] == name]
+        med = {m: statistics.median(s[m] for s in runs) * 1000 if runs else float("nan") for m in MODES}
         mem = {r["mode"]: r for r in memory if r["model"] == name}
         for m in MODES:
             row = mem.get(m)
