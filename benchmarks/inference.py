@@ -1,7 +1,8 @@
 """Inference after merging: the merged model is the original architecture, so it must run exactly as fast.
 
-For each model, five variants are timed side by side in one process (forward under ``torch.inference_mode``, the
-order rotating every round, median over rounds): the original model, ``peft_callbacks`` LoRA unmerged and merged
+For each model, six variants are timed side by side in one process (forward under ``torch.inference_mode``, the
+order rotating every round, median over rounds): the original model, a second copy of it (the noise band of the
+measurement), ``peft_callbacks`` LoRA unmerged and merged
 (``merge_lora``), HF ``peft`` LoRA unmerged and merged (``merge_and_unload``). LoRA ``B`` factors are set non-zero
 first so the merge really changes the weights. The script also checks that the merged model has exactly the
 original's module types and state-dict keys.
@@ -42,7 +43,7 @@ def _nonzero_b(model: nn.Module) -> None:
 
 def variants(name: str) -> dict[str, nn.Module]:
     bench = BENCHES[name]
-    out = {"original": bench.build().eval()}
+    out = {"original": bench.build().eval(), "original (2nd copy)": bench.build().eval()}  # the noise band
     ours = prepare(bench, "ours")
     _nonzero_b(ours)
     out["ours (unmerged)"] = ours.eval()
