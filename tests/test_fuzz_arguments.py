@@ -100,9 +100,10 @@ _NUMBER_OK = [1.5]
 _PATTERN_OK = [None, "bogus", ["bogus"]]  # a callback cannot know the model yet: patterns are checked at fit time
 _MODULE_OK = [None, "bogus"]  # likewise the submodule path
 _PATH_OK = [None, "bogus"]  # any path names a place to write; the fuzz never writes (bogus paths are not tried)
+_DIRECTORY_OK = [None, "bogus", ""]  # "" is the working directory: never tried, the fuzz writes only to temp folders
 _NO_MODULE_CHECK = "not checked: AttributeError from model.named_modules()"
 _TORCH_DEEP = "not checked: fails inside torch (zeros()/Dropout) with a message that does not name it"
-_PATH_GAP = "not checked: numbers fail inside os.fspath, '' is accepted"
+_PATH_GAP = "not checked: numbers fail inside os.fspath; '' (the working directory) is accepted"
 _LAYER_ARGS = {"r": [], "lora_alpha": _NUMBER_OK, "lora_dropout": [0], "use_rslora": _BOOL_OK}
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -319,19 +320,22 @@ CASES: dict[str, Case] = {
         },
         gaps={"dataloader": "strings and lists are accepted at construction", "prefix": "None is accepted"},
     ),
-    "save_adapter": Case(valid=lambda: {"model": _lora_net(), "directory": _tmpdir()}, accepts={"directory": _PATH_OK}),
+    "save_adapter": Case(
+        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()}, accepts={"directory": _DIRECTORY_OK}
+    ),
     "export_peft": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _PATH_OK},
+        accepts={"directory": _DIRECTORY_OK},
         gaps={"directory": _PATH_GAP},
     ),
     "load_adapter": Case(
         valid=lambda: {"model": _net(), "directory": _saved("save_adapter")},
-        accepts={"strict": _BOOL_OK},
+        accepts={"directory": [""], "strict": _BOOL_OK},
         also_raises=(FileNotFoundError,),
     ),
     "import_peft": Case(
         valid=lambda: {"model": _net(), "directory": _saved("export_peft")},
+        accepts={"directory": [""]},
         also_raises=(FileNotFoundError,),
         gaps={"directory": _PATH_GAP},
     ),
