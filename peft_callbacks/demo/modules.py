@@ -31,13 +31,14 @@ from peft_callbacks._validation import check_optional_str, check_positive_float,
 log = logging.getLogger(__name__)
 
 
-def load_matching_weights(model: nn.Module, path: str, prefix: str = "") -> list[str]:
+def load_matching_weights(model: nn.Module, path: str, prefix: str | None = None) -> list[str]:
     """Load the tensors of a saved state dict into ``model`` where names and shapes match (in place).
 
     Args:
         model: the module to fill.
         path: a ``.safetensors`` file, a ``torch.save`` state dict, or a Lightning checkpoint (``"state_dict"``).
-        prefix: strip this from saved names first (``"model."`` for a checkpoint of :class:`ImageClassifier`).
+        prefix: strip this from saved names first; by default whichever of ``""`` and ``"model."`` (the weights
+            of a whole :class:`ImageClassifier`, as the CLI or a Lightning checkpoint stores them) fits more tensors.
 
     Returns:
         The names of the model's tensors that were *not* loaded (a new head, for instance).
@@ -49,15 +50,20 @@ def load_matching_weights(model: nn.Module, path: str, prefix: str = "") -> list
     else:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         saved = saved.get("state_dict", saved)
-    saved = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
     own = model.state_dict()
-    fits = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    candidates = [prefix] if prefix is not None else ["", "model."]
+    fits = max((_fitting(saved, own, p) for p in candidates), key=len)
     if not fits:
-        raise ValueError(f"`init_from`={path!r} holds no tensor that fits {type(model).__name__} (prefix {prefix!r}).")
+        raise ValueError(f"`init_from`={path!r} holds no tensor that fits {type(model).__name__}.")
     model.load_state_dict(fits, strict=False)
     missing = [k for k in own if k not in fits]
     log.info("Loaded %d tensors from %s; %d left as initialised: %s", len(fits), path, len(missing), missing[:6])
     return missing
+
+
+def _fitting(saved: dict, own: dict, prefix: str) -> dict:
+    stripped = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    return {k: v for k, v in stripped.items() if k in own and own[k].shape == v.shape}
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -91,7 +97,7 @@ class ImageClassifier(pl.LightningModule):
         num_classes = check_positive_int("num_classes", num_classes)
         self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
         if check_optional_str("init_from", init_from):
-            load_matching_weights(self.model, init_from, prefix=_checkpoint_prefix(init_from, "model."))
+            load_matching_weights(self.model, init_from)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -115,11 +121,6 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(_trainable(self), lr=self.lr, weight_decay=self.weight_decay)
-
-
-def _checkpoint_prefix(path: str, prefix: str) -> str:
-    """Lightning checkpoints of these modules name tensors ``model.*``; bare state dicts do not."""
-    return prefix if path.endswith(".ckpt") else ""
 
 
 class TextClassifier(pl.LightningModule):
