@@ -51,7 +51,8 @@ TIMM_MODELS = {
     "mixer": _timm(MlpMixer, size=32, img_size=32, patch_size=8, num_blocks=2, embed_dim=32),
     "levit": _timm("levit_128s", size=64, img_size=64),
     "byobnet": _timm("test_byobnet", size=32),
-    "nfnet": _timm("test_nfnet", size=32),
+    "efficientnet_gn": _timm("test_efficientnet_gn", size=32),
+    "convnext_ln": _timm("test_convnext2", size=32),
 }
 
 

@@ -1,16 +1,32 @@
 """Lightning callbacks: thin glue that runs the surgery at the right hook."""
 
+from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.base import (
+    PermanentSurgeryCallback,
     SurgeryCallback,
     remove_scheduled_hooks,
     run_after_configure_model,
     run_after_hook,
 )
+from peft_callbacks.callbacks.forgetting import ForgettingMonitor
+from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+from peft_callbacks.callbacks.slim import SlimCheckpoint
 
 __all__ = [
+    "AdapterCallback",
+    "ForgettingMonitor",
+    "FreezeBackbone",
+    "HeadOnly",
+    "HeadThenFull",
+    "LayerwiseUnfreezing",
     "LoRACallback",
+    "PermanentSurgeryCallback",
+    "PromptTuningCallback",
+    "SlimCheckpoint",
     "SurgeryCallback",
+    "VisualPromptCallback",
     "remove_scheduled_hooks",
     "run_after_configure_model",
     "run_after_hook",

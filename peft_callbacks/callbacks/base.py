@@ -10,6 +10,7 @@ or not the module overrides it): after the network exists, before a checkpoint i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft_callbacks._validation import check_optional_str
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
+from peft_callbacks.io.adapter_file import save_adapter, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,19 @@ class SurgeryCallback(Callback):
     Args:
         module: dotted path of the submodule to adapt (e.g. ``"model"``); by default every timm/transformers model
             found inside the LightningModule, or the whole module when it holds none.
+        save_adapter_to: a directory to write the adapter file to when training ends, before :meth:`finalize`
+            (before LoRA is merged): the trained tensors and the recipe, see :func:`peft_callbacks.io.save_adapter`.
+        save_merged_to: a directory to write the adapted model's full weights to when training ends, after
+            :meth:`finalize` (LoRA merged): ``save_pretrained`` for transformers models, ``model.safetensors``
+            otherwise; one sub-directory per model (named by its path) when several were adapted.
     """
 
-    def __init__(self, module: str | None = None) -> None:
+    def __init__(
+        self, module: str | None = None, save_adapter_to: str | None = None, save_merged_to: str | None = None
+    ) -> None:
         self.module = check_optional_str("module", module)
+        self.save_adapter_to = check_optional_str("save_adapter_to", save_adapter_to)
+        self.save_merged_to = check_optional_str("save_merged_to", save_merged_to)
         self.parameter_count: ParameterCount | None = None
         self.adapted_models: list[str] = []
         self._applied = False
@@ -120,14 +131,27 @@ class SurgeryCallback(Callback):
                 f"{self.name} could not run its surgery: Lightning did not call `configure_model` during fit. "
                 f"Call the surgery function on your model before `trainer.fit` instead."
             )
-        count = self.parameter_count
+        # counted now, not at surgery time: other callbacks (freezing) may have changed what trains since
+        count = self.parameter_count = count_parameters(pl_module)
         rank_zero_info(f"{self.name}: {count} on {self.adapted_models or ['<module>']}")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(count.as_dict("peft/"), step=0)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_adapter_to and trainer.is_global_zero:
+            save_adapter(pl_module, self.save_adapter_to)
+            rank_zero_info(f"{self.name}: adapter saved to {self.save_adapter_to}")
         self.finalize(trainer, pl_module)
+        if self.save_merged_to and trainer.is_global_zero:
+            self.save_models(pl_module, self.save_merged_to)
+
+    def save_models(self, pl_module: nn.Module, directory: str) -> None:
+        """Save the full weights of every adapted model (used for ``save_merged_to``)."""
+        found = find_models(pl_module, self.module)
+        for path, model in found:
+            save_weights(model, os.path.join(directory, path) if len(found) > 1 else directory)
+        rank_zero_info(f"{self.name}: model weights saved to {directory}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_scheduled_hooks(pl_module)
@@ -154,3 +178,20 @@ class SurgeryCallback(Callback):
                 saved["trainable"],
                 self.parameter_count.trainable,
             )
+
+
+class PermanentSurgeryCallback(SurgeryCallback):
+    """A surgery that stays in the model after training (adapters, prompts): it is also applied before
+    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights.
+
+    Example::
+
+        >>> from peft_callbacks import AdapterCallback
+        >>> issubclass(AdapterCallback, PermanentSurgeryCallback)
+        True
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import (
     check_bool,
@@ -20,10 +22,28 @@ from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import freeze_batchnorm_stats, unfreeze, unfreeze_batchnorm_stats
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.lora.inject import inject_lora, lora_layers, merge_lora
+from peft_callbacks.lora.lora_plus import MARKER, lora_B_parameters, split_loraplus_groups
+from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
 
 log = logging.getLogger(__name__)
 
 _LORA_A_SUFFIX = ".lora_A.weight"
+_DORA_SUFFIX = ".lora_magnitude_vector"
+
+
+def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool) -> None:
+    """Reject combinations of LoRA variants that contradict each other."""
+    if lora_pro and use_dora:
+        raise ValueError(
+            "`lora_pro=True` cannot be combined with `use_dora=True`: LoRA-Pro's gradients are derived for "
+            "W0 + s*B*A, not for DoRA's rescaled weight. Choose one of them."
+        )
+    if lora_pro and loraplus_lr_ratio is not None:
+        raise ValueError(
+            f"`lora_pro=True` cannot be combined with `loraplus_lr_ratio={loraplus_lr_ratio!r}`: LoRA-Pro already "
+            f"sets how A and B move, and a different learning rate for B would undo its equivalent gradient. "
+            f"Use `loraplus_lr_ratio=None` with LoRA-Pro."
+        )
 
 
 class LoRACallback(SurgeryCallback):
@@ -48,6 +68,16 @@ class LoRACallback(SurgeryCallback):
         module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
         merge_on_train_end: fold LoRA into the base weights when training ends.
         use_rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA).
+        use_dora: DoRA layers (a trainable magnitude per output unit, :mod:`peft_callbacks.lora.dora`).
+        loraplus_lr_ratio: LoRA+: ``lora_B`` trains at this many times the learning rate of its param group
+            (the paper suggests 16); the configured optimizer's groups and schedulers are split at ``on_fit_start``.
+            ``None`` keeps one learning rate.
+        lora_pro: LoRA-Pro: before each optimizer step, replace the gradients of ``A`` and ``B`` by those whose
+            low-rank update best approximates the full fine-tuning gradient (:mod:`peft_callbacks.lora.lora_pro`).
+            Exact for SGD; for Adam-type training return ``LoRAProAdamW(self, lr)`` from ``configure_optimizers``
+            instead (the paper's full-Adam variant) and leave this ``False``.
+        save_adapter_to: directory for the adapter file (LoRA factors + head + recipe), written before the merge.
+        save_merged_to: directory for the merged model's weights, written after the merge.
 
     Example::
 
@@ -83,8 +113,13 @@ class LoRACallback(SurgeryCallback):
         module: str | None = None,
         merge_on_train_end: bool = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        loraplus_lr_ratio: float | None = None,
+        lora_pro: bool = False,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module)
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.rank = check_positive_int("rank", rank)
         self.alpha = check_positive_float("alpha", alpha)
         self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
@@ -96,6 +131,12 @@ class LoRACallback(SurgeryCallback):
         self.train_bn = check_bool("train_bn", train_bn)
         self.merge_on_train_end = check_bool("merge_on_train_end", merge_on_train_end)
         self.use_rslora = check_bool("use_rslora", use_rslora)
+        self.use_dora = check_bool("use_dora", use_dora)
+        if loraplus_lr_ratio is not None:
+            loraplus_lr_ratio = check_positive_float("loraplus_lr_ratio", loraplus_lr_ratio)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.lora_pro = check_bool("lora_pro", lora_pro)
+        _check_variants(use_dora, loraplus_lr_ratio, lora_pro)
         self._frozen_bn: list[nn.Module] = []
         self._reinjected = False
 
@@ -109,8 +150,55 @@ class LoRACallback(SurgeryCallback):
             exclude_modules=self.exclude_modules,
             train_head=self.train_head,
             use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
         )
         self._handle_batchnorm(model)
+
+    # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.lora_pro or self.loraplus_lr_ratio is not None:
+            self._check_optimizers(trainer.optimizers)
+        if self.loraplus_lr_ratio is not None:
+            self._split_loraplus(trainer, pl_module)
+
+    def _check_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        option = "lora_pro=True" if self.lora_pro else f"loraplus_lr_ratio={self.loraplus_lr_ratio:g}"
+        for optimizer in optimizers:
+            if isinstance(optimizer, LoRAProAdamW):
+                raise ValueError(
+                    f"LoRACallback({option}) cannot be used with LoRAProAdamW, which already computes LoRA-Pro's "
+                    f"updates itself (and steps A and B with one learning rate). Keep the callback's defaults "
+                    f"(lora_pro=False, loraplus_lr_ratio=None) with LoRAProAdamW."
+                )
+            if self.lora_pro and not isinstance(optimizer, torch.optim.SGD):
+                rank_zero_warn(
+                    f"LoRACallback(lora_pro=True) replaces gradients, which makes the step match the full gradient's "
+                    f"projection exactly with SGD; {type(optimizer).__name__} rescales them per coordinate. For "
+                    f"Adam-type training the paper's variant is LoRAProAdamW (peft_callbacks.lora.lora_pro)."
+                )
+
+    def _split_loraplus(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        b_params = lora_B_parameters(pl_module)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        moved = sum(
+            split_loraplus_groups(optimizer, b_params, self.loraplus_lr_ratio, schedulers)
+            for optimizer in trainer.optimizers
+        )
+        already = any(MARKER in g for optimizer in trainer.optimizers for g in optimizer.param_groups)
+        if not moved and not already:
+            rank_zero_warn(
+                f"LoRACallback(loraplus_lr_ratio={self.loraplus_lr_ratio:g}): no optimizer holds the lora_B weights, "
+                f"so LoRA+ changes nothing. Pass the LoRA parameters to the optimizer in `configure_optimizers`."
+            )
+        else:
+            rank_zero_info(f"LoRA+: {moved} lora_B weight(s) at {self.loraplus_lr_ratio:g}x their group's lr.")
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.lora_pro:
+            apply_lora_pro(pl_module, params=[p for g in optimizer.param_groups for p in g["params"]])
 
     def _handle_batchnorm(self, model: nn.Module) -> None:
         head = find_head(model).head if self.train_head else []
@@ -144,13 +232,20 @@ class LoRACallback(SurgeryCallback):
         paths = [k[: -len(_LORA_A_SUFFIX)] for k in state if k.endswith(_LORA_A_SUFFIX)]
         if not paths or lora_layers(pl_module):
             return
+        use_dora = self.use_dora or any(k.endswith(_DORA_SUFFIX) for k in state)  # the checkpoint says DoRA
         for model_path, model in find_models(pl_module, self.module):
             prefix = f"{model_path}." if model_path else ""
             inside = [p[len(prefix) :] for p in paths if p.startswith(prefix)]
             if inside:
                 rank = state[f"{prefix}{inside[0]}{_LORA_A_SUFFIX}"].shape[0]
                 inject_lora(
-                    model, rank, self.alpha, target_modules=inside, train_head=False, use_rslora=self.use_rslora
+                    model,
+                    rank,
+                    self.alpha,
+                    target_modules=inside,
+                    train_head=False,
+                    use_rslora=self.use_rslora,
+                    use_dora=use_dora,
                 )
         self._reinjected = True
         log.info("LoRACallback: re-created LoRA on %d layer(s) to load the checkpoint.", len(paths))
@@ -169,5 +264,8 @@ class LoRACallback(SurgeryCallback):
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
             "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "loraplus_lr_ratio": self.loraplus_lr_ratio,
+            "lora_pro": self.lora_pro,
         }
         return state

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from peft_callbacks.core.models import family_of
+from peft_callbacks.core.modules import PEFTModule
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _transformers_head(model: nn.Module) -> HeadInfo:
     head_modules = []
     if base is not model:
         for _, child in model.named_children():
-            if child is base or not _has_params(child):
+            if child is base or isinstance(child, PEFTModule) or not _has_params(child):
                 continue
             if out is not None and any(m is out for m in child.modules()):
                 continue  # e.g. BERT's MLM `cls` block: only its vocabulary projection is special

@@ -109,18 +109,24 @@ def unfreeze(modules: nn.Module | Iterable[nn.Module]) -> None:
     set_requires_grad(modules, True)
 
 
-def _keep_in_eval_mode(module: nn.Module, args: tuple) -> None:
-    # A forward pre-hook: whatever `model.train()` did, frozen BatchNorm normalises with its running statistics
-    # and never updates them.
+def _enter_eval_mode(module: nn.Module, args: tuple) -> None:
+    # Forward pre-hook: whatever `model.train()` did, frozen BatchNorm normalises with its running statistics and
+    # never updates them. The module's own mode is put back by `_leave_eval_mode` right after the call.
+    module.__dict__["_peft_was_training"] = module.training
     module.training = False
+
+
+def _leave_eval_mode(module: nn.Module, args: tuple, output) -> None:
+    module.training = module.__dict__.pop("_peft_was_training", module.training)
 
 
 def freeze_batchnorm_stats(module: nn.Module) -> list[nn.Module]:
     """Keep every BatchNorm layer inside ``module`` in eval mode, even through ``model.train()``.
 
     A frozen BatchNorm should neither update its running statistics nor normalise with batch statistics; otherwise the
-    "frozen" base model silently changes. Works without a Trainer: a forward pre-hook resets ``training`` before each
-    call. Undo with :func:`unfreeze_batchnorm_stats`.
+    "frozen" base model silently changes. Works without a Trainer: forward hooks switch the layer to eval mode for
+    the duration of each call only, so ``module.training`` still reports the model's mode. Undo with
+    :func:`unfreeze_batchnorm_stats`.
 
     Returns:
         The BatchNorm layers that are now frozen (already-frozen ones included).
@@ -131,14 +137,15 @@ def freeze_batchnorm_stats(module: nn.Module) -> list[nn.Module]:
         >>> bn = nn.BatchNorm1d(3)
         >>> _ = freeze_batchnorm_stats(bn)
         >>> _ = bn.train()(torch.randn(8, 3))
-        >>> bool(bn.running_mean.abs().sum() == 0)
-        True
+        >>> bool(bn.running_mean.abs().sum() == 0), bn.training
+        (True, True)
     """
     frozen = []
     for m in module.modules():
         if isinstance(m, _BatchNorm):
             if not hasattr(m, _BN_HOOK_ATTR):
-                setattr(m, _BN_HOOK_ATTR, m.register_forward_pre_hook(_keep_in_eval_mode))
+                handles = (m.register_forward_pre_hook(_enter_eval_mode), m.register_forward_hook(_leave_eval_mode))
+                setattr(m, _BN_HOOK_ATTR, handles)
             frozen.append(m)
     return frozen
 
@@ -146,11 +153,11 @@ def freeze_batchnorm_stats(module: nn.Module) -> list[nn.Module]:
 def unfreeze_batchnorm_stats(module: nn.Module) -> None:
     """Undo :func:`freeze_batchnorm_stats` for every BatchNorm layer inside ``module``."""
     for m in module.modules():
-        handle = getattr(m, _BN_HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
+        handles = getattr(m, _BN_HOOK_ATTR, None)
+        if handles is not None:
+            for handle in handles:
+                handle.remove()
             delattr(m, _BN_HOOK_ATTR)
-            m.training = module.training
 
 
 def has_frozen_batchnorm_stats(module: nn.Module) -> bool:

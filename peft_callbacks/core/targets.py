@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from peft_callbacks._validation import check_patterns
 from peft_callbacks.core.modules import PEFTModule
@@ -53,18 +54,39 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def is_grouped_conv(module: nn.Module) -> bool:
     """Is ``module`` a grouped or depthwise convolution (``groups > 1``)?"""
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
 
 
+def is_custom_layer(module: nn.Module) -> bool:
+    """Is ``module`` a Linear/Conv subclass with its own forward (timm's ``ScaledStdConv2d``, ``Conv2dSame``, …)?
+
+    Such layers transform their weight or input before the matmul, so ``base(x) + B·A·x`` would not equal a merged
+    layer's output; LoRA leaves them alone. ``nn.MultiheadAttention.out_proj`` counts too: its parent reads the
+    weight directly and never calls it, so a LoRA branch there would silently do nothing.
+    """
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        return True
+    for plain in (nn.Linear, *_PLAIN_CONVS):
+        if isinstance(module, plain):
+            own = type(module)
+            return own.forward is not plain.forward or getattr(own, "_conv_forward", None) is not getattr(
+                plain, "_conv_forward", None
+            )
+    return False
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv"`` or ``"hf_conv1d"`` for layers LoRA can adapt, else ``None``."""
-    if isinstance(module, PEFTModule):
+    if isinstance(module, PEFTModule) or is_custom_layer(module):
         return None
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1:
+    if isinstance(module, _PLAIN_CONVS) and module.groups == 1:
         return "conv"
     if is_hf_conv1d(module):
         return "hf_conv1d"
@@ -99,7 +121,7 @@ class TargetSelection:
 
     Attributes:
         targets: paths of the layers to adapt, in model order.
-        skipped_grouped: grouped/depthwise convolutions skipped by a default selection.
+        skipped_grouped: grouped/depthwise convolutions and custom-forward layers skipped by a default selection.
         protected: paths left out because they are the head (or the vocabulary projection).
     """
 
@@ -193,11 +215,16 @@ def resolve_targets(
             if not linear_only or layer_kind(modules[path]) in ("linear", "hf_conv1d"):
                 selection.targets.append(path)
         selection.skipped_grouped = [
-            p for p, m in walk if is_grouped_conv(m) and not linear_only and not in_subtree(p, default_protected)
+            p
+            for p, m in walk
+            if (is_grouped_conv(m) or is_custom_layer(m))
+            and not (linear_only and isinstance(m, _PLAIN_CONVS))
+            and not in_subtree(p, default_protected)
         ]
         if selection.skipped_grouped:
             log.info(
-                "%s: skipped %d grouped/depthwise convolution(s) (name them in target_modules to be told why): %s",
+                "%s: skipped %d grouped/depthwise convolution(s) or layers with their own forward "
+                "(name them in target_modules to be told why): %s",
                 method,
                 len(selection.skipped_grouped),
                 _listing(selection.skipped_grouped),
@@ -251,11 +278,12 @@ def _select(
             f"`target_modules` entry {pattern!r} matched {_describe(inserted, modules)}, which is already a module "
             f"inserted by peft_callbacks; merge or remove it first."
         )
-    grouped = [p for p in hits if is_grouped_conv(modules[p])]
+    grouped = [p for p in hits if is_grouped_conv(modules[p]) or is_custom_layer(modules[p])]
     if grouped:
         raise ValueError(
-            f"`target_modules` entry {pattern!r} matched grouped/depthwise convolution(s) "
-            f"{_describe(grouped, modules)}; {method} supports {SUPPORTED_LAYERS}. Exclude them or name other layers."
+            f"`target_modules` entry {pattern!r} matched {_describe(grouped, modules)}: a grouped/depthwise "
+            f"convolution or a layer with its own forward (its output is not weight @ input, so a merged update "
+            f"would differ); {method} supports {SUPPORTED_LAYERS}. Exclude them or name other layers."
         )
     selected = {p for p in supported_paths if in_subtree(p, hits)}
     allowed = {p for p in selected if not in_subtree(p, protected)}

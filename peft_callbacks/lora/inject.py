@@ -31,6 +31,7 @@ from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters, freeze, unfreeze
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
 from peft_callbacks.core.targets import exact_patterns, resolve_targets
+from peft_callbacks.lora.dora import dora_layer_for
 from peft_callbacks.lora.layers import LoRALayer, lora_layer_for
 
 __all__ = ["count_parameters", "inject_lora", "lora_disabled", "lora_layers", "merge_lora", "unload_lora"]
@@ -58,6 +59,7 @@ def inject_lora(
     *,
     train_head: bool = True,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap the selected layers of ``model`` with LoRA and freeze everything else (in place).
 
@@ -72,6 +74,8 @@ def inject_lora(
         train_head: keep the task head (found via ``get_classifier()`` / the transformers task head) fully
             trainable. ``False`` freezes it too.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+        use_dora: weight-decomposed LoRA (DoRA, :mod:`peft_callbacks.lora.dora`): a trainable magnitude per output
+            unit on top of the low-rank direction update.
 
     Returns:
         ``model`` itself, modified in place.
@@ -86,6 +90,7 @@ def inject_lora(
     check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
     check_bool("train_head", train_head)
     check_bool("use_rslora", use_rslora)
+    check_bool("use_dora", use_dora)
     existing = lora_layers(model)
     if existing:
         raise ValueError(
@@ -104,7 +109,8 @@ def inject_lora(
     freeze(model)
     for path in selection.targets:
         base = model.get_submodule(path)
-        _replace(model, path, lora_layer_for(base)(base, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora))
+        layer_type = dora_layer_for(base) if use_dora else lora_layer_for(base)
+        _replace(model, path, layer_type(base, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora))
     if train_head:
         unfreeze([model.get_submodule(p) for p in head.head])
     record_surgery(
@@ -117,10 +123,12 @@ def inject_lora(
             dropout=float(dropout),
             train_head=train_head,
             use_rslora=use_rslora,
+            use_dora=use_dora,
         ),
     )
     log.info(
-        "LoRA r=%d alpha=%g on %d layer(s) of %s; head %s (%s); %s",
+        "%s r=%d alpha=%g on %d layer(s) of %s; head %s (%s); %s",
+        "DoRA" if use_dora else "LoRA",
         rank,
         alpha,
         len(selection.targets),

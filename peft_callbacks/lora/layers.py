@@ -137,7 +137,7 @@ class LoRAConv(LoRALayer):
                 f"LoRAConv supports groups=1 only; got a {type(base_layer).__name__} with groups={base_layer.groups}."
             )
         super().__init__(base_layer, r, lora_alpha, **kwargs)
-        conv = type(base_layer)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base_layer.kernel_size)]
         ones = (1,) * len(base_layer.kernel_size)
         self.lora_A = self._new_factor(
             conv(

@@ -1,0 +1,102 @@
+"""``AdapterCallback``: bottleneck adapters (Houlsby / Pfeiffer) for an unchanged LightningModule."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn as nn
+
+from peft_callbacks._validation import check_bool, check_choice, check_patterns, check_positive_int
+from peft_callbacks.adapters.bottleneck import ACTIVATIONS
+from peft_callbacks.adapters.inject import adapter_layers, inject_adapters
+from peft_callbacks.adapters.points import PLACEMENTS
+from peft_callbacks.callbacks.base import PermanentSurgeryCallback
+
+
+class AdapterCallback(PermanentSurgeryCallback):
+    """Fine-tune with bottleneck adapters: only the adapters (+ the task head, + norms if asked) are trained.
+
+    Adapters are inserted after the attention and MLP sub-layers of every transformer block (``"houlsby"``) or after
+    the MLP only (``"pfeiffer"``) of the timm / transformers models inside the LightningModule, found by their block
+    structure (see :mod:`peft_callbacks.adapters.points`). Surgery runs right after ``configure_model``, before a
+    checkpoint is restored and optimizers are built. Adapters cannot be merged: they stay in the model after
+    training, and are what an adapter file stores.
+
+    Args:
+        bottleneck: bottleneck width ``m`` (> 0); each adapter has ``2·d·m + d + m`` parameters.
+        placement: ``"houlsby"`` (after attention and MLP) or ``"pfeiffer"`` (after the MLP only).
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
+        modules: names or regexes of the sub-layers to follow with an adapter, for models whose blocks are not
+            recognised (overrides ``placement``).
+        train_head: keep the task head trainable.
+        train_norms: also train every LayerNorm / RMSNorm.
+        module: dotted path of the submodule to adapt; by default every timm/transformers model found.
+        save_adapter_to: directory to write the adapter file to when training ends (see :func:`save_adapter`).
+        save_merged_to: directory to write the adapted model's full weights to when training ends.
+
+    Example::
+
+        >>> import lightning as L, timm, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> class Classifier(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                                        depth=2, embed_dim=32, num_heads=2, num_classes=3)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return torch.nn.functional.cross_entropy(self.model(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> adapters = AdapterCallback(bottleneck=4, placement="pfeiffer")
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[adapters], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(), data)
+        >>> adapters.parameter_count.trainable  # 2 adapters x (2*32*4 + 32 + 4) + head 32*3 + 3
+        683
+    """
+
+    def __init__(
+        self,
+        bottleneck: int = 64,
+        placement: Literal["houlsby", "pfeiffer"] = "houlsby",
+        activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu",
+        modules: str | list[str] | None = None,
+        train_head: bool = True,
+        train_norms: bool = False,
+        module: str | None = None,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
+    ) -> None:
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
+        self.bottleneck = check_positive_int("bottleneck", bottleneck)
+        self.placement = check_choice("placement", placement, PLACEMENTS)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.modules = check_patterns("modules", modules)
+        self.train_head = check_bool("train_head", train_head)
+        self.train_norms = check_bool("train_norms", train_norms)
+
+    def apply(self, model: nn.Module, path: str) -> None:
+        inject_adapters(
+            model,
+            bottleneck=self.bottleneck,
+            placement=self.placement,
+            activation=self.activation,
+            modules=self.modules,
+            train_head=self.train_head,
+            train_norms=self.train_norms,
+        )
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return bool(adapter_layers(model))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["config"] = {
+            "bottleneck": self.bottleneck,
+            "placement": self.placement,
+            "activation": self.activation,
+            "modules": self.modules,
+        }
+        return state

@@ -1,0 +1,97 @@
+"""``SlimCheckpoint``: Lightning checkpoints that hold only the trained tensors (plus optimizer and loop state)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
+from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
+from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "peft_callbacks_slim"
+_UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class SlimCheckpoint(Callback):
+    """Keep only trainable/PEFT tensors in every checkpoint; refill the frozen base from the module when loading.
+
+    With LoRA the base model is frozen, so each checkpoint written by ``ModelCheckpoint`` (or
+    ``trainer.save_checkpoint``) needs only the LoRA factors, the trained head, and the optimizer and loop state.
+    When such a checkpoint is loaded (``trainer.fit(..., ckpt_path=...)``, ``trainer.test(ckpt_path=...)``), the
+    base tensors are taken from the LightningModule as built (same pretrained weights) after checking its base
+    fingerprint, and the module loads the completed ``state_dict`` with Lightning's usual ``strict_loading``: nothing
+    needs ``strict_loading = False``. Full checkpoints (written without this callback) load as before.
+
+    Put it in the trainer of every run that writes or reads slim checkpoints, together with the PEFT callback.
+    ``LightningModule.load_from_checkpoint`` on a slim checkpoint needs ``strict=False`` and then loads the trained
+    tensors only, onto a base that must already carry the surgery (use :func:`~peft_callbacks.io.load_adapter` for
+    deployment instead). Not for FSDP/DeepSpeed/model-parallel strategies, whose checkpoints are sharded.
+
+    Example::
+
+        >>> import lightning as L, os, tempfile, timm, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from peft_callbacks import LoRACallback
+        >>> class Classifier(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         torch.manual_seed(0)
+        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+        ...     def training_step(self, batch, batch_idx):
+        ...         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        >>> data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))), batch_size=2)
+        >>> def trainer(steps):
+        ...     callbacks = [LoRACallback(rank=4, merge_on_train_end=False), SlimCheckpoint()]
+        ...     return L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> first, module = trainer(2), Classifier()
+        >>> first.fit(module, data)
+        >>> path = os.path.join(tempfile.mkdtemp(), "slim.ckpt")
+        >>> first.save_checkpoint(path)
+        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())
+        (32, 122)
+        >>> trainer(3).fit(Classifier(), data, ckpt_path=path)  # resumes at step 2 onto the base as built
+    """
+
+    def __init__(self) -> None:
+        self._fingerprint: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _UNSUPPORTED:
+            raise ValueError(
+                f"SlimCheckpoint does not support {strategy}: its checkpoints are sharded by the strategy. "
+                f"Use it with single-device or DDP training, or remove it."
+            )
+        self._fingerprint = None
+        run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_scheduled_hooks(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        fingerprint = base_fingerprint(pl_module, hash_names=(self._fingerprint or {}).get("hashes"))
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint
+        elif compare_fingerprints(self._fingerprint, fingerprint):
+            # e.g. LoRA was merged at the end of fit: the base is no longer the one built, so keep it all
+            log.info("SlimCheckpoint: the base weights changed during this run; writing a full checkpoint.")
+            return
+        state = checkpoint["state_dict"]
+        before = len(state)
+        checkpoint[CHECKPOINT_KEY] = slim_state_dict(pl_module, state, fingerprint)
+        log.debug("SlimCheckpoint: kept %d of %d tensors.", len(state), before)
+
+    def _fill(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        record = checkpoint.get(CHECKPOINT_KEY)
+        if record is not None:
+            fill_slim_state_dict(pl_module, checkpoint["state_dict"], record)
+            log.info("SlimCheckpoint: restored %d base tensor(s) from the module.", len(record["omitted"]))

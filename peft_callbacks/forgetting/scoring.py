@@ -1,0 +1,277 @@
+"""Score the base task on the model as it is now, and measure label-free drift from the baseline outputs.
+
+:class:`BaseTaskScorer` runs a held-out base-task loader through the current backbone (and the frozen original
+head, when one is given), under ``torch.no_grad()`` in eval mode, restoring every module's train/eval mode
+afterwards. The first call caches, per batch, the output distribution and the pooled features (the input of the
+head, averaged over token positions for token-level heads); later calls report the KL divergence
+``KL(p_baseline || p_now)`` and the cosine similarity of the features to those cached at the first call, so drift is
+measured even without base labels.
+
+With several processes, batch ``i`` is scored by rank ``i % world_size`` and the torchmetrics states are summed
+over ranks, so the figures equal a single-process run.
+
+Example::
+
+    >>> import timm, torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    >>> loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+    >>> scorer = BaseTaskScorer(model, metric="accuracy")
+    >>> first = scorer.score(loader)
+    >>> again = scorer.score(loader)
+    >>> again.value == first.value, round(again.kl_to_baseline, 6), round(again.feature_cosine, 4)
+    (True, 0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, Metric
+
+from peft_callbacks.core.models import family_of, find_models
+from peft_callbacks.forgetting.batches import (
+    call_model,
+    language_model_labels,
+    move_to_device,
+    split_batch,
+)
+from peft_callbacks.forgetting.heads import (
+    base_heads_from,
+    base_heads_from_file,
+    captured_input,
+    head_paths,
+    output_size,
+    swapped_heads,
+)
+from peft_callbacks.forgetting.metrics import build_metric, check_metric
+
+ForwardFn = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class BaseTaskScore:
+    """One evaluation of the base task.
+
+    Attributes:
+        value: the base-task metric (``None`` when no metric was asked for).
+        kl_to_baseline: mean ``KL(p_baseline || p_now)`` per example (or token), ``None`` without drift.
+        feature_cosine: mean cosine similarity of pooled features to the baseline's, ``None`` without drift.
+        batches: batches scored (over all processes).
+    """
+
+    value: float | None
+    kl_to_baseline: float | None
+    feature_cosine: float | None
+    batches: int
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` under ``torch.no_grad()``, then each submodule's own previous ``training`` flag back.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> _ = model[1].eval()
+        >>> with evaluation_mode(model):
+        ...     model.training, torch.is_grad_enabled()
+        (False, False)
+        >>> model.training, model[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    features = features.float()
+    if features.ndim > 2:  # (B, T, H) token features -> (B, H)
+        features = features.flatten(1, -2).mean(1)
+    return features.flatten(1)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    if family_of(model) != "transformers" or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
+
+
+class BaseTaskScorer:
+    """Score a held-out base-task loader through the current backbone and the original (or current) head.
+
+    Args:
+        root: the module to score: a LightningModule or a model. ``forward_fn`` receives it.
+        metric: ``"accuracy"``, ``"f1"``, ``"loss"``, ``"perplexity"``, a ``torchmetrics.Metric`` or ``None``
+            (label-free drift only).
+        base_head: the original head (module, whole original model, or path to a saved state dict); ``None``
+            scores the model's current head.
+        forward_fn: ``forward_fn(root, batch) -> logits`` for models or batches the defaults cannot handle.
+        module: dotted path of the model inside ``root`` when it holds several.
+        num_classes: number of base-task classes for accuracy/F1; read from the head when ``None``.
+        limit_batches: score only the first ``limit_batches`` batches.
+        drift: measure KL and feature cosine against the outputs cached at the first call.
+
+    Example::
+
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])), batch_size=3)
+        >>> scorer = BaseTaskScorer(model, metric="loss", limit_batches=1)
+        >>> scorer.score(data).batches
+        1
+        >>> with torch.no_grad():
+        ...     _ = model[2].weight.mul_(3)  # the model drifts
+        >>> scorer.score(data).kl_to_baseline > 0
+        True
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        *,
+        metric: str | Metric | None = "accuracy",
+        base_head: nn.Module | str | None = None,
+        forward_fn: ForwardFn | None = None,
+        module: str | None = None,
+        num_classes: int | None = None,
+        limit_batches: int | None = None,
+        drift: bool = True,
+    ) -> None:
+        self.root = root
+        self.model = self._single_model(root, module, forward_fn)
+        if isinstance(base_head, str):
+            self.heads = base_heads_from_file(base_head, self.model)
+        else:
+            self.heads = base_heads_from(base_head, self.model) if base_head is not None else None
+        self.metric_spec = check_metric(metric)
+        self.forward_fn = forward_fn
+        self.num_classes = num_classes if num_classes is not None else output_size(self.heads, self.model)
+        self.limit_batches = limit_batches
+        self.drift = drift
+        self.reference: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._causal = _is_causal_lm(self.model)
+        self._head_paths = head_paths(self.model)  # the place stays the same when LoRA wraps or merges the head
+
+    @staticmethod
+    def _single_model(root: nn.Module, module: str | None, forward_fn: ForwardFn | None) -> nn.Module:
+        models = find_models(root, module)
+        if len(models) > 1 and forward_fn is None:
+            raise ValueError(
+                f"{type(root).__name__} holds several models ({[p for p, _ in models]}); pass `module=` to say which "
+                f"one scores the base task, or `forward_fn=`."
+            )
+        return models[0][1]
+
+    def score(self, loader: Iterable, *, rank: int = 0, world_size: int = 1) -> BaseTaskScore:
+        """Score ``loader`` (the first ``limit_batches`` batches); this process takes batches ``rank::world_size``.
+
+        Raises:
+            ValueError: the loader yields no batch, or a metric needs labels the batches lack.
+            TypeError: a batch or model output cannot be read.
+        """
+        device = _device_of(self.model, self.root)
+        # the unwrapped model is called, never a DDP wrapper: ranks score different numbers of batches, and a
+        # wrapper's forward would wait for the other ranks (buffer broadcast)
+        metric = build_metric(self.metric_spec, self.num_classes).to(device) if self.metric_spec is not None else None
+        kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
+        taking_reference = self.drift and self.reference is None
+        reference = {} if taking_reference else self.reference
+        seen = 0
+        with evaluation_mode(self.root):
+            for index, batch in enumerate(loader):
+                if self.limit_batches is not None and index >= self.limit_batches:
+                    break
+                seen += 1
+                if index % world_size != rank:
+                    continue
+                logits, labels, features = self._forward(move_to_device(batch, device))
+                if metric is not None:
+                    self._update_metric(metric, logits, labels)
+                if self.drift:
+                    self._update_drift(index, logits, features, reference, kl, cosine, taking_reference)
+        if seen == 0:
+            raise ValueError("The base-task `dataloader` yielded no batches; it must hold at least one batch.")
+        if taking_reference:
+            self.reference = reference
+        return BaseTaskScore(
+            value=None if metric is None else float(metric.compute()),
+            kl_to_baseline=float(kl.compute()) if self.drift else None,
+            feature_cosine=float(cosine.compute()) if self.drift else None,
+            batches=seen,
+        )
+
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        store: list[torch.Tensor] = []
+        with swapped_heads(self.model, self.heads):
+            paths = self._head_paths
+            feature_module = self.model.get_submodule(paths[0]) if paths else None
+            with captured_input(feature_module, store):
+                if self.forward_fn is not None:
+                    inputs, labels = None, _labels_of(batch)
+                    logits = self.forward_fn(self.root, batch)
+                else:
+                    inputs, labels = split_batch(batch)
+                    logits = call_model(self.model, inputs)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"`forward_fn` must return a logits tensor, got {type(logits).__name__}.")
+        if logits.ndim == 3:  # (B, T, V) language-model logits
+            if inputs is not None:
+                labels = language_model_labels(inputs, labels)
+            if self._causal:
+                logits = logits[:, :-1]
+                labels = None if labels is None else labels[:, 1:]
+        features = _pooled(store[0]) if store else None
+        return logits, labels, features
+
+    def _update_metric(self, metric: Metric, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if labels is None:
+            raise ValueError(
+                f"metric={self.metric_spec!r} needs base-task labels, but the batches carry none; yield "
+                f"(inputs, labels) or a dict with 'labels', or pass metric=None for label-free drift only."
+            )
+        metric.update(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long())
+
+    def _update_drift(self, index, logits, features, reference, kl, cosine, taking_reference) -> None:
+        log_p = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)  # (N, C)
+        if taking_reference:
+            reference[index] = (log_p.cpu(), None if features is None else features.cpu())
+        ref_log_p, ref_features = reference.get(index, (None, None))
+        if ref_log_p is None or ref_log_p.shape != log_p.shape:
+            baseline = "no such batch" if ref_log_p is None else f"shape {tuple(ref_log_p.shape)}"
+            raise ValueError(
+                f"Base-task batch {index} has outputs of shape {tuple(log_p.shape)} now but {baseline} at baseline: "
+                f"the `dataloader` must yield the same batches in the same order (shuffle=False)."
+            )
+        ref_log_p = ref_log_p.to(log_p.device)
+        kl.update((ref_log_p.exp() * (ref_log_p - log_p)).sum(-1))
+        if features is None:
+            features, ref_features = log_p, ref_log_p  # no head input seen: compare the outputs themselves
+        cosine.update(F.cosine_similarity(features, ref_features.to(features.device), dim=-1))
+
+
+def _device_of(*modules: nn.Module) -> torch.device:
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _labels_of(batch: Any) -> torch.Tensor | None:
+    try:
+        return split_batch(batch)[1]
+    except TypeError:
+        return None

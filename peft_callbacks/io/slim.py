@@ -1,0 +1,124 @@
+"""Slim checkpoints: a ``state_dict`` that keeps only the trained tensors, and how to fill it back from the base.
+
+During PEFT training the base model never changes, so a checkpoint needs only the trained tensors (see
+:mod:`peft_callbacks.io.state`) plus the optimizer and loop state. :func:`slim_state_dict` drops the base tensors from
+a ``state_dict`` and returns a small record (which keys were dropped, under which base name, and a fingerprint of the
+base). :func:`fill_slim_state_dict` puts the base tensors back from the model as built, after checking that its base
+is the one the checkpoint was trained on, so the model then loads the checkpoint with ``strict=True`` as usual.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from peft_callbacks.lora import inject_lora
+    >>> def base():
+    ...     _ = torch.manual_seed(0)
+    ...     return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    >>> tuned = inject_lora(base(), rank=2)
+    >>> state = tuned.state_dict()
+    >>> record = slim_state_dict(tuned, state)
+    >>> sorted(state)
+    ['0.lora_A.weight', '0.lora_B.weight', '1.bias', '1.weight']
+    >>> resumed = inject_lora(base(), rank=2)
+    >>> _ = resumed.load_state_dict(fill_slim_state_dict(resumed, state, record))  # strict
+    >>> torch.equal(resumed[0].lora_A.weight, tuned[0].lora_A.weight)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
+from peft_callbacks.io.state import base_keys, base_state, trained_state
+
+__all__ = ["SLIM_FORMAT_VERSION", "SlimCheckpointError", "fill_slim_state_dict", "slim_state_dict"]
+
+SLIM_FORMAT_VERSION = 1
+
+
+class SlimCheckpointError(ValueError):
+    """A slim checkpoint that cannot be filled from this model's base (a ``ValueError``).
+
+    Example::
+
+        >>> issubclass(SlimCheckpointError, ValueError)
+        True
+    """
+
+
+def slim_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], fingerprint: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Drop the base tensors of ``model`` from ``state_dict`` (in place); return the record needed to fill it back.
+
+    Args:
+        model: the model whose ``state_dict()`` ``state_dict`` is (same keys).
+        state_dict: modified in place: only the trained tensors stay.
+        fingerprint: :func:`~peft_callbacks.io.fingerprint.base_fingerprint` of ``model``, if already computed
+            (the base does not change during training, so a caller may compute it once).
+
+    Returns:
+        ``{"format_version", "omitted": {key: base name}, "fingerprint"}`` (plain Python values).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 2))
+        >>> state = net.state_dict()
+        >>> sorted(slim_state_dict(net, state)["omitted"]), sorted(state)
+        (['0.bias', '0.weight'], ['1.bias', '1.weight'])
+    """
+    trained = trained_state(model)
+    names = base_keys(model)
+    omitted = {key: names[key] for key in list(state_dict) if key not in trained and key in names}
+    for key in omitted:
+        del state_dict[key]
+    return {
+        "format_version": SLIM_FORMAT_VERSION,
+        "omitted": omitted,
+        "fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model),
+    }
+
+
+def fill_slim_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], record: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Put the base tensors of ``model`` back into a slim ``state_dict`` (in place) and return it.
+
+    The base tensors are read from ``model`` as it is now, through its PEFT wrappers, so this works before or after
+    the surgery is redone on it.
+
+    Raises:
+        SlimCheckpointError: a newer format, or ``model``'s base differs from the checkpoint's (another model,
+            another pretrained checkpoint, or LoRA already merged into the base weights).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 2))
+        >>> state = net.state_dict()
+        >>> record = slim_state_dict(net, state)
+        >>> sorted(fill_slim_state_dict(net, state, record))
+        ['0.bias', '0.weight', '1.bias', '1.weight']
+    """
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > SLIM_FORMAT_VERSION:
+        raise SlimCheckpointError(
+            f"The slim checkpoint has format version {version!r}; this peft_callbacks reads versions up to "
+            f"{SLIM_FORMAT_VERSION}. Upgrade peft_callbacks to load it."
+        )
+    saved = record["fingerprint"]
+    diffs = compare_fingerprints(saved, base_fingerprint(model, hash_names=saved.get("hashes", {})))
+    if diffs:
+        raise SlimCheckpointError(
+            f"This slim checkpoint holds only trained tensors; their base must come from {type(model).__name__} as "
+            f"built, but its base differs from the one trained: {'; '.join(diffs)}. Build the module as for training "
+            f"(unmerged: after a LoRA merge, rebuild it or keep `merge_on_train_end=False`), or use full checkpoints."
+        )
+    base = base_state(model)
+    for key, name in record["omitted"].items():
+        state_dict.setdefault(key, base[name])
+    return state_dict

@@ -1,0 +1,326 @@
+"""Prompt tuning (Lester et al. 2021) for transformers models: learned soft tokens in front of every input.
+
+The user keeps calling the model as before (``model(input_ids=..., attention_mask=..., labels=...)``). Three hooks
+do the rest:
+
+1. a forward pre-hook on the model puts ``n`` placeholder ids in front of ``input_ids`` (or the prompt in front of
+   ``inputs_embeds``) and extends ``attention_mask`` (ones), ``token_type_ids`` (zeros), ``position_ids`` and
+   ``cache_position`` (shifted by ``n``) and token-level ``labels`` (``-100``, so no loss is taken on the prompt);
+2. a forward hook on ``get_input_embeddings()`` swaps the placeholders' embeddings for the learned prompt;
+3. a forward hook on the model drops the prompt positions from token-level ``logits`` and ``last_hidden_state``,
+   so they line up with the user's ``input_ids`` and ``attention_mask`` again (``hidden_states`` / ``attentions``
+   keep them; as in HF PEFT, BERT's ``pooler_output`` and classifiers pool the first position, now a prompt).
+
+Keeping ``input_ids`` (rather than passing ``inputs_embeds``) lets models that pool at the last non-padding token
+(GPT-2 / Qwen2 sequence classifiers) still find it. ``model.generate`` works: the prompt enters the key/value cache
+on the first step, later steps only get their attention mask and positions shifted. Encoder-decoder models (T5,
+BART) are not supported.
+
+Example::
+
+    >>> import torch, transformers as hf
+    >>> cfg = hf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, bos_token_id=1, eos_token_id=1)
+    >>> lm = hf.GPT2LMHeadModel(cfg).eval()
+    >>> lm = inject_prompt_tuning(lm, num_virtual_tokens=4, init="vocab")
+    >>> ids = torch.randint(3, 50, (2, 6))
+    >>> out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    >>> out.logits.shape  # the prompt positions are dropped from the logits
+    torch.Size([2, 6, 50])
+    >>> lm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape
+    torch.Size([2, 9])
+    >>> print(count_parameters(lm))  # 4 tokens x 32 dims
+    trainable 128 / total 59,968 (0.21%)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peft_callbacks._validation import check_bool, check_positive_int
+from peft_callbacks.core.heads import find_head
+from peft_callbacks.core.models import family_of
+from peft_callbacks.core.modules import PEFTModule, peft_modules
+from peft_callbacks.core.params import count_parameters, freeze, unfreeze
+from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
+from peft_callbacks.prompts.hooks import remove_hooks_of
+
+__all__ = ["SoftPrompt", "count_parameters", "inject_prompt_tuning", "remove_prompt_tuning", "soft_prompts"]
+
+log = logging.getLogger(__name__)
+
+PROMPT_NAME = "soft_prompt"
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
+    pad = torch.full((tensor.shape[0], n), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor], dim=1)
+
+
+class SoftPrompt(PEFTModule):
+    """``n`` learned embeddings put in front of every input of a transformers model (see the module docstring).
+
+    Args:
+        num_virtual_tokens: the number of prompt tokens ``n``.
+        dim: the embedding width ``d``; the prompt holds ``n·d`` parameters.
+        placeholder_id: a token id (not padding, not EOS) that marks the prompt positions in ``input_ids``.
+
+    Example::
+
+        >>> SoftPrompt(num_virtual_tokens=20, dim=768).weight.shape
+        torch.Size([20, 768])
+    """
+
+    def __init__(self, num_virtual_tokens: int, dim: int, placeholder_id: int = 0) -> None:
+        super().__init__()
+        self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
+        self.placeholder_id = placeholder_id
+        self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim))
+        self._pending = False  # placeholders waiting for the embedding hook
+        self._lengths: tuple[int, int] | None = None  # (user length, extended length) of the current call
+
+    def extra_repr(self) -> str:
+        return f"num_virtual_tokens={self.num_virtual_tokens}, dim={self.weight.shape[1]}"
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook (with kwargs) on the model: extend the inputs by the prompt."""
+        kwargs = dict(kwargs)
+        if args:
+            names = list(inspect.signature(model.forward).parameters)[: len(args)]
+            kwargs.update(zip(names, args))
+        n = self.num_virtual_tokens
+        self._pending, self._lengths = False, None
+        if _cache_length(kwargs.get("past_key_values")) == 0:
+            self._extend_first_step(kwargs)
+        else:  # a generation step: the prompt is already in the cache
+            for key in ("position_ids", "cache_position"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = kwargs[key] + n
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            kwargs["attention_mask"] = _prepend(mask, n, 1)
+        return (), kwargs
+
+    def _extend_first_step(self, kwargs: dict) -> None:
+        n = self.num_virtual_tokens
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if ids is not None:
+            seq = ids.shape[1]
+            kwargs["input_ids"] = _prepend(ids, n, self.placeholder_id)
+            self._pending = True
+        elif embeds is not None:
+            seq = embeds.shape[1]
+            prompt = self.weight.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, n + T, d)
+        else:
+            raise ValueError("Prompt tuning needs `input_ids` or `inputs_embeds` in the model call; got neither.")
+        self._lengths = (seq, seq + n)
+        token_types, labels = kwargs.get("token_type_ids"), kwargs.get("labels")
+        if isinstance(token_types, torch.Tensor) and token_types.shape[-1] == seq:
+            kwargs["token_type_ids"] = _prepend(token_types, n, 0)
+        if isinstance(labels, torch.Tensor) and labels.ndim >= 2 and labels.shape[1] == seq:
+            kwargs["labels"] = _prepend(labels, n, -100)  # no loss on prompt positions
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor):
+            front = torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
+            kwargs["position_ids"] = torch.cat([front.expand(*position_ids.shape[:-1], n), position_ids + n], dim=-1)
+        cache_position = kwargs.get("cache_position")
+        if isinstance(cache_position, torch.Tensor):
+            front = torch.arange(n, device=cache_position.device, dtype=cache_position.dtype)
+            kwargs["cache_position"] = torch.cat([front, cache_position + n])
+
+    def on_embeddings(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the input embeddings: the placeholders' rows become the prompt."""
+        if not self._pending:
+            return output
+        self._pending = False
+        n = self.num_virtual_tokens
+        prompt = self.weight.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        return torch.cat([prompt, output[:, n:]], dim=1)  # (B, n, d) + (B, T, d) -> (B, n + T, d)
+
+    def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Forward hook on the model: drop the prompt positions from token-level logits and last hidden states."""
+        lengths, self._lengths, self._pending = self._lengths, None, False
+        if lengths is None or not hasattr(output, "get"):
+            return output
+        for key in ("logits", "last_hidden_state"):
+            value = output.get(key)
+            if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == lengths[1]:
+                output[key] = value[:, self.num_virtual_tokens :]  # (B, n + T, ...) -> (B, T, ...)
+        return output
+
+
+def soft_prompts(model: nn.Module) -> dict[str, SoftPrompt]:
+    """``{path: prompt}`` of every soft prompt inside ``model``.
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        ...                     vocab_size=20)
+        >>> list(soft_prompts(inject_prompt_tuning(hf.BertForSequenceClassification(cfg), 4)))
+        ['bert.soft_prompt']
+    """
+    return peft_modules(model, SoftPrompt)
+
+
+def _placeholder_id(model: nn.Module, vocab_size: int) -> int:
+    config = model.config
+    special = {getattr(config, k, None) for k in ("pad_token_id", "eos_token_id", "bos_token_id", "sep_token_id")}
+    special |= {
+        i
+        for k in ("eos_token_id", "bos_token_id")
+        if isinstance(getattr(config, k, None), list)
+        for i in getattr(config, k)
+    }
+    return next(i for i in range(vocab_size) if i not in special)
+
+
+def _init_token_ids(
+    init: str, tokenizer: Any, init_token_ids: list[int] | None, vocab_size: int, num_virtual_tokens: int
+) -> list[int] | None:
+    if init_token_ids is not None:
+        if not isinstance(init_token_ids, (list, tuple)) or not init_token_ids:
+            raise ValueError(f"`init_token_ids` must be a non-empty list of token ids, got {init_token_ids!r}.")
+        ids = list(init_token_ids)
+    elif init == "random":
+        return None
+    elif init == "vocab":
+        return torch.randint(0, vocab_size, (num_virtual_tokens,)).tolist()
+    elif tokenizer is None:
+        raise ValueError(
+            f"`init` must be 'random', 'vocab' or a text to start the prompt from; the text {init!r} needs a "
+            f"`tokenizer` (or its ids in `init_token_ids`)."
+        )
+    else:
+        ids = list(tokenizer(init, add_special_tokens=False)["input_ids"])
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad or not ids:
+        raise ValueError(f"Prompt init token ids must be ints in [0, {vocab_size}); got {ids[:10]!r}.")
+    return ids
+
+
+def _check_model(model: nn.Module) -> nn.Embedding:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    family = family_of(model)
+    if family != "transformers":
+        hint = " For timm ViTs use inject_visual_prompts / VisualPromptCallback." if family == "timm" else ""
+        raise ValueError(
+            f"Prompt tuning needs a transformers PreTrainedModel with text inputs, got {type(model).__name__}.{hint}"
+        )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"Prompt tuning supports encoder-only and decoder-only transformers models; {type(model).__name__} is an "
+            f"encoder-decoder model, which is not supported."
+        )
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(
+            f"{type(model).__name__}.get_input_embeddings() is {type(embeddings).__name__}, not a token embedding "
+            f"(nn.Embedding); prompt tuning needs a text model."
+        )
+    if soft_prompts(model):
+        raise ValueError(f"{type(model).__name__} already has a soft prompt; call remove_prompt_tuning(model) first.")
+    return embeddings
+
+
+def inject_prompt_tuning(
+    model: nn.Module,
+    num_virtual_tokens: int = 20,
+    init: str = "random",
+    *,
+    tokenizer: Any = None,
+    init_token_ids: list[int] | None = None,
+    train_head: bool = True,
+) -> nn.Module:
+    """Give a transformers model a learned soft prompt and freeze everything else (in place).
+
+    Args:
+        model: an encoder-only or decoder-only transformers model (BERT-style classifiers, causal LMs, …).
+        num_virtual_tokens: prompt length ``n`` (> 0); the prompt holds ``n·d`` parameters.
+        init: ``"random"`` (normal, with the embedding matrix's standard deviation), ``"vocab"`` (embeddings of
+            random vocabulary tokens, Lester et al. 2021 §3) or a text whose token embeddings start the prompt
+            (repeated to length ``n``; needs ``tokenizer`` or ``init_token_ids``).
+        tokenizer: called as ``tokenizer(text, add_special_tokens=False)["input_ids"]`` for a text ``init``.
+        init_token_ids: token ids to start the prompt from (instead of a tokenizer); repeated to length ``n``.
+        train_head: keep the task head (e.g. ``classifier``, ``score``) trainable; a causal LM's ``lm_head`` is
+            never trained.
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        ValueError: ``num_virtual_tokens`` <= 0, a text ``init`` without a tokenizer, or an unsupported model.
+    """
+    check_positive_int("num_virtual_tokens", num_virtual_tokens)
+    check_bool("train_head", train_head)
+    if not isinstance(init, str) or not init:
+        raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {init!r}.")
+    embeddings = _check_model(model)
+    vocab_size, dim = embeddings.weight.shape
+    ids = _init_token_ids(init, tokenizer, init_token_ids, vocab_size, num_virtual_tokens)
+    prompt = SoftPrompt(num_virtual_tokens, dim, _placeholder_id(model, vocab_size))
+    with torch.no_grad():
+        if ids is None:
+            prompt.weight.normal_(0.0, float(embeddings.weight.float().std()))
+        else:
+            repeated = ids * (num_virtual_tokens // len(ids) + 1)
+            rows = torch.tensor(repeated[:num_virtual_tokens], device=embeddings.weight.device)
+            prompt.weight.copy_(embeddings.weight[rows])
+    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    head = find_head(model).head if train_head else []
+    freeze(model)
+    if head:
+        unfreeze([model.get_submodule(p) for p in head])
+    model.base_model.add_module(PROMPT_NAME, prompt)
+    model.register_forward_pre_hook(prompt.before_model, with_kwargs=True)
+    embeddings.register_forward_hook(prompt.on_embeddings)
+    model.register_forward_hook(prompt.after_model, with_kwargs=True, always_call=True)
+    config = dict(num_virtual_tokens=num_virtual_tokens, train_head=train_head)
+    record_surgery(model, "prompt_tuning", config)
+    log.info(
+        "Prompt tuning: %d virtual tokens on %s; %s", num_virtual_tokens, type(model).__name__, count_parameters(model)
+    )
+    return model
+
+
+def remove_prompt_tuning(model: nn.Module) -> nn.Module:
+    """Take the soft prompt and its hooks out of ``model``; it is called as before again (in place).
+
+    Example::
+
+        >>> import transformers as hf
+        >>> cfg = hf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20)
+        >>> lm = inject_prompt_tuning(hf.GPT2LMHeadModel(cfg), 4)
+        >>> len(soft_prompts(remove_prompt_tuning(lm))), len(lm._forward_pre_hooks)
+        (0, 0)
+    """
+    for path, prompt in soft_prompts(model).items():
+        remove_hooks_of(model, prompt)
+        parent, _, name = path.rpartition(".")
+        delattr(model.get_submodule(parent), name)
+    clear_surgery(model, "prompt_tuning")
+    return model
+
+
+def _replay_prompt_tuning(model: nn.Module, **config) -> nn.Module:
+    return inject_prompt_tuning(model, init="random", **config)
+
+
+register_surgery("prompt_tuning", _replay_prompt_tuning)
