@@ -19,7 +19,6 @@ Adding a method is one row in a table below.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -28,24 +27,45 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from peft_callbacks import LoRACallback
+from peft_callbacks import (
+    AdapterCallback,
+    ForgettingMonitor,
+    FreezeBackbone,
+    HeadOnly,
+    LoRACallback,
+    PromptTuningCallback,
+)
 from peft_callbacks.demo import ChatTopicsDataModule, DigitsDataModule, ImageClassifier, TextClassifier
 from peft_callbacks.demo.data import BASE_DIGITS, NEW_DIGITS, OTHER_TOPICS
 from peft_callbacks.demo.job import Method, format_table, plot_results, run_method
 from peft_callbacks.demo.probes import EmbeddingDrift
 
-# -- the methods: one row each ---------------------------------------------------------------------------------------
+# -- the methods: one row each (``out`` is the run's adapter folder, for callbacks that can write an adapter file) --
 VISION_METHODS = [
-    Method("full fine-tuning", lambda: [], lr=1e-3, note="every weight trains"),
-    Method("LoRA r=4", lambda: [LoRACallback(rank=4, alpha=8)], lr=3e-3, note="LoRA on every conv/linear + head"),
+    Method("full fine-tuning", lambda out: [], lr=1e-3, note="every weight trains"),
+    Method("head only", lambda out: [HeadOnly()], lr=1e-2, note="linear probe on the frozen backbone"),
+    Method("freeze=8", lambda out: [FreezeBackbone(freeze=8)], lr=2e-3, note="first 8 of 12 layers frozen"),
+    Method("LoRA r=4", lambda out: [LoRACallback(rank=4, alpha=8, save_adapter_to=out)], lr=3e-3),
+    Method("DoRA r=4", lambda out: [LoRACallback(rank=4, alpha=8, use_dora=True, save_adapter_to=out)], lr=3e-3),
 ]
+ENCODER = dict(module="encoder")  # adapt the transformers encoder; the LightningModule's own head trains fully
 TEXT_METHODS = [
-    Method("full fine-tuning", lambda: [], lr=5e-5, note="every weight trains"),
+    Method("full fine-tuning", lambda out: [], lr=5e-5, note="every weight trains"),
+    Method("freeze=6 (last layer + head)", lambda out: [FreezeBackbone(freeze=6, **ENCODER)], lr=1e-4),
     Method(
         "LoRA r=8 (q,v)",
-        lambda: [LoRACallback(rank=8, alpha=16, target_modules=["query", "value"], module="encoder")],
+        lambda out: [LoRACallback(rank=8, target_modules=["query", "value"], save_adapter_to=out, **ENCODER)],
         lr=1e-3,
-        note="LoRA on attention query/value + head",
+    ),
+    Method(
+        "adapters (Pfeiffer, 16)",
+        lambda out: [AdapterCallback(bottleneck=16, placement="pfeiffer", save_adapter_to=out, **ENCODER)],
+        lr=1e-3,
+    ),
+    Method(
+        "prompt tuning (20 tokens)",
+        lambda out: [PromptTuningCallback(num_virtual_tokens=20, init="vocab", save_adapter_to=out, **ENCODER)],
+        lr=1e-2,
     ),
 ]
 
@@ -60,8 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each vision fine-tuning run")
     parser.add_argument("--text-epochs", type=int, default=2, help="epochs of each text fine-tuning run")
     parser.add_argument("--skip-text", action="store_true", help="run the vision experiment only")
+    parser.add_argument(
+        "--methods", default="", help="comma-separated parts of method names to run (e.g. 'full,LoRA'); default: all"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def selected(methods: list[Method], names: str) -> list[Method]:
+    wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
+    return [m for m in methods if not wanted or any(w in m.name.lower() for w in wanted)]
 
 
 def trainer_kwargs(args: argparse.Namespace, epochs: int) -> dict:
@@ -90,56 +118,38 @@ def train_base(args: argparse.Namespace, out: str) -> str:
     return path
 
 
-@torch.no_grad()
-def base_accuracy(module: ImageClassifier, head: torch.nn.Module, data: DigitsDataModule) -> float:
-    """Accuracy on digits 0–4 through the current backbone and the original head."""
-    module.eval()
-    correct = total = 0
-    for x, y in data.val_dataloader():
-        features = module.model.forward_head(module.model.forward_features(x), pre_logits=True)
-        correct += int((head(features).argmax(-1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
 def run_vision(args: argparse.Namespace, out: str) -> list:
     base_weights = train_base(args, os.path.join(out, "base"))
-    base_model = ImageClassifier(VISION_MODEL, num_classes=len(BASE_DIGITS), init_from=base_weights)
-    original_head = copy.deepcopy(base_model.model.get_classifier()).eval()
-    base_data = DigitsDataModule(classes=BASE_DIGITS)
-    base_data.setup("validate")
-    baseline = base_accuracy(base_model, original_head, base_data)
 
     def make_module(lr: float) -> ImageClassifier:
         pl.seed_everything(args.seed)
         return ImageClassifier(VISION_MODEL, num_classes=len(NEW_DIGITS), lr=lr, init_from=base_weights)
 
     results = []
-    for method in VISION_METHODS:
+    for method in selected(VISION_METHODS, args.methods):
         run_dir = os.path.join(out, slug(method.name))
-        result, trainer = run_method(
-            method, make_module, DigitsDataModule(classes=NEW_DIGITS), run_dir, [], trainer_kwargs(args, args.epochs)
-        )
-        result.forgetting = baseline - base_accuracy(trainer.lightning_module, original_head, base_data)
-        result.extra["base_acc_before"] = baseline
+        data = DigitsDataModule(classes=NEW_DIGITS, base_classes=BASE_DIGITS)
+        # digits 0-4 through the current backbone and the original 0-4 head (read from the base weights)
+        monitor = ForgettingMonitor(dataloader="base_dataloader", base_head=base_weights, val_metric="val/acc")
+        result, _ = run_method(method, make_module, data, run_dir, [monitor], trainer_kwargs(args, args.epochs))
+        result.forgetting = monitor.latest["forgetting"]
+        result.extra.update(base_acc_before=monitor.baseline, base_acc_after=monitor.latest["value"])
         results.append(result)
     return results
 
 
 # -- text ------------------------------------------------------------------------------------------------------------
 def run_text(args: argparse.Namespace, out: str) -> list:
-    quick = dict(max_per_topic=8) if args.quick else {}
-    task = ChatTopicsDataModule(**quick)
-    general = ChatTopicsDataModule(topics=OTHER_TOPICS, labelled=False, val_fraction=0.5, **quick)
-    general.setup("validate")
+    size = dict(max_per_topic=8) if args.quick else {}
+    task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, **size)
 
     def make_module(lr: float) -> TextClassifier:
         pl.seed_everything(args.seed)
         return TextClassifier(num_classes=task.num_classes, lr=lr)
 
     results = []
-    for method in TEXT_METHODS:
-        drift = EmbeddingDrift(general.val_dataloader())
+    for method in selected(TEXT_METHODS, args.methods):
+        drift = EmbeddingDrift("base_dataloader")  # other topics' lines: how far the sentence embeddings moved
         run_dir = os.path.join(out, slug(method.name))
         result, _ = run_method(method, make_module, task, run_dir, [drift], trainer_kwargs(args, args.text_epochs))
         result.forgetting = drift.drift

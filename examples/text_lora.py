@@ -30,11 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     pl.seed_everything(0)
     size = dict(max_per_topic=8) if args.quick else {}
-    task = ChatTopicsDataModule(**size)
-    general = ChatTopicsDataModule(topics=OTHER_TOPICS, labelled=False, val_fraction=0.5, **size)
-    general.setup()
+    task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, **size)
     lora = LoRACallback(rank=8, alpha=16, target_modules=["query", "value"], module="encoder")
-    drift = EmbeddingDrift(general.val_dataloader())
+    drift = EmbeddingDrift("base_dataloader")
     limits = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1) if args.quick else dict(max_epochs=2)
     trainer = pl.Trainer(callbacks=[lora, drift], logger=CSVLogger(args.out), enable_checkpointing=False, **limits)
     trainer.fit(TextClassifier(num_classes=task.num_classes, lr=1e-3), datamodule=task)

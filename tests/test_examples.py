@@ -18,14 +18,14 @@ def load_example(name: str):
 
 def test_main_job_quick(tmp_path, capsys):
     job = load_example("main_job")
-    out = job.main(["--quick", "--out", str(tmp_path / "job")])
+    out = job.main(["--quick", "--methods", "full,LoRA", "--out", str(tmp_path / "job")])
     printed = capsys.readouterr().out
     assert f"Output directory: {out}" in printed
     assert os.path.getsize(os.path.join(out, "results.png")) > 10_000
     results = json.load(open(os.path.join(out, "results.json")))
     vision = {r["method"]: r for r in results["vision"]}
-    assert set(vision) == {m.name for m in job.VISION_METHODS}
-    assert {r["method"] for r in results["text"]} == {m.name for m in job.TEXT_METHODS}
+    assert set(vision) == {"full fine-tuning", "LoRA r=4"}
+    assert {r["method"] for r in results["text"]} == {"full fine-tuning", "LoRA r=8 (q,v)"}
     full, lora = vision["full fine-tuning"], vision["LoRA r=4"]
     assert full["trainable_params"] == full["total_params"]
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 5

@@ -7,10 +7,10 @@ time. :func:`format_table` and :func:`plot_results` turn results into the table 
 
 Example::
 
-    >>> import torch
-    >>> row = Method("head only", lambda: [], lr=1e-2, note="no callback: everything trains")
-    >>> row.name, row.make_callbacks()
-    ('head only', [])
+    >>> from peft_callbacks import LoRACallback
+    >>> row = Method("LoRA r=4", lambda out: [LoRACallback(rank=4, save_adapter_to=out)], lr=3e-3)
+    >>> [type(c).__name__ for c in row.make_callbacks("runs/lora/adapter")]
+    ['LoRACallback']
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ class Method:
 
     Attributes:
         name: the name shown in the table and the plot.
-        make_callbacks: builds fresh callbacks for one run (``lambda: [LoRACallback(rank=8)]``; ``[]`` is full
-            fine-tuning).
+        make_callbacks: builds fresh callbacks for one run from the folder where an adapter file may be written
+            (``lambda out: [LoRACallback(rank=8, save_adapter_to=out)]``; ``lambda out: []`` is full fine-tuning).
         lr: learning rate of this method's run.
         note: a few words for the table's reader.
     """
 
     name: str
-    make_callbacks: Callable[[], list[Callback]]
+    make_callbacks: Callable[[str], list[Callback]]
     lr: float = 1e-3
     note: str = ""
 
@@ -68,9 +68,10 @@ class Result:
 class RunStats(Callback):
     """Measures a run: trainable parameters after surgery, wall time of ``fit``, and what the task must store.
 
-    At ``on_train_start`` (surgery done, optimizer built) it counts parameters and keeps the trainable ones by
-    identity; at ``on_train_end`` — before callbacks listed after it merge anything — it writes exactly those
-    tensors to ``trainable.safetensors`` in ``out_dir``: the per-task file a user would have to keep.
+    At ``on_train_start`` (surgery done, optimizer built) it counts parameters; at ``on_train_end`` — before
+    callbacks listed after it merge anything — it writes the tensors that trained to ``trainable.safetensors`` in
+    ``out_dir``. What a task must store is the adapter file when the method wrote one into ``adapter/`` (its
+    ``save_adapter_to``), else that file of trained tensors (the whole model for full fine-tuning).
     """
 
     def __init__(self, out_dir: str) -> None:
@@ -100,6 +101,9 @@ class RunStats(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seconds = time.perf_counter() - self._start
+        adapter = os.path.join(self.out_dir, "adapter")
+        if os.path.isdir(adapter):
+            self.stored_bytes = sum(os.path.getsize(os.path.join(adapter, f)) for f in os.listdir(adapter))
 
 
 def run_method(
@@ -129,7 +133,7 @@ def run_method(
 
     stats = RunStats(out_dir)
     trainer = pl.Trainer(
-        callbacks=[stats, *method.make_callbacks(), *monitors],
+        callbacks=[stats, *method.make_callbacks(os.path.join(out_dir, "adapter")), *monitors],
         logger=CSVLogger(out_dir, name="", version=""),
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -174,7 +178,8 @@ def format_table(results: list[Result], score_name: str, forgetting_name: str) -
 
 
 def plot_results(panels: list[tuple[str, list[Result], str, str]], path: str) -> str:
-    """One scatter panel per experiment: forgetting (x) against new-task score (y), point size ∝ stored bytes.
+    """One scatter panel per experiment: forgetting (x) against new-task score (y), one colour per method; the
+    legend gives each method's trainable parameters and what it stores per task.
 
     Args:
         panels: ``(title, results, score label, forgetting label)`` per panel.
@@ -185,19 +190,20 @@ def plot_results(panels: list[tuple[str, list[Result], str, str]], path: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
+    markers = "osD^vP*X"
     for ax, (title, results, score_name, forgetting_name) in zip(axes[0], panels):
-        biggest = max(r.stored_bytes for r in results) or 1
-        for r in results:
-            x = r.forgetting if r.forgetting is not None else 0.0
-            ax.scatter(x, r.new_task_score, s=40 + 900 * r.stored_bytes / biggest, alpha=0.6)
-            ax.annotate(f"{r.method}\n{r.trainable_params:,} trainable", (x, r.new_task_score), fontsize=8)
+        for i, r in enumerate(results):
+            x = r.forgetting if r.forgetting is not None else float("nan")
+            label = f"{r.method}: {r.trainable_params:,} trainable, {_size(r.stored_bytes)}"
+            ax.scatter(x, r.new_task_score, s=90, marker=markers[i % len(markers)], alpha=0.8, label=label)
         ax.set_xlabel(f"{forgetting_name} (lower is better)")
         ax.set_ylabel(f"{score_name} (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, -0.45 - 0.04 * len(results)), frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

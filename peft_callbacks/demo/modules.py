@@ -148,7 +148,9 @@ class TextClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.lr = check_positive_float("lr", lr)
         self.weight_decay = weight_decay
-        self.encoder = AutoModel.from_pretrained(check_optional_str("encoder", encoder) or minilm_path())
+        # mean pooling replaces BERT's pooler, which would only hold unused (and untrained) weights
+        name = check_optional_str("encoder", encoder) or minilm_path()
+        self.encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
         self.head = nn.Linear(self.encoder.config.hidden_size, check_positive_int("num_classes", num_classes))
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
