@@ -61,11 +61,11 @@ class PEFTCLI(LightningCLI):
         name = self.config[self.subcommand].get("final_weights")
         if not name or not self.trainer.is_global_zero:
             return
-        path = save_weights(self.model, os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, name))
+        path = save_final_weights(self.model, os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, name))
         rank_zero_info(f"Final weights: {path}")
 
 
-def save_weights(module, path: str) -> str:
+def save_final_weights(module, path: str) -> str:
     """Write ``module.state_dict()`` to a ``.safetensors`` file (shared tensors stored once each)."""
     import torch
     from safetensors.torch import save_file

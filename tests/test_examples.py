@@ -47,3 +47,10 @@ def test_text_example(tmp_path):
     summary = load_example("text_lora").main(["--quick", "--out", str(tmp_path)])
     assert summary["embedding drift"] is not None and summary["embedding drift"] >= 0.0
     assert 0 < summary["trainable %"] < 1  # LoRA r=8 on query/value + a 5-class head of a 22.7M encoder
+
+
+def test_add_forgetting_monitor_example(tmp_path):
+    monitor = load_example("add_forgetting_monitor").main(["--quick", "--out", str(tmp_path)])
+    assert [row["epoch"] for row in monitor.history] == [0, 1]  # baseline before training, then after the epoch
+    assert monitor.latest["forgetting"] == monitor.baseline - monitor.latest["value"]
+    assert os.path.exists(monitor.plot_path)

@@ -142,6 +142,7 @@ class TextClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         from peft_callbacks.demo.data import minilm_path
 
@@ -150,7 +151,12 @@ class TextClassifier(pl.LightningModule):
         self.weight_decay = weight_decay
         # mean pooling replaces BERT's pooler, which would only hold unused (and untrained) weights
         name = check_optional_str("encoder", encoder) or minilm_path()
-        self.encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's pooler weights are expected to go unused
+        try:
+            self.encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.head = nn.Linear(self.encoder.config.hidden_size, check_positive_int("num_classes", num_classes))
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
