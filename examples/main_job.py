@@ -92,6 +92,11 @@ def selected(methods: list[Method], names: str) -> list[Method]:
     return [m for m in methods if not wanted or any(w in m.name.lower() for w in wanted)]
 
 
+def quick_limit(args: argparse.Namespace) -> int | None:
+    """Batches of the base-task set that monitors score: all of them, or one in a ``--quick`` run."""
+    return 1 if args.quick else None
+
+
 def trainer_kwargs(args: argparse.Namespace, epochs: int) -> dict:
     if args.quick:
         return dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
@@ -130,7 +135,9 @@ def run_vision(args: argparse.Namespace, out: str) -> list:
         run_dir = os.path.join(out, slug(method.name))
         data = DigitsDataModule(classes=NEW_DIGITS, base_classes=BASE_DIGITS)
         # digits 0-4 through the current backbone and the original 0-4 head (read from the base weights)
-        monitor = ForgettingMonitor(dataloader="base_dataloader", base_head=base_weights, val_metric="val/acc")
+        monitor = ForgettingMonitor(
+            dataloader="base_dataloader", base_head=base_weights, val_metric="val/acc", limit_batches=quick_limit(args)
+        )
         result, _ = run_method(method, make_module, data, run_dir, [monitor], trainer_kwargs(args, args.epochs))
         result.forgetting = monitor.latest["forgetting"]
         result.extra.update(base_acc_before=monitor.baseline, base_acc_after=monitor.latest["value"])
@@ -149,7 +156,7 @@ def run_text(args: argparse.Namespace, out: str) -> list:
 
     results = []
     for method in selected(TEXT_METHODS, args.methods):
-        drift = EmbeddingDrift("base_dataloader")  # other topics' lines: how far the sentence embeddings moved
+        drift = EmbeddingDrift("base_dataloader", limit_batches=quick_limit(args))  # other topics' lines
         run_dir = os.path.join(out, slug(method.name))
         result, _ = run_method(method, make_module, task, run_dir, [drift], trainer_kwargs(args, args.text_epochs))
         result.forgetting = drift.drift
