@@ -20,3 +20,16 @@ def test_docs_build_strict(tmp_path):
     for name in ("LoRACallback", "inject_lora", "merge_lora", "count_parameters"):
         assert name in api, f"{name} missing from the API reference"
     assert "final_model.safetensors" in (site / "cli" / "index.html").read_text()  # the YAML snippet was included
+
+    # every exported callback has its reference rendered on a callback page, not only in the API list
+    import lightning.pytorch as pl
+
+    import peft_callbacks
+
+    pages = "".join(p.read_text() for p in (site / "callbacks").rglob("*.html"))
+    pages += (site / "file-format" / "index.html").read_text()
+    callbacks = [n for n in peft_callbacks.__all__ if isinstance(getattr(peft_callbacks, n), type)]
+    callbacks = [n for n in callbacks if issubclass(getattr(peft_callbacks, n), pl.Callback)]
+    assert len(callbacks) >= 8
+    for name in callbacks:
+        assert f'id="peft_callbacks.{name}"' in pages, f"{name} has no reference section on a callback page"
