@@ -63,8 +63,8 @@ TEXT_METHODS = [
         lr=1e-3,
     ),
     Method(
-        "prompt tuning (20 tokens)",
-        lambda out: [PromptTuningCallback(num_virtual_tokens=20, init="vocab", save_adapter_to=out, **ENCODER)],
+        "prompt tuning (10 tokens)",
+        lambda out: [PromptTuningCallback(num_virtual_tokens=10, init="vocab", save_adapter_to=out, **ENCODER)],
         lr=1e-2,
     ),
 ]
@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/main_job", help="output directory (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few steps per run: checks the job, measures nothing")
-    parser.add_argument("--base-epochs", type=int, default=4, help="epochs of base-task training")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each vision fine-tuning run")
+    parser.add_argument("--base-epochs", type=int, default=3, help="epochs of base-task training")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each vision fine-tuning run")
     parser.add_argument("--text-epochs", type=int, default=2, help="epochs of each text fine-tuning run")
     parser.add_argument("--skip-text", action="store_true", help="run the vision experiment only")
     parser.add_argument(
@@ -147,8 +147,7 @@ def run_vision(args: argparse.Namespace, out: str) -> list:
 
 # -- text ------------------------------------------------------------------------------------------------------------
 def run_text(args: argparse.Namespace, out: str) -> list:
-    size = dict(max_per_topic=8) if args.quick else {}
-    task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, **size)
+    task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, max_per_topic=8 if args.quick else 80, max_length=24)
 
     def make_module(lr: float) -> TextClassifier:
         pl.seed_everything(args.seed)
@@ -156,7 +155,7 @@ def run_text(args: argparse.Namespace, out: str) -> list:
 
     results = []
     for method in selected(TEXT_METHODS, args.methods):
-        drift = EmbeddingDrift("base_dataloader", limit_batches=quick_limit(args))  # other topics' lines
+        drift = EmbeddingDrift("base_dataloader", limit_batches=1 if args.quick else 4)  # 128 lines of other topics
         run_dir = os.path.join(out, slug(method.name))
         result, _ = run_method(method, make_module, task, run_dir, [drift], trainer_kwargs(args, args.text_epochs))
         result.forgetting = drift.drift
