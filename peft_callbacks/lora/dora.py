@@ -47,7 +47,10 @@ class DoRALayer(LoRALayer):
     (:meth:`base_forward`) and on which output dimension channels live (:attr:`channel_dim`).
 
     Args:
-        base_layer, r, lora_alpha, **kwargs: as for the LoRA layer.
+        base_layer: the layer to adapt, as for :class:`LoRALayer`.
+        r: the LoRA rank.
+        lora_alpha: the scale numerator. Other keyword arguments (``lora_dropout``, ``use_rslora``) go to the LoRA
+            layer.
     """
 
     channel_dim = -1

