@@ -113,3 +113,25 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
         if not isinstance(item, str) or not item:
             raise TypeError(f"`{name}` entries must be non-empty strings, got {type(item).__name__} {item!r}.")
     return list(value)
+
+
+def check_path(name: str, value: Any) -> Any:
+    """Return ``value`` if it is a non-empty ``str`` or ``os.PathLike`` (a file or directory to read or write)."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(value).__name__} {value!r}.")
+    if not os.fspath(value):
+        raise ValueError(f"`{name}` must be a non-empty path, got {value!r}.")
+    return value
+
+
+def check_int_list(name: str, value: Any) -> list[int] | None:
+    """Return ``value`` as a list of ints, or ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"`{name}` must be None or a list of ints, got {type(value).__name__} {value!r}.")
+    if not value:
+        raise ValueError(f"`{name}` must not be an empty list; use None for the default.")
+    return list(value)

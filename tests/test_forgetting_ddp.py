@@ -1,15 +1,14 @@
 """Two CPU processes report the same forgetting figures as one process.
 
-The two processes are started with ``ddp_fork`` where the platform can fork: the same DDP strategy, launcher and
-gloo all-reduce as ``ddp_spawn``, without each child re-importing torch and Lightning (tens of seconds on a busy
-machine). ``FORGETTING_DDP=ddp_spawn`` runs the spawn variant; this module keeps light imports for it.
+The two processes are started with ``ddp_spawn`` (``FORGETTING_DDP=ddp_fork`` tries the fork launcher, which is
+faster but can hang when the parent already runs an OpenMP thread pool); this module keeps light imports so each
+spawned child starts quickly.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import multiprocessing as mp
 import os
 
 import lightning as L
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 
-STRATEGY = os.environ.get("FORGETTING_DDP", "ddp_fork" if "fork" in mp.get_all_start_methods() else "ddp_spawn")
+# spawn, not fork: a child forked after the parent's OpenMP thread pool exists can hang in its first parallel op
+STRATEGY = os.environ.get("FORGETTING_DDP", "ddp_spawn")
 FIGURES = [f"forgetting/{k}" for k in ("base_accuracy", "forgetting", "kl_to_baseline", "feature_cosine")]
 
 

@@ -344,7 +344,12 @@ class ForgettingMonitor(Callback):
 def _check_dataloader(value: Any) -> Any:
     if isinstance(value, str):
         return check_optional_str("dataloader", value)
-    if isinstance(value, (Iterable, pl.LightningDataModule)) or callable(value):
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("`dataloader` is an empty list: the base-task set needs at least one batch.")
+    is_loader = isinstance(value, (Iterable, pl.LightningDataModule)) and not isinstance(
+        value, (dict, set, torch.Tensor)
+    )
+    if is_loader or callable(value):
         return value
     raise TypeError(
         f"`dataloader` must be a DataLoader, a LightningDataModule, a callable returning a loader, or the name of a "

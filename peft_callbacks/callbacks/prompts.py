@@ -11,9 +11,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_positive_int
+from peft_callbacks._validation import check_bool, check_float, check_int_list, check_positive_int
 from peft_callbacks.callbacks.base import PermanentSurgeryCallback
-from peft_callbacks.prompts.soft import inject_prompt_tuning, soft_prompts
+from peft_callbacks.prompts.soft import check_tokenizer, inject_prompt_tuning, soft_prompts
 from peft_callbacks.prompts.visual import inject_visual_prompts, visual_prompts
 
 
@@ -77,8 +77,8 @@ class PromptTuningCallback(PermanentSurgeryCallback):
         if init not in ("random", "vocab") and tokenizer is None and init_token_ids is None:
             raise ValueError(f"`init`={init!r} is a text: pass `tokenizer` or `init_token_ids` to turn it into ids.")
         self.init = init
-        self.init_token_ids = None if init_token_ids is None else list(init_token_ids)
-        self.tokenizer = tokenizer
+        self.init_token_ids = check_int_list("init_token_ids", init_token_ids)
+        self.tokenizer = check_tokenizer(tokenizer)
         self.train_head = check_bool("train_head", train_head)
 
     def apply(self, model: nn.Module, path: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from peft_callbacks._validation import check_module
+
 
 class PEFTModule(nn.Module):
     """Marker base class for LoRA layers, adapters and prompts inserted by ``peft_callbacks``."""
@@ -16,4 +18,5 @@ class PEFTModule(nn.Module):
 
 def peft_modules(model: nn.Module, kind: type[PEFTModule] = PEFTModule) -> dict[str, PEFTModule]:
     """``{path: module}`` of every inserted module of type ``kind`` inside ``model``, outermost first."""
+    check_module("model", model)
     return {name: m for name, m in model.named_modules() if isinstance(m, kind)}

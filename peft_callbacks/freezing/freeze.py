@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from peft_callbacks._validation import check_bool, check_int, check_patterns
+from peft_callbacks._validation import check_bool, check_int, check_module, check_patterns
 from peft_callbacks.core.params import freeze_batchnorm_stats, has_frozen_batchnorm_stats, unfreeze_batchnorm_stats
 from peft_callbacks.core.targets import in_subtree, path_matches
 from peft_callbacks.freezing.layers import Layer, split_layers
@@ -72,7 +72,18 @@ class LayerFreezer:
         train_bn: bool = False,
         coarse: bool = False,
     ) -> None:
-        self.model = model
+        self.model = check_module("model", model)
+        if layers is not None and (
+            not isinstance(layers, (list, tuple)) or not all(isinstance(x, Layer) for x in layers)
+        ):
+            raise TypeError(
+                f"`layers` must be None or a list of Layer objects from split_layers(model), got "
+                f"{type(layers).__name__} {layers!r}."
+            )
+        if layers is not None and not layers:
+            raise ValueError(
+                "`layers` is an empty list: pass None to use split_layers(model), or the layers to manage."
+            )
         self.layers = split_layers(model, coarse=coarse) if layers is None else list(layers)
         self.train_bn = check_bool("train_bn", train_bn)
         self.frozen: set[int] = set()
@@ -171,6 +182,8 @@ def resolve_freeze(model: nn.Module, layers: list[Layer], freeze: FreezeSpec) ->
                 f"freeze={len(layers) - 1}."
             )
         return layers[:-1]
+    if freeze is None:
+        raise TypeError("`freeze` must be an int N, 'backbone' or a list of name patterns, got None.")
     return [_pattern_layer(model, check_patterns("freeze", freeze))]
 
 

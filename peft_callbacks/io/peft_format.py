@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from peft_callbacks._validation import check_module, check_path
 from peft_callbacks.core.params import unfreeze
 from peft_callbacks.core.targets import exact_patterns
 from peft_callbacks.io.state import peft_owned
@@ -121,8 +122,8 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
         >>> sorted(os.listdir(export_peft(net, tempfile.mkdtemp())))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
+    check_path("directory", directory)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layer to export (merged already, or never injected).")
@@ -226,8 +227,8 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         >>> type(import_peft(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), folder)[0]).__name__
         'LoRALinear'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
+    check_path("directory", directory)
     folder = Path(directory)
     config = _read_peft_config(folder)
     tensors = load_file(str(folder / WEIGHTS_FILE))

@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_positive_float
+from peft_callbacks._validation import check_float, check_module, check_positive_float
 from peft_callbacks.lora.dora import DoRALayer
 from peft_callbacks.lora.inject import lora_layers
 
@@ -175,7 +175,14 @@ def apply_lora_pro(model: nn.Module, params: list[torch.Tensor] | None = None, r
         >>> apply_lora_pro(net)
         1
     """
+    check_module("model", model)
     check_positive_float("rcond", rcond)
+    if params is not None and (
+        not isinstance(params, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in params)
+    ):
+        raise TypeError(f"`params` must be None or a list of tensors, got {type(params).__name__} {params!r}.")
+    if params is not None and not params:
+        raise ValueError("`params` is an empty list: pass None to treat every LoRA layer, or the tensors to treat.")
     wanted = None if params is None else {id(p) for p in params}
     done = 0
     for path, layer in lora_layers(model).items():
@@ -237,8 +244,15 @@ class LoRAProAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         rcond: float = 1e-10,
     ) -> None:
+        check_module("model", model)
         check_positive_float("lr", lr)
         check_positive_float("rcond", rcond)
+        check_positive_float("eps", eps)
+        check_float("weight_decay", weight_decay, low=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"`betas` must be a pair of floats in [0, 1), got {type(betas).__name__} {betas!r}.")
+        for beta in betas:
+            check_float("betas", beta, low=0.0, high=1.0, high_inclusive=False)
         self._pairs: dict[int, tuple[nn.Parameter, nn.Parameter, float]] = {}
         for path, layer in lora_layers(model).items():
             if isinstance(layer, DoRALayer):

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_positive_int
+from peft_callbacks._validation import check_bool, check_int, check_int_list, check_positive_int
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
@@ -88,7 +88,8 @@ class SoftPrompt(PEFTModule):
     def __init__(self, num_virtual_tokens: int, dim: int, placeholder_id: int = 0) -> None:
         super().__init__()
         self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
-        self.placeholder_id = placeholder_id
+        check_positive_int("dim", dim)
+        self.placeholder_id = check_int("placeholder_id", placeholder_id, minimum=0)
         self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim))
         self._pending = False  # placeholders waiting for the embedding hook
         self._lengths: tuple[int, int] | None = None  # (user length, extended length) of the current call
@@ -191,13 +192,22 @@ def _placeholder_id(model: nn.Module, vocab_size: int) -> int:
     return next(i for i in range(vocab_size) if i not in special)
 
 
+def check_tokenizer(tokenizer: Any) -> Any:
+    """Return ``tokenizer`` if it is ``None`` or callable as ``tokenizer(text, add_special_tokens=False)``."""
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(
+            f"`tokenizer` must be None or a callable tokenizer (e.g. a transformers tokenizer), got "
+            f"{type(tokenizer).__name__} {tokenizer!r}."
+        )
+    return tokenizer
+
+
 def _init_token_ids(
     init: str, tokenizer: Any, init_token_ids: list[int] | None, vocab_size: int, num_virtual_tokens: int
 ) -> list[int] | None:
+    source = "tokenizer(init)"
     if init_token_ids is not None:
-        if not isinstance(init_token_ids, (list, tuple)) or not init_token_ids:
-            raise ValueError(f"`init_token_ids` must be a non-empty list of token ids, got {init_token_ids!r}.")
-        ids = list(init_token_ids)
+        ids, source = check_int_list("init_token_ids", init_token_ids), "init_token_ids"
     elif init == "random":
         return None
     elif init == "vocab":
@@ -211,7 +221,7 @@ def _init_token_ids(
         ids = list(tokenizer(init, add_special_tokens=False)["input_ids"])
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
     if bad or not ids:
-        raise ValueError(f"Prompt init token ids must be ints in [0, {vocab_size}); got {ids[:10]!r}.")
+        raise ValueError(f"`{source}` must give token ids in [0, {vocab_size}); got {ids[:10]!r}.")
     return ids
 
 
@@ -270,6 +280,8 @@ def inject_prompt_tuning(
     """
     check_positive_int("num_virtual_tokens", num_virtual_tokens)
     check_bool("train_head", train_head)
+    check_int_list("init_token_ids", init_token_ids)
+    check_tokenizer(tokenizer)
     if not isinstance(init, str) or not init:
         raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {init!r}.")
     embeddings = _check_model(model)

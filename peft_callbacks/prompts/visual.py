@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_positive_int
+from peft_callbacks._validation import check_bool, check_float, check_int, check_positive_int
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters, freeze, unfreeze
@@ -67,7 +67,10 @@ class VisualPrompts(PEFTModule):
     ) -> None:
         super().__init__()
         self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
-        self.num_prefix_tokens = num_prefix_tokens
+        check_positive_int("dim", dim)
+        check_positive_int("depth", depth)
+        check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
+        self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.weight = nn.Parameter(torch.zeros(depth, num_virtual_tokens, dim))
         self.dropout = nn.Dropout(dropout)
 
