@@ -199,7 +199,7 @@ def test_prompt_initialisation():
     assert all(any(torch.equal(r, e) for e in rows) for r in prompt_weight(model))
     with pytest.raises(ValueError, match="the text 'Classify:' needs a `tokenizer`"):
         inject_prompt_tuning(build("gpt2")[0], 4, "Classify:")
-    with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 99\)"):
+    with pytest.raises(ValueError, match=r"`init_token_ids` must give token ids in \[0, 99\); got \[5, 500\]"):
         inject_prompt_tuning(build("gpt2")[0], 4, "x", init_token_ids=[5, 500])
 
 
