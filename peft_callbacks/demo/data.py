@@ -80,7 +80,22 @@ def load_digits_tensors(classes: Sequence[int], image_size: int) -> tuple[torch.
     return images.expand(-1, 3, -1, -1).contiguous(), labels
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class _SplitDataModule(pl.LightningDataModule):
+    """Loaders shared by the demo DataModules: ``train_set`` (shuffled with ``seed``), ``val_set`` (also the test
+    set) and ``batch_size``, set by the subclass."""
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class DigitsDataModule(_SplitDataModule):
     """scikit-learn's handwritten digits, restricted to ``classes``, as small RGB images for a timm model.
 
     ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (a fixed, seeded share of the data).
@@ -137,16 +152,6 @@ class DigitsDataModule(pl.LightningDataModule):
             self.base_set = self._held_out(self.base_classes)[1]
         return DataLoader(self.base_set, batch_size=self.batch_size)
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
 
 def load_chat_topics(topics: Sequence[str], max_per_topic: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
     """``(utterance, topic index)`` pairs from chatterbot-corpus's English files, each distinct line once.
@@ -188,7 +193,7 @@ class _Encoded(Dataset):
         return {**{k: v[i] for k, v in self.encoded.items()}, "labels": self.labels[i]}
 
 
-class ChatTopicsDataModule(pl.LightningDataModule):
+class ChatTopicsDataModule(_SplitDataModule):
     """Topic classification of English dialogue lines from the ``chatterbot-corpus`` package.
 
     Each distinct line of a topic file (questions and answers alike) is one example, labelled with its topic.
@@ -268,13 +273,3 @@ class ChatTopicsDataModule(pl.LightningDataModule):
         if self.base_set is None:
             self.base_set = self._encoded(self.general_topics, labelled=False)[1]
         return DataLoader(self.base_set, batch_size=self.batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
