@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.fit(model, datamodule=DigitsDataModule(classes=list(range(10))))
 
     summary = {
-        "trained": str(lora.parameter_count),  # counted right after surgery
+        "trained": str(lora.parameter_count),  # counted at fit start, before the merge
         "after merge": str(count_parameters(model)),
         "LoRA layers left": len(lora_layers(model)),
         "val/acc": float(trainer.callback_metrics["val/acc"]),
