@@ -1,6 +1,6 @@
 """The main job: fine-tune real models on CPU with each PEFT method and measure what each costs and forgets.
 
-    pip install -e ".[demo]" && python examples/main_job.py          # about 7 minutes on 2 CPU cores
+    pip install -e ".[demo]" && python examples/main_job.py          # 3 min 9 s on an idle 2-core CPU
     python examples/main_job.py --quick                              # a smoke run in seconds
 
 Vision: a timm ConvNeXt (``test_convnext``, 0.2 M parameters) is trained on a base task — scikit-learn's digits
