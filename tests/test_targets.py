@@ -226,3 +226,12 @@ def test_multihead_attention_out_proj_is_never_a_silent_no_op():
     fresh = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     with pytest.raises(ValueError, match=r"own forward"):
         inject_lora(fresh, target_modules=["out_proj"])
+
+
+def test_lora_layer_classes_refuse_the_wrong_base_layer():
+    from peft_callbacks import LoRAConv, LoRALinear
+
+    with pytest.raises(TypeError, match=r"`base_layer` of LoRALinear must be a linear layer.*got Conv2d"):
+        LoRALinear(nn.Conv2d(2, 2, 1), 2, 4)
+    with pytest.raises(TypeError, match=r"`base_layer` of LoRAConv must be a conv layer.*got Linear"):
+        LoRAConv(nn.Linear(2, 2), 2, 4)

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.targets import SUPPORTED_LAYERS, layer_kind
 
 
 def _check_base_layer(base_layer: object) -> None:
@@ -49,6 +50,8 @@ def _check_base_layer(base_layer: object) -> None:
 class LoRALayer(PEFTModule):
     """Base of all LoRA layers: holds the wrapped ``base_layer``, ``lora_A``, ``lora_B`` and ``scaling``.
 
+    Subclasses set ``base_kind`` to the :func:`~peft_callbacks.core.targets.layer_kind` they wrap.
+
     Args:
         base_layer: the layer to adapt; it is kept as is (frozen by the caller) and never copied.
         r: the rank of the update (Hu et al. 2021, §4.1).
@@ -56,6 +59,8 @@ class LoRALayer(PEFTModule):
         lora_dropout: dropout probability on the input of the LoRA branch, in ``[0, 1)``.
         use_rslora: rank-stabilised scaling (Kalajdzievski 2023).
     """
+
+    base_kind: str | None = None
 
     def __init__(
         self,
@@ -67,6 +72,11 @@ class LoRALayer(PEFTModule):
     ) -> None:
         super().__init__()
         _check_base_layer(base_layer)
+        if self.base_kind is not None and layer_kind(base_layer) != self.base_kind:
+            raise TypeError(
+                f"`base_layer` of {type(self).__name__} must be a {self.base_kind} layer ({SUPPORTED_LAYERS}, "
+                f"each with its own LoRA class; lora_layer_for(module) picks it), got {type(base_layer).__name__}."
+            )
         check_positive_int("r", r)
         check_positive_float("lora_alpha", lora_alpha)
         check_float("lora_dropout", lora_dropout, low=0.0, high=1.0, high_inclusive=False)
@@ -140,6 +150,8 @@ class LoRALayer(PEFTModule):
 class LoRALinear(LoRALayer):
     """LoRA around an ``nn.Linear``: ``lora_A`` is ``Linear(in, r)``, ``lora_B`` is ``Linear(r, out)``."""
 
+    base_kind = "linear"
+
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, **kwargs) -> None:
         super().__init__(base_layer, r, lora_alpha, **kwargs)
         self.lora_A = self._new_factor(nn.Linear(base_layer.in_features, r, bias=False))
@@ -153,6 +165,8 @@ class LoRAConv(LoRALayer):
     ``lora_A`` convolves with the base kernel, stride, padding, dilation and padding mode (so output sizes match);
     ``lora_B`` is a 1×1 convolution.
     """
+
+    base_kind = "conv"
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, lora_alpha: float, **kwargs) -> None:
         if getattr(base_layer, "groups", 1) != 1:
@@ -181,6 +195,8 @@ class LoRAConv(LoRALayer):
 class LoRAConv1D(LoRALayer):
     """LoRA around transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed as ``(in, out)``."""
 
+    base_kind = "hf_conv1d"
+
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, **kwargs) -> None:
         super().__init__(base_layer, r, lora_alpha, **kwargs)
         in_features, out_features = base_layer.weight.shape
@@ -194,8 +210,6 @@ class LoRAConv1D(LoRALayer):
 
 def lora_layer_for(module: nn.Module) -> type[LoRALayer]:
     """The LoRA class that wraps ``module``'s type."""
-    from peft_callbacks.core.targets import SUPPORTED_LAYERS, layer_kind
-
     kind = layer_kind(module)
     if kind == "linear":
         return LoRALinear
