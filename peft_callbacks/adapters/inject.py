@@ -26,7 +26,7 @@ import logging
 
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_choice, check_positive_int
+from peft_callbacks._validation import check_bool, check_choice, check_module, check_positive_int
 from peft_callbacks.adapters.bottleneck import ACTIVATIONS, BottleneckAdapter
 from peft_callbacks.adapters.points import PLACEMENTS, find_insertion_points, match_modules, output_width
 from peft_callbacks.core.heads import find_head
@@ -68,8 +68,7 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 
 def _check_args(model, bottleneck, placement, activation, train_head, train_norms) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     check_positive_int("bottleneck", bottleneck)
     check_choice("placement", placement, PLACEMENTS)
     check_choice("activation", activation, ACTIVATIONS)

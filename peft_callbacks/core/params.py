@@ -87,8 +87,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     Returns:
         A :class:`ParameterCount`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     params = unique_parameters(model)
     return ParameterCount(
         trainable=sum(p.numel() for p in params if p.requires_grad),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool
+from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule
@@ -90,8 +90,7 @@ def split_layers(model: nn.Module, coarse: bool = False) -> list[Layer]:
         >>> [layer.name for layer in split_layers(hf.BertForSequenceClassification(config))]
         ['bert.embeddings', 'bert.encoder.layer.0', 'bert.encoder.layer.1', 'bert.pooler', 'classifier']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     check_bool("coarse", coarse)
     names = [name for name, _ in model.named_parameters()]
     if not names:

@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
-from peft_callbacks._validation import check_bool
+from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks.core.recipe import recorded_models, replay_surgery, surgery_records
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
 from peft_callbacks.io.state import trained_state
@@ -82,8 +82,7 @@ def _sha256(path: Path) -> str:
 
 
 def _check_module(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     return model
 
 

@@ -84,8 +84,7 @@ def inject_lora(
     Raises:
         ValueError: bad hyper-parameters, a pattern that selects nothing, or a model that already has LoRA.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     check_positive_int("rank", rank)
     check_positive_float("alpha", alpha)
     check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_int, check_int_list, check_positive_int
+from peft_callbacks._validation import check_bool, check_int, check_int_list, check_module, check_positive_int
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
@@ -226,8 +226,7 @@ def _init_token_ids(
 
 
 def _check_model(model: nn.Module) -> nn.Embedding:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     family = family_of(model)
     if family != "transformers":
         hint = " For timm ViTs use inject_visual_prompts / VisualPromptCallback." if family == "timm" else ""

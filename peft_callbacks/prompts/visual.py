@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_int, check_positive_int
+from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters, freeze, unfreeze
@@ -152,8 +152,7 @@ def inject_visual_prompts(
     Raises:
         ValueError: ``num_virtual_tokens`` <= 0, or a model that is not a timm VisionTransformer.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module("model", model)
     check_positive_int("num_virtual_tokens", num_virtual_tokens)
     check_bool("deep", deep)
     check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
