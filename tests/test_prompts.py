@@ -203,8 +203,9 @@ def test_prompt_initialisation():
         inject_prompt_tuning(build("gpt2")[0], 4, "x", init_token_ids=[5, 500])
 
 
-def test_generation_follows_the_trained_prompt():
-    model, inputs = build("llama")
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generation_follows_the_trained_prompt(name):
+    model, inputs = build(name)
     inject_prompt_tuning(model, N)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([prompt_weight(model)], lr=1e-1)
@@ -214,12 +215,34 @@ def test_generation_follows_the_trained_prompt():
         optimizer.step()
     model.eval()
     ids, mask = inputs["input_ids"][:1], torch.ones(1, 7, dtype=torch.long)
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    with torch.no_grad():  # each cached step must agree with a full forward pass over the longer text
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    with torch.no_grad():  # each cached step's logits equal a full forward pass over the longer text
         for step in range(3):
-            prefix = generated[:, : 7 + step]
+            prefix = cached.sequences[:, : 7 + step]
             logits = model(input_ids=prefix, attention_mask=torch.ones_like(prefix)).logits
-            assert logits.argmax(-1)[0, -1] == generated[0, 7 + step]
+            torch.testing.assert_close(cached.scores[step], logits[:, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(uncached.scores[step], logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["past_key_values", "cache"])
+def test_generation_step_is_recognised_under_either_cache_name(key):
+    """transformers renamed the model's cache argument; a generation step must never get the prompt again."""
+    model, inputs = build("llama")
+    inject_prompt_tuning(model, N)
+
+    class Cache:  # what generate passes after the first step: a cache that already holds prompt + text
+        def get_seq_length(self) -> int:
+            return N + 7
+
+    ids, positions = torch.tensor([[5]]), torch.tensor([[7]])
+    _, kwargs = model.base_model.soft_prompt.before_model(
+        model, (), {"input_ids": ids, "position_ids": positions, key: Cache()}
+    )
+    assert torch.equal(kwargs["input_ids"], ids)  # no placeholders in front of a cached step
+    assert torch.equal(kwargs["position_ids"], positions + N)  # positions continue after the prompt
 
 
 def test_soft_prompt_remove_copy_replay():

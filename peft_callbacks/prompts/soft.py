@@ -56,7 +56,12 @@ log = logging.getLogger(__name__)
 PROMPT_NAME = "soft_prompt"
 
 
-def _cache_length(past: Any) -> int:
+_CACHE_KEYS = ("past_key_values", "cache")  # transformers < 5.2x / newer releases name the model's cache argument
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    """How many positions the key/value cache passed to the model already holds (0 on a first step)."""
+    past = next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None)
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
@@ -106,7 +111,7 @@ class SoftPrompt(PEFTModule):
             kwargs.update(zip(names, args))
         n = self.num_virtual_tokens
         self._pending, self._lengths = False, None
-        if _cache_length(kwargs.get("past_key_values")) == 0:
+        if _cache_length(kwargs) == 0:
             self._extend_first_step(kwargs)
         else:  # a generation step: the prompt is already in the cache
             for key in ("position_ids", "cache_position"):
