@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import LoRACallback
-from peft_callbacks.lora.lora_pro import LoRAProAdamW
+from peft_callbacks.methods.lora.pro import LoRAProAdamW
 
 METHODS = {
     "full fine-tuning": None,

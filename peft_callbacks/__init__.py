@@ -4,72 +4,77 @@ Add one callback to an unchanged LightningModule that wraps a timm or Hugging Fa
 
     trainer = Trainer(callbacks=[LoRACallback(rank=8)])
 
-The surgery itself (``inject_lora``, ``merge_lora``, ``count_parameters``, …) is plain PyTorch and works without a
-Trainer.
+The surgery itself (``inject_lora``, ``inject(model, config)``, ``merge``, ``count_parameters``, …) is plain PyTorch
+and works without a Trainer. Names are imported when first used, so ``from peft_callbacks import inject_lora`` does
+not import Lightning; the callbacks do.
 """
 
-from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, inject_adapters, remove_adapters
-from peft_callbacks.callbacks.adapters import AdapterCallback
-from peft_callbacks.callbacks.forgetting import ForgettingMonitor
-from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
-from peft_callbacks.callbacks.lora import LoRACallback
-from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
-from peft_callbacks.callbacks.slim import SlimCheckpoint
-from peft_callbacks.core.models import find_models
-from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
-from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
-from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
-from peft_callbacks.lora.dora import DoRAConv, DoRAConv1D, DoRALayer, DoRALinear
-from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
-from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
-from peft_callbacks.lora.lora_plus import loraplus_param_groups
-from peft_callbacks.lora.lora_pro import LoRAProAdamW, apply_lora_pro
-from peft_callbacks.prompts import (
-    SoftPrompt,
-    VisualPrompts,
-    inject_prompt_tuning,
-    inject_visual_prompts,
-    remove_prompt_tuning,
-    remove_visual_prompts,
-)
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import ast
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peft_callbacks._version import __version__  # noqa: F401  (peft_callbacks.__version__)
+
+
+def _lazy_exports() -> dict[str, str]:
+    """``{name: module}`` of the ``TYPE_CHECKING`` imports below: one list of what the package exports, read once."""
+    tree = ast.parse(Path(__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    return {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
+_EXPORTS = _lazy_exports()
 
 __all__ = [
+    "AdaptedLayer",
+    "Adapter",
     "AdapterCallback",
     "AdapterFileError",
     "BottleneckAdapter",
+    "BottleneckConfig",
+    "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
-    "DoRALayer",
     "DoRALinear",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
+    "IA3",
+    "IA3Config",
     "LayerFreezer",
     "LayerwiseUnfreezing",
+    "LoRAAdapter",
     "LoRACallback",
+    "LoRAConfig",
     "LoRAConv",
     "LoRAConv1D",
-    "LoRALayer",
     "LoRALinear",
     "LoRAProAdamW",
+    "MethodConfig",
+    "PEFTCallback",
     "ParameterCount",
     "PromptTuningCallback",
+    "PromptTuningConfig",
     "SlimCheckpoint",
     "SoftPrompt",
     "VisualPromptCallback",
+    "VisualPromptConfig",
     "VisualPrompts",
     "adapter_layers",
     "apply_lora_pro",
     "count_parameters",
     "describe_layers",
+    "disabled",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
     "freeze_layers",
     "import_peft",
+    "inject",
     "inject_adapters",
     "inject_lora",
     "inject_prompt_tuning",
@@ -78,11 +83,88 @@ __all__ = [
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
+    "merge",
     "merge_lora",
+    "registered_methods",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
     "save_adapter",
     "split_layers",
+    "unload",
     "unload_lora",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peft_callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.forgetting import ForgettingMonitor
+    from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
+    from peft_callbacks.callbacks.lora import LoRACallback
+    from peft_callbacks.callbacks.peft import PEFTCallback
+    from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+    from peft_callbacks.callbacks.slim import SlimCheckpoint
+    from peft_callbacks.core.models import find_models
+    from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+    from peft_callbacks.engine import (
+        AdaptedLayer,
+        Adapter,
+        MethodConfig,
+        disabled,
+        inject,
+        merge,
+        registered_methods,
+        unload,
+    )
+    from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
+    from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
+    from peft_callbacks.methods.bottleneck import (
+        BottleneckAdapter,
+        BottleneckConfig,
+        adapter_layers,
+        inject_adapters,
+        remove_adapters,
+    )
+    from peft_callbacks.methods.ia3 import IA3, IA3Config
+    from peft_callbacks.methods.lora import (
+        DoRAAdapter,
+        DoRAConv,
+        DoRAConv1D,
+        DoRALinear,
+        LoRAAdapter,
+        LoRAConfig,
+        LoRAConv,
+        LoRAConv1D,
+        LoRALinear,
+        LoRAProAdamW,
+        apply_lora_pro,
+        inject_lora,
+        lora_disabled,
+        lora_layers,
+        loraplus_param_groups,
+        merge_lora,
+        unload_lora,
+    )
+    from peft_callbacks.methods.prompts import (
+        PromptTuningConfig,
+        SoftPrompt,
+        VisualPromptConfig,
+        VisualPrompts,
+        inject_prompt_tuning,
+        inject_visual_prompts,
+        remove_prompt_tuning,
+        remove_visual_prompts,
+    )

@@ -13,12 +13,19 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import HF_MODELS, TIMM_MODELS, run
 
-from peft_callbacks.adapters import BottleneckAdapter, adapter_layers, find_insertion_points, inject_adapters
-from peft_callbacks.adapters.inject import is_norm_layer, remove_adapters
 from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.params import count_parameters
-from peft_callbacks.core.recipe import replay_surgery, surgery_records
+from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.engine import replay as replay_surgery
+from peft_callbacks.methods.bottleneck import (
+    BottleneckAdapter,
+    adapter_layers,
+    find_insertion_points,
+    inject_adapters,
+    is_norm_layer,
+    remove_adapters,
+)
 
 TIMM = ["vit", "deit", "swin", "levit", "eva", "beit"]
 EXTRA = {  # ViT-family blocks the zoo does not hold
@@ -170,7 +177,7 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_adapters_follow_lora():
-    from peft_callbacks.lora import inject_lora, lora_layers
+    from peft_callbacks.methods.lora import inject_lora, lora_layers
 
     model, inputs = build("bert")
     reference = run(model, inputs)

@@ -1,25 +1,20 @@
 """freeze_layers / LayerFreezer / optimizer helpers: plain PyTorch, no Trainer."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from zoo import HF_MODELS, TIMM_MODELS, run
 
-sys.path.insert(0, str(Path(__file__).parent))
-from zoo import HF_MODELS, TIMM_MODELS, run  # noqa: E402
-
-from peft_callbacks.core.targets import in_subtree  # noqa: E402
-from peft_callbacks.freezing import (  # noqa: E402
+from peft_callbacks.core.targets import in_subtree
+from peft_callbacks.freezing import (
     LayerFreezer,
     add_param_group,
     freeze_layers,
     remove_parameters,
     split_layers,
 )
-from peft_callbacks.lora.inject import inject_lora  # noqa: E402
+from peft_callbacks.methods.lora import inject_lora
 
 TIMM = ["vit", "swin", "convnext", "resnet", "efficientnet", "mobilenetv3", "regnet"]
 HF = ["bert", "distilbert", "gpt2_cls", "llama", "t5", "bart", "vit_hf"]

@@ -1,19 +1,15 @@
 """FreezeBackbone / HeadOnly / LayerwiseUnfreezing / HeadThenFull inside trainer.fit: schedules, resume, LoRA."""
 
 import pickle
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import HF_MODELS, TIMM_MODELS, run
 
-sys.path.insert(0, str(Path(__file__).parent))
-from zoo import HF_MODELS, TIMM_MODELS, run  # noqa: E402
-
-from peft_callbacks import (  # noqa: E402
+from peft_callbacks import (
     FreezeBackbone,
     HeadOnly,
     HeadThenFull,
@@ -21,7 +17,7 @@ from peft_callbacks import (  # noqa: E402
     LoRACallback,
     split_layers,
 )
-from peft_callbacks.lora.inject import lora_layers  # noqa: E402
+from peft_callbacks.methods.lora import lora_layers
 
 
 class Task(L.LightningModule):

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from zoo import HF_MODELS, TIMM_MODELS
 
 import peft_callbacks
 
@@ -101,7 +102,17 @@ _PATTERN_OK = [None, "bogus", ["bogus"]]  # a callback cannot know the model yet
 _MODULE_OK = [None, "bogus"]  # likewise the submodule path
 _PATH_OK = [None, "bogus"]  # any path names a place to write; the fuzz never writes (bogus paths are not tried)
 _DIRECTORY_OK = [None, "bogus", ""]  # "" is the working directory: never tried, the fuzz writes only to temp folders
-_LAYER_ARGS = {"r": [], "lora_alpha": _NUMBER_OK, "lora_dropout": [0], "use_rslora": _BOOL_OK}
+_NAME_OK = ["bogus"]  # any non-empty name without dots names an adapter
+_LORA_CONFIG_ARGS = {
+    "alpha": _NUMBER_OK,
+    "dropout": [0],
+    "target_modules": _PATTERN_OK,
+    "exclude_modules": _PATTERN_OK,
+    "train_head": _BOOL_OK,
+    "train_bn": _BOOL_OK,
+    "use_rslora": _BOOL_OK,
+    "use_dora": _BOOL_OK,
+}
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
     "dropout": [0],
@@ -117,19 +128,16 @@ _LORA_CALLBACK_ARGS = {
     "lora_pro": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
+    "adapter_name": _NAME_OK,
 }
 
 
 def _vit() -> nn.Module:
-    import zoo
-
-    return zoo.TIMM_MODELS["deit"]()[0]
+    return TIMM_MODELS["deit"]()[0]
 
 
 def _bert() -> nn.Module:
-    import zoo
-
-    return zoo.HF_MODELS["bert"]()[0]
+    return HF_MODELS["bert"]()[0]
 
 
 def _loader():
@@ -152,8 +160,8 @@ def _saved(writer: str) -> str:
     return directory
 
 
-def _linear_case(base: Callable[[], nn.Module]) -> Case:
-    return Case(valid=lambda: {"base_layer": base(), "r": 2, "lora_alpha": 4.0}, accepts=_LAYER_ARGS)
+def _adapter_case(base: Callable[[], nn.Module], **config) -> Case:
+    return Case(valid=lambda: {"base_layer": base(), "config": peft_callbacks.LoRAConfig(rank=2, **config)})
 
 
 def _model_case(build: Callable[[], nn.Module], **kwargs) -> Case:
@@ -162,14 +170,61 @@ def _model_case(build: Callable[[], nn.Module], **kwargs) -> Case:
 
 CASES: dict[str, Case] = {
     "LoRACallback": Case(valid=lambda: {}, accepts=_LORA_CALLBACK_ARGS),
-    "LoRALayer": _linear_case(lambda: nn.Linear(4, 3)),
-    "LoRALinear": _linear_case(lambda: nn.Linear(4, 3)),
-    "LoRAConv": _linear_case(lambda: nn.Conv2d(3, 4, 3)),
-    "LoRAConv1D": _linear_case(lambda: _hf_conv1d()),
-    "DoRALayer": Case(valid=dict, abstract="needs a concrete subclass (DoRALinear, DoRAConv, DoRAConv1D)"),
-    "DoRALinear": _linear_case(lambda: nn.Linear(4, 3)),
-    "DoRAConv": _linear_case(lambda: nn.Conv2d(3, 4, 3)),
-    "DoRAConv1D": _linear_case(lambda: _hf_conv1d()),
+    "LoRAAdapter": Case(valid=dict, abstract="needs a concrete subclass (LoRALinear, LoRAConv, LoRAConv1D)"),
+    "LoRALinear": _adapter_case(lambda: nn.Linear(4, 3)),
+    "LoRAConv": _adapter_case(lambda: nn.Conv2d(3, 4, 3)),
+    "LoRAConv1D": _adapter_case(lambda: _hf_conv1d()),
+    "DoRAAdapter": Case(valid=dict, abstract="needs a concrete subclass (DoRALinear, DoRAConv, DoRAConv1D)"),
+    "DoRALinear": _adapter_case(lambda: nn.Linear(4, 3), use_dora=True),
+    "DoRAConv": _adapter_case(lambda: nn.Conv2d(3, 4, 3), use_dora=True),
+    "DoRAConv1D": _adapter_case(lambda: _hf_conv1d(), use_dora=True),
+    "Adapter": Case(valid=dict, abstract="the base class of every method's adapters"),
+    "IA3": Case(
+        valid=lambda: {"base_layer": nn.Linear(4, 3), "config": peft_callbacks.IA3Config()},
+        accepts={"feedforward": _BOOL_OK},
+    ),
+    "IA3Config": Case(
+        valid=dict,
+        accepts={
+            "feedforward_modules": [*_PATTERN_OK, []],  # []: no layer is feed-forward
+            "target_modules": _PATTERN_OK,
+            "exclude_modules": _PATTERN_OK,
+            "train_head": _BOOL_OK,
+            "train_bn": _BOOL_OK,
+        },
+    ),
+    "AdaptedLayer": Case(valid=lambda: {"base_layer": nn.Linear(4, 3)}),
+    "MethodConfig": Case(valid=dict, accepts={"train_head": _BOOL_OK, "train_bn": _BOOL_OK}),
+    "LoRAConfig": Case(valid=dict, accepts={"rank": [], **_LORA_CONFIG_ARGS}),
+    "BottleneckConfig": Case(
+        valid=dict,
+        accepts={"modules": _PATTERN_OK, "train_head": _BOOL_OK, "train_bn": _BOOL_OK, "train_norms": _BOOL_OK},
+    ),
+    "PromptTuningConfig": Case(
+        valid=dict,
+        accepts={"init_token_ids": [None, [1]], "tokenizer": [None], "train_head": _BOOL_OK, "train_bn": _BOOL_OK},
+    ),
+    "VisualPromptConfig": Case(
+        valid=dict, accepts={"deep": _BOOL_OK, "dropout": [0], "train_head": _BOOL_OK, "train_bn": _BOOL_OK}
+    ),
+    "PEFTCallback": Case(
+        valid=lambda: {"config": peft_callbacks.LoRAConfig(rank=2)},
+        accepts={
+            "adapter_name": _NAME_OK,
+            "module": _MODULE_OK,
+            "merge_on_train_end": _BOOL_OK,
+            "save_adapter_to": _PATH_OK,
+            "save_merged_to": _PATH_OK,
+        },
+    ),
+    "inject": Case(
+        valid=lambda: {"model": _net(), "config": peft_callbacks.LoRAConfig(rank=2)},
+        accepts={"adapter_name": _NAME_OK, "targets": [None]},
+    ),
+    "merge": _model_case(_lora_net, accepts={"method": [None]}),
+    "unload": _model_case(_lora_net, accepts={"method": [None], "adapter_name": [None, "bogus"]}),
+    "disabled": _model_case(_lora_net, enter=True),
+    "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
     "find_models": Case(valid=lambda: {"root": _net()}, accepts={"module": [None, ""]}),
@@ -182,8 +237,10 @@ CASES: dict[str, Case] = {
             "target_modules": [None],
             "exclude_modules": [None],
             "train_head": _BOOL_OK,
+            "train_bn": _BOOL_OK,
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
+            "adapter_name": _NAME_OK,
         },
     ),
     "lora_disabled": _model_case(_lora_net, enter=True),
@@ -211,12 +268,13 @@ CASES: dict[str, Case] = {
             "module": _MODULE_OK,
             "save_adapter_to": _PATH_OK,
             "save_merged_to": _PATH_OK,
+            "adapter_name": _NAME_OK,
         },
     ),
     "BottleneckAdapter": Case(valid=lambda: {"dim": 8, "bottleneck": 2}),
     "inject_adapters": Case(
         valid=lambda: {"model": _vit(), "bottleneck": 4},
-        accepts={"modules": [None], "train_head": _BOOL_OK, "train_norms": _BOOL_OK},
+        accepts={"modules": [None], "train_head": _BOOL_OK, "train_norms": _BOOL_OK, "adapter_name": _NAME_OK},
     ),
     "adapter_layers": _model_case(_vit),
     "remove_adapters": _model_case(_vit),
@@ -313,7 +371,7 @@ CASES: dict[str, Case] = {
     ),
     "import_peft": Case(
         valid=lambda: {"model": _net(), "directory": _saved("export_peft")},
-        accepts={"directory": [""]},
+        accepts={"directory": [""], "adapter_name": _NAME_OK},
         also_raises=(FileNotFoundError,),
     ),
 }

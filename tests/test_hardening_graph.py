@@ -11,16 +11,17 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as hf
-import zoo
+from zoo import HF_MODELS, TIMM_MODELS, run
 
 from peft_callbacks import count_parameters, inject_lora, lora_layers, merge_lora
+from peft_callbacks.methods.lora.method import lora_adapters
 
 
 def _tiny_lora_net() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = inject_lora(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), 2)
-    for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_B.weight)  # non-identity, so the compiled graph must really run the branch
+    for lora in lora_adapters(model).values():
+        nn.init.normal_(lora.lora_B.weight)  # non-identity, so the compiled graph must really run the branch
     return model, torch.randn(3, 8)
 
 
@@ -33,7 +34,8 @@ def _check_compiled(backend: str) -> None:
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     for layer in lora_layers(model).values():
-        assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+        lora = layer.adapters["default"]
+        assert lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad is not None
         assert layer.base_layer.weight.grad is None
     merge_lora(model)  # the compiled wrapper keeps the old graph; the merged eager model gives the same answer
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
@@ -60,55 +62,55 @@ def _enable_checkpointing(model: nn.Module, **kwargs) -> None:
 
 
 def _lora_grads(model: nn.Module) -> list[bool]:
-    return [layer.lora_B.weight.grad is not None for layer in lora_layers(model).values()]
+    return [lora.lora_B.weight.grad is not None for lora in lora_adapters(model).values()]
 
 
 @pytest.mark.parametrize("enable_first", [True, False], ids=["checkpointing-then-lora", "lora-then-checkpointing"])
 def test_reentrant_checkpointing_reaches_lora_behind_frozen_embeddings(enable_first):
     # HF ViT: transformers itself only makes text-model inputs require grad; the patch embedding stays frozen here.
-    model, inputs = zoo.HF_MODELS["vit_hf"]()
+    model, inputs = HF_MODELS["vit_hf"]()
     model.train()
     if enable_first:
         _enable_checkpointing(model, use_reentrant=True)
     inject_lora(model, rank=2, target_modules="q_proj")
     if not enable_first:
         _enable_checkpointing(model, use_reentrant=True)
-    zoo.run(model, inputs).sum().backward()
+    run(model, inputs).sum().backward()
     assert _lora_grads(model) == [True, True]
 
 
 def test_without_the_input_hook_reentrant_checkpointing_starves_lora():
-    model, inputs = zoo.HF_MODELS["vit_hf"]()
+    model, inputs = HF_MODELS["vit_hf"]()
     _enable_checkpointing(model.train(), use_reentrant=True)
     inject_lora(model, rank=2, target_modules="q_proj")
     model.get_input_embeddings()._peft_input_grads_hook.remove()
     with pytest.warns(UserWarning, match="requires_grad"):
-        zoo.run(model, inputs).sum().backward()
+        run(model, inputs).sum().backward()
     assert _lora_grads(model) == [False, False]  # what the hook prevents
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_default_checkpointing_trains_lora(family):
-    model, inputs = zoo.HF_MODELS[family]()
+    model, inputs = HF_MODELS[family]()
     _enable_checkpointing(model.train())
     inject_lora(model, rank=2)
-    zoo.run(model, inputs).float().sum().backward()
+    run(model, inputs).float().sum().backward()
     assert all(_lora_grads(model))
 
 
 def test_timm_checkpointing_trains_lora():
-    model, inputs = zoo.TIMM_MODELS["deit"]()
+    model, inputs = TIMM_MODELS["deit"]()
     model.set_grad_checkpointing(True)
     inject_lora(model.train(), rank=2, target_modules="qkv")
-    zoo.run(model, inputs).sum().backward()
+    run(model, inputs).sum().backward()
     assert all(_lora_grads(model))
 
 
 def test_hooked_model_pickles_and_copies():
-    model, inputs = zoo.HF_MODELS["bert"]()
+    model, inputs = HF_MODELS["bert"]()
     inject_lora(model, rank=2)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        torch.testing.assert_close(zoo.run(clone, inputs), zoo.run(model, inputs))
+        torch.testing.assert_close(run(clone, inputs), run(model, inputs))
         assert clone.get_input_embeddings()._peft_input_grads_hook is not None
 
 
@@ -133,12 +135,12 @@ def test_surgery_on_a_meta_device_7b_wide_llama_copies_nothing():
         assert after[key] is p
     assert all(p.is_meta for p in model.parameters())
     assert count_parameters(model).trainable == sum(
-        layer.r * (layer.base_layer.in_features + layer.base_layer.out_features) for layer in layers.values()
+        layer.adapters["default"].r * (layer.in_features + layer.out_features) for layer in layers.values()
     )
 
 
 def test_surgery_on_a_real_model_shares_base_storage():
-    model, _ = zoo.TIMM_MODELS["deit"]()
+    model, _ = TIMM_MODELS["deit"]()
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
     inject_lora(model, rank=2)
     after = {name.replace(".base_layer", ""): p.data_ptr() for name, p in model.named_parameters()}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import zoo
+from zoo import HF_MODELS, run
 
-from peft_callbacks import inject_lora, lora_layers, merge_lora
+from peft_callbacks import inject_lora, merge_lora
+from peft_callbacks.methods.lora.method import lora_adapters
 
 HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
@@ -37,21 +38,21 @@ def _classification_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 @pytest.mark.parametrize("dtype", HALF)
 def test_lora_factors_follow_the_model_dtype_and_train(dtype):
     model = inject_lora(_mlp(dtype), rank=4)
-    factors = [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    factors = [p for layer in lora_adapters(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
     assert factors and all(p.dtype == dtype for p in factors)
     x, y = torch.randn(16, 16, dtype=dtype), torch.randint(0, 3, (16,))
     # fp16 AdamW needs an eps that fp16 can represent (1e-8 rounds to 0 and 0/0 gives NaN)
     losses = _train(model, _classification_loss(model, x, y), eps=1e-4 if dtype == torch.float16 else 1e-8)
     assert losses[-1] < 0.5 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(bool(layer.lora_B.weight.abs().sum() > 0) for layer in lora_layers(model).values())
+    assert all(bool(layer.lora_B.weight.abs().sum() > 0) for layer in lora_adapters(model).values())
 
 
 def test_bf16_transformer_trains_with_lora():
-    model, inputs = zoo.HF_MODELS["bert"]()
+    model, inputs = HF_MODELS["bert"]()
     model = inject_lora(model.to(torch.bfloat16).train(), rank=4)
     labels = torch.tensor([0, 2])
-    losses = _train(model, lambda: nn.functional.cross_entropy(zoo.run(model, inputs).float(), labels), steps=8)
+    losses = _train(model, lambda: nn.functional.cross_entropy(run(model, inputs).float(), labels), steps=8)
     assert losses[-1] < losses[0]
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
@@ -60,7 +61,7 @@ def test_bf16_transformer_trains_with_lora():
 def test_fp32_lora_factors_on_a_half_precision_base(dtype):
     """The other recipe: keep the factors in float32 (full-precision optimizer state) around a frozen half base."""
     model = inject_lora(_mlp(dtype), rank=4, train_head=False)
-    for layer in lora_layers(model).values():
+    for layer in lora_adapters(model).values():
         layer.lora_A.float()
         layer.lora_B.float()
     x, y = torch.randn(16, 16, dtype=dtype), torch.randint(0, 3, (16,))
@@ -84,7 +85,7 @@ def test_fp32_model_with_lora_trains_under_bf16_autocast():
 
     losses = _train(model, loss)
     assert losses[-1] < 0.5 * losses[0]
-    layer = next(iter(lora_layers(model).values()))
+    layer = next(iter(lora_adapters(model).values()))
     assert layer.lora_B.weight.grad.dtype == torch.float32
 
 
@@ -92,13 +93,13 @@ def test_fp32_model_with_lora_trains_under_bf16_autocast():
 def test_half_precision_merge_is_one_rounding_of_the_fp32_merge(dtype):
     torch.manual_seed(0)
     model = inject_lora(nn.Sequential(nn.Linear(256, 192), nn.Linear(192, 2)).to(dtype), rank=8)
-    layer = model[0]
+    layer, lora = model[0], model[0].adapters["default"]
     with torch.no_grad():  # non-identity factors, so the merge has something to lose
-        nn.init.normal_(layer.lora_A.weight, std=0.05)
-        nn.init.normal_(layer.lora_B.weight, std=0.05)
+        nn.init.normal_(lora.lora_A.weight, std=0.05)
+        nn.init.normal_(lora.lora_B.weight, std=0.05)
     base = layer.base_layer.weight.detach().clone()
-    exact = base.float() + layer.delta_weight()  # the float32 merge
-    naive = base + (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling  # merging in half precision
+    exact = base.float() + (lora.lora_B.weight.float() @ lora.lora_A.weight.float()) * lora.scaling  # float32 merge
+    naive = base + (lora.lora_B.weight @ lora.lora_A.weight) * lora.scaling  # merging in half precision
     x = torch.randn(4, 256, dtype=dtype)
     before = model(x)
 

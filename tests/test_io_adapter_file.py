@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,10 +13,10 @@ import torch.nn as nn
 from zoo import HF_MODELS, TIMM_MODELS, run
 
 from peft_callbacks.core.modules import PEFTModule
-from peft_callbacks.core.recipe import record_surgery, register_surgery
+from peft_callbacks.engine import Method, MethodConfig, inject, not_recorded, register_method
 from peft_callbacks.io import AdapterFileError, load_adapter, save_adapter
 from peft_callbacks.io.adapter_file import RECIPE_FILE, WEIGHTS_FILE
-from peft_callbacks.lora import inject_lora, lora_layers
+from peft_callbacks.methods.lora import inject_lora, lora_layers
 
 
 def train_a_little(model: nn.Module, seed: int = 7) -> nn.Module:
@@ -75,7 +76,11 @@ def test_saved_from_wrapper_loads_onto_bare_model_and_back(tmp_path):
     assert torch.equal(outputs(wrapped.model, inputs), outputs(task.model, inputs))
 
 
-class Scale(PEFTModule):
+class ScaleModule(PEFTModule):
+    """What the tiny method below inserts (so it finds its own modules by type)."""
+
+
+class Scale(ScaleModule):
     """A tiny PEFT method defined here: a learned gain on a wrapped layer's output."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -87,7 +92,7 @@ class Scale(PEFTModule):
         return self.base_layer(x) * self.gain
 
 
-class Prompt(PEFTModule):
+class Prompt(ScaleModule):
     """Another, that wraps nothing: a learned offset added by a hook on the model's first layer."""
 
     def __init__(self, size: int) -> None:
@@ -95,19 +100,37 @@ class Prompt(PEFTModule):
         self.offset = nn.Parameter(torch.zeros(size))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScaleConfig(MethodConfig):
+    """The tiny method's settings: which layers get a gain (patterns, as a user would name them)."""
+
+    layers: list[str] = not_recorded()
+
+
+class ScaleMethod(Method):
+    """A tiny method registered from outside the library: everything else (files, replay) comes from the engine."""
+
+    name, title, config_class, module_class = "test_scale", "Scale", ScaleConfig, ScaleModule
+
+    def select(self, model, config, head):
+        return list(config.layers)
+
+    def insert(self, model, targets, config, adapter_name):
+        model.prompt = Prompt(model.fc1.in_features)
+        for path in targets:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, Scale(model.get_submodule(path)))
+        model.fc1.register_forward_pre_hook(lambda m, args: (args[0] + model.prompt.offset,))
+
+    def remove(self, model, adapter_name=None):
+        raise NotImplementedError("the tiny method only ever goes in")
+
+
+register_method(ScaleMethod())
+
+
 def inject_scale(model: nn.Module, targets: list[str]) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.prompt = Prompt(model.fc1.in_features)
-    for path in targets:
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, Scale(model.get_submodule(path)))
-    model.fc1.register_forward_pre_hook(lambda m, args: (args[0] + model.prompt.offset,))
-    record_surgery(model, "test_scale", {"targets": targets})
-    return model
-
-
-register_surgery("test_scale", inject_scale)
+    return inject(model, ScaleConfig(layers=targets, train_head=False))
 
 
 class MLP(nn.Module):
@@ -199,7 +222,7 @@ def test_damaged_recipe_and_newer_version(saved):
     recipe = json.loads(text)
     recipe["format_version"] = 99
     (saved / RECIPE_FILE).write_text(json.dumps(recipe))
-    with pytest.raises(AdapterFileError, match=r"format version 99 .*reads format versions up to 1.*Upgrade"):
+    with pytest.raises(AdapterFileError, match=r"format version 99 .*reads format versions up to 2.*Upgrade"):
         load_adapter(TIMM_MODELS["resnet"]()[0], saved)
 
 
@@ -248,7 +271,6 @@ def test_adapter_and_prompt_callbacks_write_adapter_files_that_round_trip(tmp_pa
     """AdapterCallback / PromptTuningCallback save what they trained; load_adapter rebuilds it on a fresh base."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
-    from zoo import HF_MODELS
 
     from peft_callbacks import AdapterCallback, PromptTuningCallback, load_adapter
 

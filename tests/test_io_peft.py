@@ -10,7 +10,7 @@ from test_io_adapter_file import outputs, train_a_little
 from zoo import HF_MODELS
 
 from peft_callbacks.io import export_peft, import_peft, load_adapter, save_adapter
-from peft_callbacks.lora import inject_lora, lora_layers
+from peft_callbacks.methods.lora import inject_lora, lora_layers
 
 peft = pytest.importorskip("peft")
 
@@ -53,23 +53,31 @@ def test_import_of_a_peft_directory_gives_the_same_outputs(tmp_path, name):
     assert torch.equal(outputs(again, inputs), outputs(ours, inputs))
 
 
+def test_peft_dora_directory_imports_with_the_same_outputs(tmp_path):
+    build = HF_MODELS["bert"]
+    base, inputs = build()
+    theirs = train_a_little(peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"], use_dora=True)))
+    theirs.save_pretrained(str(tmp_path))
+    ours = import_peft(build()[0], tmp_path)
+    torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), atol=1e-5, rtol=0)
+
+
 def test_unsupported_peft_directories_are_refused(tmp_path):
     base, _ = HF_MODELS["bert"]()
-    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(
-        str(tmp_path)
-    )
-    with pytest.raises(ValueError, match="does not support: use_dora"):
-        import_peft(HF_MODELS["bert"]()[0], tmp_path)
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(ValueError, match="only 'LORA'"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"query": 4}}))
+    with pytest.raises(ValueError, match="does not support: rank_pattern"):
         import_peft(HF_MODELS["bert"]()[0], tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
+    with pytest.raises(ValueError, match="peft_type='FOURIERFT'; peft_callbacks imports .*'LORA'"):
+        import_peft(HF_MODELS["bert"]()[0], tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle and is never loaded"):
         import_peft(HF_MODELS["bert"]()[0], tmp_path)
 
 
 def test_export_needs_lora(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA layer to export"):
+    with pytest.raises(ValueError, match=r"no adapter 'default' \(`adapter_name`\) to export"):
         export_peft(HF_MODELS["bert"]()[0], tmp_path)

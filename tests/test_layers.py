@@ -2,18 +2,14 @@
 
 import logging
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch.nn as nn
+from zoo import HF_MODELS, TIMM_MODELS
 
-sys.path.insert(0, str(Path(__file__).parent))
-from zoo import HF_MODELS, TIMM_MODELS  # noqa: E402
-
-from peft_callbacks.core.heads import find_head  # noqa: E402
-from peft_callbacks.core.targets import in_subtree  # noqa: E402
-from peft_callbacks.freezing import describe_layers, split_layers  # noqa: E402
+from peft_callbacks.core.heads import find_head
+from peft_callbacks.core.targets import in_subtree
+from peft_callbacks.freezing import describe_layers, split_layers
 
 TIMM = ["vit", "swin", "convnext", "resnet", "efficientnet", "mobilenetv3", "mixer"]
 HF = ["bert", "distilbert", "gpt2_cls", "llama", "t5", "bart", "vit_hf"]

@@ -140,7 +140,7 @@ def test_frozen_base_weights_bit_identical_after_training(tmp_path):
             key if key in state else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         )
         assert torch.equal(state[adapted_key], value), key
-    assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(module).values())
+    assert any(layer.adapters["default"].lora_B.weight.abs().sum() > 0 for layer in lora_layers(module).values())
 
 
 @pytest.mark.parametrize("build_in", ["setup", "configure_model"])

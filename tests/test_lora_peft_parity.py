@@ -9,6 +9,7 @@ import torch
 from zoo import HF_MODELS, TIMM_MODELS, run
 
 from peft_callbacks import inject_lora, lora_layers
+from peft_callbacks.methods.lora.method import lora_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -32,8 +33,8 @@ def test_same_factors_same_outputs_as_peft(name, use_rslora):
     inject_lora(model, rank=4, alpha=12, use_rslora=use_rslora)
     layers = lora_layers(model)
     gen = torch.Generator().manual_seed(0)
-    for layer in layers.values():  # non-identity B so the comparison means something
-        layer.lora_B.weight.data.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+    for lora in lora_adapters(model).values():  # non-identity B so the comparison means something
+        lora.lora_B.weight.data.copy_(torch.randn(lora.lora_B.weight.shape, generator=gen) * 0.1)
 
     config = peft.LoraConfig(
         r=4,
@@ -45,6 +46,7 @@ def test_same_factors_same_outputs_as_peft(name, use_rslora):
     )
     reference = peft.get_peft_model(reference, config).eval()
     for path, layer in layers.items():
+        layer = layer.adapters["default"]
         theirs = reference.base_model.model.get_submodule(path)
         theirs.lora_A["default"].weight.data.copy_(layer.lora_A.weight)
         theirs.lora_B["default"].weight.data.copy_(layer.lora_B.weight)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import LoRACallback
-from peft_callbacks.lora import (
+from peft_callbacks.methods.lora import (
     LoRAProAdamW,
     apply_lora_pro,
     equivalent_gradient,
@@ -154,11 +154,11 @@ def test_applier_on_linear_and_conv_projects_the_full_gradient():
     torch.manual_seed(0)
     model = inject_lora(_Net(), rank=2, alpha=3, target_modules=["conv", "fc"])
     for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_B.weight)
+        nn.init.normal_(layer.adapters["default"].lora_B.weight)
     x = torch.randn(4, 3, 5, 5)
     full = _full_gradients(model, x)
     model(x).pow(2).sum().backward()
-    layers = lora_layers(model)
+    layers = {path: layer.adapters["default"] for path, layer in lora_layers(model).items()}
     for path, layer in layers.items():  # backward's convention: g_A = s·Bᵀg, g_B = s·g·Aᵀ on flattened kernels
         a, b, g = (t.detach().flatten(1) for t in (layer.lora_A.weight, layer.lora_B.weight, full[path]))
         torch.testing.assert_close(layer.lora_A.weight.grad.flatten(1), layer.scaling * b.T @ g, atol=1e-5, rtol=1e-4)
@@ -204,7 +204,7 @@ class _Module(L.LightningModule):
 def test_callback_steps_along_lora_pro_gradients():
     torch.manual_seed(0)
     net = inject_lora(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rank=2, alpha=4)
-    nn.init.normal_(net[0].lora_B.weight, std=0.5)
+    nn.init.normal_(net[0].adapters["default"].lora_B.weight, std=0.5)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     reference = copy.deepcopy(net)
     nn.functional.mse_loss(reference(x), y).backward()
@@ -232,7 +232,7 @@ def test_callback_steps_along_lora_pro_gradients():
 def test_full_adam_first_step_follows_the_adam_direction_of_the_equivalent_gradient():
     torch.manual_seed(0)
     net = inject_lora(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rank=2, alpha=4)
-    layer = net[0]
+    layer = net[0].adapters["default"]
     optimizer = LoRAProAdamW(net, lr=1e-2, eps=1e-12)
     nn.functional.mse_loss(net(torch.randn(16, 6)), torch.randn(16, 3)).backward()
     a, b, s = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(), layer.scaling
@@ -259,7 +259,7 @@ def test_full_adam_trains_and_rejects_dora():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
-    assert torch.count_nonzero(net[0].lora_B.weight) > 0
+    assert torch.count_nonzero(net[0].adapters["default"].lora_B.weight) > 0
     dora = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2, use_dora=True)
     with pytest.raises(TypeError, match="DoRA"):
         LoRAProAdamW(dora)

@@ -17,8 +17,9 @@ from zoo import HF_MODELS, TIMM_MODELS, run
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.params import count_parameters
-from peft_callbacks.core.recipe import replay_surgery, surgery_records
-from peft_callbacks.prompts import (
+from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.engine import replay as replay_surgery
+from peft_callbacks.methods.prompts import (
     inject_prompt_tuning,
     inject_visual_prompts,
     remove_prompt_tuning,
@@ -404,7 +405,13 @@ def test_visual_prompt_callback_fit(tmp_path):
     module = _Task("deit")
     _fit(module, callback, data, tmp_path)
     assert callback.parameter_count.trainable == 2 * N * 32 + 32 * 3 + 3
-    assert callback.state_dict()["config"] == {"num_virtual_tokens": N, "deep": True}
+    assert callback.state_dict()["config"] == {
+        "num_virtual_tokens": N,
+        "deep": True,
+        "dropout": 0.0,
+        "train_head": True,
+        "train_bn": False,
+    }
     with pytest.raises(ValueError, match="use inject_visual_prompts / VisualPromptCallback"):
         _fit(_Task("deit"), PromptTuningCallback(num_virtual_tokens=N), data, tmp_path)
 

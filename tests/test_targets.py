@@ -229,9 +229,11 @@ def test_multihead_attention_out_proj_is_never_a_silent_no_op():
 
 
 def test_lora_layer_classes_refuse_the_wrong_base_layer():
-    from peft_callbacks import LoRAConv, LoRALinear
+    from peft_callbacks import LoRAConfig, LoRAConv, LoRALinear
 
     with pytest.raises(TypeError, match=r"`base_layer` of LoRALinear must be a linear layer.*got Conv2d"):
-        LoRALinear(nn.Conv2d(2, 2, 1), 2, 4)
+        LoRALinear(nn.Conv2d(2, 2, 1), LoRAConfig(rank=2, alpha=4))
     with pytest.raises(TypeError, match=r"`base_layer` of LoRAConv must be a conv layer.*got Linear"):
-        LoRAConv(nn.Linear(2, 2), 2, 4)
+        LoRAConv(nn.Linear(2, 2), LoRAConfig(rank=2, alpha=4))
+    with pytest.raises(TypeError, match=r"`config` of LoRALinear must be a method config, got int"):
+        LoRALinear(nn.Linear(2, 2), 2)

@@ -159,3 +159,6 @@ def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     if "x" in inputs:
         return model(inputs["x"])
     return model(**inputs).logits
+
+
+MODELS = {**{f"timm-{k}": v for k, v in TIMM_MODELS.items()}, **{f"hf-{k}": v for k, v in HF_MODELS.items()}}

@@ -2,7 +2,6 @@
 
 from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.base import (
-    PermanentSurgeryCallback,
     SurgeryCallback,
     remove_scheduled_hooks,
     run_after_configure_model,
@@ -11,6 +10,7 @@ from peft_callbacks.callbacks.base import (
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.callbacks.slim import SlimCheckpoint
 
@@ -22,7 +22,7 @@ __all__ = [
     "HeadThenFull",
     "LayerwiseUnfreezing",
     "LoRACallback",
-    "PermanentSurgeryCallback",
+    "PEFTCallback",
     "PromptTuningCallback",
     "SlimCheckpoint",
     "SurgeryCallback",

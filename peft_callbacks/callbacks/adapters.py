@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn as nn
-
-from peft_callbacks._validation import check_bool, check_choice, check_patterns, check_positive_int
-from peft_callbacks.adapters.bottleneck import ACTIVATIONS
-from peft_callbacks.adapters.inject import adapter_layers, inject_adapters
-from peft_callbacks.adapters.points import PLACEMENTS
-from peft_callbacks.callbacks.base import PermanentSurgeryCallback
+from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.methods.bottleneck.method import BottleneckConfig
 
 
-class AdapterCallback(PermanentSurgeryCallback):
+class AdapterCallback(PEFTCallback):
     """Fine-tune with bottleneck adapters: only the adapters (+ the task head, + norms if asked) are trained.
 
     Adapters are inserted after the attention and MLP sub-layers of every transformer block (``"houlsby"``) or after
     the MLP only (``"pfeiffer"``) of the timm / transformers models inside the LightningModule, found by their block
-    structure (see :mod:`peft_callbacks.adapters.points`). Surgery runs right after ``configure_model``, before a
-    checkpoint is restored and optimizers are built. Adapters cannot be merged: they stay in the model after
+    structure (see :mod:`peft_callbacks.methods.bottleneck.points`). Surgery runs right after ``configure_model``,
+    before a checkpoint is restored and optimizers are built. Adapters cannot be merged: they stay in the model after
     training, and are what an adapter file stores.
 
     Args:
@@ -33,6 +28,7 @@ class AdapterCallback(PermanentSurgeryCallback):
         module: dotted path of the submodule to adapt; by default every timm/transformers model found.
         save_adapter_to: directory to write the adapter file to when training ends (see :func:`save_adapter`).
         save_merged_to: directory to write the adapted model's full weights to when training ends.
+        adapter_name: the name of the adapter (several can share a model).
 
     Example::
 
@@ -68,35 +64,7 @@ class AdapterCallback(PermanentSurgeryCallback):
         module: str | None = None,
         save_adapter_to: str | None = None,
         save_merged_to: str | None = None,
+        adapter_name: str = "default",
     ) -> None:
-        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
-        self.bottleneck = check_positive_int("bottleneck", bottleneck)
-        self.placement = check_choice("placement", placement, PLACEMENTS)
-        self.activation = check_choice("activation", activation, ACTIVATIONS)
-        self.modules = check_patterns("modules", modules)
-        self.train_head = check_bool("train_head", train_head)
-        self.train_norms = check_bool("train_norms", train_norms)
-
-    def apply(self, model: nn.Module, path: str) -> None:
-        inject_adapters(
-            model,
-            bottleneck=self.bottleneck,
-            placement=self.placement,
-            activation=self.activation,
-            modules=self.modules,
-            train_head=self.train_head,
-            train_norms=self.train_norms,
-        )
-
-    def is_applied(self, model: nn.Module) -> bool:
-        return bool(adapter_layers(model))
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["config"] = {
-            "bottleneck": self.bottleneck,
-            "placement": self.placement,
-            "activation": self.activation,
-            "modules": self.modules,
-        }
-        return state
+        config = BottleneckConfig.from_arguments(locals())
+        super().__init__(config, adapter_name, module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)

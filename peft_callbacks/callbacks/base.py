@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft_callbacks._validation import check_optional_str
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
-from peft_callbacks.io.adapter_file import save_adapter, save_weights
+from peft_callbacks.io.adapter_file import save_adapter
+from peft_callbacks.io.weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,3 @@ class SurgeryCallback(Callback):
                 saved["trainable"],
                 self.parameter_count.trainable,
             )
-
-
-class PermanentSurgeryCallback(SurgeryCallback):
-    """A surgery that stays in the model after training (adapters, prompts): it is also applied before
-    ``validate`` / ``test`` / ``predict`` on a fresh module, so ``ckpt_path=...`` finds the inserted weights.
-
-    Example::
-
-        >>> from peft_callbacks import AdapterCallback
-        >>> issubclass(AdapterCallback, PermanentSurgeryCallback)
-        True
-    """
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
-
-from peft_callbacks._validation import check_bool, check_float, check_int_list, check_positive_int
-from peft_callbacks.callbacks.base import PermanentSurgeryCallback
-from peft_callbacks.prompts.soft import check_tokenizer, inject_prompt_tuning, soft_prompts
-from peft_callbacks.prompts.visual import inject_visual_prompts, visual_prompts
+from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.methods.prompts.soft import PromptTuningConfig
+from peft_callbacks.methods.prompts.visual import VisualPromptConfig
 
 
-class PromptTuningCallback(PermanentSurgeryCallback):
+class PromptTuningCallback(PEFTCallback):
     """Prompt tuning (Lester et al. 2021) for the transformers models inside a LightningModule.
 
     ``num_virtual_tokens`` learned embeddings are put in front of every input; ``attention_mask``,
@@ -70,37 +67,11 @@ class PromptTuningCallback(PermanentSurgeryCallback):
         save_adapter_to: str | None = None,
         save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
-        self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
-        if not isinstance(init, str) or not init:
-            raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {init!r}.")
-        if init not in ("random", "vocab") and tokenizer is None and init_token_ids is None:
-            raise ValueError(f"`init`={init!r} is a text: pass `tokenizer` or `init_token_ids` to turn it into ids.")
-        self.init = init
-        self.init_token_ids = check_int_list("init_token_ids", init_token_ids)
-        self.tokenizer = check_tokenizer(tokenizer)
-        self.train_head = check_bool("train_head", train_head)
-
-    def apply(self, model: nn.Module, path: str) -> None:
-        inject_prompt_tuning(
-            model,
-            self.num_virtual_tokens,
-            self.init,
-            tokenizer=self.tokenizer,
-            init_token_ids=self.init_token_ids,
-            train_head=self.train_head,
-        )
-
-    def is_applied(self, model: nn.Module) -> bool:
-        return bool(soft_prompts(model))
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["config"] = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init}
-        return state
+        config = PromptTuningConfig.from_arguments(locals())
+        super().__init__(config, module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
 
 
-class VisualPromptCallback(PermanentSurgeryCallback):
+class VisualPromptCallback(PEFTCallback):
     """Visual prompt tuning (VPT, Jia et al. 2022) for the timm Vision Transformers inside a LightningModule.
 
     Learned tokens go after the class/register tokens before the first block (shallow) or before every block
@@ -133,19 +104,5 @@ class VisualPromptCallback(PermanentSurgeryCallback):
         save_adapter_to: str | None = None,
         save_merged_to: str | None = None,
     ) -> None:
-        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
-        self.num_virtual_tokens = check_positive_int("num_virtual_tokens", num_virtual_tokens)
-        self.deep = check_bool("deep", deep)
-        self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
-        self.train_head = check_bool("train_head", train_head)
-
-    def apply(self, model: nn.Module, path: str) -> None:
-        inject_visual_prompts(model, self.num_virtual_tokens, self.deep, self.dropout, train_head=self.train_head)
-
-    def is_applied(self, model: nn.Module) -> bool:
-        return bool(visual_prompts(model))
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["config"] = {"num_virtual_tokens": self.num_virtual_tokens, "deep": self.deep}
-        return state
+        config = VisualPromptConfig.from_arguments(locals())
+        super().__init__(config, module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)

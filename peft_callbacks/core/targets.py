@@ -31,66 +31,21 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from peft_callbacks._validation import check_patterns
+from peft_callbacks.core.kinds import KIND_NAMES, is_custom_layer, is_grouped_conv, kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/Conv2d/Conv3d (groups=1) and transformers' Conv1D"
 _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _MAX_LISTED = 12
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Is ``module`` a transformers ``Conv1D`` (GPT-2 style Linear with a transposed weight)?"""
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
+SUPPORTED_LAYERS = kinds_description(tuple(KIND_NAMES))
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def is_grouped_conv(module: nn.Module) -> bool:
-    """Is ``module`` a grouped or depthwise convolution (``groups > 1``)?"""
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-
-
-def is_custom_layer(module: nn.Module) -> bool:
-    """Is ``module`` a Linear/Conv subclass with its own forward (timm's ``ScaledStdConv2d``, ``Conv2dSame``, …)?
-
-    Such layers transform their weight or input before the matmul, so ``base(x) + B·A·x`` would not equal a merged
-    layer's output; LoRA leaves them alone. ``nn.MultiheadAttention.out_proj`` counts too: its parent reads the
-    weight directly and never calls it, so a LoRA branch there would silently do nothing.
-    """
-    if isinstance(module, NonDynamicallyQuantizableLinear):
-        return True
-    for plain in (nn.Linear, *_PLAIN_CONVS):
-        if isinstance(module, plain):
-            own = type(module)
-            return own.forward is not plain.forward or getattr(own, "_conv_forward", None) is not getattr(
-                plain, "_conv_forward", None
-            )
-    return False
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv"`` or ``"hf_conv1d"`` for layers LoRA can adapt, else ``None``."""
-    if isinstance(module, PEFTModule) or is_custom_layer(module):
-        return None
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, _PLAIN_CONVS) and module.groups == 1:
-        return "conv"
-    if is_hf_conv1d(module):
-        return "hf_conv1d"
-    return None
 
 
 def is_regex(pattern: str) -> bool:
@@ -172,6 +127,7 @@ def resolve_targets(
     always_protected: Iterable[str] = (),
     kind_filter: Callable[[str], bool] | None = None,
     method: str = "LoRA",
+    supported: str = SUPPORTED_LAYERS,
 ) -> TargetSelection:
     """Resolve target/exclude patterns to the layer paths to adapt.
 
@@ -182,8 +138,9 @@ def resolve_targets(
         protected: paths (the trainable task head) never adapted; naming one explicitly is an error.
         always_protected: paths left out of default selections only (e.g. the vocabulary projection); naming one
             explicitly adapts it.
-        kind_filter: optional extra predicate on :func:`layer_kind` results.
+        kind_filter: optional extra predicate on :func:`~peft_callbacks.core.kinds.layer_kind` results.
         method: the method's name, for messages.
+        supported: the layer types the method adapts, for messages.
 
     Raises:
         ValueError: a pattern selects nothing, names only protected/unsupported layers, or is not a valid regex.
@@ -201,11 +158,11 @@ def resolve_targets(
     default_protected = protected + list(always_protected)
     model_name = type(model).__name__
 
-    def supported(path: str) -> bool:
+    def is_supported(path: str) -> bool:
         kind = layer_kind(modules[path])
         return kind is not None and (kind_filter is None or kind_filter(kind))
 
-    supported_paths = [p for p, _ in walk if supported(p)]
+    supported_paths = [p for p, _ in walk if is_supported(p)]
     candidates = [p for p in supported_paths if not in_subtree(p, default_protected)]
     selection = TargetSelection(protected=[p for p in supported_paths if in_subtree(p, default_protected)])
 
@@ -233,7 +190,18 @@ def resolve_targets(
         chosen: set[str] = set()
         for pattern in target_modules:
             chosen.update(
-                _select(pattern, walk, modules, supported, protected, candidates, model_name, method, supported_paths)
+                _select(
+                    pattern,
+                    walk,
+                    modules,
+                    is_supported,
+                    protected,
+                    candidates,
+                    model_name,
+                    method,
+                    supported_paths,
+                    supported,
+                )
             )
         selection.targets = [p for p in supported_paths if p in chosen]
 
@@ -249,7 +217,7 @@ def resolve_targets(
     if not selection.targets:
         raise ValueError(
             f"No layer of {model_name} was selected for {method} (target_modules={target_modules!r}, "
-            f"exclude_modules={exclude_modules!r}). Layers {method} can adapt ({SUPPORTED_LAYERS}) outside the head: "
+            f"exclude_modules={exclude_modules!r}). Layers {method} can adapt ({supported}) outside the head: "
             f"{_listing(candidates)}."
         )
     return selection
@@ -259,12 +227,13 @@ def _select(
     pattern: str,
     walk: list[tuple[str, nn.Module]],
     modules: dict[str, nn.Module],
-    supported: Callable[[str], bool],
+    is_supported: Callable[[str], bool],
     protected: list[str],
     candidates: list[str],
     model_name: str,
     method: str,
     supported_paths: list[str],
+    supported: str,
 ) -> set[str]:
     hits = [p for p, _ in walk if path_matches(pattern, p)]
     if not hits:
@@ -283,7 +252,7 @@ def _select(
         raise ValueError(
             f"`target_modules` entry {pattern!r} matched {_describe(grouped, modules)}: a grouped/depthwise "
             f"convolution or a layer with its own forward (its output is not weight @ input, so a merged update "
-            f"would differ); {method} supports {SUPPORTED_LAYERS}. Exclude them or name other layers."
+            f"would differ); {method} supports {supported}. Exclude them or name other layers."
         )
     selected = {p for p in supported_paths if in_subtree(p, hits)}
     allowed = {p for p in selected if not in_subtree(p, protected)}
@@ -296,5 +265,5 @@ def _select(
         )
     raise ValueError(
         f"`target_modules` entry {pattern!r} matched {_describe(hits, modules)}, which {method} cannot adapt; "
-        f"it supports {SUPPORTED_LAYERS}. Supported layers include: {_listing(candidates or supported_paths)}."
+        f"it supports {supported}. Supported layers include: {_listing(candidates or supported_paths)}."
     )

@@ -1,5 +1,5 @@
-"""Hooks owned by an inserted module: they are bound methods of it, so they survive ``deepcopy`` and pickling, and
-can be found (and removed) again by identity without keeping hook handles around."""
+"""Forward hooks owned by an inserted module: they are bound methods of it, so they survive ``deepcopy`` and
+pickling, and can be found (and removed) again by identity without keeping hook handles around."""
 
 from __future__ import annotations
 

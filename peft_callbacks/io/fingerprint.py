@@ -9,7 +9,7 @@ small cost even for large models.
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from peft_callbacks.lora import inject_lora
+    >>> from peft_callbacks.methods.lora import inject_lora
     >>> _ = torch.manual_seed(0)
     >>> tuned = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
     >>> saved = base_fingerprint(tuned)

@@ -14,10 +14,10 @@ left out, i.e. its key in the model before surgery, so a base saved before surge
 Example::
 
     >>> import torch.nn as nn
-    >>> from peft_callbacks.lora import inject_lora
+    >>> from peft_callbacks.methods.lora import inject_lora
     >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
     >>> sorted(trained_state(net))  # LoRA factors of layer 0 + the head (layer 1, trained by default)
-    ['0.lora_A.weight', '0.lora_B.weight', '1.bias', '1.weight']
+    ['0.adapters.default.lora_A.weight', '0.adapters.default.lora_B.weight', '1.bias', '1.weight']
     >>> sorted(base_state(net))  # "0.base_layer.weight" is "0.weight" of the model before surgery
     ['0.bias', '0.weight', '1.bias', '1.weight']
 """
@@ -44,7 +44,7 @@ def wrapper_paths(model: nn.Module) -> set[str]:
     Example::
 
         >>> import torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> wrapper_paths(inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1))
         {'0'}
     """
@@ -61,9 +61,10 @@ def peft_owned(model: nn.Module) -> set[int]:
     Example::
 
         >>> import torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1)
-        >>> peft_owned(net) == {id(net[0].lora_A.weight), id(net[0].lora_B.weight)}
+        >>> lora = net[0].adapters["default"]
+        >>> peft_owned(net) == {id(lora.lora_A.weight), id(lora.lora_B.weight)}
         True
     """
     owned: set[int] = set()
@@ -130,7 +131,7 @@ def base_keys(model: nn.Module) -> dict[str, str]:
     Example::
 
         >>> import torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> base_keys(inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1))["0.base_layer.weight"]
         '0.weight'
     """
@@ -149,7 +150,7 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Example::
 
         >>> import torch, torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), rank=1)
         >>> torch.equal(base_state(net)["0.weight"], net[0].base_layer.weight)
         True

@@ -62,8 +62,11 @@ class BottleneckAdapter(PEFTModule):
         self.up = nn.Linear(bottleneck, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.disabled = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return h
         return h + self.up(self.act(self.down(h)))  # (..., d) -> (..., m) -> (..., d)
 
     def extra_repr(self) -> str:

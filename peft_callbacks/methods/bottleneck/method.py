@@ -1,9 +1,10 @@
-"""Put bottleneck adapters into a model, or take them out again. Plain PyTorch: no Trainer needed.
+"""Bottleneck adapters as a method of the engine: where they go, how they go in and out. Plain PyTorch.
 
-Each adapter becomes a child called ``adapter`` of the sub-layer it follows (``blocks.0.mlp.adapter``) and a forward
-hook on that sub-layer passes its output through it. The sub-layer keeps its type and the base model keeps all its
-``state_dict`` keys, so code that looks for ``LlamaAttention`` or loads a base checkpoint still works; attention
-modules that return tuples have only their first item (the hidden states) adapted.
+Each adapter becomes a child called ``adapter`` (``adapter_<name>`` for a named second adapter) of the sub-layer it
+follows (``blocks.0.mlp.adapter``), and a forward hook on that sub-layer passes its output through it. The sub-layer
+keeps its type and the base model keeps all its ``state_dict`` keys, so code that looks for ``LlamaAttention`` or
+loads a base checkpoint still works; attention modules that return tuples have only their first item (the hidden
+states) adapted.
 
 Example::
 
@@ -22,36 +23,54 @@ Example::
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+from typing import Any, Literal
 
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_choice, check_module, check_positive_int
-from peft_callbacks.adapters.bottleneck import ACTIVATIONS, BottleneckAdapter
-from peft_callbacks.adapters.points import PLACEMENTS, find_insertion_points, match_modules, output_width
-from peft_callbacks.core.heads import find_head
-from peft_callbacks.core.modules import peft_modules
-from peft_callbacks.core.params import count_parameters, freeze, unfreeze
-from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
-from peft_callbacks.core.targets import exact_patterns
-from peft_callbacks.prompts.hooks import remove_hooks_of
+from peft_callbacks._validation import check_bool, check_choice, check_module, check_patterns, check_positive_int
+from peft_callbacks.core.heads import HeadInfo
+from peft_callbacks.engine import MethodConfig, ModuleMethod, get_method, inject, not_recorded, register_method, unload
+from peft_callbacks.methods.bottleneck.layers import ACTIVATIONS, BottleneckAdapter
+from peft_callbacks.methods.bottleneck.points import PLACEMENTS, find_insertion_points, match_modules, output_width
 
-__all__ = ["adapter_layers", "inject_adapters", "is_norm_layer", "remove_adapters"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BottleneckConfig", "adapter_layers", "inject_adapters", "is_norm_layer", "remove_adapters"]
 
 ADAPTER_NAME = "adapter"
 
 
-def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
-    """``{path: adapter}`` of every bottleneck adapter inside ``model``.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BottleneckConfig(MethodConfig):
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) after the sub-layers of transformer blocks.
+
+    Attributes:
+        bottleneck: bottleneck width ``m`` (> 0); each adapter has ``2·d·m + d + m`` parameters.
+        placement: ``"houlsby"`` (after the attention and the MLP sub-layer of every block) or ``"pfeiffer"``
+            (after the MLP only). Ignored when ``modules`` is given.
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
+        modules: names, dotted suffixes or regexes of the sub-layers whose output passes through an adapter, for
+            models whose blocks are not recognised (see :mod:`peft_callbacks.methods.bottleneck.points`).
+        train_norms: also train every LayerNorm/RMSNorm (Houlsby et al. train them with the adapters).
 
     Example::
 
-        >>> adapter_layers(nn.Linear(2, 2))
-        {}
+        >>> BottleneckConfig(bottleneck=16, placement="pfeiffer").to_dict()["placement"]
+        'pfeiffer'
     """
-    return peft_modules(model, BottleneckAdapter)
+
+    bottleneck: int = 64
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    modules: str | list[str] | None = not_recorded()
+    train_norms: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("bottleneck", self.bottleneck)
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        self._set("modules", check_patterns("modules", self.modules))
+        check_bool("train_norms", self.train_norms)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -67,19 +86,74 @@ def is_norm_layer(module: nn.Module) -> bool:
     return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
-def _check_args(model, bottleneck, placement, activation, train_head, train_norms) -> None:
-    check_module("model", model)
-    check_positive_int("bottleneck", bottleneck)
-    check_choice("placement", placement, PLACEMENTS)
-    check_choice("activation", activation, ACTIVATIONS)
-    check_bool("train_head", train_head)
-    check_bool("train_norms", train_norms)
-    existing = adapter_layers(model)
-    if existing:
-        raise ValueError(
-            f"{type(model).__name__} already has {len(existing)} bottleneck adapter(s) ({', '.join(list(existing)[:3])}"
-            f", …); injecting twice would stack them. Call remove_adapters(model) first."
-        )
+def _child_name(adapter_name: str) -> str:
+    return ADAPTER_NAME if adapter_name == "default" else f"{ADAPTER_NAME}_{adapter_name}"
+
+
+class BottleneckMethod(ModuleMethod):
+    """Bottleneck adapters: a residual MLP on the output of attention / MLP sub-layers (not mergeable)."""
+
+    name = "adapters"
+    title = "Bottleneck adapters"
+    config_class = BottleneckConfig
+    module_class = BottleneckAdapter
+    existing_modules = "{count} bottleneck adapter(s)"
+    removal = "remove_adapters(model)"
+
+    def modules(self, model: nn.Module, adapter_name: str | None = None) -> dict[str, BottleneckAdapter]:
+        child = None if adapter_name is None else _child_name(adapter_name)
+        return {
+            path: m
+            for path, m in model.named_modules()
+            if isinstance(m, BottleneckAdapter) and child in (None, path.rpartition(".")[2])
+        }
+
+    def select(self, model: nn.Module, config: BottleneckConfig, head: HeadInfo) -> list[str]:
+        if config.modules is None:
+            return find_insertion_points(model, config.placement)
+        return match_modules(model, config.modules)
+
+    def insert(self, model: nn.Module, targets: list[str], config: BottleneckConfig, adapter_name: str) -> None:
+        child = _child_name(adapter_name)
+        found = [(path, model.get_submodule(path)) for path in targets]
+        for path, target in found:
+            if hasattr(target, child):
+                raise ValueError(f"{path!r} already has an attribute {child!r}; cannot add an adapter to it.")
+        for path, target in found:
+            adapter = BottleneckAdapter(output_width(target, path), config.bottleneck, config.activation)
+            weight = next(target.parameters(), None)
+            if weight is not None:
+                adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+            target.add_module(child, adapter)
+            target.register_forward_hook(adapter.hook)
+
+    def trainable_extras(self, model: nn.Module, config: BottleneckConfig) -> list[nn.Module]:
+        return [m for m in model.modules() if is_norm_layer(m)] if config.train_norms else []
+
+    def record(self, config: BottleneckConfig, targets: list[str]) -> dict[str, Any]:
+        return {**config.to_dict(), "modules": list(targets)}  # the key files of format 1 use
+
+    def parse_record(self, record: dict[str, Any]) -> tuple[MethodConfig, list[str] | None]:
+        fields = dict(record)
+        targets = fields.pop("modules", None)
+        return super().parse_record({**fields, "targets": targets})
+
+    def describe(self, config: BottleneckConfig) -> str:
+        return f"m={config.bottleneck}, {config.placement if config.modules is None else 'named modules'}"
+
+
+register_method(BottleneckMethod())
+
+
+def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
+    """``{path: adapter}`` of every bottleneck adapter inside ``model``.
+
+    Example::
+
+        >>> adapter_layers(nn.Linear(2, 2))
+        {}
+    """
+    return get_method("adapters").modules(check_module("model", model))
 
 
 def inject_adapters(
@@ -91,20 +165,22 @@ def inject_adapters(
     *,
     train_head: bool = True,
     train_norms: bool = False,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Add bottleneck adapters after the sub-layers of each transformer block and freeze the rest (in place).
 
+    ``inject(model, BottleneckConfig(...))`` with the same arguments (see :class:`BottleneckConfig`).
+
     Args:
-        model: a timm ViT-family model, a transformers model (see :mod:`peft_callbacks.adapters.points` for the
-            blocks found automatically) or any ``nn.Module`` together with ``modules``.
-        bottleneck: bottleneck width ``m`` (> 0); each adapter has ``2·d·m + d + m`` parameters.
-        placement: ``"houlsby"``: after the attention and the MLP sub-layer of every block (Houlsby et al. 2019);
-            ``"pfeiffer"``: after the MLP only (Pfeiffer et al. 2021). Ignored when ``modules`` is given.
+        model: a timm ViT-family model, a transformers model (see :mod:`peft_callbacks.methods.bottleneck.points`
+            for the blocks found automatically) or any ``nn.Module`` together with ``modules``.
+        bottleneck: bottleneck width ``m`` (> 0).
+        placement: ``"houlsby"`` or ``"pfeiffer"``.
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
-        modules: names, dotted suffixes or regexes of the modules whose output should pass through an adapter,
-            instead of the automatic choice; each must end in a Linear projection (its width sets ``d``).
-        train_head: keep the task head (``get_classifier()`` / the transformers task head) trainable.
-        train_norms: also train every LayerNorm/RMSNorm (Houlsby et al. train them with the adapters).
+        modules: the sub-layers to follow with an adapter, instead of the automatic choice.
+        train_head: keep the task head trainable.
+        train_norms: also train every LayerNorm/RMSNorm.
+        adapter_name: the adapter's name (several adapters can share a model).
 
     Returns:
         ``model`` itself, modified in place.
@@ -112,6 +188,7 @@ def inject_adapters(
     Example::
 
         >>> import transformers as hf
+        >>> from peft_callbacks.core.params import count_parameters
         >>> cfg = hf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=10)
         >>> gpt2 = inject_adapters(hf.GPT2LMHeadModel(cfg), bottleneck=4)
         >>> count_parameters(gpt2).trainable == 4 * (2 * 16 * 4 + 16 + 4)  # 2 blocks x 2 adapters
@@ -121,47 +198,7 @@ def inject_adapters(
         ValueError: bad hyper-parameters, no supported block (the message lists them), a ``modules`` entry that
             matches nothing, or a model that already has adapters.
     """
-    _check_args(model, bottleneck, placement, activation, train_head, train_norms)
-    paths = find_insertion_points(model, placement) if modules is None else match_modules(model, modules)
-    head = find_head(model).head if train_head else []
-    targets = [(path, model.get_submodule(path)) for path in paths]
-    for path, target in targets:
-        if hasattr(target, ADAPTER_NAME):
-            raise ValueError(f"{path!r} already has an attribute {ADAPTER_NAME!r}; cannot add an adapter to it.")
-    freeze(model)
-    if train_norms:
-        unfreeze([m for m in model.modules() if is_norm_layer(m)])
-    if head:
-        unfreeze([model.get_submodule(p) for p in head])
-    for path, target in targets:
-        adapter = BottleneckAdapter(output_width(target, path), bottleneck, activation)
-        weight = next(target.parameters(), None)
-        if weight is not None:
-            adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
-        target.add_module(ADAPTER_NAME, adapter)
-        target.register_forward_hook(adapter.hook)
-    record_surgery(
-        model,
-        "adapters",
-        dict(
-            modules=paths,
-            bottleneck=bottleneck,
-            placement=placement,
-            activation=activation,
-            train_head=train_head,
-            train_norms=train_norms,
-        ),
-    )
-    log.info(
-        "Bottleneck adapters (m=%d, %s) after %d sub-layer(s) of %s; head %s; %s",
-        bottleneck,
-        placement if modules is None else "named modules",
-        len(paths),
-        type(model).__name__,
-        head or "frozen",
-        count_parameters(model),
-    )
-    return model
+    return inject(model, BottleneckConfig.from_arguments(locals()), adapter_name=adapter_name)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
@@ -170,16 +207,4 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     Parameters keep the ``requires_grad`` the injection gave them; unfreeze what you want to train next.
     See the module docstring for an example.
     """
-    for path, adapter in adapter_layers(model).items():
-        parent = model.get_submodule(path.rpartition(".")[0])
-        remove_hooks_of(parent, adapter)
-        delattr(parent, path.rpartition(".")[2])
-    clear_surgery(model, "adapters")
-    return model
-
-
-def _replay_adapters(model: nn.Module, modules: list[str], **config) -> nn.Module:
-    return inject_adapters(model, modules=exact_patterns(modules), **config)
-
-
-register_surgery("adapters", _replay_adapters)
+    return unload(model, method="adapters")

@@ -33,8 +33,9 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from peft_callbacks._validation import check_choice, check_patterns
+from peft_callbacks.core.kinds import is_hf_conv1d
 from peft_callbacks.core.modules import PEFTModule
-from peft_callbacks.core.targets import is_hf_conv1d, path_matches
+from peft_callbacks.core.targets import path_matches
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 

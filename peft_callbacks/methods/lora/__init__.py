@@ -1,10 +1,17 @@
-"""LoRA: layers and surgery (plain PyTorch)."""
+"""LoRA and its variants (rsLoRA, DoRA, LoRA+, LoRA-Pro) as a method of the engine (plain PyTorch)."""
 
-from peft_callbacks.lora.dora import DoRAConv, DoRAConv1D, DoRALayer, DoRALinear
-from peft_callbacks.lora.inject import inject_lora, lora_disabled, lora_layers, merge_lora, unload_lora
-from peft_callbacks.lora.layers import LoRAConv, LoRAConv1D, LoRALayer, LoRALinear
-from peft_callbacks.lora.lora_plus import lora_B_parameters, loraplus_param_groups, split_loraplus_groups
-from peft_callbacks.lora.lora_pro import (
+from peft_callbacks.methods.lora.dora import DoRAAdapter, DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
+from peft_callbacks.methods.lora.method import (
+    LoRAConfig,
+    inject_lora,
+    lora_disabled,
+    lora_layers,
+    merge_lora,
+    unload_lora,
+)
+from peft_callbacks.methods.lora.plus import lora_B_parameters, loraplus_param_groups, split_loraplus_groups
+from peft_callbacks.methods.lora.pro import (
     LoRAProAdamW,
     apply_lora_pro,
     equivalent_gradient,
@@ -13,15 +20,16 @@ from peft_callbacks.lora.lora_pro import (
 )
 
 __all__ = [
+    "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
-    "DoRALayer",
     "DoRALinear",
+    "LoRAAdapter",
+    "LoRAConfig",
     "LoRAConv",
-    "LoRAProAdamW",
     "LoRAConv1D",
-    "LoRALayer",
     "LoRALinear",
+    "LoRAProAdamW",
     "apply_lora_pro",
     "equivalent_gradient",
     "inject_lora",

@@ -1,4 +1,4 @@
-"""Put LoRA into a model, fold it back out, or take it away. Plain PyTorch: no Trainer needed.
+"""LoRA as a method of the engine: its config, its dispatch table, its HF PEFT mapping, and the LoRA functions.
 
 Example::
 
@@ -19,35 +19,142 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
-import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_module, check_positive_float, check_positive_int
-from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
-from peft_callbacks.core.heads import find_head
-from peft_callbacks.core.modules import peft_modules
-from peft_callbacks.core.params import count_parameters, freeze, unfreeze
-from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
-from peft_callbacks.core.targets import exact_patterns, resolve_targets
-from peft_callbacks.lora.dora import dora_layer_for
-from peft_callbacks.lora.layers import LoRALayer, lora_layer_for
+from peft_callbacks.core.params import count_parameters
+from peft_callbacks.engine import (
+    AdaptedLayer,
+    LayerConfig,
+    LayerMethod,
+    PeftMapping,
+    disabled,
+    get_method,
+    inject,
+    merge,
+    register_method,
+    unload,
+)
+from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 
-__all__ = ["count_parameters", "inject_lora", "lora_disabled", "lora_layers", "merge_lora", "unload_lora"]
+__all__ = [
+    "LoRAConfig",
+    "count_parameters",
+    "inject_lora",
+    "lora_adapters",
+    "lora_disabled",
+    "lora_layers",
+    "merge_lora",
+    "unload_lora",
+]
 
-log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig(LayerConfig):
+    """LoRA (Hu et al. 2021) and its variants rsLoRA and DoRA.
+
+    Attributes:
+        rank: the rank ``r`` of the update (> 0; Hu et al. §4.1).
+        alpha: ``lora_alpha`` (> 0); ``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``).
+        dropout: dropout on the LoRA branch input, in ``[0, 1)``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable magnitude per output unit on top of
+            the low-rank direction update.
+
+    Example::
+
+        >>> config = LoRAConfig(rank=8, alpha=16, target_modules=["qkv"])
+        >>> config.to_dict()["alpha"], config.target_modules  # patterns are used, the exact targets recorded
+        (16.0, ['qkv'])
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("rank", self.rank)
+        self._set("alpha", check_positive_float("alpha", self.alpha))
+        self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
+        check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """``{path: layer}`` of every LoRA layer inside ``model``."""
-    return peft_modules(check_module("model", model), LoRALayer)
+def _to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
+    return {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": any(isinstance(a, LoRAConv1D) for layer in layers.values() for a in layer.adapters.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+    }
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, new)
+_UNSUPPORTED_PEFT = (
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "alora_invocation_tokens",
+)
+
+
+def _from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
+    used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
+    if peft_config.get("bias", "none") != "none":
+        used.append(f"bias={peft_config['bias']!r}")
+    if used:
+        raise ValueError(f"uses PEFT LoRA options that peft_callbacks does not support: {', '.join(used)}")
+    return LoRAConfig(
+        rank=peft_config.get("r"),
+        alpha=peft_config.get("lora_alpha"),
+        dropout=peft_config.get("lora_dropout") or 0.0,
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        use_dora=bool(peft_config.get("use_dora", False)),
+        train_head=False,
+    )
+
+
+class LoRAMethod(LayerMethod):
+    """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers; DoRA when ``use_dora``."""
+
+    name = "lora"
+    title = "LoRA"
+    config_class = LoRAConfig
+    existing_modules = "LoRA on {count} layer(s)"
+    removal = "merge_lora(model) or unload_lora(model)"
+    adapter_classes = {"linear": LoRALinear, "conv": LoRAConv, "hf_conv1d": LoRAConv1D}
+    dora_classes = {"linear": DoRALinear, "conv": DoRAConv, "hf_conv1d": DoRAConv1D}
+    peft = PeftMapping("LORA", _to_peft, _from_peft, keys={"lora_magnitude_vector": "lora_magnitude_vector.weight"})
+
+    def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
+        return (self.dora_classes if config.use_dora else self.adapter_classes)[kind]
+
+    def all_adapter_classes(self) -> list[type[Adapter]]:
+        return [*self.adapter_classes.values(), *self.dora_classes.values()]
+
+    def describe(self, config: LoRAConfig) -> str:
+        return f"{'DoRA ' if config.use_dora else ''}r={config.rank} alpha={config.alpha:g}"
+
+
+register_method(LoRAMethod())
 
 
 def inject_lora(
@@ -59,161 +166,66 @@ def inject_lora(
     exclude_modules: str | list[str] | None = None,
     *,
     train_head: bool = True,
+    train_bn: bool = False,
     use_rslora: bool = False,
     use_dora: bool = False,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Wrap the selected layers of ``model`` with LoRA and freeze everything else (in place).
+
+    ``inject(model, LoRAConfig(...))`` with the same arguments; see :class:`LoRAConfig` for each of them and
+    :func:`peft_callbacks.engine.inject` for what happens.
 
     Args:
         model: a timm model, a transformers model, or any ``nn.Module``.
         rank: LoRA rank ``r`` (> 0).
-        alpha: LoRA ``lora_alpha`` (> 0); ``scaling = alpha / rank``.
+        alpha: ``lora_alpha`` (> 0).
         dropout: dropout on the LoRA branch input, in ``[0, 1)``.
         target_modules: which layers to adapt; ``None`` (every Linear/Conv/``Conv1D`` outside the head),
             ``"all-linear"``, names, regexes or a list (see :mod:`peft_callbacks.core.targets`).
         exclude_modules: patterns of modules to leave alone.
-        train_head: keep the task head (found via ``get_classifier()`` / the transformers task head) fully
-            trainable. ``False`` freezes it too.
-        use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
-        use_dora: weight-decomposed LoRA (DoRA, :mod:`peft_callbacks.lora.dora`): a trainable magnitude per output
-            unit on top of the low-rank direction update.
+        train_head: keep the task head trainable.
+        train_bn: let BatchNorm layers outside the head train; by default their running statistics stay frozen.
+        use_rslora: scale by ``alpha / sqrt(rank)``.
+        use_dora: DoRA (:mod:`peft_callbacks.methods.lora.dora`).
+        adapter_name: the adapter's name (several adapters can share a model).
 
     Returns:
         ``model`` itself, modified in place.
 
     Raises:
-        ValueError: bad hyper-parameters, a pattern that selects nothing, or a model that already has LoRA.
+        ValueError: bad hyper-parameters, a pattern that selects nothing, or a model that already has this adapter.
     """
-    check_module("model", model)
-    check_positive_int("rank", rank)
-    check_positive_float("alpha", alpha)
-    check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
-    check_bool("train_head", train_head)
-    check_bool("use_rslora", use_rslora)
-    check_bool("use_dora", use_dora)
-    existing = lora_layers(model)
-    if existing:
-        raise ValueError(
-            f"{type(model).__name__} already has LoRA on {len(existing)} layer(s) ({', '.join(list(existing)[:3])}, "
-            f"…); injecting twice would stack adapters. Call merge_lora(model) or unload_lora(model) first."
-        )
-
-    head = find_head(model)
-    selection = resolve_targets(
-        model,
-        target_modules,
-        exclude_modules,
-        protected=head.head if train_head else [],
-        always_protected=head.all_paths,
-    )
-    freeze(model)
-    for path in selection.targets:
-        base = model.get_submodule(path)
-        layer_type = dora_layer_for(base) if use_dora else lora_layer_for(base)
-        with torch.device(base.weight.device):  # factors are created where the base weight lives (free on `meta`)
-            _replace(model, path, layer_type(base, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora))
-    if train_head:
-        unfreeze([model.get_submodule(p) for p in head.head])
-    enable_input_grads_for_checkpointing(model)
-    record_surgery(
-        model,
-        "lora",
-        dict(
-            targets=selection.targets,
-            rank=rank,
-            alpha=float(alpha),
-            dropout=float(dropout),
-            train_head=train_head,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-        ),
-    )
-    log.info(
-        "%s r=%d alpha=%g on %d layer(s) of %s; head %s (%s); %s",
-        "DoRA" if use_dora else "LoRA",
-        rank,
-        alpha,
-        len(selection.targets),
-        type(model).__name__,
-        head.head or "none",
-        "trainable" if train_head else "frozen",
-        count_parameters(model),
-    )
-    return model
+    return inject(model, LoRAConfig.from_arguments(locals()), adapter_name=adapter_name)
 
 
-def _check_finite(path: str, weight: torch.Tensor) -> None:
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        raise ValueError(
-            f"Refusing to merge LoRA into {path!r}: the merged weight has NaN or Inf values (the LoRA factors "
-            f"diverged during training). The model was left unmerged."
-        )
+def lora_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """``{path: AdaptedLayer}`` of every layer of ``model`` that holds a LoRA (or DoRA) adapter."""
+    return get_method("lora").modules(check_module("model", model))
+
+
+def lora_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
+    """``{path: adapter}`` of every LoRA (or DoRA) adapter inside ``model``, keyed by its own module path
+    (``"blocks.0.attn.qkv.adapters.default"``), for code that works on the factors (LoRA+, LoRA-Pro)."""
+    return {path: m for path, m in check_module("model", model).named_modules() if isinstance(m, LoRAAdapter)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put the original layers back (in place).
 
-    The sum ``W₀ + s·B·A`` is computed in float32 and cast back to the base weight's dtype, so bf16/fp16 models lose
-    no more precision than one rounding. Every merged weight is checked for NaN/Inf before any layer is changed.
-    Afterwards ``model.state_dict()`` has exactly the original keys and module types: zero inference overhead.
-    Calling it again (or on a model without LoRA) changes nothing.
-
-    Raises:
-        ValueError: a merged weight would not be finite (the message names the layer).
+    :func:`peft_callbacks.engine.merge` for LoRA: float32, finite-checked before any layer changes, original keys
+    and module types afterwards, idempotent.
     """
-    layers = lora_layers(model)
-    merged = {}
-    for path, layer in layers.items():  # check all before touching any, so a failure leaves the model whole
-        weight = layer.merged_weight()
-        _check_finite(path, weight)
-        merged[path] = weight
-    with torch.no_grad():
-        for path, layer in layers.items():
-            layer.base_layer.weight.copy_(merged[path].to(layer.base_layer.weight.dtype))
-            _replace(model, path, layer.base_layer)
-    clear_surgery(model, "lora")
-    if layers:
-        log.info("Merged LoRA into %d layer(s) of %s.", len(layers), type(model).__name__)
-    return model
+    return merge(model, method="lora")
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer without merging: the base layers come back unchanged (in place)."""
-    for path, layer in lora_layers(model).items():
-        _replace(model, path, layer.base_layer)
-    clear_surgery(model, "lora")
-    return model
-
-
-def _replay_lora(model: nn.Module, targets: list[str], **config) -> nn.Module:
-    return inject_lora(model, target_modules=exact_patterns(targets), **config)
-
-
-register_surgery("lora", _replay_lora)
+    return unload(model, method="lora")
 
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base model (LoRA branches skipped) inside the ``with`` block.
-
-    Example::
-
-        >>> import torch, torch.nn as nn
-        >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
-        >>> nn.init.ones_(net[0].lora_B.weight)  # doctest: +ELLIPSIS
-        Parameter containing:...
-        >>> x = torch.randn(3, 4)
-        >>> with lora_disabled(net):
-        ...     base = net(x)
-        >>> torch.equal(base, net[1](net[0].base_layer(x))), torch.equal(base, net(x))
-        (True, False)
-    """
-    layers = list(lora_layers(model).values())
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
+    """Run ``model`` as its base model inside the ``with`` block (:func:`peft_callbacks.engine.disabled`)."""
+    with disabled(model):
         yield model
-    finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was

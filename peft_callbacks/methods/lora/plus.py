@@ -14,7 +14,7 @@ Parameters are matched by identity (the ``lora_B.weight`` of every LoRA layer), 
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from peft_callbacks.lora import inject_lora
+    >>> from peft_callbacks.methods.lora import inject_lora
     >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), rank=2)
     >>> optimizer = torch.optim.AdamW(loraplus_param_groups(net, lr=1e-3, ratio=16))
     >>> [(len(g["params"]), g["lr"]) for g in optimizer.param_groups]  # A + head, then B
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_positive_float
-from peft_callbacks.lora.inject import lora_layers
+from peft_callbacks.methods.lora.method import lora_adapters
 
 __all__ = ["lora_B_parameters", "loraplus_param_groups", "split_loraplus_groups"]
 
@@ -45,7 +45,7 @@ _COPIED_LISTS = ("lr_lambdas",)  # per-group lists whose entry is reused as is
 
 def lora_B_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The ``lora_B`` weights of every LoRA (and DoRA) layer in ``model`` that require gradients."""
-    return [layer.lora_B.weight for layer in lora_layers(model).values() if layer.lora_B.weight.requires_grad]
+    return [a.lora_B.weight for a in lora_adapters(model).values() if a.lora_B.weight.requires_grad]
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, **options: Any) -> list[dict[str, Any]]:
@@ -131,7 +131,7 @@ def split_loraplus_groups(
     Example::
 
         >>> import torch, torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), rank=2)
         >>> optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
         >>> split_loraplus_groups(optimizer, lora_B_parameters(net), ratio=4)

@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_float, check_module, check_positive_float
-from peft_callbacks.lora.dora import DoRALayer
-from peft_callbacks.lora.inject import lora_layers
+from peft_callbacks.methods.lora.dora import DoRAAdapter
+from peft_callbacks.methods.lora.method import lora_adapters
 
 __all__ = ["LoRAProAdamW", "apply_lora_pro", "equivalent_gradient", "lora_pro_gradients", "solve_sylvester"]
 
@@ -169,7 +169,7 @@ def apply_lora_pro(model: nn.Module, params: list[torch.Tensor] | None = None, r
     Example::
 
         >>> import torch, torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), rank=2)
         >>> net(torch.randn(4, 8)).sum().backward()
         >>> apply_lora_pro(net)
@@ -185,8 +185,8 @@ def apply_lora_pro(model: nn.Module, params: list[torch.Tensor] | None = None, r
         raise ValueError("`params` is an empty list: pass None to treat every LoRA layer, or the tensors to treat.")
     wanted = None if params is None else {id(p) for p in params}
     done = 0
-    for path, layer in lora_layers(model).items():
-        if isinstance(layer, DoRALayer):
+    for path, layer in lora_adapters(model).items():
+        if isinstance(layer, DoRAAdapter):
             raise TypeError(
                 f"LoRA-Pro does not apply to DoRA layers (found {type(layer).__name__} at {path!r}); its closed form "
                 f"is for W0 + s*B*A. Use plain LoRA layers (use_dora=False) with LoRA-Pro."
@@ -226,12 +226,13 @@ class LoRAProAdamW(torch.optim.Optimizer):
     Example::
 
         >>> import torch, torch.nn as nn
-        >>> from peft_callbacks.lora import inject_lora
+        >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), rank=2)
         >>> optimizer = LoRAProAdamW(net, lr=1e-2)
         >>> net(torch.randn(4, 8)).pow(2).sum().backward()
         >>> optimizer.step()
-        >>> optimizer.state[net[0].lora_A.weight]["exp_avg"].shape  # full-space moments of the (8, 8) weight
+        >>> lora_A = net[0].adapters["default"].lora_A.weight
+        >>> optimizer.state[lora_A]["exp_avg"].shape  # full-space moments of the (8, 8) weight
         torch.Size([8, 8])
     """
 
@@ -254,8 +255,8 @@ class LoRAProAdamW(torch.optim.Optimizer):
         for beta in betas:
             check_float("betas", beta, low=0.0, high=1.0, high_inclusive=False)
         self._pairs: dict[int, tuple[nn.Parameter, nn.Parameter, float]] = {}
-        for path, layer in lora_layers(model).items():
-            if isinstance(layer, DoRALayer):
+        for path, layer in lora_adapters(model).items():
+            if isinstance(layer, DoRAAdapter):
                 raise TypeError(f"LoRAProAdamW does not support DoRA layers (found one at {path!r}).")
             a, b = layer.lora_A.weight, layer.lora_B.weight
             if a.requires_grad and b.requires_grad:

@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from typing import Any
@@ -41,15 +42,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_int, check_int_list, check_module, check_positive_int
-from peft_callbacks.core.heads import find_head
+from peft_callbacks._validation import check_int, check_int_list, check_module, check_positive_int
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
-from peft_callbacks.core.params import count_parameters, freeze, unfreeze
-from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
-from peft_callbacks.prompts.hooks import remove_hooks_of
+from peft_callbacks.core.params import count_parameters
+from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, not_recorded, register_method, unload
 
-__all__ = ["SoftPrompt", "count_parameters", "inject_prompt_tuning", "remove_prompt_tuning", "soft_prompts"]
+__all__ = [
+    "PromptTuningConfig",
+    "SoftPrompt",
+    "count_parameters",
+    "inject_prompt_tuning",
+    "remove_prompt_tuning",
+    "soft_prompts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,7 @@ class SoftPrompt(PEFTModule):
         check_positive_int("dim", dim)
         self.placeholder_id = check_int("placeholder_id", placeholder_id, minimum=0)
         self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim))
+        self.disabled = False  # the model runs without the prompt (e.g. to score the base model)
         self._pending = False  # placeholders waiting for the embedding hook
         self._lengths: tuple[int, int] | None = None  # (user length, extended length) of the current call
 
@@ -103,8 +110,11 @@ class SoftPrompt(PEFTModule):
         return f"num_virtual_tokens={self.num_virtual_tokens}, dim={self.weight.shape[1]}"
 
     # -- hooks ----------------------------------------------------------------------------------------------------
-    def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook (with kwargs) on the model: extend the inputs by the prompt."""
+        if self.disabled:
+            self._pending, self._lengths = False, None
+            return None
         kwargs = dict(kwargs)
         if args:
             names = list(inspect.signature(model.forward).parameters)[: len(args)]
@@ -231,7 +241,6 @@ def _init_token_ids(
 
 
 def _check_model(model: nn.Module) -> nn.Embedding:
-    check_module("model", model)
     family = family_of(model)
     if family != "transformers":
         hint = " For timm ViTs use inject_visual_prompts / VisualPromptCallback." if family == "timm" else ""
@@ -254,6 +263,86 @@ def _check_model(model: nn.Module) -> nn.Embedding:
     return embeddings
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` learned embeddings in front of every input.
+
+    Attributes:
+        num_virtual_tokens: prompt length ``n`` (> 0); the prompt holds ``n·d`` parameters.
+        init: ``"random"`` (normal, with the embedding matrix's standard deviation), ``"vocab"`` (embeddings of
+            random vocabulary tokens, Lester et al. 2021 §3) or a text whose token embeddings start the prompt
+            (repeated to length ``n``; needs ``tokenizer`` or ``init_token_ids``).
+        init_token_ids: token ids to start the prompt from (instead of a tokenizer); repeated to length ``n``.
+        tokenizer: called as ``tokenizer(text, add_special_tokens=False)["input_ids"]`` for a text ``init``.
+
+    Example::
+
+        >>> PromptTuningConfig(num_virtual_tokens=10).to_dict()
+        {'train_head': True, 'train_bn': False, 'num_virtual_tokens': 10}
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = not_recorded("random")
+    init_token_ids: list[int] | None = not_recorded()
+    tokenizer: Any = not_recorded()
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if not isinstance(self.init, str) or not self.init:
+            raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {self.init!r}.")
+        self._set("init_token_ids", check_int_list("init_token_ids", self.init_token_ids))
+        check_tokenizer(self.tokenizer)
+        if self.init not in ("random", "vocab") and self.tokenizer is None and self.init_token_ids is None:
+            raise ValueError(
+                f"`init` must be 'random', 'vocab' or a text to start the prompt from; the text {self.init!r} needs a "
+                f"`tokenizer`: pass `tokenizer` or `init_token_ids` to turn it into ids."
+            )
+
+
+class PromptTuningMethod(ModuleMethod):
+    """Soft prompts in front of the inputs of a transformers text model (not mergeable)."""
+
+    name = "prompt_tuning"
+    title = "Prompt tuning"
+    config_class = PromptTuningConfig
+    module_class = SoftPrompt
+    existing_modules = "a soft prompt"
+    removal = "remove_prompt_tuning(model)"
+
+    one_per_model = True
+    starts_as_identity = False
+
+    def check_model(self, model: nn.Module) -> None:
+        _check_model(model)
+
+    def insert(self, model: nn.Module, targets: list[str], config: PromptTuningConfig, adapter_name: str) -> None:
+        embeddings = _check_model(model)
+        n = config.num_virtual_tokens
+        vocab_size, dim = embeddings.weight.shape
+        ids = _init_token_ids(config.init, config.tokenizer, config.init_token_ids, vocab_size, n)
+        prompt = SoftPrompt(n, dim, _placeholder_id(model, vocab_size))
+        with torch.no_grad():
+            if embeddings.weight.device.type == "meta":
+                pass  # a dry run: shapes only
+            elif ids is None:
+                prompt.weight.normal_(0.0, float(embeddings.weight.float().std()))
+            else:
+                rows = torch.tensor((ids * (n // len(ids) + 1))[:n], device=embeddings.weight.device)
+                prompt.weight.copy_(embeddings.weight[rows])
+        prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+        model.base_model.add_module(PROMPT_NAME, prompt)
+        model.register_forward_pre_hook(prompt.before_model, with_kwargs=True)
+        embeddings.register_forward_hook(prompt.on_embeddings)
+        model.register_forward_hook(prompt.after_model, with_kwargs=True, always_call=True)
+
+    def describe(self, config: PromptTuningConfig) -> str:
+        return f"{config.num_virtual_tokens} virtual tokens"
+
+
+register_method(PromptTuningMethod())
+
+
 def inject_prompt_tuning(
     model: nn.Module,
     num_virtual_tokens: int = 20,
@@ -265,14 +354,14 @@ def inject_prompt_tuning(
 ) -> nn.Module:
     """Give a transformers model a learned soft prompt and freeze everything else (in place).
 
+    ``inject(model, PromptTuningConfig(...))`` with the same arguments (see :class:`PromptTuningConfig`).
+
     Args:
         model: an encoder-only or decoder-only transformers model (BERT-style classifiers, causal LMs, …).
-        num_virtual_tokens: prompt length ``n`` (> 0); the prompt holds ``n·d`` parameters.
-        init: ``"random"`` (normal, with the embedding matrix's standard deviation), ``"vocab"`` (embeddings of
-            random vocabulary tokens, Lester et al. 2021 §3) or a text whose token embeddings start the prompt
-            (repeated to length ``n``; needs ``tokenizer`` or ``init_token_ids``).
-        tokenizer: called as ``tokenizer(text, add_special_tokens=False)["input_ids"]`` for a text ``init``.
-        init_token_ids: token ids to start the prompt from (instead of a tokenizer); repeated to length ``n``.
+        num_virtual_tokens: prompt length ``n`` (> 0).
+        init: ``"random"``, ``"vocab"`` or a text to start the prompt from.
+        tokenizer: for a text ``init``.
+        init_token_ids: token ids to start the prompt from.
         train_head: keep the task head (e.g. ``classifier``, ``score``) trainable; a causal LM's ``lm_head`` is
             never trained.
 
@@ -282,38 +371,7 @@ def inject_prompt_tuning(
     Raises:
         ValueError: ``num_virtual_tokens`` <= 0, a text ``init`` without a tokenizer, or an unsupported model.
     """
-    check_positive_int("num_virtual_tokens", num_virtual_tokens)
-    check_bool("train_head", train_head)
-    check_int_list("init_token_ids", init_token_ids)
-    check_tokenizer(tokenizer)
-    if not isinstance(init, str) or not init:
-        raise TypeError(f"`init` must be 'random', 'vocab' or a non-empty text, got {init!r}.")
-    embeddings = _check_model(model)
-    vocab_size, dim = embeddings.weight.shape
-    ids = _init_token_ids(init, tokenizer, init_token_ids, vocab_size, num_virtual_tokens)
-    prompt = SoftPrompt(num_virtual_tokens, dim, _placeholder_id(model, vocab_size))
-    with torch.no_grad():
-        if ids is None:
-            prompt.weight.normal_(0.0, float(embeddings.weight.float().std()))
-        else:
-            repeated = ids * (num_virtual_tokens // len(ids) + 1)
-            rows = torch.tensor(repeated[:num_virtual_tokens], device=embeddings.weight.device)
-            prompt.weight.copy_(embeddings.weight[rows])
-    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
-    head = find_head(model).head if train_head else []
-    freeze(model)
-    if head:
-        unfreeze([model.get_submodule(p) for p in head])
-    model.base_model.add_module(PROMPT_NAME, prompt)
-    model.register_forward_pre_hook(prompt.before_model, with_kwargs=True)
-    embeddings.register_forward_hook(prompt.on_embeddings)
-    model.register_forward_hook(prompt.after_model, with_kwargs=True, always_call=True)
-    config = dict(num_virtual_tokens=num_virtual_tokens, train_head=train_head)
-    record_surgery(model, "prompt_tuning", config)
-    log.info(
-        "Prompt tuning: %d virtual tokens on %s; %s", num_virtual_tokens, type(model).__name__, count_parameters(model)
-    )
-    return model
+    return inject(check_module("model", model), PromptTuningConfig.from_arguments(locals()))
 
 
 def remove_prompt_tuning(model: nn.Module) -> nn.Module:
@@ -327,16 +385,4 @@ def remove_prompt_tuning(model: nn.Module) -> nn.Module:
         >>> len(soft_prompts(remove_prompt_tuning(lm))), len(lm._forward_pre_hooks)
         (0, 0)
     """
-    for path, prompt in soft_prompts(model).items():
-        remove_hooks_of(model, prompt)
-        parent, _, name = path.rpartition(".")
-        delattr(model.get_submodule(parent), name)
-    clear_surgery(model, "prompt_tuning")
-    return model
-
-
-def _replay_prompt_tuning(model: nn.Module, **config) -> nn.Module:
-    return inject_prompt_tuning(model, init="random", **config)
-
-
-register_surgery("prompt_tuning", _replay_prompt_tuning)
+    return unload(model, method="prompt_tuning")

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -33,13 +34,18 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
-from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.modules import PEFTModule, peft_modules
-from peft_callbacks.core.params import count_parameters, freeze, unfreeze
-from peft_callbacks.core.recipe import clear_surgery, record_surgery, register_surgery
-from peft_callbacks.prompts.hooks import remove_hooks_of
+from peft_callbacks.core.params import count_parameters
+from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
 
-__all__ = ["VisualPrompts", "count_parameters", "inject_visual_prompts", "remove_visual_prompts", "visual_prompts"]
+__all__ = [
+    "VisualPromptConfig",
+    "VisualPrompts",
+    "count_parameters",
+    "inject_visual_prompts",
+    "remove_visual_prompts",
+    "visual_prompts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class VisualPrompts(PEFTModule):
         self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.weight = nn.Parameter(torch.zeros(depth, num_virtual_tokens, dim))
         self.dropout = nn.Dropout(dropout)
+        self.disabled = False  # the blocks run without prompts (e.g. to score the base model)
 
     def extra_repr(self) -> str:
         depth, n, dim = self.weight.shape
@@ -83,18 +90,24 @@ class VisualPrompts(PEFTModule):
 
     def insert(self, block: nn.Module, args: tuple) -> tuple:
         """Forward pre-hook on the first block: put the prompts after the prefix tokens."""
+        if self.disabled:
+            return args
         x, p = args[0], self.num_prefix_tokens
         x = torch.cat([x[:, :p], self._prompt(0, x), x[:, p:]], dim=1)  # (B, p + n + N, d)
         return (x, *args[1:])
 
     def replace(self, index: int, block: nn.Module, args: tuple) -> tuple:
         """Forward pre-hook on block ``index`` > 0 (deep VPT): swap the prompt slots for this block's prompts."""
+        if self.disabled:
+            return args
         x, p, n = args[0], self.num_prefix_tokens, self.num_virtual_tokens
         x = torch.cat([x[:, :p], self._prompt(index, x), x[:, p + n :]], dim=1)
         return (x, *args[1:])
 
     def drop(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the last block: take the prompt tokens out again."""
+        if self.disabled:
+            return output
         p, n = self.num_prefix_tokens, self.num_virtual_tokens
         return torch.cat([output[:, :p], output[:, p + n :]], dim=1)  # (B, p + N, d)
 
@@ -128,6 +141,76 @@ def _check_model(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisualPromptConfig(MethodConfig):
+    """Visual prompt tuning (VPT, Jia et al. 2022) for timm Vision Transformers.
+
+    Attributes:
+        num_virtual_tokens: prompts per block ``n`` (> 0).
+        deep: deep VPT (a new prompt set before every block, ``L·n·d`` parameters) instead of shallow
+            (``n·d`` parameters, first block only).
+        dropout: dropout on the prompts, in ``[0, 1)``.
+
+    Example::
+
+        >>> VisualPromptConfig(num_virtual_tokens=4, deep=True).to_dict()
+        {'train_head': True, 'train_bn': False, 'num_virtual_tokens': 4, 'deep': True, 'dropout': 0.0}
+    """
+
+    num_virtual_tokens: int = 10
+    deep: bool = False
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        check_bool("deep", self.deep)
+        self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
+
+
+class VisualPromptMethod(ModuleMethod):
+    """Learned tokens in the token sequence of a timm ViT (not mergeable)."""
+
+    name = "visual_prompts"
+    title = "Visual prompt tuning"
+    config_class = VisualPromptConfig
+    module_class = VisualPrompts
+    existing_modules = "visual prompts"
+    removal = "remove_visual_prompts(model)"
+
+    one_per_model = True
+    starts_as_identity = False
+
+    def check_model(self, model: nn.Module) -> None:
+        _check_model(model)
+
+    def insert(self, model: nn.Module, targets: list[str], config: VisualPromptConfig, adapter_name: str) -> None:
+        if adapter_name != "default":
+            raise ValueError(
+                "Visual prompt tuning holds one set of prompts per model; `adapter_name` must be 'default'."
+            )
+        blocks = _check_model(model)
+        dim, n = model.embed_dim, config.num_virtual_tokens
+        prompts = VisualPrompts(n, dim, len(blocks) if config.deep else 1, model.num_prefix_tokens, config.dropout)
+        patch = getattr(model.patch_embed, "patch_size", (16, 16))
+        bound = math.sqrt(6.0 / float(3 * math.prod(patch) + dim))  # Xavier-uniform over the patch projection (VPT §4)
+        nn.init.uniform_(prompts.weight, -bound, bound)
+        reference = model.cls_token if model.cls_token is not None else next(model.parameters())
+        prompts.to(device=reference.device, dtype=reference.dtype)
+        model.add_module(PROMPT_NAME, prompts)
+        blocks[0].register_forward_pre_hook(prompts.insert)
+        if config.deep:
+            for index, block in enumerate(blocks[1:], start=1):
+                block.register_forward_pre_hook(functools.partial(prompts.replace, index))
+        blocks[-1].register_forward_hook(prompts.drop)
+
+    def describe(self, config: VisualPromptConfig) -> str:
+        return f"{'deep' if config.deep else 'shallow'}, {config.num_virtual_tokens} tokens"
+
+
+register_method(VisualPromptMethod())
+
+
 def inject_visual_prompts(
     model: nn.Module,
     num_virtual_tokens: int = 10,
@@ -138,11 +221,12 @@ def inject_visual_prompts(
 ) -> nn.Module:
     """Give a timm ViT learned prompt tokens (VPT) and freeze everything else (in place).
 
+    ``inject(model, VisualPromptConfig(...))`` with the same arguments (see :class:`VisualPromptConfig`).
+
     Args:
         model: a timm ``VisionTransformer`` (or subclass).
         num_virtual_tokens: prompts per block ``n`` (> 0).
-        deep: deep VPT (a new prompt set before every block, ``L·n·d`` parameters) instead of shallow
-            (``n·d`` parameters, first block only).
+        deep: deep VPT instead of shallow.
         dropout: dropout on the prompts, in ``[0, 1)``.
         train_head: keep the classifier (``get_classifier()``) trainable.
 
@@ -152,39 +236,7 @@ def inject_visual_prompts(
     Raises:
         ValueError: ``num_virtual_tokens`` <= 0, or a model that is not a timm VisionTransformer.
     """
-    check_module("model", model)
-    check_positive_int("num_virtual_tokens", num_virtual_tokens)
-    check_bool("deep", deep)
-    check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
-    check_bool("train_head", train_head)
-    blocks = _check_model(model)
-    dim = model.embed_dim
-    prompts = VisualPrompts(num_virtual_tokens, dim, len(blocks) if deep else 1, model.num_prefix_tokens, dropout)
-    patch = getattr(model.patch_embed, "patch_size", (16, 16))
-    bound = math.sqrt(6.0 / float(3 * math.prod(patch) + dim))  # Xavier-uniform over the patch projection (VPT §4)
-    nn.init.uniform_(prompts.weight, -bound, bound)
-    reference = model.cls_token if model.cls_token is not None else next(model.parameters())
-    prompts.to(device=reference.device, dtype=reference.dtype)
-    head = find_head(model).head if train_head else []
-    freeze(model)
-    if head:
-        unfreeze([model.get_submodule(p) for p in head])
-    model.add_module(PROMPT_NAME, prompts)
-    blocks[0].register_forward_pre_hook(prompts.insert)
-    if deep:
-        for index, block in enumerate(blocks[1:], start=1):
-            block.register_forward_pre_hook(functools.partial(prompts.replace, index))
-    blocks[-1].register_forward_hook(prompts.drop)
-    config = dict(num_virtual_tokens=num_virtual_tokens, deep=deep, dropout=float(dropout), train_head=train_head)
-    record_surgery(model, "visual_prompts", config)
-    log.info(
-        "Visual prompt tuning (%s): %d tokens on %s; %s",
-        "deep" if deep else "shallow",
-        num_virtual_tokens,
-        type(model).__name__,
-        count_parameters(model),
-    )
-    return model
+    return inject(check_module("model", model), VisualPromptConfig.from_arguments(locals()))
 
 
 def remove_visual_prompts(model: nn.Module) -> nn.Module:
@@ -198,12 +250,4 @@ def remove_visual_prompts(model: nn.Module) -> nn.Module:
         >>> len(visual_prompts(vit)), len(vit.blocks[0]._forward_pre_hooks)
         (0, 0)
     """
-    for path, prompts in visual_prompts(model).items():
-        remove_hooks_of(model, prompts)
-        parent, _, name = path.rpartition(".")
-        delattr(model.get_submodule(parent), name)
-    clear_surgery(model, "visual_prompts")
-    return model
-
-
-register_surgery("visual_prompts", inject_visual_prompts)
+    return unload(model, method="visual_prompts")

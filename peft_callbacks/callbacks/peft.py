@@ -1,0 +1,213 @@
+"""``PEFTCallback``: any registered PEFT method, applied to an unchanged LightningModule by one callback.
+
+The typed callbacks (``LoRACallback``, ``AdapterCallback``, …) are this callback with their method's settings as
+``__init__`` arguments, which is what LightningCLI needs to check a YAML file; every other method is usable from code
+or YAML through its config::
+
+    trainer:
+      callbacks:
+        - class_path: peft_callbacks.PEFTCallback
+          init_args:
+            config: {class_path: peft_callbacks.LoRAConfig, init_args: {rank: 8}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from peft_callbacks._validation import check_bool
+from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model, run_after_hook
+from peft_callbacks.core.models import find_models
+from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.params import unfreeze_batchnorm_stats
+from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
+from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PEFTCallback"]
+
+
+class PEFTCallback(SurgeryCallback):
+    """Fine-tune with any PEFT method: inject at ``setup``, train only its tensors (+ the task head), and for
+    mergeable methods merge at the end.
+
+    Surgery runs right after the module's ``setup``/``configure_model`` (networks built there are adapted too) and
+    before a checkpoint is restored and optimizers are built, so ``trainer.fit(ckpt_path=...)`` resumes the adapter.
+    Mergeable methods (LoRA, DoRA, …) are folded into the base weights at ``on_train_end`` (float32, finite-checked):
+    the module is a plain model again, and ``trainer.test(ckpt_path=...)`` afterwards replays the recipe saved in the
+    checkpoint to load the unmerged tensors, then merges again. Methods that stay in the model (adapters, prompts) are
+    applied before ``validate`` / ``test`` / ``predict`` too.
+
+    After the first optimizer step a rank-zero warning names every adapted module whose tensors got no gradient (a
+    frozen BatchNorm with zero scale, a layer the model never calls), so an adapter that cannot train never goes
+    unnoticed.
+
+    Args:
+        config: the method and its settings, e.g. ``LoRAConfig(rank=8)`` or ``BottleneckConfig(bottleneck=16)``.
+        adapter_name: the name of the adapter this callback trains.
+        module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
+        merge_on_train_end: fold a mergeable method into the base weights when training ends.
+        save_adapter_to: directory for the adapter file (trained tensors + recipe), written before the merge.
+        save_merged_to: directory for the model's full weights, written after the merge.
+
+    Example::
+
+        >>> import lightning as L, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from peft_callbacks import LoRAConfig
+        >>> from peft_callbacks.demo import ImageClassifier  # any LightningModule; this one wraps a timm model
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> callback = PEFTCallback(LoRAConfig(rank=4))
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
+        >>> callback.parameter_count.percent < 25
+        True
+    """
+
+    def __init__(
+        self,
+        config: MethodConfig,
+        adapter_name: str = DEFAULT_ADAPTER,
+        module: str | None = None,
+        merge_on_train_end: bool = True,
+        save_adapter_to: str | None = None,
+        save_merged_to: str | None = None,
+    ) -> None:
+        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
+        self.config = check_config(config)
+        self.adapter_name = check_adapter_name(adapter_name)
+        self.merge_on_train_end = check_bool("merge_on_train_end", merge_on_train_end)
+        self.recipes: dict[str, list[dict[str, Any]]] = {}
+        self._reinjected = False
+        self._gradients_checked = False
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("config")
+        if config is not None and name in {f.name for f in dataclasses.fields(config)}:
+            return getattr(config, name)  # callback.rank reads the config's rank
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def method(self):
+        """The registered method this callback applies."""
+        return get_method(self.config)
+
+    # -- surgery ----------------------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, path: str) -> None:
+        inject(model, self.config, adapter_name=self.adapter_name)
+
+    def is_applied(self, model: nn.Module) -> bool:
+        records = [
+            r
+            for r in surgery_records(model)
+            if r["method"] == self.method.name and r.get("adapter_name", DEFAULT_ADAPTER) == self.adapter_name
+        ]
+        if not records:
+            applied = bool(self.method.modules(model, self.adapter_name))
+            if applied:
+                apply_batchnorm_rule(model, self.config)
+            return applied
+        saved = {k: v for k, v in records[-1]["config"].items() if k not in ("targets", "modules")}
+        wanted = self.config.to_dict()
+        if saved != wanted:
+            changed = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
+            raise ValueError(
+                f"{self.name}: the model already carries {self.method.title} adapter {self.adapter_name!r} with other "
+                f"settings ({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in changed.items())}). Merge or "
+                f"unload it first, or use the same settings to continue training it."
+            )
+        apply_batchnorm_rule(model, self.config)  # a second fit on the same module: BatchNorm frozen as in the first
+        return True
+
+    def run_surgery(self, pl_module: nn.Module) -> None:
+        super().run_surgery(pl_module)
+        self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
+
+    def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.method.mergeable and self.merge_on_train_end:
+            merge(pl_module, method=self.method.name)
+        unfreeze_batchnorm_stats(pl_module)  # training is over: BatchNorm layers behave as usual again
+
+    # -- gradients reach every adapter ----------------------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._gradients_checked:
+            return
+        self._gradients_checked = True
+        silent = _modules_without_gradient(pl_module, self.method)
+        if silent:
+            rank_zero_warn(
+                f"{self.name}: after the first step, {len(silent)} adapted module(s) got no gradient and will not "
+                f"train: {', '.join(silent[:8])}{', …' if len(silent) > 8 else ''}. Usual causes: the model never "
+                f"calls the layer, or a frozen layer after it blocks the gradient (e.g. a BatchNorm with zero scale, "
+                f"as timm initialises ResNets). Leave them out with `exclude_modules`, or train those layers."
+            )
+
+    # -- validate / test / predict ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._gradients_checked = False
+        if stage == "fit":
+            return
+        if not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+        else:
+            run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
+
+    def _reinject(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint written mid-training holds unmerged tensors, a merged model has none: replay the recipe the
+        checkpoint recorded so that ``trainer.test(ckpt_path="best")`` loads, and merge again at ``teardown``."""
+        if any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+            return
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        recipes = state.get("recipes")
+        if not recipes:
+            if not any(".lora_A." in k or ".adapters." in k for k in checkpoint.get("state_dict", {})):
+                return  # a checkpoint of the merged (or never adapted) model
+            self.run_surgery(pl_module)  # written by an older version: the same surgery finds the same layers
+        else:
+            for path, records in recipes.items():
+                replay(pl_module.get_submodule(path) if path else pl_module, records)
+        self._reinjected = True
+        rank_zero_info(f"{self.name}: re-created the adapter to load the checkpoint.")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._reinjected and self.merge_on_train_end:
+            merge(pl_module, method=self.method.name)
+        self._reinjected = False
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["method"] = self.method.name
+        state["adapter_name"] = self.adapter_name
+        state["config"] = self.config.to_dict(all_fields=True)
+        state["recipes"] = self.recipes
+        return state
+
+
+def _modules_without_gradient(pl_module: nn.Module, method) -> list[str]:
+    """Paths of the method's modules with trainable tensors none of which got a non-zero gradient."""
+    silent = []
+    for path, module in method.modules(pl_module).items():
+        params = [p for p in module.parameters() if p.requires_grad and not _is_base(module, p)]
+        if params and all(p.grad is None or not bool(p.grad.any()) for p in params):
+            silent.append(path)
+    return silent
+
+
+def _is_base(module: nn.Module, param: torch.Tensor) -> bool:
+    base = module._modules.get("base_layer")
+    return base is not None and any(param is p for p in base.parameters())

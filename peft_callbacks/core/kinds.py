@@ -1,0 +1,183 @@
+"""What kind of weight layer a module is, and how to read and write its weight: the engine's view of base layers.
+
+Every method that wraps a weight layer dispatches on :func:`layer_kind`:
+
+==============  ===================================================================================
+kind            layers
+==============  ===================================================================================
+``"linear"``    ``nn.Linear``, and subclasses with their own ``forward`` whose output is still linear in
+                the weight (checked on a probe input, e.g. Falcon's ``FalconLinear``)
+``"conv"``      ``nn.Conv1d/2d/3d`` with ``groups=1`` (and subclasses that pass the same probe)
+``"hf_conv1d"`` transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed as ``(in, out)``
+==============  ===================================================================================
+
+Layers that are not linear in their weight (timm's weight-standardised ``ScaledStdConv2d``, ``Conv2dSame`` with its
+own padding) and ``nn.MultiheadAttention.out_proj`` (its parent reads the weight and never calls it) have no kind:
+an update added beside them would not equal the merged layer, or would never run.
+
+:func:`base_weight` / :func:`write_weight` are the single place where surgery reads or replaces a base weight, so
+sharded (DTensor) and quantized bases are handled once for every method.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> layer_kind(nn.Linear(4, 2)), layer_kind(nn.Conv2d(3, 8, 3)), layer_kind(nn.Conv2d(8, 8, 3, groups=8))
+    ('linear', 'conv', None)
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+__all__ = [
+    "KIND_NAMES",
+    "base_weight",
+    "is_custom_layer",
+    "is_grouped_conv",
+    "is_hf_conv1d",
+    "kinds_description",
+    "layer_kind",
+    "write_weight",
+]
+
+KIND_NAMES = {
+    "linear": "nn.Linear",
+    "conv": "nn.Conv1d/Conv2d/Conv3d (groups=1)",
+    "hf_conv1d": "transformers' Conv1D",
+}
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def kinds_description(kinds: list[str] | tuple[str, ...]) -> str:
+    """``"nn.Linear, nn.Conv1d/Conv2d/Conv3d (groups=1) and transformers' Conv1D"`` for messages."""
+    names = [KIND_NAMES.get(k, k) for k in kinds]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Is ``module`` a transformers ``Conv1D`` (GPT-2 style Linear with a transposed weight)?"""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """Is ``module`` a grouped or depthwise convolution (``groups > 1``)?"""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    for plain in (nn.Linear, *_PLAIN_CONVS):
+        if isinstance(module, plain):
+            own = type(module)
+            return own.forward is not plain.forward or getattr(own, "_conv_forward", None) is not getattr(
+                plain, "_conv_forward", None
+            )
+    return False
+
+
+def is_custom_layer(module: nn.Module) -> bool:
+    """Is ``module`` a Linear/Conv subclass with its own forward that an update beside it would not match?
+
+    Subclasses whose output stays linear in the weight (checked once per module on a small random probe: the output
+    change for a weight change ``Δ`` must equal the plain layer's output for ``Δ``) are adaptable like their parent
+    class; the others (weight standardisation, input padding of their own, meta tensors that cannot be probed) are
+    not. ``nn.MultiheadAttention.out_proj`` never is: its parent reads the weight directly and never calls it.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> class ScaledLinear(nn.Linear):
+        ...     def forward(self, x):
+        ...         return nn.functional.linear(x, self.weight / self.weight.norm(), self.bias)
+        >>> class BiasFirst(nn.Linear):
+        ...     def forward(self, x):
+        ...         return self.bias + x @ self.weight.T
+        >>> is_custom_layer(ScaledLinear(4, 2)), is_custom_layer(BiasFirst(4, 2)), is_custom_layer(nn.Linear(4, 2))
+        (True, False, False)
+    """
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        return True
+    if not _overrides_forward(module):
+        return False
+    if module not in _PROBED:
+        _PROBED[module] = _linear_in_weight(module)
+    return not _PROBED[module]
+
+
+def _plain_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, delta)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    else:
+        padding = module.padding
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
+    return conv(x, delta, None, module.stride, padding, module.dilation, module.groups)
+
+
+def _probe_input(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(module, nn.Linear):
+        shape: tuple[int, ...] = (2, module.in_features)
+    else:
+        span = [d * (k - 1) + s + 1 for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
+        shape = (1, module.in_channels, *span)
+    return torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+
+
+def _linear_in_weight(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.is_floating_point():
+        return False
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.randn(weight.shape, generator=generator).to(weight.device, weight.dtype) * 0.1
+    x = _probe_input(module, weight)
+    try:
+        with torch.no_grad():
+            before = module(x)
+            after = torch.func.functional_call(module, {"weight": weight + delta}, (x,))
+            expected = _plain_output(module, x, delta)
+    except Exception:  # a layer that cannot run on a plain probe is not one we can vouch for
+        return False
+    if not isinstance(after, torch.Tensor) or after.shape != expected.shape:
+        return False
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 5e-2
+    return torch.allclose((after - before).float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` or ``"hf_conv1d"`` for weight layers the engine can adapt, else ``None``."""
+    from peft_callbacks.core.modules import PEFTModule
+
+    if isinstance(module, PEFTModule) or is_custom_layer(module):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _PLAIN_CONVS) and module.groups == 1:
+        return "conv"
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
+    return None
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it."""
+    return layer.weight
+
+
+def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace a base layer's weight (and bias, if given) by ``value`` (usually float32), cast to the stored dtype,
+    in place."""
+    with torch.no_grad():
+        layer.weight.copy_(value.to(layer.weight.dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.dtype))

@@ -1,0 +1,147 @@
+"""Method configurations: the one place where each setting of a PEFT method is named, defaulted, checked and saved.
+
+A method's config is a frozen dataclass. Each field has a docstring line in the class's ``Attributes``, a default,
+and one check in :meth:`MethodConfig.validate` that names the field, the value received and what is allowed. The
+same object is what a callback hands to the surgery, what the recipe of an adapter file stores
+(:meth:`~MethodConfig.to_dict`) and what replaying that file rebuilds (:meth:`~MethodConfig.from_dict`); a field marked
+``recorded=False`` (say a tokenizer used only to initialise a prompt) is used at injection time and not saved.
+
+Example::
+
+    >>> from peft_callbacks.methods.lora import LoRAConfig
+    >>> config = LoRAConfig(rank=4, alpha=8)
+    >>> config.to_dict()["rank"], LoRAConfig.from_dict(config.to_dict()) == config
+    (4, True)
+    >>> LoRAConfig(rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `rank` must be an int >= 1, got 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from peft_callbacks._validation import check_bool, check_patterns
+
+__all__ = ["LayerConfig", "MethodConfig", "not_recorded"]
+
+
+def not_recorded(default: Any = None) -> Any:
+    """A dataclass field used at injection time only: not saved in recipes, adapter files or callback state."""
+    return dataclasses.field(default=default, metadata={"recorded": False}, compare=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Settings every PEFT method shares. Subclasses add their own fields and extend :meth:`validate`.
+
+    Attributes:
+        train_head: keep the model's task head (``get_classifier()``, the transformers task head) fully trainable.
+        train_bn: let BatchNorm layers outside the head train (weights and running statistics). By default they stay
+            frozen, running statistics included, so the frozen base really is unchanged.
+    """
+
+    method: ClassVar[str] = ""  # the registered method's name, set by ``register_method``
+
+    train_head: bool = True
+    train_bn: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``TypeError``/``ValueError`` naming the first bad one."""
+        check_bool("train_head", self.train_head)
+        check_bool("train_bn", self.train_bn)
+
+    def _set(self, name: str, value: Any) -> None:
+        """Normalise a field inside :meth:`validate` (e.g. an int ``alpha`` becomes a float)."""
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def recorded_fields(cls) -> list[str]:
+        """Names of the fields that recipes and checkpoints store."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("recorded", True)]
+
+    def to_dict(self, *, all_fields: bool = False) -> dict[str, Any]:
+        """The recorded fields as plain JSON values (lists, not tuples).
+
+        Args:
+            all_fields: also the fields used at injection time only (target patterns, a prompt's ``init``), where
+                their value is plain data: what a callback's checkpoint state shows.
+        """
+        names = [f.name for f in dataclasses.fields(self)] if all_fields else self.recorded_fields()
+        out = {name: _plain(getattr(self, name)) for name in names}
+        return {name: value for name, value in out.items() if _is_plain(value)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> MethodConfig:
+        """Rebuild a config from :meth:`to_dict`'s output, checking it as if a user had typed it.
+
+        Raises:
+            TypeError: ``data`` is not a dict, or a field has the wrong type.
+            ValueError: an unknown field, or a value out of range.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"a {cls.__name__} must be stored as a dict of fields, got {type(data).__name__}.")
+        known = set(cls.recorded_fields())
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any]) -> MethodConfig:
+        """The config from a function's arguments (``locals()``): every entry named like a field; others ignored.
+
+        Example::
+
+            >>> from peft_callbacks.methods.lora import LoRAConfig
+            >>> def inject_lora_like(model, rank=8, alpha=16.0):
+            ...     return LoRAConfig.from_arguments(locals())
+            >>> inject_lora_like(None, rank=4).rank
+            4
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in arguments.items() if k in names})
+
+    def replace(self, **changes: Any) -> MethodConfig:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerConfig(MethodConfig):
+    """Settings of methods that wrap weight layers (LoRA and its relatives): which layers to adapt.
+
+    Attributes:
+        target_modules: ``None`` (every supported layer outside the task head, so CNNs work too), ``"all-linear"``,
+            a module name (exact or dotted suffix), a regex, or a list of these
+            (see :mod:`peft_callbacks.core.targets`).
+        exclude_modules: patterns of modules (and everything inside them) to leave alone.
+    """
+
+    target_modules: str | list[str] | None = not_recorded()
+    exclude_modules: str | list[str] | None = not_recorded()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target_modules != "all-linear":
+            self._set("target_modules", check_patterns("target_modules", self.target_modules))
+        self._set("exclude_modules", check_patterns("exclude_modules", self.exclude_modules))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,284 @@
+r"""The two building blocks of every method that adapts weight layers: :class:`Adapter` and :class:`AdaptedLayer`.
+
+::
+
+    AdaptedLayer("blocks.0.attn.qkv")
+    ├── base_layer        the original nn.Linear / nn.Conv2d / Conv1D, kept as is (frozen), never copied
+    └── adapters          nn.ModuleDict: one Adapter per adapter name
+        ├── "default"     e.g. LoRALinear: lora_A, lora_B, scaling
+        └── "task_b"      another adapter of the same or another method
+
+    forward(x):  x ─► [input transforms of active adapters] ─► base_layer ─► [each active adapter(x, result)] ─► out
+
+A method writes only its :class:`Adapter` subclasses: what the update adds to the base output (``forward``), and
+how it folds into and out of the base weight (``merge_into`` / ``unmerge_from``, on float32 weights). Everything
+else (which adapters are active, disabling, merging in place or for good, key layout, the base layer's attributes)
+is shared here. The wrapper forwards attribute reads it does not know to the base layer, so model code that reads
+``layer.weight``, ``layer.in_features`` or ``layer.kernel_size`` keeps working.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from peft_callbacks.methods.lora import LoRAConfig, LoRALinear
+    >>> base = nn.Linear(16, 32)
+    >>> layer = AdaptedLayer(base)
+    >>> layer.add_adapter("default", LoRALinear(base, LoRAConfig(rank=4)))
+    >>> x = torch.randn(2, 16)
+    >>> torch.equal(layer(x), base(x)), layer.in_features  # B = 0 at injection; base attributes pass through
+    (True, 16)
+    >>> _ = nn.init.ones_(layer.adapters["default"].lora_B.weight)
+    >>> torch.allclose(nn.functional.linear(x, layer.merged_weight(), base.bias), layer(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, write_weight
+from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.engine.config import MethodConfig
+
+__all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
+
+DEFAULT_ADAPTER = "default"
+_BASE, _ADAPTERS = "base_layer", "adapters"
+
+
+class Adapter(PEFTModule):
+    """One method's trainable update of one base layer, under one adapter name.
+
+    Subclasses create their tensors in ``__init__(base_layer, config)`` and implement :meth:`forward`; mergeable
+    methods also implement :meth:`merge_into` and :meth:`unmerge_from`. Methods that change the layer's *input*
+    (IA3 on feed-forward layers, OFT) set ``changes_input = True`` and implement :meth:`transform_input`.
+
+    Args:
+        base_layer: the layer this adapter updates (read for shapes, device and dtype; not stored).
+        config: the method's config (shared by all its adapters; not a module, never in ``state_dict``).
+    """
+
+    method: ClassVar[str] = ""  # the registered method's name, set by ``register_method``
+    base_kind: ClassVar[str | None] = None  # the layer kind a subclass adapts (None: any the method dispatches here)
+    changes_input: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module, config: MethodConfig) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
+        if kind is None or (self.base_kind is not None and kind != self.base_kind):
+            wanted = f"a {self.base_kind} layer" if self.base_kind else "a weight layer the method supports"
+            raise TypeError(
+                f"`base_layer` of {type(self).__name__} must be {wanted} ({kinds_description(tuple(KIND_NAMES))}, "
+                f"each with its own adapter class; the method's dispatch table picks it), got "
+                f"{type(base_layer).__name__}."
+            )
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
+        self.config = config
+        self.kind = kind
+        self.weight_shape = tuple(base_weight(base_layer).shape)
+
+    def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        """The input the base layer sees (only called when ``changes_input``)."""
+        return x
+
+    def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
+        raise NotImplementedError
+
+    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight (float32, shaped as stored) with this adapter folded in."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer.")
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merge_into`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base layer.")
+
+    def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias (float32) with this adapter folded in; most methods leave it as it is (IA3 scales it)."""
+        return bias
+
+    def unmerge_bias_from(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merge_bias_into`."""
+        return bias
+
+
+class AdaptedLayer(PEFTModule):
+    """A base weight layer plus its adapters (see the module docstring).
+
+    Attributes:
+        base_layer: the wrapped original layer.
+        adapters: ``{adapter name: Adapter}``.
+        active_adapters: names whose update the forward pass applies, in order.
+        merged_adapters: names currently folded into ``base_layer``'s weight (see :meth:`merge`).
+        disabled: skip every adapter (the base layer alone), e.g. to score the original model.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Module) or layer_kind(base_layer) is None:
+            raise TypeError(
+                f"`base_layer` must be a weight layer ({kinds_description(tuple(KIND_NAMES))}), got "
+                f"{type(base_layer).__name__}."
+            )
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._register_load_state_dict_pre_hook(_upgrade_keys, with_module=True)
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
+        """Add ``adapter`` under ``name`` (and make it active)."""
+        if name in self.adapters:
+            raise ValueError(f"This layer already has an adapter named {name!r}; delete it first or pick another.")
+        self.adapters[name] = adapter
+        if active:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> Adapter:
+        """Take the adapter ``name`` out (it must not be merged) and return it."""
+        if name in self.merged_adapters:
+            raise ValueError(f"Adapter {name!r} is merged into the base weight; unmerge it before deleting it.")
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        return self.adapters.pop(name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Apply exactly these adapters, in this order."""
+        names = list(names)
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise ValueError(f"No adapter named {missing} here; this layer has {list(self.adapters)}.")
+        if self.merged_adapters:
+            raise ValueError(f"Adapters {self.merged_adapters} are merged here; unmerge before switching adapters.")
+        self.active_adapters = names
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        inner = x
+        for adapter in adapters:
+            if adapter.changes_input:
+                inner = adapter.transform_input(self, inner)
+        result = self.base_layer(inner, *args, **kwargs)
+        for adapter in adapters:
+            result = adapter(self, x, result)
+        return result
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    def merged_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:
+        """The base weight with the adapters ``names`` (default: the active ones) folded in, in float32.
+
+        Differentiable in the adapters' tensors (DoRA's norm is a constant, as in its paper).
+        """
+        weight = base_weight(self.base_layer).float()
+        for name in self.active_adapters if names is None else names:
+            weight = self.adapters[name].merge_into(self, weight)
+        return weight
+
+    def merged_bias(self, names: Iterable[str] | None = None) -> torch.Tensor | None:
+        """The base bias with the adapters ``names`` (default: the active ones) folded in, in float32 (or None)."""
+        bias = getattr(self.base_layer, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return None
+        bias = bias.float()
+        for name in self.active_adapters if names is None else names:
+            bias = self.adapters[name].merge_bias_into(self, bias)
+        return bias
+
+    def delta_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:
+        """``merged_weight(names) − W₀`` in float32: what the adapters change."""
+        return self.merged_weight(names) - base_weight(self.base_layer).float()
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold the active adapters (or ``names``) into the base weight in place; the wrapper stays.
+
+        Computed in float32 and cast back once; refused (the layer unchanged) when the result is not finite.
+        Merged adapters are skipped by the forward pass until :meth:`unmerge`.
+        """
+        if self.merged_adapters:
+            raise ValueError(f"Adapters {self.merged_adapters} are merged already; unmerge them first.")
+        names = list(self.active_adapters if names is None else names)
+        with torch.no_grad():
+            weight, bias = self.merged_weight(names), self.merged_bias(names)
+        check_finite("into this layer", weight)
+        if bias is not None:
+            check_finite("into this layer's bias", bias)
+        write_weight(self.base_layer, weight, bias)
+        self.merged_adapters = names
+
+    def unmerge(self) -> None:
+        """Take the merged adapters out of the base weight again (float32, cast back once)."""
+        if not self.merged_adapters:
+            return
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            weight = base_weight(self.base_layer).float()
+            bias = bias.float() if isinstance(bias, torch.Tensor) else None
+            for name in reversed(self.merged_adapters):
+                weight = self.adapters[name].unmerge_from(self, weight)
+                bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
+        write_weight(self.base_layer, weight, bias)
+        self.merged_adapters = []
+
+    # -- the base layer's attributes pass through ---------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get(_BASE)
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
+        return f"active={self.active_adapters}{merged}" + (", disabled" if self.disabled else "")
+
+
+def check_finite(where: str, weight: torch.Tensor) -> None:
+    """Refuse a merged weight with NaN/Inf values (the adapter diverged); ``meta`` tensors pass.
+
+    ``where`` completes "Refusing to merge …", e.g. ``"LoRA into 'blocks.0.attn.qkv'"``.
+    """
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"Refusing to merge {where}: the merged weight has NaN or Inf values (the adapter's tensors "
+            f"diverged during training). The model was left unmerged."
+        )
+
+
+def _upgrade_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-time pre-hook: checkpoints of version 0.1 kept one adapter's tensors right under the layer
+    (``qkv.lora_A.weight``); they now live under ``adapters.default`` (``qkv.adapters.default.lora_A.weight``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        first = key[len(prefix) :].split(".", 1)[0]
+        if first not in (_BASE, _ADAPTERS):
+            state_dict[f"{prefix}{_ADAPTERS}.{DEFAULT_ADAPTER}.{key[len(prefix) :]}"] = state_dict.pop(key)
+
+
+def upgrade_state_keys(tensors: dict[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """Move version-0.1 keys (``qkv.lora_A.weight``) to where they live now (``qkv.adapters.default.lora_A.weight``)
+    when the moved key is one of ``known``; other keys stay as they are.
+
+    Example::
+
+        >>> upgrade_state_keys({"0.lora_A.weight": 1, "1.bias": 2}, ["0.adapters.default.lora_A.weight"])
+        {'0.adapters.default.lora_A.weight': 1, '1.bias': 2}
+    """
+    known = set(known)
+    out = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        moved = (".".join([*parts[:i], _ADAPTERS, DEFAULT_ADAPTER, *parts[i:]]) for i in range(1, len(parts)))
+        out[next((m for m in moved if m in known), key) if key not in known else key] = value
+    return out
