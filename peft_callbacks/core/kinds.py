@@ -11,6 +11,10 @@ kind            layers
 ``"hf_conv1d"`` transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed as ``(in, out)``
 ==============  ===================================================================================
 
+Quantized layers (bitsandbytes ``Linear4bit`` and ``Linear8bitLt``) have the kinds ``"linear_4bit"`` and
+``"linear_8bit"`` (:mod:`peft_callbacks.core.quantized`): linear layers whose weight is read dequantized and never
+written in place. An adapter class written for ``"linear"`` adapts them too (:func:`dequantized_kind`).
+
 Layers that are not linear in their weight (timm's weight-standardised ``ScaledStdConv2d``, ``Conv2dSame`` with its
 own padding) and ``nn.MultiheadAttention.out_proj`` (its parent reads the weight and never calls it) have no kind:
 an update added beside them would not equal the merged layer, or would never run.
@@ -35,14 +39,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from peft_callbacks.core import quantized
+
 __all__ = [
     "KIND_NAMES",
+    "LINEAR_KINDS",
     "base_weight",
+    "dequantized_kind",
     "is_custom_layer",
     "is_grouped_conv",
     "is_hf_conv1d",
     "kinds_description",
     "layer_kind",
+    "weight_shape",
     "write_weight",
 ]
 
@@ -50,7 +59,10 @@ KIND_NAMES = {
     "linear": "nn.Linear",
     "conv": "nn.Conv1d/Conv2d/Conv3d (groups=1)",
     "hf_conv1d": "transformers' Conv1D",
+    "linear_4bit": "bitsandbytes Linear4bit",
+    "linear_8bit": "bitsandbytes Linear8bitLt",
 }
+LINEAR_KINDS = ("linear", "hf_conv1d", "linear_4bit", "linear_8bit")  # what ``target_modules="all-linear"`` selects
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -66,6 +78,17 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """Is ``module`` a transformers ``Conv1D`` (GPT-2 style Linear with a transposed weight)?"""
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def dequantized_kind(kind: str | None) -> str | None:
+    """The kind of plain layer a quantized kind computes like (``"linear_4bit"`` → ``"linear"``); others unchanged.
+
+    Example::
+
+        >>> dequantized_kind("linear_8bit"), dequantized_kind("conv")
+        ('linear', 'conv')
+    """
+    return "linear" if kind in ("linear_4bit", "linear_8bit") else kind
 
 
 def is_grouped_conv(module: nn.Module) -> bool:
@@ -105,6 +128,8 @@ def is_custom_layer(module: nn.Module) -> bool:
     """
     if isinstance(module, NonDynamicallyQuantizableLinear):
         return True
+    if quantized.is_quantized(module):  # linear in its dequantized weight, which surgery reads
+        return False
     if not _overrides_forward(module):
         return False
     if module not in _PROBED:
@@ -155,10 +180,16 @@ def _linear_in_weight(module: nn.Module) -> bool:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv"`` or ``"hf_conv1d"`` for weight layers the engine can adapt, else ``None``."""
+    """``"linear"``, ``"conv"``, ``"hf_conv1d"``, ``"linear_4bit"`` or ``"linear_8bit"`` for weight layers the engine
+    can adapt, else ``None``."""
     from peft_callbacks.core.modules import PEFTModule
 
-    if isinstance(module, PEFTModule) or is_custom_layer(module):
+    if isinstance(module, PEFTModule):
+        return None
+    kind = quantized.quantized_kind(module)
+    if kind is not None:
+        return kind
+    if is_custom_layer(module):
         return None
     if isinstance(module, nn.Linear):
         return "linear"
@@ -170,13 +201,45 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it."""
+    """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it.
+
+    Quantized layers give their dequantized ``(out, in)`` weight (a new tensor: writing to it changes nothing).
+    """
+    if quantized.is_quantized(layer):
+        return quantized.dequantize(layer)
     return layer.weight
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The shape of :func:`base_weight` without reading (or dequantizing) any value.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> weight_shape(nn.Conv2d(3, 8, 3))
+        (8, 3, 3, 3)
+    """
+    if quantized.is_quantized(layer):
+        return quantized.weight_shape(layer)
+    return tuple(layer.weight.shape)
 
 
 def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Replace a base layer's weight (and bias, if given) by ``value`` (usually float32), cast to the stored dtype,
-    in place."""
+    in place.
+
+    Raises:
+        ValueError: the weight is stored quantized: rounding ``value`` into 4 or 8 bits would lose most of a small
+            update, so it is done only on request (``merge(model, requantize=True)``) or not at all
+            (``merge(model, dtype=...)`` writes plain layers).
+    """
+    if quantized.stores_quantized(layer):
+        raise ValueError(
+            f"Refusing to write into a {quantized.quantization_label(layer)} weight ({type(layer).__name__}): "
+            f"rounding it back into {'4' if quantized.quantized_kind(layer) == 'linear_4bit' else '8'} bits would "
+            f"lose most of the update. Keep the adapter unmerged, merge into plain layers with "
+            f"`merge(model, dtype=torch.bfloat16)`, or re-quantize on purpose with `merge(model, requantize=True)`."
+        )
     with torch.no_grad():
         layer.weight.copy_(value.to(layer.weight.dtype))
         if bias is not None:

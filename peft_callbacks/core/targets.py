@@ -4,7 +4,7 @@ Pattern rules (the same for ``target_modules`` and ``exclude_modules``, and for 
 
 * ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``) except the task head and the
   vocabulary projection. Grouped/depthwise convolutions are skipped with a log line.
-* ``"all-linear"`` — the same, Linear and ``Conv1D`` only (as in HF PEFT).
+* ``"all-linear"`` — the same, Linear and ``Conv1D`` only (quantized bitsandbytes Linear layers too), as in HF PEFT.
 * a name such as ``"qkv"`` or ``"attn.proj"`` — modules whose path equals it or ends with ``"." + name``.
 * a regular expression (any string holding one of ``* + ? [ ] ( ) { } | ^ $ \\``) — modules whose full path
   matches it (``re.fullmatch``).
@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from peft_callbacks._validation import check_patterns
-from peft_callbacks.core.kinds import KIND_NAMES, is_custom_layer, is_grouped_conv, kinds_description, layer_kind
+from peft_callbacks.core.kinds import (
+    KIND_NAMES,
+    LINEAR_KINDS,
+    is_custom_layer,
+    is_grouped_conv,
+    kinds_description,
+    layer_kind,
+)
 from peft_callbacks.core.modules import PEFTModule
 
 log = logging.getLogger(__name__)
@@ -169,7 +176,7 @@ def resolve_targets(
     if target_modules is None or target_modules == "all-linear":
         linear_only = target_modules == "all-linear"
         for path in candidates:
-            if not linear_only or layer_kind(modules[path]) in ("linear", "hf_conv1d"):
+            if not linear_only or layer_kind(modules[path]) in LINEAR_KINDS:
                 selection.targets.append(path)
         selection.skipped_grouped = [
             p

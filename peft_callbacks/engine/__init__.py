@@ -6,6 +6,8 @@
 * :mod:`~peft_callbacks.engine.method` — :class:`Method` / :class:`LayerMethod` and the registry;
 * :mod:`~peft_callbacks.engine.surgery` — :func:`inject`, :func:`merge`, :func:`unload`, :func:`disabled`,
   :func:`replay`;
+* :mod:`~peft_callbacks.engine.precision` — where a merged weight goes: in place, into plain layers of another
+  dtype, or re-quantized (quantized bases);
 * :mod:`~peft_callbacks.engine.transaction` — a failed surgery leaves the model as it was.
 
 See the docs page "Adding a method" for a method written against it.
@@ -23,6 +25,7 @@ from peft_callbacks.engine.method import (
     registered_methods,
     replace_module,
 )
+from peft_callbacks.engine.precision import requantization_error
 from peft_callbacks.engine.surgery import adapt_layer, disabled, inject, merge, peft_layers, replay, unload
 from peft_callbacks.engine.transaction import transaction
 
@@ -47,6 +50,7 @@ __all__ = [
     "registered_methods",
     "replace_module",
     "replay",
+    "requantization_error",
     "transaction",
     "unload",
 ]

@@ -21,11 +21,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from peft_callbacks._validation import check_bool, check_patterns
+from peft_callbacks._validation import check_bool, check_choice, check_patterns
 
-__all__ = ["LayerConfig", "MethodConfig", "not_recorded"]
+__all__ = ["ADAPTER_DTYPES", "LayerConfig", "MethodConfig", "not_recorded"]
+
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def not_recorded(default: Any = None) -> Any:
@@ -121,13 +123,20 @@ class LayerConfig(MethodConfig):
             a module name (exact or dotted suffix), a regex, or a list of these
             (see :mod:`peft_callbacks.core.targets`).
         exclude_modules: patterns of modules (and everything inside them) to leave alone.
+        adapter_dtype: the dtype of the adapters' tensors: ``None`` keeps each base weight's dtype, and float32 on
+            quantized (bitsandbytes) layers, as QLoRA does; ``"bfloat16"`` or ``"float16"`` halve their memory
+            (e.g. to match a quantized layer's compute dtype), ``"float32"`` trains them in full precision around a
+            half-precision base.
     """
 
     target_modules: str | list[str] | None = not_recorded()
     exclude_modules: str | list[str] | None = not_recorded()
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.adapter_dtype is not None:
+            check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if self.target_modules != "all-linear":
             self._set("target_modules", check_patterns("target_modules", self.target_modules))
         self._set("exclude_modules", check_patterns("exclude_modules", self.exclude_modules))

@@ -39,7 +39,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, write_weight
+from peft_callbacks.core.kinds import (
+    KIND_NAMES,
+    base_weight,
+    dequantized_kind,
+    kinds_description,
+    layer_kind,
+    weight_shape,
+    write_weight,
+)
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.engine.config import MethodConfig
 
@@ -56,6 +64,10 @@ class Adapter(PEFTModule):
     methods also implement :meth:`merge_into` and :meth:`unmerge_from`. Methods that change the layer's *input*
     (IA3 on feed-forward layers, OFT) set ``changes_input = True`` and implement :meth:`transform_input`.
 
+    A subclass for ``"linear"`` layers adapts quantized linear layers too (``"linear_4bit"``, ``"linear_8bit"``,
+    when the method's dispatch table lists them): its forward gets the quantized layer's output, and the weight it
+    reads through :func:`~peft_callbacks.core.kinds.base_weight` is the dequantized one.
+
     Args:
         base_layer: the layer this adapter updates (read for shapes, device and dtype; not stored).
         config: the method's config (shared by all its adapters; not a module, never in ``state_dict``).
@@ -69,7 +81,7 @@ class Adapter(PEFTModule):
     def __init__(self, base_layer: nn.Module, config: MethodConfig) -> None:
         super().__init__()
         kind = layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
-        if kind is None or (self.base_kind is not None and kind != self.base_kind):
+        if kind is None or (self.base_kind is not None and dequantized_kind(kind) != self.base_kind):
             wanted = f"a {self.base_kind} layer" if self.base_kind else "a weight layer the method supports"
             raise TypeError(
                 f"`base_layer` of {type(self).__name__} must be {wanted} ({kinds_description(tuple(KIND_NAMES))}, "
@@ -80,7 +92,7 @@ class Adapter(PEFTModule):
             raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
         self.config = config
         self.kind = kind
-        self.weight_shape = tuple(base_weight(base_layer).shape)
+        self.weight_shape = weight_shape(base_layer)  # as stored; quantized layers: (out, in)
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees (only called when ``changes_input``)."""

@@ -19,7 +19,7 @@ Example::
     True
     >>> method = get_method("lora")
     >>> method.title, method.mergeable, sorted(method.adapter_classes)
-    ('LoRA', True, ['conv', 'hf_conv1d', 'linear'])
+    ('LoRA', True, ['conv', 'hf_conv1d', 'linear', 'linear_4bit', 'linear_8bit'])
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.core.kinds import base_weight, kinds_description, layer_kind
+from peft_callbacks.core.kinds import dequantized_kind, kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -237,8 +237,9 @@ class LayerMethod(Method):
             module = model.get_submodule(path)
             layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
             base = layer.base_layer
-            with torch.device(base_weight(base).device):  # created where the base weight lives (free on `meta`)
-                layer.add_adapter(adapter_name, self.create_adapter(model, path, base, config, shared))
+            with torch.device(base.weight.device):  # created where the base weight lives (free on `meta`)
+                adapter = self.create_adapter(model, path, base, config, shared)
+            layer.add_adapter(adapter_name, cast_adapter(adapter, base, config))
             if layer is not module:
                 replace_module(model, path, layer)
 
@@ -281,6 +282,17 @@ class ModuleMethod(Method):
 
     def record(self, config: MethodConfig, targets: list[str]) -> dict[str, Any]:
         return super().record(config, targets) if targets else config.to_dict()
+
+
+def cast_adapter(adapter: Adapter, base: nn.Module, config: MethodConfig) -> Adapter:
+    """Put ``adapter``'s tensors in ``config.adapter_dtype``; on a quantized base layer in float32 by default (its
+    stored weight is integer, and QLoRA trains the adapter in full precision around it)."""
+    name = getattr(config, "adapter_dtype", None)
+    if name is not None:
+        return adapter.to(getattr(torch, name))
+    if dequantized_kind(layer_kind(base)) != layer_kind(base):
+        return adapter.to(torch.float32)
+    return adapter
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

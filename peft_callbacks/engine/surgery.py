@@ -35,10 +35,11 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from peft_callbacks._validation import check_module
+from peft_callbacks._validation import check_bool, check_module
+from peft_callbacks.core import quantized
 from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
-from peft_callbacks.core.kinds import layer_kind, write_weight
+from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import (
     count_parameters,
@@ -51,7 +52,21 @@ from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_m
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
-from peft_callbacks.engine.method import LayerMethod, Method, get_method, registered_methods, replace_module
+from peft_callbacks.engine.method import (
+    LayerMethod,
+    Method,
+    cast_adapter,
+    get_method,
+    registered_methods,
+    replace_module,
+)
+from peft_callbacks.engine.precision import (
+    check_dtype,
+    dequantize_model,
+    log_requantization,
+    refuse_quantized_merge,
+    write_merged,
+)
 from peft_callbacks.engine.transaction import transaction
 
 __all__ = ["adapt_layer", "disabled", "inject", "merge", "peft_layers", "replay", "unload"]
@@ -102,7 +117,8 @@ def adapt_layer(base_layer: nn.Module, config: MethodConfig, adapter_name: str =
     if not isinstance(method, LayerMethod) or kind not in method.adapter_classes:
         raise TypeError(f"`base_layer` must be a layer {method.title} can adapt, got {type(base_layer).__name__}.")
     layer = AdaptedLayer(base_layer)
-    layer.add_adapter(adapter_name, method.adapter_class(kind, config)(base_layer, config))
+    adapter = method.adapter_class(kind, config)(base_layer, config)
+    layer.add_adapter(adapter_name, cast_adapter(adapter, base_layer, config))
     return layer
 
 
@@ -144,6 +160,8 @@ def inject(
             f"updates. Call {method.removal} first, or give the new one another `adapter_name`."
         )
     head = find_head(model)
+    if config.train_head:
+        _refuse_quantized_head(model, head.head)
     with transaction(model):
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
@@ -155,6 +173,8 @@ def inject(
         apply_batchnorm_rule(model, config, head.head if config.train_head else [])
         enable_input_grads_for_checkpointing(model)
         record_surgery(model, method.name, method.record(config, targets), adapter_name)
+        if quantized.holds_quantized(model):
+            _prepare_quantized(model)
     log.info(
         "%s%s on %d module(s) of %s%s; head %s (%s); %s",
         method.title,
@@ -167,6 +187,40 @@ def inject(
         count_parameters(model),
     )
     return model
+
+
+def _refuse_quantized_head(model: nn.Module, head: list[str]) -> None:
+    """A quantized task head cannot train (its weight is stored in integers): say how to keep it in floating point."""
+    found = [
+        sub
+        for p in head
+        for sub, m in model.get_submodule(p).named_modules(prefix=p)
+        if quantized.is_quantized(m) and not isinstance(m, PEFTModule)
+    ]
+    if found:
+        raise ValueError(
+            f"The task head of {type(model).__name__} ({', '.join(found)}) is a quantized bitsandbytes layer, which "
+            f"cannot train, and `train_head=True` would train it. Keep it out of quantization (transformers: "
+            f"`BitsAndBytesConfig(llm_int8_skip_modules=[...])`; Lightning: `BitsandbytesPrecision(..., "
+            f"ignore_modules={{...}})`), or pass `train_head=False` to leave it frozen."
+        )
+
+
+def _prepare_quantized(model: nn.Module) -> None:
+    """A quantized base gets what PEFT's ``prepare_model_for_kbit_training`` does (norms in float32, …)."""
+    upcast = quantized.prepare_quantized_base(model)
+    layers = quantized.quantized_layers(model)
+    if any(m.weight.device.type == "meta" for m in layers.values()):
+        return  # a dry run on a shadow of the model (see engine.shadow): nothing to report
+    formats = sorted({quantized.quantization_label(m) for m in layers.values()})
+    log.info(
+        "%s has a quantized base: %d bitsandbytes layer(s) (%s), kept frozen and bit-identical; %d half-precision "
+        "parameter(s) put in float32.",
+        type(model).__name__,
+        len(layers),
+        ", ".join(formats) or "none loaded",
+        len(upcast),
+    )
 
 
 def apply_batchnorm_rule(model: nn.Module, config: MethodConfig, head: list[str] | None = None) -> None:
@@ -197,22 +251,49 @@ def _after_removal(model: nn.Module, method: Method, adapter_name: str | None) -
         unfreeze_batchnorm_stats(model)
 
 
-def merge(model: nn.Module, method: str | None = None) -> nn.Module:
+def merge(
+    model: nn.Module,
+    method: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    requantize: bool = False,
+) -> nn.Module:
     """Fold every mergeable adapter into its base weight and put the original layers back (in place).
 
-    The merged weights are computed in float32 and cast back to each base weight's dtype, so bf16/fp16 models lose no
-    more precision than one rounding. Every merged weight is checked for NaN/Inf before any layer changes; afterwards
-    ``model.state_dict()`` has the original keys and module types. Calling it again changes nothing.
+    The merged weights are computed in float32 (on quantized bases from the dequantized weights) and cast back to
+    each base weight's dtype, so bf16/fp16 models lose no more precision than one rounding. Every merged weight is
+    checked for NaN/Inf before any layer changes; afterwards ``model.state_dict()`` has the original keys and module
+    types. Calling it again changes nothing.
+
+    A quantized (bitsandbytes) base is never re-rounded silently: merging into it needs ``dtype`` or ``requantize``
+    (see :mod:`peft_callbacks.engine.precision`).
 
     Args:
         model: the adapted model.
         method: merge only this method's adapters (``"lora"``); by default every mergeable one.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype): the whole model becomes a plain
+            model in this dtype: merged layers hold their merged weight, quantized layers are replaced by plain
+            ``nn.Linear`` layers holding their dequantized weight, every other tensor is cast. ``None`` keeps each
+            weight's dtype.
+        requantize: on a quantized base, quantize each merged weight again in its layer's format (lossy; the share
+            of each update the rounding changes is logged, see
+            :func:`~peft_callbacks.engine.precision.requantization_error`).
 
     Raises:
-        ValueError: a merged weight would not be finite (the message names the layer), or a layer also holds an
-            adapter that cannot be merged.
+        ValueError: a merged weight would not be finite (the message names the layer), a layer also holds an adapter
+            that cannot be merged, or a quantized base without ``dtype``/``requantize``. The model is then unchanged.
+        ImportError: ``requantize`` without an importable bitsandbytes (the message names the extra to install).
     """
     check_module("model", model)
+    dtype = check_dtype("dtype", dtype)
+    check_bool("requantize", requantize)
+    if dtype is not None and requantize:
+        raise ValueError(
+            f"`dtype={dtype}` and `requantize=True` contradict each other: `dtype` writes plain layers of that dtype, "
+            f"`requantize` rounds merged weights back into the quantized format. Choose one."
+        )
+    if requantize:
+        quantized.require_bitsandbytes("re-quantize merged weights (`requantize=True`)")
     methods = [m for m in _methods(model, method) if m.mergeable]
     layers = {p: layer for m in methods for p, layer in m.modules(model).items()}
     merged = {}
@@ -220,6 +301,9 @@ def merge(model: nn.Module, method: str | None = None) -> nn.Module:
         unmergeable = [n for n, a in layer.adapters.items() if not a.mergeable]
         if unmergeable:
             raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight.")
+        if quantized.stores_quantized(layer.base_layer) and dtype is None and not requantize:
+            refuse_quantized_merge(path, layer)
+    for path, layer in layers.items():
         layer.unmerge()
         with torch.no_grad():
             merged[path] = (layer.merged_weight(), layer.merged_bias())
@@ -227,11 +311,20 @@ def merge(model: nn.Module, method: str | None = None) -> nn.Module:
         for tensor in merged[path]:
             if tensor is not None:
                 check_finite(f"{titles} into {path!r}", tensor)
+    errors = {}
     for path, layer in layers.items():
-        write_weight(layer.base_layer, *merged[path])
-        replace_module(model, path, layer.base_layer)
+        base, error = write_merged(layer, *merged.pop(path), dtype, requantize)
+        replace_module(model, path, base)
+        if error is not None:
+            errors[path] = error
     for m in methods:
         _after_removal(model, m, None)
+    if dtype is not None:
+        dequantized = dequantize_model(model, dtype)
+        log.info(
+            "%s is now a plain %s model (%d quantized layer(s) dequantized).", type(model).__name__, dtype, dequantized
+        )
+    log_requantization(model, errors)
     if layers:
         log.info("Merged %d layer(s) of %s.", len(layers), type(model).__name__)
     return model

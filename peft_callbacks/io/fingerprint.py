@@ -6,6 +6,11 @@ not change, read through the LoRA wrappers (``base_layer``), preferring the weig
 against. Only the first ``2**20`` values of a tensor are hashed, which tells two pretrained checkpoints apart at a
 small cost even for large models.
 
+A quantized (bitsandbytes) weight is fingerprinted by what the layer computes with: its logical ``(out, in)`` shape
+and the hash of its dequantized values, recorded with its format (``"nf4"``, ``"fp4"``, ``"int8"``) as dtype. The
+same checkpoint quantized again hashes the same, whatever layout bitsandbytes keeps the bits in; a 16-bit base, or
+one quantized in another format, is told apart (the message shows both formats).
+
 Example::
 
     >>> import torch, torch.nn as nn
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peft_callbacks.core import quantized
 from peft_callbacks.io.state import BASE_LAYER, base_keys, wrapper_paths
 
 __all__ = ["architecture", "base_fingerprint", "compare_fingerprints", "tensor_digest"]
@@ -107,15 +113,24 @@ def base_fingerprint(model: nn.Module, hash_names: Iterable[str] | None = None, 
     keys = base_keys(model)
     state = model.state_dict(keep_vars=True)
     by_name = {name: state[key] for key, name in keys.items()}
+    layers = {
+        keys[f"{path}.weight"]: m for path, m in quantized.quantized_layers(model).items() if f"{path}.weight" in keys
+    }
     names = _choose_hashed(model, keys, count) if hash_names is None else [n for n in hash_names if n in by_name]
+
+    def shape(name: str) -> list[int]:
+        return list(quantized.weight_shape(layers[name]) if name in layers else by_name[name].shape)
+
+    def digest(name: str) -> dict[str, str]:
+        if name in layers:
+            layer = layers[name]
+            return {"sha256": tensor_digest(quantized.dequantize(layer)), "dtype": quantized.quantization_label(layer)}
+        return {"sha256": tensor_digest(by_name[name]), "dtype": str(by_name[name].dtype).removeprefix("torch.")}
+
     return {
         "architecture": architecture(model),
-        "shapes": {name: list(t.shape) for name, t in by_name.items()},
-        "hashes": {
-            n: {"sha256": tensor_digest(by_name[n]), "dtype": str(by_name[n].dtype).removeprefix("torch.")}
-            for n in names
-            if by_name[n].device.type != "meta"
-        },
+        "shapes": {name: shape(name) for name in by_name},
+        "hashes": {n: digest(n) for n in names if by_name[n].device.type != "meta"},
     }
 
 

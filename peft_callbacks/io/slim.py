@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
-from peft_callbacks.io.state import base_keys, base_state, trained_state
+from peft_callbacks.io.state import base_keys, base_state, loaded_keys, trained_state
 
 __all__ = ["SLIM_FORMAT_VERSION", "SlimCheckpointError", "fill_slim_state_dict", "slim_state_dict"]
 
@@ -89,7 +89,8 @@ def fill_slim_state_dict(
     """Put the base tensors of ``model`` back into a slim ``state_dict`` (in place) and return it.
 
     The base tensors are read from ``model`` as it is now, through its PEFT wrappers, so this works before or after
-    the surgery is redone on it.
+    the surgery is redone on it. Only the keys that ``load_state_dict`` reads are put back (a quantized layer's
+    statistics stay out: the layer as built already holds them, and loading them is refused).
 
     Raises:
         SlimCheckpointError: a newer format, or ``model``'s base differs from the checkpoint's (another model,
@@ -119,6 +120,8 @@ def fill_slim_state_dict(
             f"(unmerged: after a LoRA merge, rebuild it or keep `merge_on_train_end=False`), or use full checkpoints."
         )
     base = base_state(model)
+    loaded = loaded_keys(model)
     for key, name in record["omitted"].items():
-        state_dict.setdefault(key, base[name])
+        if key in loaded:
+            state_dict.setdefault(key, base[name])
     return state_dict

@@ -29,7 +29,16 @@ import torch.nn as nn
 
 from peft_callbacks.core.modules import PEFTModule
 
-__all__ = ["BASE_LAYER", "base_keys", "base_name", "base_state", "peft_owned", "trained_state", "wrapper_paths"]
+__all__ = [
+    "BASE_LAYER",
+    "base_keys",
+    "base_name",
+    "base_state",
+    "loaded_keys",
+    "peft_owned",
+    "trained_state",
+    "wrapper_paths",
+]
 
 BASE_LAYER = "base_layer"
 
@@ -142,6 +151,31 @@ def base_keys(model: nn.Module) -> dict[str, str]:
         for key, tensor in model.state_dict(keep_vars=True).items()
         if id(tensor) not in owned
     }
+
+
+def loaded_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys that ``model.load_state_dict`` reads back: parameters, persistent buffers and extra
+    state. Layers may write more than they read: bitsandbytes' 4-bit layers add their quantization statistics
+    (``weight.absmax``, …), which loading refuses as unexpected.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> sorted(loaded_keys(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))))
+        ['0.bias', '0.weight', '1.bias', '1.num_batches_tracked', '1.running_mean', '1.running_var', '1.weight']
+    """
+    keys = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        keys.update(prefix + name for name, p in module._parameters.items() if p is not None)
+        keys.update(
+            prefix + name
+            for name, b in module._buffers.items()
+            if b is not None and name not in module._non_persistent_buffers_set
+        )
+        if type(module).get_extra_state is not nn.Module.get_extra_state:
+            keys.add(prefix + "_extra_state")
+    return keys
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -133,15 +133,28 @@ def _from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
 
 
 class LoRAMethod(LayerMethod):
-    """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers; DoRA when ``use_dora``."""
+    """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers, and on bitsandbytes 4-/8-bit Linear layers
+    (QLoRA); DoRA when ``use_dora``."""
 
     name = "lora"
     title = "LoRA"
     config_class = LoRAConfig
     existing_modules = "LoRA on {count} layer(s)"
     removal = "merge_lora(model) or unload_lora(model)"
-    adapter_classes = {"linear": LoRALinear, "conv": LoRAConv, "hf_conv1d": LoRAConv1D}
-    dora_classes = {"linear": DoRALinear, "conv": DoRAConv, "hf_conv1d": DoRAConv1D}
+    adapter_classes = {
+        "linear": LoRALinear,
+        "conv": LoRAConv,
+        "hf_conv1d": LoRAConv1D,
+        "linear_4bit": LoRALinear,  # QLoRA: the branch is added to the quantized layer's output
+        "linear_8bit": LoRALinear,
+    }
+    dora_classes = {
+        "linear": DoRALinear,
+        "conv": DoRAConv,
+        "hf_conv1d": DoRAConv1D,
+        "linear_4bit": DoRALinear,  # its norm reads the dequantized weight
+        "linear_8bit": DoRALinear,
+    }
     peft = PeftMapping("LORA", _to_peft, _from_peft, keys={"lora_magnitude_vector": "lora_magnitude_vector.weight"})
 
     def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
@@ -170,6 +183,7 @@ def inject_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
     adapter_name: str = "default",
+    adapter_dtype: str | None = None,
 ) -> nn.Module:
     """Wrap the selected layers of ``model`` with LoRA and freeze everything else (in place).
 
@@ -181,14 +195,16 @@ def inject_lora(
         rank: LoRA rank ``r`` (> 0).
         alpha: ``lora_alpha`` (> 0).
         dropout: dropout on the LoRA branch input, in ``[0, 1)``.
-        target_modules: which layers to adapt; ``None`` (every Linear/Conv/``Conv1D`` outside the head),
-            ``"all-linear"``, names, regexes or a list (see :mod:`peft_callbacks.core.targets`).
+        target_modules: which layers to adapt; ``None`` (every Linear/Conv/``Conv1D``, quantized ones too, outside
+            the head), ``"all-linear"``, names, regexes or a list (see :mod:`peft_callbacks.core.targets`).
         exclude_modules: patterns of modules to leave alone.
         train_head: keep the task head trainable.
         train_bn: let BatchNorm layers outside the head train; by default their running statistics stay frozen.
         use_rslora: scale by ``alpha / sqrt(rank)``.
         use_dora: DoRA (:mod:`peft_callbacks.methods.lora.dora`).
         adapter_name: the adapter's name (several adapters can share a model).
+        adapter_dtype: dtype of the factors (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``: the base
+            weight's dtype, float32 on quantized (bitsandbytes) layers.
 
     Returns:
         ``model`` itself, modified in place.
