@@ -85,10 +85,12 @@ __all__ = [
     "loraplus_param_groups",
     "merge",
     "merge_lora",
+    "prepare_quantized_base",
     "registered_methods",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
+    "requantization_error",
     "save_adapter",
     "split_layers",
     "unload",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+    from peft_callbacks.core.quantized import prepare_quantized_base
     from peft_callbacks.engine import (
         AdaptedLayer,
         Adapter,
@@ -127,6 +130,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         inject,
         merge,
         registered_methods,
+        requantization_error,
         unload,
     )
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers

@@ -5,6 +5,11 @@ checkpoint restore → optimizers. A network built in ``LightningModule.setup`` 
 yet at ``Callback.setup``, so the surgery is scheduled to run right after the module's ``configure_model`` (whether
 or not the module overrides it): after the network exists, before a checkpoint is restored into it and before
 ``configure_optimizers`` sees its parameters.
+
+Lightning's ``BitsandbytesPrecision`` plugin replaces the Linear layers later, in ``convert_module`` (called by the
+strategy right before it moves the model to its device, where bitsandbytes quantizes the weights), and patches
+``torch.nn.Linear`` while ``configure_model`` runs. With that plugin the surgery runs right after ``convert_module``
+instead: it then adapts the plugin's quantized layers, and its own layers are neither replaced nor quantized.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import BitsandbytesPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks._validation import check_optional_str
@@ -29,12 +36,13 @@ log = logging.getLogger(__name__)
 _PENDING = "_peft_callbacks_pending_{}"
 
 
-def run_after_hook(pl_module: pl.LightningModule, hook: str, surgery: Callable[..., None]) -> None:
+def run_after_hook(pl_module: Any, hook: str, surgery: Callable[..., None]) -> None:
     """Run ``surgery(*args)`` right after Lightning calls ``pl_module.<hook>(*args)`` (once).
 
     An instance-level hook is installed that calls the class's own hook first, then every scheduled surgery in
     order, and then removes itself, so the module pickles and behaves as before. Several callbacks can schedule
-    surgery on the same hook. :func:`remove_scheduled_hooks` drops whatever did not run.
+    surgery on the same hook. :func:`remove_scheduled_hooks` drops whatever did not run. ``pl_module`` may be any
+    object whose method Lightning calls (the precision plugin's ``convert_module``).
     """
     key = _PENDING.format(hook)
     pending = pl_module.__dict__.get(key)
@@ -61,9 +69,26 @@ def run_after_configure_model(pl_module: pl.LightningModule, surgery: Callable[[
     run_after_hook(pl_module, "configure_model", surgery)
 
 
-def remove_scheduled_hooks(pl_module: pl.LightningModule) -> None:
+def run_after_conversion(trainer: pl.Trainer, pl_module: pl.LightningModule, surgery: Callable[[], None]) -> None:
+    """Run ``surgery()`` once the network exists and the precision plugin has converted its layers.
+
+    Right after ``configure_model`` (see the module docstring), or, with a plugin that replaces layers
+    (``BitsandbytesPrecision``), right after its ``convert_module``.
+    """
+    if replaces_layers(trainer):
+        run_after_hook(trainer.precision_plugin, "convert_module", lambda module: surgery())
+    else:
+        run_after_configure_model(pl_module, surgery)
+
+
+def replaces_layers(trainer: pl.Trainer) -> bool:
+    """Does the trainer's precision plugin replace the model's layers in ``convert_module`` (bitsandbytes)?"""
+    return isinstance(getattr(trainer, "precision_plugin", None), BitsandbytesPrecision)
+
+
+def remove_scheduled_hooks(pl_module: Any) -> None:
     """Drop instance-level hooks installed by :func:`run_after_hook` that never ran."""
-    for hook in ("configure_model", "on_load_checkpoint"):
+    for hook in ("configure_model", "on_load_checkpoint", "convert_module"):
         if pl_module.__dict__.pop(_PENDING.format(hook), None) is not None:
             pl_module.__dict__.pop(hook, None)
 
@@ -112,7 +137,21 @@ class SurgeryCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._applied = False
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module))
+            if replaces_layers(trainer):
+                run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._refuse_early_restore())
+
+    def _refuse_early_restore(self) -> None:
+        """Lightning restores ``fit(ckpt_path=...)`` before the precision plugin converts the layers, so before a
+        surgery that waits for the conversion: the checkpoint's tensors would have nowhere to go."""
+        if not self._applied:
+            raise ValueError(
+                f"{self.name} cannot resume from `ckpt_path` under BitsandbytesPrecision: Lightning restores the "
+                f"checkpoint before the plugin converts the model's layers, and this callback's surgery waits for "
+                f"the conversion. Load the model quantized with transformers' `from_pretrained(..., "
+                f"quantization_config=BitsAndBytesConfig(...))` instead (resumable with SlimCheckpoint), or start the "
+                f"run without `ckpt_path`."
+            )
 
     def run_surgery(self, pl_module: nn.Module) -> None:
         """Find the models inside ``pl_module`` and apply the surgery to each (used by :meth:`setup`)."""
@@ -156,6 +195,7 @@ class SurgeryCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_scheduled_hooks(pl_module)
+        remove_scheduled_hooks(trainer.precision_plugin)
 
     # -- state ----------------------------------------------------------------------------------------------------
     @property

@@ -41,6 +41,11 @@ class LoRACallback(PEFTCallback):
     weights. At ``on_train_end`` LoRA is folded into the base weights in float32: the module is a plain model again,
     with its original keys and layer types.
 
+    On a quantized base (a transformers model loaded with ``BitsAndBytesConfig``, or Lightning's
+    ``BitsandbytesPrecision``) this is QLoRA: the 4-/8-bit layers stay frozen and bit-identical, the factors train in
+    float32, and at the end LoRA stays unmerged and is saved, unless ``merged_dtype`` asks for a merged plain model
+    (see :class:`~peft_callbacks.callbacks.peft.PEFTCallback` and the docs page "Quantized bases").
+
     Args:
         rank: LoRA rank ``r`` (> 0).
         alpha: ``lora_alpha`` (> 0); ``scaling = alpha / rank``.
@@ -65,6 +70,10 @@ class LoRACallback(PEFTCallback):
         save_adapter_to: directory for the adapter file (LoRA factors + head + recipe), written before the merge.
         save_merged_to: directory for the merged model's weights, written after the merge.
         adapter_name: the name of the adapter (several can share a model).
+        adapter_dtype: dtype of the LoRA factors (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``: the base
+            weight's dtype, float32 on quantized layers.
+        merged_dtype: merge into a plain model of this dtype (``"bfloat16"``, …; quantized layers dequantized);
+            ``None`` keeps each weight's dtype, and LoRA unmerged on a quantized base.
 
     Example::
 
@@ -98,9 +107,13 @@ class LoRACallback(PEFTCallback):
         save_adapter_to: str | None = None,
         save_merged_to: str | None = None,
         adapter_name: str = "default",
+        adapter_dtype: str | None = None,
+        merged_dtype: str | None = None,
     ) -> None:
         config = LoRAConfig.from_arguments(locals())
-        super().__init__(config, adapter_name, module, merge_on_train_end, save_adapter_to, save_merged_to)
+        super().__init__(
+            config, adapter_name, module, merge_on_train_end, save_adapter_to, save_merged_to, merged_dtype
+        )
         if loraplus_lr_ratio is not None:
             loraplus_lr_ratio = check_positive_float("loraplus_lr_ratio", loraplus_lr_ratio)
         self.loraplus_lr_ratio = loraplus_lr_ratio

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,13 +24,16 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool
-from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model, run_after_hook
+from peft_callbacks.callbacks.base import SurgeryCallback, run_after_conversion, run_after_hook
+from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import unfreeze_batchnorm_stats
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
+from peft_callbacks.engine.precision import check_dtype
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
+from peft_callbacks.io.adapter_file import save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +55,23 @@ class PEFTCallback(SurgeryCallback):
     frozen BatchNorm with zero scale, a layer the model never calls), so an adapter that cannot train never goes
     unnoticed.
 
+    **Quantized bases** (bitsandbytes 4-/8-bit layers, QLoRA): the adapters train around the frozen quantized layers.
+    At the end the adapter stays unmerged by default, because rounding a merged weight back into 4 or 8 bits would
+    lose most of the update: it is saved (to ``save_adapter_to``, else ``<log_dir>/adapter``) and a log line says
+    so. With ``merged_dtype`` the model is merged into a plain model of that dtype instead, from the dequantized
+    weights; ``save_merged_to`` then writes it.
+
     Args:
         config: the method and its settings, e.g. ``LoRAConfig(rank=8)`` or ``BottleneckConfig(bottleneck=16)``.
         adapter_name: the name of the adapter this callback trains.
         module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
-        merge_on_train_end: fold a mergeable method into the base weights when training ends.
+        merge_on_train_end: fold a mergeable method into the base weights when training ends (on a quantized base
+            only with ``merged_dtype``, see above).
         save_adapter_to: directory for the adapter file (trained tensors + recipe), written before the merge.
         save_merged_to: directory for the model's full weights, written after the merge.
+        merged_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: merge into a plain model of this dtype (every
+            tensor cast, quantized layers dequantized; e.g. a bfloat16 model merged in float32, or a 4-bit base
+            merged into bfloat16). ``None`` keeps each weight's dtype, and keeps adapters on quantized bases unmerged.
 
     Example::
 
@@ -82,11 +96,14 @@ class PEFTCallback(SurgeryCallback):
         merge_on_train_end: bool = True,
         save_adapter_to: str | None = None,
         save_merged_to: str | None = None,
+        merged_dtype: str | None = None,
     ) -> None:
         super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
         self.config = check_config(config)
         self.adapter_name = check_adapter_name(adapter_name)
         self.merge_on_train_end = check_bool("merge_on_train_end", merge_on_train_end)
+        check_dtype("merged_dtype", merged_dtype)
+        self.merged_dtype = merged_dtype
         self.recipes: dict[str, list[dict[str, Any]]] = {}
         self._reinjected = False
         self._gradients_checked = False
@@ -130,13 +147,48 @@ class PEFTCallback(SurgeryCallback):
         return True
 
     def run_surgery(self, pl_module: nn.Module) -> None:
+        needs_dtype = self.save_merged_to and self.merged_dtype is None and self._merges()
+        if needs_dtype and quantized.holds_quantized(pl_module):
+            raise ValueError(
+                f"{self.name}(save_merged_to={self.save_merged_to!r}) on a quantized base needs `merged_dtype` "
+                f"('bfloat16', 'float16' or 'float32'): the merged model is written as a plain model of that dtype, "
+                f"from the dequantized weights. Without it the adapter stays unmerged (rounding the merge back into "
+                f"the quantized weights would lose most of the update); use `save_adapter_to` for it."
+            )
         super().run_surgery(pl_module)
         self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.method.mergeable and self.merge_on_train_end:
-            merge(pl_module, method=self.method.name)
+        if self._merges():
+            self._merge(pl_module, trainer)
         unfreeze_batchnorm_stats(pl_module)  # training is over: BatchNorm layers behave as usual again
+
+    def _merges(self) -> bool:
+        return self.method.mergeable and self.merge_on_train_end
+
+    def _merge(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Merge as configured; on a quantized base without ``merged_dtype`` keep the adapter (saved) instead."""
+        if self.merged_dtype is not None:
+            for _, model in find_models(pl_module, self.module):
+                merge(model, method=self.method.name, dtype=self.merged_dtype)
+            return
+        layers = self.method.modules(pl_module)
+        kept = sorted({quantized.quantization_label(m.base_layer) for m in layers.values() if _is_quantized(m)})
+        if not kept:
+            merge(pl_module, method=self.method.name)
+            return
+        if trainer is None:
+            return  # after validate/test: the adapter stays, as after fit
+        directory = self.save_adapter_to
+        if directory is None and trainer.is_global_zero:
+            directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter")
+            save_adapter(pl_module, directory)
+        rank_zero_info(
+            f"{self.name}: the base is quantized (bitsandbytes {', '.join(kept)}), so {self.method.title} stays "
+            f"unmerged: rounding merged weights back into the quantized format would lose most of the update. The "
+            f"adapter is saved in {directory}; load it onto the same quantized base with load_adapter, or pass "
+            f"merged_dtype='bfloat16' for a merged plain model (from the dequantized weights)."
+        )
 
     # -- gradients reach every adapter ----------------------------------------------------------------------------
     def on_before_optimizer_step(
@@ -161,7 +213,7 @@ class PEFTCallback(SurgeryCallback):
         if stage == "fit":
             return
         if not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module))
         else:
             run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
 
@@ -185,7 +237,7 @@ class PEFTCallback(SurgeryCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if self._reinjected and self.merge_on_train_end:
-            merge(pl_module, method=self.method.name)
+            self._merge(pl_module)
         self._reinjected = False
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -206,6 +258,11 @@ def _modules_without_gradient(pl_module: nn.Module, method) -> list[str]:
         if params and all(p.grad is None or not bool(p.grad.any()) for p in params):
             silent.append(path)
     return silent
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    base = layer._modules.get("base_layer")
+    return base is not None and quantized.stores_quantized(base)
 
 
 def _is_base(module: nn.Module, param: torch.Tensor) -> bool:
