@@ -94,6 +94,10 @@ class Case:
     gaps: dict[str, str] = field(default_factory=dict)
     also_raises: tuple[type[BaseException], ...] = ()
 
+    def accepted(self, argument: str) -> list:
+        """The legitimate pool values for ``argument``: the row's own, else those every row shares."""
+        return self.accepts.get(argument, SHARED_ACCEPTS.get(argument, []))
+
 
 _NONE_OK = [None]
 _BOOL_OK = [True]
@@ -103,6 +107,8 @@ _MODULE_OK = [None, "bogus"]  # likewise the submodule path
 _PATH_OK = [None, "bogus"]  # any path names a place to write; the fuzz never writes (bogus paths are not tried)
 _DIRECTORY_OK = [None, "bogus", ""]  # "" is the working directory: never tried, the fuzz writes only to temp folders
 _NAME_OK = ["bogus"]  # any non-empty name without dots names an adapter
+# arguments every layer method's config (and a callback or function building one) shares, accepted in every row
+SHARED_ACCEPTS = {"adapter_dtype": _NONE_OK}
 _LORA_CONFIG_ARGS = {
     "alpha": _NUMBER_OK,
     "dropout": [0],
@@ -112,7 +118,6 @@ _LORA_CONFIG_ARGS = {
     "train_bn": _BOOL_OK,
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
-    "adapter_dtype": _NONE_OK,
 }
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -125,7 +130,6 @@ _LORA_CALLBACK_ARGS = {
     "merge_on_train_end": _BOOL_OK,
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
-    "adapter_dtype": _NONE_OK,
     "merged_dtype": _NONE_OK,
     "loraplus_lr_ratio": [None, 1.5],
     "lora_pro": _BOOL_OK,
@@ -194,7 +198,6 @@ CASES: dict[str, Case] = {
             "exclude_modules": _PATTERN_OK,
             "train_head": _BOOL_OK,
             "train_bn": _BOOL_OK,
-            "adapter_dtype": _NONE_OK,
         },
     ),
     "AdaptedLayer": Case(valid=lambda: {"base_layer": nn.Linear(4, 3)}),
@@ -248,7 +251,6 @@ CASES: dict[str, Case] = {
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
             "adapter_name": _NAME_OK,
-            "adapter_dtype": _NONE_OK,
         },
     ),
     "lora_disabled": _model_case(_lora_net, enter=True),
@@ -467,7 +469,7 @@ def test_each_bad_argument_is_refused_by_name(name):
     for argument in _arguments(name):
         if argument in case.gaps:
             continue
-        accepted = case.accepts.get(argument, [])
+        accepted = case.accepted(argument)
         for bad in BAD_VALUES:
             if _is_accepted(bad, accepted):
                 continue
@@ -491,7 +493,7 @@ def test_random_mixtures_of_bad_arguments():
         kwargs = case.valid()
         bad_args = rng.sample(arguments, rng.randint(1, min(3, len(arguments))))
         for argument in bad_args:
-            choices = [v for v in BAD_VALUES if not _is_accepted(v, case.accepts.get(argument, []))]
+            choices = [v for v in BAD_VALUES if not _is_accepted(v, case.accepted(argument))]
             kwargs[argument] = rng.choice(choices)
         _check_refusal(name, bad_args, kwargs)
 
@@ -511,7 +513,7 @@ def test_known_gaps_are_still_open(name, argument):
     case = CASES[name]
     assert argument in _arguments(name), f"{name} has no argument {argument!r}: remove it from gaps"
     for bad in BAD_VALUES:
-        if _is_accepted(bad, case.accepts.get(argument, [])):
+        if _is_accepted(bad, case.accepted(argument)):
             continue
         kwargs = case.valid()
         kwargs[argument] = bad

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 bnb = pytest.importorskip("bitsandbytes")
 hf = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
 
 from lightning.pytorch.plugins.precision import BitsandbytesPrecision  # noqa: E402
 from test_quantized import (  # noqa: E402
@@ -26,7 +27,7 @@ from test_quantized import (  # noqa: E402
     token_ids,
 )
 
-from peft_callbacks import ForgettingMonitor, LoRACallback, SlimCheckpoint, load_adapter  # noqa: E402
+from peft_callbacks import ForgettingMonitor, LoRACallback, SlimCheckpoint, export_peft, load_adapter  # noqa: E402
 from peft_callbacks.core import quantized  # noqa: E402
 
 
@@ -89,8 +90,13 @@ def test_qlora_fit_trains_lora_only_and_keeps_the_adapter(llama_dir, fmt, tmp_pa
     assert (saved / "adapter_model.safetensors").is_file()
     assert "stays unmerged" in caplog.text and str(saved) in caplog.text
     ids = token_ids()
+    trained = logits(module.model, ids)
     reloaded = load_adapter(load_quantized(llama_dir, fmt), saved)
-    torch.testing.assert_close(logits(reloaded, ids), logits(module.model, ids), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(reloaded, ids), trained, rtol=0, atol=1e-6)
+    # HF PEFT's QLoRA with the trained factors (loaded from our export) computes the same
+    export_peft(module.model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(load_quantized(llama_dir, fmt), tmp_path / "peft")
+    torch.testing.assert_close(logits(theirs, ids), trained, rtol=0, atol=1e-5)
 
 
 def test_merged_dtype_writes_a_plain_merged_model(llama_dir, tmp_path):

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.core.kinds import dequantized_kind, kinds_description, layer_kind
+from peft_callbacks.core.kinds import kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -290,7 +291,7 @@ def cast_adapter(adapter: Adapter, base: nn.Module, config: MethodConfig) -> Ada
     name = getattr(config, "adapter_dtype", None)
     if name is not None:
         return adapter.to(getattr(torch, name))
-    if dequantized_kind(layer_kind(base)) != layer_kind(base):
+    if quantized.is_quantized(base):
         return adapter.to(torch.float32)
     return adapter
 
