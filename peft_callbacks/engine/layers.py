@@ -68,7 +68,7 @@ class Adapter(PEFTModule):
 
     def __init__(self, base_layer: nn.Module, config: MethodConfig) -> None:
         super().__init__()
-        kind = layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
+        kind = self.kind_of(base_layer)
         if kind is None or (self.base_kind is not None and kind != self.base_kind):
             wanted = f"a {self.base_kind} layer" if self.base_kind else "a weight layer the method supports"
             raise TypeError(
@@ -80,7 +80,13 @@ class Adapter(PEFTModule):
             raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
         self.config = config
         self.kind = kind
-        self.weight_shape = tuple(base_weight(base_layer).shape)
+        self.weight_shape = tuple(base_weight(base_layer).shape) if kind in KIND_NAMES else ()
+
+    @classmethod
+    def kind_of(cls, base_layer: Any) -> str | None:
+        """The kind of ``base_layer`` as this adapter sees it (:func:`~peft_callbacks.core.kinds.layer_kind`);
+        ``None`` when it cannot adapt it."""
+        return layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees (only called when ``changes_input``)."""
@@ -120,17 +126,22 @@ class AdaptedLayer(PEFTModule):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Module) or layer_kind(base_layer) is None:
-            raise TypeError(
-                f"`base_layer` must be a weight layer ({kinds_description(tuple(KIND_NAMES))}), got "
-                f"{type(base_layer).__name__}."
-            )
+        self.check_base_layer(base_layer)
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._register_load_state_dict_pre_hook(_upgrade_keys, with_module=True)
+
+    @classmethod
+    def check_base_layer(cls, base_layer: Any) -> None:
+        """Refuse a module this wrapper cannot hold (here: anything but a weight layer)."""
+        if not isinstance(base_layer, nn.Module) or layer_kind(base_layer) is None:
+            raise TypeError(
+                f"`base_layer` must be a weight layer ({kinds_description(tuple(KIND_NAMES))}), got "
+                f"{type(base_layer).__name__}."
+            )
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
@@ -199,6 +210,26 @@ class AdaptedLayer(PEFTModule):
         """``merged_weight(names) − W₀`` in float32: what the adapters change."""
         return self.merged_weight(names) - base_weight(self.base_layer).float()
 
+    def merged_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{base tensor name: value}`` (float32) of every base tensor the adapters ``names`` (default: the active
+        ones) change, with them folded in: ``weight`` (and ``bias`` where the layer has one) here."""
+        weight, bias = self.merged_weight(names), self.merged_bias(names)
+        return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    def unmerged_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`merged_state`'s inverse for the merged adapters: the base tensors with them taken out (float32)."""
+        bias = getattr(self.base_layer, "bias", None)
+        weight = base_weight(self.base_layer).float()
+        bias = bias.float() if isinstance(bias, torch.Tensor) else None
+        for name in reversed(self.merged_adapters):
+            weight = self.adapters[name].unmerge_from(self, weight)
+            bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
+        return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    def write_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write :meth:`merged_state`'s tensors into the base layer, each cast to its stored dtype, in place."""
+        write_weight(self.base_layer, tensors["weight"], tensors.get("bias"))
+
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Fold the active adapters (or ``names``) into the base weight in place; the wrapper stays.
 
@@ -209,25 +240,19 @@ class AdaptedLayer(PEFTModule):
             raise ValueError(f"Adapters {self.merged_adapters} are merged already; unmerge them first.")
         names = list(self.active_adapters if names is None else names)
         with torch.no_grad():
-            weight, bias = self.merged_weight(names), self.merged_bias(names)
-        check_finite("into this layer", weight)
-        if bias is not None:
-            check_finite("into this layer's bias", bias)
-        write_weight(self.base_layer, weight, bias)
+            state = self.merged_state(names)
+        for key, tensor in state.items():
+            check_finite(f"into this layer's {key}", tensor)
+        self.write_state(state)
         self.merged_adapters = names
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weight again (float32, cast back once)."""
         if not self.merged_adapters:
             return
-        bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
-            weight = base_weight(self.base_layer).float()
-            bias = bias.float() if isinstance(bias, torch.Tensor) else None
-            for name in reversed(self.merged_adapters):
-                weight = self.adapters[name].unmerge_from(self, weight)
-                bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
-        write_weight(self.base_layer, weight, bias)
+            state = self.unmerged_state()
+        self.write_state(state)
         self.merged_adapters = []
 
     # -- the base layer's attributes pass through ---------------------------------------------------------------

@@ -66,12 +66,32 @@ class PeftMapping:
             options we do not support).
         keys: ``{our per-adapter key: PEFT's key}`` where they differ (``lora_magnitude_vector`` vs
             ``lora_magnitude_vector.weight`` …); PEFT's file keys are ``base_model.model.<path>.<PEFT key>``.
+
+    The optional hooks below are for methods whose tensors are not one-to-one with PEFT's (each defaults to the
+    renaming by ``keys``):
+
+    Attributes:
+        export_layer: ``(adapter) -> {PEFT key under the layer's path: tensor}`` (e.g. LoRA on parameters nests one
+            PEFT wrapper per parameter, PiSSA leaves its frozen initial factors out).
+        import_layer: ``(peft config, adapter, {PEFT key: tensor}) -> {our key: tensor}``, for the adapter just
+            injected (it may fill tensors PEFT does not store from the adapter itself, or pad trimmed ones).
+        export_shared: ``(config, {path: adapter}) -> {key: tensor}``: tensors stored once per model, under
+            ``base_model.<key>`` (VeRA's projections).
+        import_shared: ``(peft config, {path: adapter}, {key: tensor}) -> None``: check (or load) those tensors;
+            raises ``ValueError`` when they cannot be held.
+        targets: ``(model, peft config, module paths) -> targets``: the targets to inject for the modules that hold
+            tensors in PEFT's file (e.g. the parameters a module's tensors adapt).
     """
 
     peft_type: str
     to_peft: Callable[[MethodConfig, dict[str, AdaptedLayer]], dict[str, Any]]
     from_peft: Callable[[dict[str, Any]], MethodConfig]
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    export_layer: Callable[[Adapter], dict[str, torch.Tensor]] | None = None
+    import_layer: Callable[[dict[str, Any], Adapter, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    export_shared: Callable[[MethodConfig, dict[str, Adapter]], dict[str, torch.Tensor]] | None = None
+    import_shared: Callable[[dict[str, Any], dict[str, Adapter], dict[str, torch.Tensor]], None] | None = None
+    targets: Callable[[nn.Module, dict[str, Any], list[str]], list[str]] | None = None
 
 
 class Method:
@@ -231,13 +251,18 @@ class LayerMethod(Method):
         adapter_type = self.adapter_class(layer_kind(base), config)
         return adapter_type(base, config) if shared is None else adapter_type(base, config, shared=shared)
 
+    def wrap(self, model: nn.Module, path: str, module: nn.Module, config: MethodConfig) -> AdaptedLayer:
+        """The wrapper for the module at ``path``: an :class:`AdaptedLayer` (override for modules adapted another way,
+        e.g. LoRA on the parameters of a mixture-of-experts block)."""
+        return AdaptedLayer(module)
+
     def insert(self, model: nn.Module, targets: list[str], config: MethodConfig, adapter_name: str) -> None:
         shared = self.shared(model, targets, config, adapter_name)
         for path in targets:
             module = model.get_submodule(path)
-            layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
+            layer = module if isinstance(module, AdaptedLayer) else self.wrap(model, path, module, config)
             base = layer.base_layer
-            with torch.device(base_weight(base).device):  # created where the base weight lives (free on `meta`)
+            with torch.device(_device_of(base)):  # created where the base weight lives (free on `meta`)
                 layer.add_adapter(adapter_name, self.create_adapter(model, path, base, config, shared))
             if layer is not module:
                 replace_module(model, path, layer)
@@ -287,6 +312,13 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at ``path`` inside ``model``."""
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, new)
+
+
+def _device_of(base: nn.Module) -> torch.device:
+    """Where a base layer's weight lives (for other modules: their first parameter)."""
+    if layer_kind(base) is not None:
+        return base_weight(base).device
+    return next(iter(base.parameters()), torch.empty(0)).device
 
 
 def _check_paths(targets: Any) -> list[str] | None:

@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
-from peft_callbacks.core.kinds import layer_kind, write_weight
+from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import (
     count_parameters,
@@ -222,13 +222,12 @@ def merge(model: nn.Module, method: str | None = None) -> nn.Module:
             raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight.")
         layer.unmerge()
         with torch.no_grad():
-            merged[path] = (layer.merged_weight(), layer.merged_bias())
+            merged[path] = layer.merged_state()
         titles = "/".join(sorted({get_method(a.method).title for a in layer.adapters.values()}))
-        for tensor in merged[path]:
-            if tensor is not None:
-                check_finite(f"{titles} into {path!r}", tensor)
+        for tensor in merged[path].values():
+            check_finite(f"{titles} into {path!r}", tensor)
     for path, layer in layers.items():
-        write_weight(layer.base_layer, *merged[path])
+        layer.write_state(merged[path])
         replace_module(model, path, layer.base_layer)
     for m in methods:
         _after_removal(model, m, None)

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # tensors stored once per model (VeRA's projections): base_model.vera_A
 
 
 def _layer_method(model: nn.Module, adapter_name: str) -> tuple[LayerMethod, dict[str, AdaptedLayer]]:
@@ -130,8 +131,11 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         )
     tensors: dict[str, torch.Tensor] = {}
     for path, adapter in adapters.items():
-        for key, tensor in adapter.state_dict().items():
-            tensors[f"{PREFIX}{path}.{method.peft.keys.get(key, key)}"] = tensor
+        for key, tensor in _export_layer(method, adapter).items():
+            tensors[f"{PREFIX}{path}.{key}"] = tensor
+    if method.peft.export_shared is not None:
+        for key, tensor in method.peft.export_shared(config, adapters).items():
+            tensors[f"{SHARED_PREFIX}{key}"] = tensor
     modules_to_save = _modules_to_save(model)
     for path in modules_to_save:
         for key, tensor in model.get_submodule(path).state_dict().items():
@@ -156,6 +160,13 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         directory,
     )
     return Path(directory)
+
+
+def _export_layer(method: LayerMethod, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's keys (relative to its layer's path)."""
+    if method.peft.export_layer is not None:
+        return method.peft.export_layer(adapter)
+    return {method.peft.keys.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
@@ -260,14 +271,27 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     tensors = _read_tensors(folder / WEIGHTS_FILE)
-    targets, adapted, others = _split_keys(model, tensors, folder / WEIGHTS_FILE)
+    shared = {}
+    if method.peft.import_shared is not None:
+        shared = {k: t for k, t in tensors.items() if k.startswith(SHARED_PREFIX) and not k.startswith(PREFIX)}
+        tensors = {k: t for k, t in tensors.items() if k not in shared}
+        shared = {k[len(SHARED_PREFIX) :]: t for k, t in shared.items()}
+    owners, adapted, others = _split_keys(model, tensors, folder / WEIGHTS_FILE)
+    try:
+        targets = owners if method.peft.targets is None else method.peft.targets(model, peft_config, owners)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     inverse = {theirs: ours for ours, theirs in method.peft.keys.items()}
     with transaction(model):
         inject(model, config, adapter_name=adapter_name, targets=targets)
+        adapters = {path: model.get_submodule(path).adapters[adapter_name] for path in owners}
         updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for path in targets:
-            own = model.get_submodule(path).adapters[adapter_name].state_dict(keep_vars=True)
-            theirs = {inverse.get(k, k): t for k, t in adapted[path].items()}
+        for path, adapter in adapters.items():
+            own = adapter.state_dict(keep_vars=True)
+            if method.peft.import_layer is not None:
+                theirs = method.peft.import_layer(peft_config, adapter, adapted[path])
+            else:
+                theirs = {inverse.get(k, k): t for k, t in adapted[path].items()}
             unknown, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
             if unknown or missing:
                 raise ValueError(
@@ -295,6 +319,11 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         with torch.no_grad():
             for old, new in updates.values():
                 old.copy_(new.reshape(old.shape).to(old.dtype))
+        if method.peft.import_shared is not None:
+            try:
+                method.peft.import_shared(peft_config, adapters, shared)
+            except ValueError as err:
+                raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
         unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others])
-    log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(targets), type(model).__name__)
+    log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(owners), type(model).__name__)
     return model
