@@ -71,10 +71,11 @@ class PeftMapping:
     renaming by ``keys``):
 
     Attributes:
-        export_layer: ``(adapter) -> {PEFT key under the layer's path: tensor}`` (e.g. LoRA on parameters nests one
-            PEFT wrapper per parameter, PiSSA leaves its frozen initial factors out).
-        import_layer: ``(peft config, adapter, {PEFT key: tensor}) -> {our key: tensor}``, for the adapter just
-            injected (it may fill tensors PEFT does not store from the adapter itself, or pad trimmed ones).
+        export_layer: ``(path, adapter) -> {PEFT key under the layer's path: tensor}`` (e.g. LoRA on parameters nests
+            one PEFT wrapper per parameter, PiSSA leaves its frozen initial factors out).
+        import_layer: ``(peft config, path, adapter, {PEFT key: tensor}) -> {our key: tensor}``, for the adapter just
+            injected at ``path`` (it may fill tensors PEFT does not store from the adapter itself, or pad trimmed
+            ones).
         export_shared: ``(config, {path: adapter}) -> {key: tensor}``: tensors stored once per model, under
             ``base_model.<key>`` (VeRA's projections).
         import_shared: ``(peft config, {path: adapter}, {key: tensor}) -> None``: check (or load) those tensors;
@@ -87,8 +88,10 @@ class PeftMapping:
     to_peft: Callable[[MethodConfig, dict[str, AdaptedLayer]], dict[str, Any]]
     from_peft: Callable[[dict[str, Any]], MethodConfig]
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
-    export_layer: Callable[[Adapter], dict[str, torch.Tensor]] | None = None
-    import_layer: Callable[[dict[str, Any], Adapter, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    export_layer: Callable[[str, Adapter], dict[str, torch.Tensor]] | None = None
+    import_layer: Callable[[dict[str, Any], str, Adapter, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
+        None
+    )
     export_shared: Callable[[MethodConfig, dict[str, Adapter]], dict[str, torch.Tensor]] | None = None
     import_shared: Callable[[dict[str, Any], dict[str, Adapter], dict[str, torch.Tensor]], None] | None = None
     targets: Callable[[nn.Module, dict[str, Any], list[str]], list[str]] | None = None

@@ -131,7 +131,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         )
     tensors: dict[str, torch.Tensor] = {}
     for path, adapter in adapters.items():
-        for key, tensor in _export_layer(method, adapter).items():
+        for key, tensor in _export_layer(method, path, adapter).items():
             tensors[f"{PREFIX}{path}.{key}"] = tensor
     if method.peft.export_shared is not None:
         for key, tensor in method.peft.export_shared(config, adapters).items():
@@ -162,10 +162,10 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     return Path(directory)
 
 
-def _export_layer(method: LayerMethod, adapter: nn.Module) -> dict[str, torch.Tensor]:
+def _export_layer(method: LayerMethod, path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's keys (relative to its layer's path)."""
     if method.peft.export_layer is not None:
-        return method.peft.export_layer(adapter)
+        return method.peft.export_layer(path, adapter)
     return {method.peft.keys.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
 
 
@@ -289,7 +289,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         for path, adapter in adapters.items():
             own = adapter.state_dict(keep_vars=True)
             if method.peft.import_layer is not None:
-                theirs = method.peft.import_layer(peft_config, adapter, adapted[path])
+                theirs = method.peft.import_layer(peft_config, path, adapter, adapted[path])
             else:
                 theirs = {inverse.get(k, k): t for k, t in adapted[path].items()}
             unknown, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
