@@ -254,16 +254,11 @@ class LayerMethod(Method):
         adapter_type = self.adapter_class(layer_kind(base), config)
         return adapter_type(base, config) if shared is None else adapter_type(base, config, shared=shared)
 
-    def wrap(self, model: nn.Module, path: str, module: nn.Module, config: MethodConfig) -> AdaptedLayer:
-        """The wrapper for the module at ``path``: an :class:`AdaptedLayer` (override for modules adapted another way,
-        e.g. LoRA on the parameters of a mixture-of-experts block)."""
-        return AdaptedLayer(module)
-
     def insert(self, model: nn.Module, targets: list[str], config: MethodConfig, adapter_name: str) -> None:
         shared = self.shared(model, targets, config, adapter_name)
         for path in targets:
             module = model.get_submodule(path)
-            layer = module if isinstance(module, AdaptedLayer) else self.wrap(model, path, module, config)
+            layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
             base = layer.base_layer
             with torch.device(_device_of(base)):  # created where the base weight lives (free on `meta`)
                 layer.add_adapter(adapter_name, self.create_adapter(model, path, base, config, shared))

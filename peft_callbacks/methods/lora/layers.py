@@ -80,8 +80,12 @@ class LoRAAdapter(Adapter):
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
-        """``lora_A`` kaiming-uniform (a=√5, as ``nn.Linear``), ``lora_B`` zeros: the layer starts as the base."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        """``lora_A`` kaiming-uniform (a=√5, as ``nn.Linear``; with ``init="gaussian"`` normal with std ``1/r``, as
+        PEFT), ``lora_B`` zeros: the layer starts as the base."""
+        if getattr(self.config, "init", "default") == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
