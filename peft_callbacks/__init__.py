@@ -29,6 +29,9 @@ def _lazy_exports() -> dict[str, str]:
 _EXPORTS = _lazy_exports()
 
 __all__ = [
+    "AdaLoRA",
+    "AdaLoRACallback",
+    "AdaLoRAConfig",
     "AdaptedLayer",
     "Adapter",
     "AdapterCallback",
@@ -57,10 +60,15 @@ __all__ = [
     "MethodConfig",
     "PEFTCallback",
     "ParameterCount",
+    "ParameterLoRA",
     "PromptTuningCallback",
     "PromptTuningConfig",
+    "RankAllocator",
     "SlimCheckpoint",
     "SoftPrompt",
+    "VeRA",
+    "VeRACallback",
+    "VeRAConfig",
     "VisualPromptCallback",
     "VisualPromptConfig",
     "VisualPrompts",
@@ -110,6 +118,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from peft_callbacks.callbacks.adalora import AdaLoRACallback
     from peft_callbacks.callbacks.adapters import AdapterCallback
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
@@ -117,6 +126,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
+    from peft_callbacks.callbacks.vera import VeRACallback
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
     from peft_callbacks.engine import (
@@ -131,6 +141,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
+    from peft_callbacks.methods.adalora import AdaLoRA, AdaLoRAConfig, RankAllocator
     from peft_callbacks.methods.bottleneck import (
         BottleneckAdapter,
         BottleneckConfig,
@@ -150,6 +161,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoRAConv1D,
         LoRALinear,
         LoRAProAdamW,
+        ParameterLoRA,
         apply_lora_pro,
         inject_lora,
         lora_disabled,
@@ -168,3 +180,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_prompt_tuning,
         remove_visual_prompts,
     )
+    from peft_callbacks.methods.vera import VeRA, VeRAConfig

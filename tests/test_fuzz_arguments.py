@@ -112,6 +112,7 @@ _LORA_CONFIG_ARGS = {
     "train_bn": _BOOL_OK,
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
+    "target_parameters": _PATTERN_OK,
 }
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -124,12 +125,55 @@ _LORA_CALLBACK_ARGS = {
     "merge_on_train_end": _BOOL_OK,
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
+    "target_parameters": _PATTERN_OK,
     "loraplus_lr_ratio": [None, 1.5],
     "lora_pro": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,
 }
+
+
+_LAYER_CONFIG_ARGS = {
+    "target_modules": _PATTERN_OK,
+    "exclude_modules": _PATTERN_OK,
+    "train_head": _BOOL_OK,
+    "train_bn": _BOOL_OK,
+}
+_VERA_ARGS = {
+    "projection_prng_key": [0],
+    "save_projection": _BOOL_OK,
+    "dropout": [0],
+    "d_initial": _NUMBER_OK,
+    **_LAYER_CONFIG_ARGS,
+}
+_ADALORA_ARGS = {
+    "alpha": _NUMBER_OK,
+    "dropout": [0],
+    "tinit": [0],
+    "tfinal": [0],
+    "orth_reg_weight": [0, 1.5],
+    "total_step": [None],
+    **_LAYER_CONFIG_ARGS,
+}
+_CALLBACK_ARGS = {
+    "module": _MODULE_OK,
+    "merge_on_train_end": _BOOL_OK,
+    "save_adapter_to": _PATH_OK,
+    "save_merged_to": _PATH_OK,
+    "adapter_name": _NAME_OK,
+}
+
+
+def _adalora_net() -> nn.Module:
+    config = peft_callbacks.AdaLoRAConfig(init_r=2, target_r=1, total_step=10, target_modules=["0"])
+    return peft_callbacks.inject(_net(), config)
+
+
+def _experts() -> nn.Module:
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(3, 6, 4))
+    return experts
 
 
 def _vit() -> nn.Module:
@@ -193,6 +237,31 @@ CASES: dict[str, Case] = {
             "train_bn": _BOOL_OK,
         },
     ),
+    "VeRA": Case(
+        valid=lambda: {
+            "base_layer": nn.Linear(4, 3),
+            "config": peft_callbacks.VeRAConfig(rank=4),
+            "shared": _vera_projections(),
+        }
+    ),
+    "VeRAConfig": Case(valid=dict, accepts=_VERA_ARGS),
+    "VeRACallback": Case(valid=dict, accepts={**_VERA_ARGS, **_CALLBACK_ARGS}),
+    "AdaLoRA": Case(
+        valid=lambda: {"base_layer": nn.Linear(4, 3), "config": peft_callbacks.AdaLoRAConfig(init_r=2, target_r=1)}
+    ),
+    "AdaLoRAConfig": Case(valid=dict, accepts=_ADALORA_ARGS),
+    "AdaLoRACallback": Case(valid=dict, accepts={**_ADALORA_ARGS, **_CALLBACK_ARGS}),
+    "RankAllocator": Case(
+        valid=lambda: {"model": _adalora_net(), "total_step": 10},
+        accepts={"config": [None], "total_step": [None]},
+    ),
+    "ParameterLoRA": Case(
+        valid=lambda: {
+            "base_layer": _experts(),
+            "config": peft_callbacks.LoRAConfig(rank=2),
+            "parameter_names": ["gate_up_proj"],
+        }
+    ),
     "AdaptedLayer": Case(valid=lambda: {"base_layer": nn.Linear(4, 3)}),
     "MethodConfig": Case(valid=dict, accepts={"train_head": _BOOL_OK, "train_bn": _BOOL_OK}),
     "LoRAConfig": Case(valid=dict, accepts={"rank": [], **_LORA_CONFIG_ARGS}),
@@ -240,6 +309,7 @@ CASES: dict[str, Case] = {
             "train_bn": _BOOL_OK,
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
+            "target_parameters": [None],
             "adapter_name": _NAME_OK,
         },
     ),
@@ -375,6 +445,12 @@ CASES: dict[str, Case] = {
         also_raises=(FileNotFoundError,),
     ),
 }
+
+
+def _vera_projections() -> nn.Module:
+    from peft_callbacks.methods.vera import VeRAProjections
+
+    return VeRAProjections(4, 4, 3, seed=0)
 
 
 def _hf_conv1d() -> nn.Module:

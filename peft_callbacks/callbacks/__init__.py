@@ -1,5 +1,6 @@
 """Lightning callbacks: thin glue that runs the surgery at the right hook."""
 
+from peft_callbacks.callbacks.adalora import AdaLoRACallback
 from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.base import (
     SurgeryCallback,
@@ -13,8 +14,10 @@ from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.callbacks.slim import SlimCheckpoint
+from peft_callbacks.callbacks.vera import VeRACallback
 
 __all__ = [
+    "AdaLoRACallback",
     "AdapterCallback",
     "ForgettingMonitor",
     "FreezeBackbone",
@@ -26,6 +29,7 @@ __all__ = [
     "PromptTuningCallback",
     "SlimCheckpoint",
     "SurgeryCallback",
+    "VeRACallback",
     "VisualPromptCallback",
     "remove_scheduled_hooks",
     "run_after_configure_model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -17,8 +18,13 @@ from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
 log = logging.getLogger(__name__)
 
 
-def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool) -> None:
+def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool, target_parameters: Any) -> None:
     """Reject combinations of LoRA variants that contradict each other."""
+    if lora_pro and target_parameters:
+        raise ValueError(
+            f"`lora_pro=True` cannot be combined with `target_parameters={target_parameters!r}`: LoRA-Pro's gradients "
+            f"are derived for one B·A per layer, not for per-expert factors. Choose one of them."
+        )
     if lora_pro and use_dora:
         raise ValueError(
             "`lora_pro=True` cannot be combined with `use_dora=True`: LoRA-Pro's gradients are derived for "
@@ -55,6 +61,12 @@ class LoRACallback(PEFTCallback):
         merge_on_train_end: fold LoRA into the base weights when training ends.
         use_rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA).
         use_dora: DoRA layers (a trainable magnitude per output unit, :mod:`peft_callbacks.methods.lora.dora`).
+        init: how the factors start, as HF PEFT's ``init_lora_weights``: ``"default"``, ``"gaussian"``, or from the
+            base weight, which then acts as the residual: ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``
+            (:mod:`peft_callbacks.methods.lora.init`).
+        target_parameters: parameters to adapt directly, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` for
+            the fused expert weights of mixture-of-experts blocks (one ``A``, ``B`` per expert,
+            :mod:`peft_callbacks.methods.lora.params`); with ``target_modules=None`` only these are adapted.
         loraplus_lr_ratio: LoRA+: ``lora_B`` trains at this many times the learning rate of its param group
             (the paper suggests 16); the configured optimizer's groups and schedulers are split at ``on_fit_start``.
             ``None`` keeps one learning rate.
@@ -93,6 +105,8 @@ class LoRACallback(PEFTCallback):
         merge_on_train_end: bool = True,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init: str = "default",
+        target_parameters: str | list[str] | None = None,
         loraplus_lr_ratio: float | None = None,
         lora_pro: bool = False,
         save_adapter_to: str | None = None,
@@ -105,7 +119,7 @@ class LoRACallback(PEFTCallback):
             loraplus_lr_ratio = check_positive_float("loraplus_lr_ratio", loraplus_lr_ratio)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.lora_pro = check_bool("lora_pro", lora_pro)
-        _check_variants(use_dora, loraplus_lr_ratio, lora_pro)
+        _check_variants(use_dora, loraplus_lr_ratio, lora_pro, target_parameters)
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

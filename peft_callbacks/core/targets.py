@@ -3,7 +3,8 @@
 Pattern rules (the same for ``target_modules`` and ``exclude_modules``, and for every callback):
 
 * ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``) except the task head and the
-  vocabulary projection. Grouped/depthwise convolutions are skipped with a log line.
+  vocabulary projection. Grouped/depthwise convolutions and mixture-of-experts routers
+  (:mod:`~peft_callbacks.core.moe`) are skipped with a log line.
 * ``"all-linear"`` — the same, Linear and ``Conv1D`` only (as in HF PEFT).
 * a name such as ``"qkv"`` or ``"attn.proj"`` — modules whose path equals it or ends with ``"." + name``.
 * a regular expression (any string holding one of ``* + ? [ ] ( ) { } | ^ $ \\``) — modules whose full path
@@ -39,6 +40,7 @@ import torch.nn as nn
 from peft_callbacks._validation import check_patterns
 from peft_callbacks.core.kinds import KIND_NAMES, is_custom_layer, is_grouped_conv, kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.moe import moe_routers
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,18 @@ def resolve_targets(
 
     if target_modules is None or target_modules == "all-linear":
         linear_only = target_modules == "all-linear"
+        routers = set(moe_routers(model))  # a merged update could flip their top-k: named only
+        if routers & set(candidates):
+            log.info(
+                "%s: left out %d mixture-of-experts router(s) (a merged update can change which experts a token "
+                "goes to; name them in target_modules to adapt them): %s",
+                method,
+                len(routers & set(candidates)),
+                _listing(sorted(routers & set(candidates))),
+            )
         for path in candidates:
+            if path in routers:
+                continue
             if not linear_only or layer_kind(modules[path]) in ("linear", "hf_conv1d"):
                 selection.targets.append(path)
         selection.skipped_grouped = [

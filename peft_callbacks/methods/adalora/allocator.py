@@ -245,6 +245,8 @@ class RankAllocator:
         """Restore :meth:`state_dict`'s output (missing entries keep their current values)."""
         if not isinstance(state, dict):
             raise TypeError(f"`state` must be a dict from RankAllocator.state_dict(), got {type(state).__name__}.")
+        if state.get("total_step") is not None:  # a resumed run continues the schedule it started
+            self.config = self.config.replace(total_step=state["total_step"])
         self.budget = state.get("budget", self.budget)
         self.rank_pattern = state.get("rank_pattern", self.rank_pattern)
         for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):

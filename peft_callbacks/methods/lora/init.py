@@ -81,29 +81,28 @@ def is_residual_init(init: str) -> bool:
 def principal_factors(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A₀, B₀)`` in float32 for a weight seen as ``(out, fan_in)``, by HF PEFT's formulas (module docstring).
 
+    A weight has at most ``k = min(out, fan_in)`` components: for ``rank > k`` the ``k`` there are are returned
+    (``A₀``: ``(k, fan_in)``, ``B₀``: ``(out, k)``), and the adapter starts its other ``rank − k`` components as plain
+    LoRA does (``A`` random, ``B`` zero).
+
     Args:
         weight: ``(out, fan_in)``.
-        rank: ``r`` (at most ``min(out, fan_in)``).
+        rank: ``r``.
         scaling: the LoRA scaling ``s`` (PiSSA divides the singular values by it, so ``s·B₀A₀`` is the top-``r`` part).
         init: ``"pissa"``, ``"pissa_niter_<K>"`` or ``"olora"``.
 
     Raises:
-        ValueError: ``rank`` exceeds ``min(out, fan_in)``, or an unknown ``init``.
+        ValueError: an unknown ``init``.
 
     Example::
 
         >>> w = torch.randn(6, 5)
-        >>> a, b = principal_factors(w, 5, 1.0, "olora")
-        >>> torch.allclose(b @ a, w, atol=1e-5)  # full rank: the whole weight
-        True
+        >>> a, b = principal_factors(w, 8, 1.0, "olora")
+        >>> tuple(a.shape), tuple(b.shape), torch.allclose(b @ a, w, atol=1e-5)  # 5 components: the whole weight
+        ((5, 5), (6, 5), True)
     """
     weight = weight.detach().float()
-    limit = min(weight.shape)
-    if rank > limit:
-        raise ValueError(
-            f"`rank`={rank} is larger than what init={init!r} can take from a {tuple(weight.shape)} weight "
-            f"(at most min(out, in) = {limit}); lower the rank or leave this layer out."
-        )
+    rank = min(rank, *weight.shape)
     niter = _NITER.fullmatch(init)
     if init == "pissa":
         v, s, uh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
@@ -136,9 +135,10 @@ class ResidualLoRAAdapter(LoRAAdapter):
         else:
             rows = weight.T if self.kind == "hf_conv1d" else weight.flatten(1)  # (out, fan_in)
             lora_A, lora_B = principal_factors(rows, config.rank, self.scaling, config.init)
+            k = lora_A.shape[0]  # < rank only for layers narrower than the rank: the rest start as plain LoRA
             with torch.no_grad():
-                self.lora_A.weight.copy_(lora_A.view(self.lora_A.weight.shape))
-                self.lora_B.weight.copy_(lora_B.view(self.lora_B.weight.shape))
+                self.lora_A.weight[:k].copy_(lora_A.view(k, *self.lora_A.weight.shape[1:]))
+                self.lora_B.weight[:, :k].copy_(lora_B.view(lora_B.shape[0], k, *self.lora_B.weight.shape[2:]))
         self.register_buffer("lora_A_init", self.lora_A.weight.detach().clone())
         self.register_buffer("lora_B_init", self.lora_B.weight.detach().clone())
 
