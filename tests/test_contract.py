@@ -22,8 +22,8 @@ from zoo import MODELS, run
 
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
-from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine import LayerMethod, get_method, inject, merge, registered_methods, replay, unload
 from peft_callbacks.io import load_adapter, save_adapter
 from peft_callbacks.io.state import peft_owned

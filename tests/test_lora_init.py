@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import test_contract as contract
-import torch
-from zoo import MODELS
 
 from peft_callbacks.methods.lora import LoRAConfig
 
