@@ -126,7 +126,7 @@ class AdaLoRACallback(PEFTCallback):
 
     def _estimated_total_step(self, trainer: pl.Trainer) -> int:
         steps = trainer.estimated_stepping_batches
-        if not isinstance(steps, (int, float)) or not math.isfinite(steps):
+        if not isinstance(steps, (int, float)) or not math.isfinite(steps) or steps < 1:
             raise ValueError(
                 f"{self.name}: `total_step` is None and the Trainer cannot tell how many steps it will take "
                 f"(estimated_stepping_batches={steps!r}, e.g. max_steps=-1 with an iterable dataset); pass total_step."
