@@ -37,7 +37,16 @@ _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 
 
 def number_of_experts(model: nn.Module) -> int | None:
-    """The number of experts per MoE block from ``model.config`` (or its text config), if it has one."""
+    """The number of experts per MoE block from ``model.config`` (or its text config), if it has one.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> model = nn.Linear(2, 2)
+        >>> model.config = SimpleNamespace(num_local_experts=8)
+        >>> number_of_experts(model), number_of_experts(nn.Linear(2, 2))
+        (8, None)
+    """
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
         for name in _EXPERT_COUNTS:

@@ -66,6 +66,11 @@ class ParameterAdapter(Adapter):
         base_layer: the module that owns the parameters (read for shapes, device and dtype; not stored).
         config: the method's config.
         parameter_names: the names of the parameters (direct attributes of ``base_layer``) this adapter changes.
+
+    Example::
+
+        >>> ParameterAdapter(nn.Linear(2, 3), MethodConfig(), parameter_names=["weight"]).parameter_shapes
+        {'weight': (3, 2)}
     """
 
     def __init__(self, base_layer: nn.Module, config: MethodConfig, parameter_names: Iterable[str]) -> None:
@@ -108,6 +113,12 @@ class AdaptedParameters(AdaptedLayer):
     Attributes:
         base_layer: the wrapped original module.
         adapters: ``{adapter name: ParameterAdapter}``.
+
+    Example::
+
+        >>> layer = AdaptedParameters(nn.Linear(2, 3))
+        >>> layer.adapted_names(), torch.equal(layer(torch.ones(1, 2)), layer.base_layer(torch.ones(1, 2)))
+        ([], True)
     """
 
     @classmethod

@@ -146,6 +146,13 @@ class VeRA(Adapter):
         base_layer: the layer to adapt.
         config: a :class:`VeRAConfig`.
         shared: the injection's :class:`VeRAProjections` (at least as wide as this layer).
+
+    Example::
+
+        >>> base = nn.Linear(8, 6)
+        >>> vera = VeRA(base, VeRAConfig(rank=4), shared=VeRAProjections(4, 16, 16, seed=0))
+        >>> vera.delta_weight().shape, bool(vera.delta_weight().eq(0).all())  # Λ_b = 0 at the start
+        (torch.Size([6, 8]), True)
     """
 
     def __init__(self, base_layer: nn.Module, config: VeRAConfig, shared: VeRAProjections) -> None:

@@ -58,7 +58,15 @@ _TENSORS = ("lora_A", "lora_E", "lora_B")
 
 
 def adalora_adapters(model: nn.Module, adapter_name: str = "default") -> dict[str, AdaLoRA]:
-    """``{layer path: adapter}`` of the AdaLoRA adapters named ``adapter_name`` inside ``model``."""
+    """``{layer path: adapter}`` of the AdaLoRA adapters named ``adapter_name`` inside ``model``.
+
+    Example::
+
+        >>> from peft_callbacks.engine import inject
+        >>> config = AdaLoRAConfig(init_r=2, target_r=1, target_modules=["0"], train_head=False)
+        >>> list(adalora_adapters(inject(nn.Sequential(nn.Linear(4, 4)), config)))
+        ['0']
+    """
     check_module("model", model)
     check_adapter_name(adapter_name)
     layers = get_method("adalora").modules(model, adapter_name)
@@ -98,6 +106,15 @@ class RankAllocator:
         config: the schedule; by default the adapters' own config. Its ``total_step`` (or ``total_step``) must be set.
         adapter_name: which adapters.
         total_step: overrides ``config.total_step``.
+
+    Example::
+
+        >>> from peft_callbacks.engine import inject
+        >>> net = inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), AdaLoRAConfig(init_r=3, target_r=1,
+        ...              target_modules=["0", "1"], train_head=False))
+        >>> allocator = RankAllocator(net, total_step=100)
+        >>> allocator.init_bgt, allocator.target_bgt, allocator.budget_schedule(50)
+        (6, 2, (2, True))
 
     Attributes:
         init_bgt: ``init_r`` × number of layers.

@@ -137,6 +137,12 @@ class AdaLoRA(Adapter):
     Args:
         base_layer: the layer to adapt.
         config: an :class:`AdaLoRAConfig`.
+
+    Example::
+
+        >>> ada = AdaLoRA(nn.Conv2d(3, 8, 3), AdaLoRAConfig(init_r=4, target_r=2))
+        >>> tuple(ada.lora_A.shape), tuple(ada.lora_B.shape), ada.rank()  # Q flattens the kernel; Λ = 0: rank 0
+        ((4, 27), (8, 4), 0)
     """
 
     def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig) -> None:

@@ -125,6 +125,13 @@ class ResidualLoRAAdapter(LoRAAdapter):
     subtracted again (frozen buffers ``lora_A_init`` / ``lora_B_init``), so the layer starts as the base.
 
     Subclasses combine it with a LoRA adapter (``class ResidualLoRALinear(ResidualLoRAAdapter, LoRALinear)``).
+
+    Example::
+
+        >>> from peft_callbacks.methods.lora import LoRAConfig
+        >>> lora = ResidualLoRAConv(nn.Conv2d(3, 8, 3), LoRAConfig(rank=4, init="olora"))
+        >>> tuple(lora.lora_A_init.shape), bool(lora.delta_weight().abs().max() < 1e-6)  # B·A = B₀·A₀ at the start
+        ((4, 3, 3, 3), True)
     """
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:

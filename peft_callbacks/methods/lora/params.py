@@ -63,6 +63,15 @@ class ParameterLoRA(ParameterAdapter):
         base_layer: the module owning the parameters (e.g. transformers' ``Qwen3MoeExperts``).
         config: a :class:`~peft_callbacks.methods.lora.LoRAConfig`.
         parameter_names: the parameters to adapt, in the module's own order.
+
+    Example::
+
+        >>> from peft_callbacks.methods.lora import LoRAConfig
+        >>> experts = nn.Module()
+        >>> experts.gate_up_proj = nn.Parameter(torch.randn(4, 6, 3))  # (experts, out, in)
+        >>> lora = ParameterLoRA(experts, LoRAConfig(rank=2), parameter_names=["gate_up_proj"])
+        >>> lora.features((4, 6, 3)), lora.delta("gate_up_proj").shape  # (experts, in, out); B = 0 at the start
+        ((4, 3, 6), torch.Size([4, 6, 3]))
     """
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, parameter_names: Iterable[str]) -> None:
