@@ -175,13 +175,38 @@ class AdaptedLayer(PEFTModule):
         return result
 
     # -- weights ----------------------------------------------------------------------------------------------
+    def merge_order(self, names: Iterable[str] | None = None) -> list[str]:
+        """The order in which the adapters ``names`` (default: the active ones) fold into the weight so that the
+        merged layer computes what :meth:`forward` does.
+
+        The forward pass feeds the base layer ``Tₖ(…T₁(x))`` (each input transform in turn) and lets the other
+        adapters act on its output in their order; in weight space the input transforms compose right to left
+        (``W·Mₖ·…·M₁``). So the input-changing adapters fold in first, the last one first, then the others in order.
+
+        Example::
+
+            >>> import torch.nn as nn
+            >>> from peft_callbacks.methods.ia3 import IA3, IA3Config
+            >>> base = nn.Linear(4, 4)
+            >>> layer = AdaptedLayer(base)
+            >>> layer.add_adapter("out", IA3(base, IA3Config()))
+            >>> layer.add_adapter("in_1", IA3(base, IA3Config(), feedforward=True))
+            >>> layer.add_adapter("in_2", IA3(base, IA3Config(), feedforward=True))
+            >>> layer.merge_order()
+            ['in_2', 'in_1', 'out']
+        """
+        names = list(self.active_adapters if names is None else names)
+        inputs = [n for n in names if self.adapters[n].changes_input]
+        return [*reversed(inputs), *(n for n in names if not self.adapters[n].changes_input)]
+
     def merged_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:
-        """The base weight with the adapters ``names`` (default: the active ones) folded in, in float32.
+        """The base weight with the adapters ``names`` (default: the active ones) folded in, in float32, in
+        :meth:`merge_order`.
 
         Differentiable in the adapters' tensors (DoRA's norm is a constant, as in its paper).
         """
         weight = base_weight(self.base_layer).float()
-        for name in self.active_adapters if names is None else names:
+        for name in self.merge_order(names):
             weight = self.adapters[name].merge_into(self, weight)
         return weight
 
@@ -191,7 +216,7 @@ class AdaptedLayer(PEFTModule):
         if not isinstance(bias, torch.Tensor):
             return None
         bias = bias.float()
-        for name in self.active_adapters if names is None else names:
+        for name in self.merge_order(names):
             bias = self.adapters[name].merge_bias_into(self, bias)
         return bias
 
@@ -224,7 +249,7 @@ class AdaptedLayer(PEFTModule):
         with torch.no_grad():
             weight = base_weight(self.base_layer).float()
             bias = bias.float() if isinstance(bias, torch.Tensor) else None
-            for name in reversed(self.merged_adapters):
+            for name in reversed(self.merge_order(self.merged_adapters)):
                 weight = self.adapters[name].unmerge_from(self, weight)
                 bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
         write_weight(self.base_layer, weight, bias)
