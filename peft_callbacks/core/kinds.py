@@ -38,6 +38,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 __all__ = [
     "KIND_NAMES",
     "base_weight",
+    "conv_with_weight",
     "is_custom_layer",
     "is_grouped_conv",
     "is_hf_conv1d",
@@ -112,16 +113,31 @@ def is_custom_layer(module: nn.Module) -> bool:
     return not _PROBED[module]
 
 
+def conv_with_weight(layer: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer``'s convolution (stride, padding and padding mode, dilation, groups) of ``x`` with another ``weight``
+    and no bias: what a weight update ``Δ`` adds to the layer's output, for methods that build ``Δ`` in full.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> torch.allclose(conv_with_weight(conv, x, conv.weight) + conv.bias.view(1, 3, 1, 1), conv(x))
+        True
+    """
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    else:
+        padding = layer.padding
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(layer.kernel_size)]
+    return conv(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+
+
 def _plain_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(x, delta)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        padding = module.padding
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-    return conv(x, delta, None, module.stride, padding, module.dilation, module.groups)
+    return conv_with_weight(module, x, delta)
 
 
 def _probe_input(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
