@@ -47,6 +47,18 @@ __all__ = [
     "IA3Config",
     "LayerFreezer",
     "LayerwiseUnfreezing",
+    "LoHaAdapter",
+    "LoHaCallback",
+    "LoHaConfig",
+    "LoHaConv",
+    "LoHaConv1D",
+    "LoHaLinear",
+    "LoKrAdapter",
+    "LoKrCallback",
+    "LoKrConfig",
+    "LoKrConv",
+    "LoKrConv1D",
+    "LoKrLinear",
     "LoRAAdapter",
     "LoRACallback",
     "LoRAConfig",
@@ -55,6 +67,12 @@ __all__ = [
     "LoRALinear",
     "LoRAProAdamW",
     "MethodConfig",
+    "OFTAdapter",
+    "OFTCallback",
+    "OFTConfig",
+    "OFTConv",
+    "OFTConv1D",
+    "OFTLinear",
     "PEFTCallback",
     "ParameterCount",
     "PromptTuningCallback",
@@ -114,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
     from peft_callbacks.callbacks.lora import LoRACallback
+    from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
@@ -139,6 +158,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_adapters,
     )
     from peft_callbacks.methods.ia3 import IA3, IA3Config
+    from peft_callbacks.methods.loha import LoHaAdapter, LoHaConfig, LoHaConv, LoHaConv1D, LoHaLinear
+    from peft_callbacks.methods.lokr import LoKrAdapter, LoKrConfig, LoKrConv, LoKrConv1D, LoKrLinear
     from peft_callbacks.methods.lora import (
         DoRAAdapter,
         DoRAConv,
@@ -158,6 +179,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         merge_lora,
         unload_lora,
     )
+    from peft_callbacks.methods.oft import OFTAdapter, OFTConfig, OFTConv, OFTConv1D, OFTLinear
     from peft_callbacks.methods.prompts import (
         PromptTuningConfig,
         SoftPrompt,

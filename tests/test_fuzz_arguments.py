@@ -132,6 +132,41 @@ _LORA_CALLBACK_ARGS = {
 }
 
 
+_LAYER_CONFIG_ARGS = {
+    "target_modules": _PATTERN_OK,
+    "exclude_modules": _PATTERN_OK,
+    "train_head": _BOOL_OK,
+    "train_bn": _BOOL_OK,
+}
+_CALLBACK_ARGS = {
+    **_LAYER_CONFIG_ARGS,
+    "module": _MODULE_OK,
+    "merge_on_train_end": _BOOL_OK,
+    "save_adapter_to": _PATH_OK,
+    "save_merged_to": _PATH_OK,
+    "adapter_name": _NAME_OK,
+}
+_LYCORIS_ARGS = {"alpha": _NUMBER_OK, "rank_dropout": [0], "module_dropout": [0], "use_effective_conv2d": _BOOL_OK}
+_LOKR_ARGS = {**_LYCORIS_ARGS, "decompose_both": _BOOL_OK, "decompose_factor": [-1], "rank_dropout_scale": _BOOL_OK}
+_OFT_ARGS = {
+    "rank": [0],  # the default: the block size gives the number of blocks
+    "module_dropout": [0],
+    "coft": _BOOL_OK,
+    "eps": _NUMBER_OK,
+    "block_share": _BOOL_OK,
+    "use_cayley_neumann": _BOOL_OK,
+}
+
+
+def _method_adapter_cases(prefix: str, config: Callable[[], object]) -> dict[str, Case]:
+    """Rows for a method's adapter classes: the abstract base and one concrete class per layer kind."""
+    bases = {"Linear": lambda: nn.Linear(4, 3), "Conv": lambda: nn.Conv2d(3, 4, 3), "Conv1D": lambda: _hf_conv1d()}
+    cases = {f"{prefix}Adapter": Case(valid=dict, abstract=f"needs a concrete subclass ({prefix}Linear, …)")}
+    for kind, base in bases.items():
+        cases[f"{prefix}{kind}"] = Case(valid=lambda base=base: {"base_layer": base(), "config": config()})
+    return cases
+
+
 def _vit() -> nn.Module:
     return TIMM_MODELS["deit"]()[0]
 
@@ -194,6 +229,15 @@ CASES: dict[str, Case] = {
         },
     ),
     "AdaptedLayer": Case(valid=lambda: {"base_layer": nn.Linear(4, 3)}),
+    **_method_adapter_cases("LoHa", lambda: peft_callbacks.LoHaConfig(rank=2)),
+    **_method_adapter_cases("LoKr", lambda: peft_callbacks.LoKrConfig(rank=2)),
+    **_method_adapter_cases("OFT", lambda: peft_callbacks.OFTConfig(oft_block_size=2)),
+    "LoHaConfig": Case(valid=dict, accepts={**_LYCORIS_ARGS, **_LAYER_CONFIG_ARGS}),
+    "LoKrConfig": Case(valid=dict, accepts={**_LOKR_ARGS, **_LAYER_CONFIG_ARGS}),
+    "OFTConfig": Case(valid=dict, accepts={**_OFT_ARGS, **_LAYER_CONFIG_ARGS}),
+    "LoHaCallback": Case(valid=dict, accepts={**_LYCORIS_ARGS, **_CALLBACK_ARGS}),
+    "LoKrCallback": Case(valid=dict, accepts={**_LOKR_ARGS, **_CALLBACK_ARGS}),
+    "OFTCallback": Case(valid=dict, accepts={**_OFT_ARGS, **_CALLBACK_ARGS}),
     "MethodConfig": Case(valid=dict, accepts={"train_head": _BOOL_OK, "train_bn": _BOOL_OK}),
     "LoRAConfig": Case(valid=dict, accepts={"rank": [], **_LORA_CONFIG_ARGS}),
     "BottleneckConfig": Case(

@@ -10,6 +10,7 @@ from peft_callbacks.callbacks.base import (
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.callbacks.slim import SlimCheckpoint
@@ -21,7 +22,10 @@ __all__ = [
     "HeadOnly",
     "HeadThenFull",
     "LayerwiseUnfreezing",
+    "LoHaCallback",
+    "LoKrCallback",
     "LoRACallback",
+    "OFTCallback",
     "PEFTCallback",
     "PromptTuningCallback",
     "SlimCheckpoint",
