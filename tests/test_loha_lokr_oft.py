@@ -98,6 +98,24 @@ def test_stacked_adapters_merge_in_the_order_the_forward_applies_them(stack):
     torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-5)
 
 
+def test_oft_rotating_a_conv_weight_refuses_to_share_its_layer():
+    """``W₀Rᵀ`` is added as ``W₀Rᵀ − W₀``: beside another update that would not be the composition a merge folds."""
+    base = nn.Conv2d(4, 6, 3)
+    layer = adapt_layer(base, OFTConfig(oft_block_size=4))
+    layer.add_adapter(
+        "lora", type(adapt_layer(nn.Conv2d(4, 6, 3), LoRAConfig(rank=2)).adapters["default"])(base, LoRAConfig(rank=2))
+    )
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(
+        ValueError, match=r"OFT on a convolution with a 3×3 kernel rotates the layer's weight.*\['lora'\]"
+    ):
+        layer(x)
+    with pytest.raises(ValueError, match="activate one at a time"):
+        layer.merge()
+    layer.set_active(["default"])
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+
+
 def test_oft_rotation_is_orthogonal_and_its_options_act():
     base = nn.Linear(12, 5)
     exact = _moved(adapt_layer(base, OFTConfig(oft_block_size=4, use_cayley_neumann=False))).adapters["default"]
@@ -119,6 +137,16 @@ def test_oft_rotation_is_orthogonal_and_its_options_act():
     kept = adapter.rotation(dropout=True)
     assert sum(torch.equal(b, identity) for b in kept) == 4  # int(0.5 · 8) blocks replaced by the identity
     assert not any(torch.equal(b, identity) for b in adapter.rotation())  # merging never drops
+
+
+def test_rank_dropout_of_every_row_drops_the_update_instead_of_dividing_by_zero():
+    torch.manual_seed(0)
+    base = nn.Linear(4, 1)  # one output row: p = 0.9 drops it on most steps
+    layer = _moved(adapt_layer(base, LoHaConfig(rank=2, rank_dropout=0.9))).train()
+    x = torch.randn(3, 4)
+    outputs = [layer(x) for _ in range(20)]
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert any(torch.equal(o, base(x)) for o in outputs) and not all(torch.equal(o, base(x)) for o in outputs)
 
 
 def test_oft_moves_a_block_size_that_does_not_divide_and_says_so(caplog):

@@ -119,7 +119,7 @@ class LycorisAdapter(Adapter):
 
     def _rank_dropout_mask(self, delta: torch.Tensor) -> torch.Tensor:
         keep = (torch.rand(delta.size(0)) > self.rank_dropout).to(delta.dtype)  # drawn on the CPU, as PEFT does
-        if self.scale_rank_dropout:
+        if self.scale_rank_dropout and bool(keep.any()):  # every row dropped: no update (PEFT divides 0 by 0: NaN)
             keep = keep / keep.mean()
         return keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)  # (out, 1, …): one value per output row
 

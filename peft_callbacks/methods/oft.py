@@ -210,13 +210,13 @@ class OFTAdapter(Adapter):
         if not self.use_cayley_neumann:
             return torch.linalg.solve(eye + q, eye - q, left=False)
         terms = self.num_cayley_neumann_terms
-        rotation = eye + 2 * q
+        rotation = torch.add(eye, q, alpha=2.0)
         if terms > 2:
             power = torch.bmm(q, q)
-            rotation = rotation + 2 * power
+            rotation = rotation.add(power, alpha=2.0)
             for _ in range(3, terms - 1):
                 power = torch.bmm(power, q)
-                rotation = rotation + 2 * power
+                rotation = rotation.add(power, alpha=2.0)
             rotation = rotation + torch.bmm(power, q)
         return rotation
 
@@ -234,7 +234,7 @@ class OFTAdapter(Adapter):
             mask = mask.to(device=blocks.device, dtype=blocks.dtype).view(count, 1, 1)
             eye = torch.eye(self.oft_block_size, device=blocks.device, dtype=blocks.dtype)
             blocks = (1 - mask) * blocks + mask * eye
-        return blocks.expand(self.r, -1, -1)  # block_share: the one block, r times
+        return blocks.expand(self.r, -1, -1) if self.block_share else blocks  # block_share: the one block, r times
 
     # -- forward ------------------------------------------------------------------------------------------------------
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -252,20 +252,34 @@ class OFTAdapter(Adapter):
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.rotates_input:
             return result  # the base layer saw the rotated input
+        self._check_alone(layer)
         blocks = self.rotation(dropout=self.training)
         weight = base_weight(layer.base_layer).to(blocks.dtype)
         delta = self._rotate_weight(weight, blocks) - weight  # W₀Rᵀ − W₀, (out, in, k…)
         return result + conv_with_weight(layer.base_layer, x.to(delta.dtype), delta).to(result.dtype)
+
+    def _check_alone(self, layer: AdaptedLayer) -> None:
+        """A rotated weight (``W₀Rᵀ``, added as ``W₀Rᵀ − W₀``) does not compose with other updates of the same layer."""
+        others = [name for name in layer.active_adapters if layer.adapters[name] is not self]
+        if others:
+            kernel = "×".join(map(str, self.kernel_size))
+            raise ValueError(
+                f"OFT on a convolution with a {kernel} kernel rotates the layer's weight, which does not compose "
+                f"with the other adapters active on the same layer ({others}): activate one at a time "
+                f"(AdaptedLayer.set_active) or keep OFT on other layers."
+            )
 
     # -- merge --------------------------------------------------------------------------------------------------------
     def _rotate_weight(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The stored weight times ``Rᵀ`` on its input side (``Conv1D``, stored ``(in, out)``: ``R`` from the left)."""
         b = self.oft_block_size
         if self.kind == "hf_conv1d":
-            return torch.einsum("rck,rko->rco", blocks, weight.view(self.r, b, -1)).reshape(weight.shape)
+            return torch.einsum("rck,rko->rco", blocks, weight.reshape(self.r, b, -1)).reshape(weight.shape)
         return torch.einsum("ork,rck->orc", weight.reshape(weight.shape[0], self.r, b), blocks).reshape(weight.shape)
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        if not self.rotates_input:
+            self._check_alone(layer)
         return self._rotate_weight(weight, self.rotation(dtype=torch.float32))
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
