@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from peft_callbacks.callbacks.atomic_io import use_atomic_checkpoint_io
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
@@ -72,6 +73,7 @@ class SlimCheckpoint(Callback):
                 f"Use it with single-device or DDP training, or remove it."
             )
         self._fingerprint = None
+        use_atomic_checkpoint_io(trainer.strategy)  # a checkpoint killed mid-write never replaces the last good one
         run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -104,13 +104,19 @@ def fill_slim_state_dict(
         >>> sorted(fill_slim_state_dict(net, state, record))
         ['0.bias', '0.weight', '1.bias', '1.weight']
     """
+    if not isinstance(record, dict):
+        raise SlimCheckpointError(f"The slim checkpoint's record must be an object, got {type(record).__name__}.")
     version = record.get("format_version")
-    if not isinstance(version, int) or version > SLIM_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SLIM_FORMAT_VERSION:
         raise SlimCheckpointError(
             f"The slim checkpoint has format version {version!r}; this peft_callbacks reads versions up to "
             f"{SLIM_FORMAT_VERSION}. Upgrade peft_callbacks to load it."
         )
-    saved = record["fingerprint"]
+    omitted, saved = record.get("omitted"), record.get("fingerprint")
+    if not isinstance(omitted, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in omitted.items()):
+        raise SlimCheckpointError("The slim checkpoint's field 'omitted' must map state_dict keys to base names.")
+    if not isinstance(saved, dict):
+        raise SlimCheckpointError("The slim checkpoint's field 'fingerprint' is missing or not an object.")
     diffs = compare_fingerprints(saved, base_fingerprint(model, hash_names=saved.get("hashes", {})))
     if diffs:
         raise SlimCheckpointError(
@@ -119,6 +125,12 @@ def fill_slim_state_dict(
             f"(unmerged: after a LoRA merge, rebuild it or keep `merge_on_train_end=False`), or use full checkpoints."
         )
     base = base_state(model)
-    for key, name in record["omitted"].items():
+    unknown = [name for name in omitted.values() if name not in base]
+    if unknown:
+        raise SlimCheckpointError(
+            f"The slim checkpoint names {len(unknown)} base tensor(s) that {type(model).__name__} does not have: "
+            f"{unknown[:5]}."
+        )
+    for key, name in omitted.items():
         state_dict.setdefault(key, base[name])
     return state_dict
