@@ -86,6 +86,11 @@ class Adapter(PEFTModule):
         """The input the base layer sees (only called when ``changes_input``)."""
         return x
 
+    def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output in one step, when this adapter is the only active one and has a faster way than
+        base layer + :meth:`forward` (LoRA's single autograd node); ``None`` to take the plain path."""
+        return None
+
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
         raise NotImplementedError
@@ -165,6 +170,10 @@ class AdaptedLayer(PEFTModule):
         adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if len(adapters) == 1 and not args and not kwargs:
+            fused = adapters[0].fused(self, x)
+            if fused is not None:
+                return fused
         inner = x
         for adapter in adapters:
             if adapter.changes_input:
