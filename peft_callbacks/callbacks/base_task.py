@@ -118,5 +118,7 @@ def resolve_loader(
             f"`{argument}` of {owner} resolved to {type(source).__name__}, not an iterable of batches (a DataLoader)."
         )
     if no_shuffle_reason and isinstance(getattr(source, "sampler", None), RandomSampler):
-        raise ValueError(f"The base-task `{argument}` of {owner} shuffles; {no_shuffle_reason}, so build it with shuffle=False.")
+        raise ValueError(
+            f"The base-task `{argument}` of {owner} shuffles; {no_shuffle_reason}, so build it with shuffle=False."
+        )
     return source

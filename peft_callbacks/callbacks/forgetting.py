@@ -20,7 +20,7 @@ from peft_callbacks.callbacks.base_task import named_source as _named_source  # 
 from peft_callbacks.forgetting.continual import TaskMatrix
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
 from peft_callbacks.forgetting.plot import write_forgetting_plot, write_tasks_plot
-from peft_callbacks.forgetting.scoring import BaseTaskScorer
+from peft_callbacks.forgetting.scoring import BaseTaskScorer, weights_version
 from peft_callbacks.forgetting.tracker import ForgettingTracker
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class ForgettingMonitor(Callback):
         self.plot_path: str | None = None
         self._rows: list[dict[str, Any]] = []  # evaluations of several tasks
         self._fit_index = 0
+        self._version: int | None = None
         self._references: dict[str | None, dict | None] = {}
         self._scorers: dict[str | None, BaseTaskScorer] = {}
         self._loaders: dict[str | None, Iterable] = {}
@@ -262,6 +263,9 @@ class ForgettingMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._evaluated_now(trainer):
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+        elif weights_version(pl_module) != self._version:  # changed since, at the same step: a merge, the finish
+            self.history.pop()
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
         if self.tasks is not None:
             self._end_of_fit_row(trainer)
             table = self.matrix.summary_table(self.metric_name)
@@ -288,6 +292,7 @@ class ForgettingMonitor(Callback):
         return bool(latest) and latest["step"] == trainer.global_step and latest.get("fit", 0) == self._fit_index
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        self._version = weights_version(pl_module)
         scores = {
             name: scorer.score(self._loaders[name], rank=trainer.global_rank, world_size=trainer.world_size)
             for name, scorer in self._scorers.items()
@@ -339,7 +344,9 @@ class ForgettingMonitor(Callback):
         self._rows.append(row)
         figures = {"average_" + self.metric_name: row["value"], "max_forgetting": row["forgetting"]}
         for name, task in per_task.items():
-            figures.update({f"{name}/{k}": task[k] for k in ("value", "forgetting", "kl_to_baseline", "feature_cosine")})
+            figures.update(
+                {f"{name}/{k}": task[k] for k in ("value", "forgetting", "kl_to_baseline", "feature_cosine")}
+            )
             figures[f"{name}/base_{self.metric_name}"] = figures.pop(f"{name}/value")
         self._log_figures(trainer, figures)
         worst = max(

@@ -28,13 +28,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 from peft_callbacks.core.targets import in_subtree
-from peft_callbacks.forgetting.updates import mergeable_layers, update_square_norm, weight_update
+from peft_callbacks.forgetting.updates import disabled_layers, mergeable_layers, update_square_norm, weight_update
 
 
 class UpdateAnchor:
@@ -43,20 +44,28 @@ class UpdateAnchor:
     Args:
         root: the module whose update is measured (a LightningModule or a model); names are relative to it.
         exclude: module paths inside ``root`` left out (the new task head).
+        include: module paths inside ``root`` that hold the update (the found models); ``None``: all of ``root``.
         buffers: also keep ``θ₀`` of floating-point buffers outside mergeable layers (BatchNorm statistics), for
             interpolating whole models (:mod:`peft_callbacks.forgetting.scaling`).
     """
 
-    def __init__(self, root: nn.Module, exclude: Iterable[str] = (), buffers: bool = False) -> None:
+    def __init__(
+        self, root: nn.Module, exclude: Iterable[str] = (), buffers: bool = False, include: Iterable[str] | None = None
+    ) -> None:
         self.root = root
         self.exclude = list(exclude)
+        self.include = None if include is None else list(include)
         self.buffers = buffers
         self.start: dict[str, torch.Tensor] = {}
-        self.layers = {p: m for p, m in mergeable_layers(root).items() if not in_subtree(p, self.exclude)}
+        self.layers = {p: m for p, m in mergeable_layers(root).items() if self._in_scope(p)}
+
+    def _in_scope(self, path: str) -> bool:
+        inside = self.include is None or "" in self.include or in_subtree(path, self.include)
+        return inside and not in_subtree(path, self.exclude)
 
     def _outside(self, name: str) -> bool:
         owner = name.rpartition(".")[0]
-        return not in_subtree(owner, self.exclude) and not in_subtree(owner, self.layers)
+        return self._in_scope(owner) and not in_subtree(owner, self.layers)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` of the live trainable tensors outside mergeable layers and excluded paths."""
@@ -103,6 +112,25 @@ class UpdateAnchor:
                 total = total.to(delta.device) + delta.pow(2).sum()
         return total
 
+    @contextlib.contextmanager
+    def at_start(self) -> Iterator[None]:
+        """The model computes its starting point inside the ``with`` block: mergeable layers skip their update and
+        every captured tensor holds ``θ₀`` (swapped in without a copy). Use it before building a graph: tensors
+        saved for backward must not be swapped under it."""
+        live = dict(self.tensors())
+        swapped = []
+        try:
+            for name, start in self.start.items():
+                if name in live:
+                    tensor = live[name]
+                    current, tensor.data = tensor.data, start.to(tensor.device, tensor.dtype)
+                    swapped.append((tensor, current))
+            with disabled_layers(self.layers):
+                yield
+        finally:
+            for tensor, current in swapped:
+                tensor.data = current
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The captured ``θ₀`` (CPU copies), for checkpoints."""
         return {name: t.cpu() for name, t in self.start.items()}
@@ -110,6 +138,27 @@ class UpdateAnchor:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore ``θ₀`` saved by :meth:`state_dict` (on the device of each live tensor)."""
         live = dict(self.tensors())
-        self.start = {
-            name: t.to(live[name].device if name in live else "cpu") for name, t in (state or {}).items()
-        }
+        self.start = {name: t.to(live[name].device if name in live else "cpu") for name, t in (state or {}).items()}
+
+
+def update_scope(root: nn.Module, module: str | None, exclude_head: bool) -> tuple[list[str], list[str]]:
+    """``(include, exclude)`` module paths of the update space inside ``root``: the models found in it (timm /
+    transformers, or ``root`` itself; ``module`` narrows the search) and, when ``exclude_head``, their task heads.
+
+    Example::
+
+        >>> import timm
+        >>> class Task(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+        >>> update_scope(Task(), None, exclude_head=True)
+        (['model'], ['model.fc'])
+    """
+    from peft_callbacks.core.models import find_models, join_path
+    from peft_callbacks.forgetting.heads import head_paths
+
+    models = find_models(root, module)
+    include = [path for path, _ in models]
+    exclude = [join_path(path, head) for path, model in models for head in head_paths(model)] if exclude_head else []
+    return include, exclude

@@ -125,7 +125,11 @@ class TaskMatrix:
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks), "higher_is_better": self.higher_is_better, "rows": [dict(r) for r in self.rows]}
+        return {
+            "tasks": list(self.tasks),
+            "higher_is_better": self.higher_is_better,
+            "rows": [dict(r) for r in self.rows],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.higher_is_better = state.get("higher_is_better", self.higher_is_better)

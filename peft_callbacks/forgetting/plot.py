@@ -91,7 +91,9 @@ def write_tasks_plot(
     """
     fig, (ax,) = _figure()
     for name in tasks:
-        points = [(i, r["tasks"][name]["value"]) for i, r in enumerate(history) if r["tasks"][name]["value"] is not None]
+        points = [
+            (i, r["tasks"][name]["value"]) for i, r in enumerate(history) if r["tasks"][name]["value"] is not None
+        ]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
     for i in range(1, len(history)):

@@ -311,6 +311,22 @@ class BaseTaskScorer:
         cosine.update(F.cosine_similarity(features, ref_features.to(features.device), dim=-1))
 
 
+def weights_version(module: nn.Module) -> int:
+    """A number that changes whenever a parameter of ``module`` is replaced or changed in place (each tensor's
+    version counter moves on in-place writes), so a callback can tell whether the model changed since it last looked.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 2)
+        >>> before = weights_version(layer)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(2)
+        >>> weights_version(layer) != before
+        True
+    """
+    return hash(tuple((id(p), p._version) for p in module.parameters()))
+
+
 def _device_of(*modules: nn.Module) -> torch.device:
     for module in modules:
         for tensor in (*module.parameters(), *module.buffers()):

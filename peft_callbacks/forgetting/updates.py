@@ -3,9 +3,9 @@ r"""The learned update of a fine-tune, read and scaled layer by layer: the one p
 Forgetting control works on the *update* a fine-tune made, not on its parameters:
 
 * a **mergeable PEFT layer** (LoRA, DoRA, and every layer that keeps the same contract) is found structurally: a
-  :class:`~peft_callbacks.core.modules.PEFTModule` with ``.base_layer`` (the wrapped original layer), ``.merged_weight()``
-  (float32, shaped like ``base_layer.weight``) and a ``.disabled`` flag. Its update lives in weight space:
-  ``ΔW = W_merged − W₀`` (for LoRA exactly ``s·B·A``, :meth:`LoRALayer.delta_weight`);
+  :class:`~peft_callbacks.core.modules.PEFTModule` with ``.base_layer`` (the wrapped original layer),
+  ``.merged_weight()`` (float32, shaped like ``base_layer.weight``) and a ``.disabled`` flag. Its update lives in
+  weight space: ``ΔW = W_merged − W₀`` (for LoRA exactly ``s·B·A``, ``LoRALayer.delta_weight``);
 * a **bottleneck adapter** adds ``up(act(down(h)))`` to a hidden state: its update is that output;
 * anything else that trains (full fine-tuning, unfrozen layers, norms, prompts) is a plain tensor ``θ`` with its
   starting value ``θ₀`` (see :mod:`peft_callbacks.forgetting.anchors`).
@@ -142,7 +142,9 @@ def folded_weights(layers: dict[str, nn.Module], scale: float = 1.0, requires_gr
     """
     saved = []
     with torch.no_grad():
-        targets = {path: layer.base_layer.weight.float() + scale * weight_update(layer) for path, layer in layers.items()}
+        targets = {
+            path: layer.base_layer.weight.float() + scale * weight_update(layer) for path, layer in layers.items()
+        }
     try:
         for path, layer in layers.items():
             weight = layer.base_layer.weight
