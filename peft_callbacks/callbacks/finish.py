@@ -202,17 +202,7 @@ class ForgettingAwareFinish(Callback):
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _val_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable:
-        source = self.val_dataloader
-        if source is None:
-            source = trainer.val_dataloaders
-            if isinstance(source, (list, tuple)):
-                source = source[0] if source else None
-            if (
-                source is None
-                and trainer.datamodule is not None
-                and is_overridden("val_dataloader", trainer.datamodule)
-            ):
-                source = trainer.datamodule.val_dataloader()
+        source = self.val_dataloader if self.val_dataloader is not None else _trainer_val_loader(trainer)
         if source is None:
             raise ValueError(
                 "ForgettingAwareFinish needs the new task's validation data: the trainer has no validation loader; "
@@ -295,6 +285,20 @@ class ForgettingAwareFinish(Callback):
         state = self.__dict__.copy()
         state["_anchor"] = None
         return state
+
+
+def _trainer_val_loader(trainer: pl.Trainer) -> Any:
+    """The trainer's (first) validation loader, set up now if validation has not run yet."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        try:  # the fit loop sets its validation data up lazily, at the first validation
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        except Exception:  # noqa: BLE001 - no validation data attached, or another Lightning layout
+            return None
+        loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
 
 
 def _cell(value: float | None) -> str:
