@@ -91,9 +91,13 @@ def hand_accuracy(module: nn.Module, loader: DataLoader) -> float:
 def fit(module, callbacks, train, epochs=3, ckpt_path=None):
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
-        max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    )  # fmt: skip
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )
     trainer.fit(module, train, ckpt_path=ckpt_path)
     return trainer
 
@@ -131,8 +135,13 @@ def test_several_base_tasks_in_one_fit_and_resume_keeps_the_matrix(tmp_path):
     first = ForgettingMonitor(held_out, plot=False)  # task None: the fit trains C, outside the dict
     fit(copy.deepcopy(module), [first, ModelCheckpoint(dirpath=str(tmp_path), save_last=True)], task(2, 2), epochs=1)
     second = ForgettingMonitor(held_out, plot=False)
-    resumed = fit(Shared(), [second, ModelCheckpoint(dirpath=str(tmp_path), save_last=True)], task(2, 2), epochs=3,
-                  ckpt_path=str(tmp_path / "last.ckpt"))  # fmt: skip
+    resumed = fit(
+        Shared(),
+        [second, ModelCheckpoint(dirpath=str(tmp_path), save_last=True)],
+        task(2, 2),
+        epochs=3,
+        ckpt_path=str(tmp_path / "last.ckpt"),
+    )
     straight = ForgettingMonitor(held_out, plot=False)
     fit(module, [straight], task(2, seed=2), epochs=3)
     assert second.matrix.rows[0]["values"] == pytest.approx(dict(zip("AB", start)))

@@ -192,9 +192,14 @@ def test_adapter_outputs_are_scaled():
             super().__init__()
             torch.manual_seed(0)
             self.model = timm.create_model(
-                "deit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=2, embed_dim=32,
+                "deit_tiny_patch16_224",
+                pretrained=False,
+                num_classes=3,
+                img_size=32,
+                depth=2,
+                embed_dim=32,
                 num_heads=2,
-            )  # fmt: skip
+            )
 
         def forward(self, x):
             return self.model(x)
@@ -211,8 +216,14 @@ def test_adapter_outputs_are_scaled():
     finish = ForgettingAwareFinish(images, max_forgetting=0.0, grid=[0.0, 0.5, 1.0], val_dataloader=images, plot=False)
     module = Vit()
     L.seed_everything(0, verbose=False)
-    L.Trainer(max_steps=4, callbacks=[trained, AdapterCallback(bottleneck=4), finish], logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, images)  # fmt: skip
+    L.Trainer(
+        max_steps=4,
+        callbacks=[trained, AdapterCallback(bottleneck=4), finish],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, images)
     s = finish.scale
     ups = [k for k in trained.end if k.endswith(".up.weight") or k.endswith(".up.bias")]
     assert ups
@@ -226,9 +237,7 @@ def test_adapter_outputs_are_scaled():
 def test_monitor_after_the_finish_reports_the_final_model_and_the_plot_sits_beside_its_own(tmp_path):
     head = original_head()
     monitor = ForgettingMonitor(base_data(), base_head=head, val_metric="val_acc", plot_dir=str(tmp_path))
-    finish = ForgettingAwareFinish(
-        base_data(), max_forgetting=0.2, grid=GRID, base_head=head, plot_dir=str(tmp_path)
-    )  # fmt: skip
+    finish = ForgettingAwareFinish(base_data(), max_forgetting=0.2, grid=GRID, base_head=head, plot_dir=str(tmp_path))
     module = Net()
     trainer = fit(module, [LoRACallback(rank=2, alpha=4), finish, monitor])
     x, y = next(iter(DataLoader(base_data().dataset, batch_size=30)))
@@ -264,8 +273,14 @@ def test_bad_arguments_name_the_argument():
 def test_no_validation_data_is_a_clear_error_at_the_end():
     finish = ForgettingAwareFinish(base_data(), plot=False)
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(max_steps=1, callbacks=[finish], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        callbacks=[finish],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="needs the new task's validation data.*pass `val_dataloader=`"):
         trainer.fit(Net(), new_data())
 

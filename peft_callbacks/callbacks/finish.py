@@ -178,9 +178,12 @@ class ForgettingAwareFinish(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         base_loader = resolve_loader(
-            self.dataloader, trainer, pl_module, owner="ForgettingAwareFinish",
+            self.dataloader,
+            trainer,
+            pl_module,
+            owner="ForgettingAwareFinish",
             no_shuffle_reason="feature drift compares the same batches at every s" if self.metric is None else None,
-        )  # fmt: skip
+        )
         val_loader = self._val_loader(trainer, pl_module)
         base, new = self._scorers(pl_module, val_loader)
         scaler = UpdateScaler(self._anchor)
@@ -212,16 +215,27 @@ class ForgettingAwareFinish(Callback):
 
     def _scorers(self, pl_module: pl.LightningModule, val_loader: Iterable) -> tuple[BaseTaskScorer, BaseTaskScorer]:
         base = BaseTaskScorer(
-            pl_module, metric=self.metric, base_head=self.base_head, forward_fn=self.forward_fn, module=self.module,
-            limit_batches=self.limit_batches, drift=self.metric is None, features=self.features,
-        )  # fmt: skip
+            pl_module,
+            metric=self.metric,
+            base_head=self.base_head,
+            forward_fn=self.forward_fn,
+            module=self.module,
+            limit_batches=self.limit_batches,
+            drift=self.metric is None,
+            features=self.features,
+        )
         forward = self.val_forward_fn
         if forward is None and is_overridden("forward", pl_module, pl.LightningModule):
             forward = module_forward
         new = BaseTaskScorer(
-            pl_module, metric=self.val_metric, forward_fn=forward, module=self.module,
-            num_classes=self._classes(pl_module, val_loader, forward), limit_batches=self.limit_batches, drift=False,
-        )  # fmt: skip
+            pl_module,
+            metric=self.val_metric,
+            forward_fn=forward,
+            module=self.module,
+            num_classes=self._classes(pl_module, val_loader, forward),
+            limit_batches=self.limit_batches,
+            drift=False,
+        )
         return base, new
 
     def _classes(self, pl_module: pl.LightningModule, loader: Iterable, forward: Callable | None) -> int:

@@ -160,9 +160,13 @@ class ForgettingTerm(Callback):
     def scorer(self, pl_module: pl.LightningModule, metric: str | None = None) -> BaseTaskScorer:
         """A base-task scorer on ``pl_module`` through the original head (for its ``forward``/``loss``)."""
         return BaseTaskScorer(
-            pl_module, metric=metric, base_head=self.base_head, forward_fn=self.forward_fn, module=self.module,
+            pl_module,
+            metric=metric,
+            base_head=self.base_head,
+            forward_fn=self.forward_fn,
+            module=self.module,
             drift=False,
-        )  # fmt: skip
+        )
 
     def anchor(self, pl_module: pl.LightningModule, buffers: bool = False) -> UpdateAnchor:
         """The update space of the fine-tune (the found models; their heads left out when ``base_head`` is given)."""
