@@ -188,11 +188,14 @@ class ForgettingAwareFinish(Callback):
         base, new = self._scorers(pl_module, val_loader)
         scaler = UpdateScaler(self._anchor)
         rank, world = trainer.global_rank, trainer.world_size
+        # the trainer's own validation loader is already split between processes (each scores its share, the
+        # metric adds the shares up); a loader given here is split batch by batch, like the base-task set
+        val_rank, val_world = (rank, world) if self.val_dataloader is not None else (0, 1)
         self.curve = []
         for s in self.grid:  # ascending: s = 0 first, the baseline of forgetting and drift
             with scaler.scaled(s):
                 base_score = base.score(base_loader, rank=rank, world_size=world)
-                new_score = new.score(val_loader, rank=rank, world_size=world)
+                new_score = new.score(val_loader, rank=val_rank, world_size=val_world)
             self.curve.append({"s": s, "new_task": new_score.value, **self._forgetting(base_score)})
         self.chosen = choose_scale(self.curve, self.max_forgetting)
         self.merged_layers = scaler.commit(pl_module, self.chosen["s"])
