@@ -35,6 +35,15 @@ from peft_callbacks.forgetting.scoring import evaluation_mode
 log = logging.getLogger(__name__)
 
 
+def _may_unfreeze(trainer: pl.Trainer) -> bool:
+    """Is a freezing schedule among the callbacks (one that unfreezes layers while training)?"""
+    from lightning.pytorch.callbacks.finetuning import BaseFinetuning
+
+    from peft_callbacks.callbacks.freezing import FreezeBackbone
+
+    return any(isinstance(c, BaseFinetuning) and not isinstance(c, FreezeBackbone) for c in trainer.callbacks)
+
+
 class _AnchoredTerm(ForgettingTerm):
     """A term on the update space: keeps the anchor, captures tensors unfrozen later, saves ``θ₀``."""
 
@@ -141,8 +150,10 @@ class EWCCallback(_AnchoredTerm):
     **Over what:** the update space of the module docstring. For a LoRA/DoRA layer ``F`` is over its weight ``W``
     (``out × in``: the gradient with respect to the merged weight) and the penalty is on ``ΔW``, so LoRA is held
     exactly where full fine-tuning of that layer would be; for full fine-tuning, adapters, prompts and unfrozen
-    layers it is over the trained tensors themselves. Tensors a schedule unfreezes after fit start have no Fisher
-    and are not penalised (a warning says which). With several processes each computes the gradients of its share
+    layers it is over the trained tensors themselves. With a freezing schedule among the callbacks
+    (``LayerwiseUnfreezing``, ``HeadThenFull``, Lightning's ``BackboneFinetuning``) the Fisher covers every tensor of
+    the watched models at fit start, so layers unfrozen later are held from their first step; tensors that start
+    training later without one are not penalised (a warning says which). With several processes each computes the gradients of its share
     of the batches and the sums are added, so ``F`` equals one process's.
 
     With ``normalize=True`` (default) the penalty uses ``F / mean(F)`` (mean over every entry), so ``weight`` has the
@@ -211,9 +222,13 @@ class EWCCallback(_AnchoredTerm):
             return
         loader = resolve_loader(self.dataloader, trainer, pl_module, owner=self.name)
         scorer = self.scorer(pl_module)
+        space = self._anchor
+        if _may_unfreeze(trainer):  # a schedule will unfreeze layers: their Fisher must be taken now, at the start
+            space = self.anchor(pl_module)
+            space.trainable_only = False
         with evaluation_mode(pl_module, grad=True):
             self.fisher = diagonal_fisher(
-                self._anchor,
+                space,
                 loader,
                 lambda batch: scorer.loss(move_to_device(batch, pl_module.device)),
                 limit_batches=self.fisher_batches,
@@ -228,6 +243,9 @@ class EWCCallback(_AnchoredTerm):
         self.fisher, self._fisher_scale = {}, None
 
     def on_new_tensors(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.fisher]
+        if not names:
+            return
         rank_zero_warn(
             f"{self.name}: {len(names)} tensor(s) started training after fit start ({', '.join(names[:4])}"
             f"{', …' if len(names) > 4 else ''}); they have no Fisher and are not penalised."

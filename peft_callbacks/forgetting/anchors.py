@@ -45,14 +45,22 @@ class UpdateAnchor:
         root: the module whose update is measured (a LightningModule or a model); names are relative to it.
         exclude: module paths inside ``root`` left out (the new task head).
         include: module paths inside ``root`` that hold the update (the found models); ``None``: all of ``root``.
+        trainable_only: only tensors that require grad count (``False``: every floating-point parameter in scope,
+            e.g. for a Fisher that must cover layers a schedule unfreezes later).
         buffers: also keep ``θ₀`` of floating-point buffers outside mergeable layers (BatchNorm statistics), for
             interpolating whole models (:mod:`peft_callbacks.forgetting.scaling`).
     """
 
     def __init__(
-        self, root: nn.Module, exclude: Iterable[str] = (), buffers: bool = False, include: Iterable[str] | None = None
+        self,
+        root: nn.Module,
+        exclude: Iterable[str] = (),
+        buffers: bool = False,
+        include: Iterable[str] | None = None,
+        trainable_only: bool = True,
     ) -> None:
         self.root = root
+        self.trainable_only = trainable_only
         self.exclude = list(exclude)
         self.include = None if include is None else list(include)
         self.buffers = buffers
@@ -70,7 +78,7 @@ class UpdateAnchor:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` of the live trainable tensors outside mergeable layers and excluded paths."""
         for name, p in self.root.named_parameters():
-            if p.requires_grad and p.is_floating_point() and self._outside(name):
+            if (p.requires_grad or not self.trainable_only) and p.is_floating_point() and self._outside(name):
                 yield name, p
         if self.buffers:
             for name, b in self.root.named_buffers():

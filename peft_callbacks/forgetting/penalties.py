@@ -23,7 +23,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +59,17 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
 
 
+@contextlib.contextmanager
+def _requiring_grad(tensors: list[torch.Tensor]) -> Iterator[None]:
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t in tensors:
+            t.requires_grad_(False)
+
+
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
@@ -78,7 +90,8 @@ def diagonal_fisher(
     ``F = 1/N · Σ_b (∇ L_b)²`` with ``L_b = loss_fn(batch_b)`` (the mean base-task loss of mini-batch ``b``) and
     ``N`` the number of batches. For a mergeable layer the gradient is taken in weight space: with respect to the
     merged weight ``W``, the layer run as a plain layer (:func:`~peft_callbacks.forgetting.updates.folded_weights`);
-    for every other tensor with respect to the tensor. With several processes batch ``b`` is taken by rank
+    for every other tensor of the anchor (frozen ones too, for an anchor that is not trainable-only) with respect to
+    the tensor. With several processes batch ``b`` is taken by rank
     ``b % world_size`` and the sums are added over ranks, so the result equals one process. The caller sets the
     model's mode (eval: no dropout, no BatchNorm statistics update).
 
@@ -89,10 +102,14 @@ def diagonal_fisher(
         ValueError: ``batches`` yields no batch.
     """
     layer_names = {anchor.layer_name(path): layer for path, layer in anchor.layers.items()}
-    with folded_weights(anchor.layers, requires_grad=True):
+    tensors = dict(anchor.tensors())  # frozen ones too when the anchor is not trainable-only
+    frozen = [t for t in tensors.values() if not t.requires_grad]
+    with folded_weights(anchor.layers, requires_grad=True), _requiring_grad(frozen):
         targets = {name: layer.base_layer.weight for name, layer in layer_names.items()}
-        targets.update({name: t for name, t in anchor.tensors() if t.requires_grad})
+        targets.update(tensors)
         names, params = list(targets), list(targets.values())
+        if not params:
+            return {}
         sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         count = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
         seen = 0
