@@ -153,8 +153,8 @@ class EWCCallback(_AnchoredTerm):
     layers it is over the trained tensors themselves. With a freezing schedule among the callbacks
     (``LayerwiseUnfreezing``, ``HeadThenFull``, Lightning's ``BackboneFinetuning``) the Fisher covers every tensor of
     the watched models at fit start, so layers unfrozen later are held from their first step; tensors that start
-    training later without one are not penalised (a warning says which). With several processes each computes the gradients of its share
-    of the batches and the sums are added, so ``F`` equals one process's.
+    training later without one are not penalised (a warning says which). With several processes each computes the
+    gradients of its share of the batches and the sums are added, so ``F`` equals one process's.
 
     With ``normalize=True`` (default) the penalty uses ``F / mean(F)`` (mean over every entry), so ``weight`` has the
     scale of L2-SP's ``α`` whatever the loss scale; ``fisher`` keeps the raw values. Logged: ``ewc/loss``.
