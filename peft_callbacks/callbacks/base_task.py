@@ -62,6 +62,33 @@ def check_base_head(value: Any) -> nn.Module | str | None:
     raise TypeError(f"`base_head` must be an nn.Module, a path to a state dict or None, got {type(value).__name__}.")
 
 
+def check_sources(value: Any) -> Any:
+    """Return ``value`` if it is a base-task loader (see :func:`check_dataloader`) or a non-empty dict of them keyed
+    by task name."""
+    if not isinstance(value, dict):
+        return check_dataloader(value)
+    if not value:
+        raise ValueError("`dataloader` is an empty dict; give at least one task: {name: loader or method name}.")
+    for name, source in value.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"`dataloader` task names must be non-empty strings without '/', got {name!r}.")
+        check_dataloader(source, argument=f"dataloader[{name!r}]")
+    return dict(value)
+
+
+def check_heads(value: Any, tasks: list[str] | None) -> Any:
+    """Return ``value`` if it is a base head (see :func:`check_base_head`) or, with several ``tasks``, a dict of
+    them keyed by task name."""
+    if not isinstance(value, dict):
+        return check_base_head(value)
+    if tasks is None:
+        raise TypeError("`base_head` is a dict, which needs `dataloader` to be a dict of tasks with the same names.")
+    unknown = [k for k in value if k not in tasks]
+    if not value or unknown:
+        raise ValueError(f"`base_head` keys must be task names of `dataloader` ({tasks}); got {list(value)}.")
+    return {name: check_base_head(head) for name, head in value.items()}
+
+
 def named_source(name: str, pl_module: pl.LightningModule, datamodule: Any, argument: str = "dataloader") -> Any:
     """The loader a method or attribute called ``name`` of the LightningModule or the DataModule returns."""
     for owner in (pl_module, datamodule):

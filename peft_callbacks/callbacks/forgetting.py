@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
-from peft_callbacks.callbacks.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
+from peft_callbacks.callbacks.base_task import BaseLoader, check_heads, check_sources, resolve_loader
 from peft_callbacks.callbacks.base_task import named_source as _named_source  # noqa: F401 - kept importable here
 from peft_callbacks.forgetting.continual import TaskMatrix
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
@@ -130,9 +130,9 @@ class ForgettingMonitor(Callback):
         plot_dir: str | None = None,
         prefix: str = "forgetting",
     ) -> None:
-        self.dataloader = _check_sources(dataloader)
+        self.dataloader = check_sources(dataloader)
         self.metric = check_metric(metric)
-        self.base_head = _check_heads(base_head, self.tasks)
+        self.base_head = check_heads(base_head, self.tasks)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"`forward_fn` must be a callable(pl_module, batch) or None, got {forward_fn!r}.")
         self.forward_fn = forward_fn
@@ -314,46 +314,21 @@ class ForgettingMonitor(Callback):
         self._check_threshold(trainer, row)
 
     def _evaluate_tasks(self, trainer: pl.Trainer, scores: dict, epoch: int) -> None:
-        values = {name: score.value for name, score in scores.items()}
         if not self.matrix.rows:
-            self.matrix.record(values, trained=None)  # the start row: before any fine-tune
-        per_task = {}
+            self.matrix.record({n: s.value for n, s in scores.items()}, trained=None)  # the start row
+        row = self.matrix.evaluation({n: s.value for n, s in scores.items()}, training=self.task)
         for name, score in scores.items():
-            forgetting = self.matrix.forgetting_of(name, score.value, training=self.task)
-            reference = self.matrix.reference_row(name, training=self.task)
-            start = None if reference is None else self.matrix.rows[reference]["values"][name]
-            per_task[name] = {
-                "value": score.value,
-                "forgetting": forgetting,
-                "relative_drop_percent": None if forgetting is None or not start else 100.0 * forgetting / abs(start),
-                "kl_to_baseline": score.kl_to_baseline,
-                "feature_cosine": score.feature_cosine,
-            }
-        seen = [n for n in self.tasks if n == self.task or self.matrix.reference_row(n, training=self.task) is not None]
-        seen_values = [values[n] for n in seen if values[n] is not None]
-        measured = [t["forgetting"] for t in per_task.values() if t["forgetting"] is not None]
-        row = {
-            "fit": self._fit_index,
-            "epoch": epoch,
-            "step": trainer.global_step,
-            "value": sum(seen_values) / len(seen_values) if seen_values else None,
-            "forgetting": max(measured) if measured else None,
-            "tasks": per_task,
-            "val_metric": self._val_metric(trainer),
-        }
+            row["tasks"][name].update(kl_to_baseline=score.kl_to_baseline, feature_cosine=score.feature_cosine)
+        row.update(fit=self._fit_index, epoch=epoch, step=trainer.global_step, val_metric=self._val_metric(trainer))
         self._rows.append(row)
         figures = {"average_" + self.metric_name: row["value"], "max_forgetting": row["forgetting"]}
-        for name, task in per_task.items():
-            figures.update(
-                {f"{name}/{k}": task[k] for k in ("value", "forgetting", "kl_to_baseline", "feature_cosine")}
-            )
-            figures[f"{name}/base_{self.metric_name}"] = figures.pop(f"{name}/value")
+        for name, task in row["tasks"].items():
+            figures[f"{name}/base_{self.metric_name}"] = task["value"]
+            figures.update({f"{name}/{k}": task[k] for k in ("forgetting", "kl_to_baseline", "feature_cosine")})
         self._log_figures(trainer, figures)
-        worst = max(
-            per_task.items(),
-            key=lambda item: -1.0 if item[1]["forgetting"] is None else self._measured(item[1]),
-        )
-        self._check_threshold(trainer, {**worst[1], "task": worst[0]})
+        measured = {name: self._measured(task) for name, task in row["tasks"].items()}
+        worst = max(measured, key=lambda name: -1.0 if measured[name] is None else measured[name])
+        self._check_threshold(trainer, {**row["tasks"][worst], "task": worst})
 
     def _end_of_fit_row(self, trainer: pl.Trainer) -> None:
         values = {name: task["value"] for name, task in self.latest["tasks"].items()}
@@ -475,26 +450,3 @@ class ForgettingMonitor(Callback):
         state = self.__dict__.copy()
         state["_scorers"], state["_loaders"] = {}, {}
         return state
-
-
-def _check_sources(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return check_dataloader(value)
-    if not value:
-        raise ValueError("`dataloader` is an empty dict; give at least one task: {name: loader or method name}.")
-    for name, source in value.items():
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"`dataloader` task names must be non-empty strings without '/', got {name!r}.")
-        check_dataloader(source, argument=f"dataloader[{name!r}]")
-    return dict(value)
-
-
-def _check_heads(value: Any, tasks: list[str] | None) -> Any:
-    if not isinstance(value, dict):
-        return check_base_head(value)
-    if tasks is None:
-        raise TypeError("`base_head` is a dict, which needs `dataloader` to be a dict of tasks with the same names.")
-    unknown = [k for k in value if k not in tasks]
-    if not value or unknown:
-        raise ValueError(f"`base_head` keys must be task names of `dataloader` ({tasks}); got {list(value)}.")
-    return {name: check_base_head(head) for name, head in value.items()}

@@ -99,6 +99,26 @@ class TaskMatrix:
             return None
         return self.forgetting_of(task, self.rows[-1]["values"][task])
 
+    def evaluation(self, values: dict[str, float | None], training: str | None = None) -> dict[str, Any]:
+        """Figures of an evaluation while ``training`` is trained: per task ``value``, ``forgetting`` and
+        ``relative_drop_percent`` (against the task's reference row), their ``forgetting`` maximum, and ``value``,
+        the average over the tasks learned so far and the one being trained."""
+        tasks = {}
+        for name in self.tasks:
+            forgetting = self.forgetting_of(name, values.get(name), training=training)
+            ref = self.reference_row(name, training=training)
+            start = None if ref is None else self.rows[ref]["values"][name]
+            drop = None if forgetting is None or not start else 100.0 * forgetting / abs(start)
+            tasks[name] = {"value": values.get(name), "forgetting": forgetting, "relative_drop_percent": drop}
+        seen = [n for n in self.tasks if n == training or self.reference_row(n, training=training) is not None]
+        seen_values = [values[n] for n in seen if values.get(n) is not None]
+        measured = [t["forgetting"] for t in tasks.values() if t["forgetting"] is not None]
+        return {
+            "value": sum(seen_values) / len(seen_values) if seen_values else None,
+            "forgetting": max(measured) if measured else None,
+            "tasks": tasks,
+        }
+
     def bwt(self) -> float | None:
         """Backward transfer: − mean forgetting over the tasks where it is defined (``None`` if none is)."""
         values = [f for f in (self.forgetting(t) for t in self.tasks) if f is not None]
