@@ -109,6 +109,9 @@ def run(tmp_path, devices: int) -> tuple[list[dict[str, float]], dict[str, torch
     )
     # every batch of 8 is split between the two processes: 4 + 4 = the single process's 8
     loader = DataLoader(train, batch_size=8 // devices, sampler=Interleaved(len(train)))
+    # LoRA's A is drawn at fit time: from seed 0 here, and in each spawned process (Lightning re-seeds it with the
+    # seed set last), whatever earlier code did to the global generator
+    L.seed_everything(0, verbose=False)
     trainer.fit(module, loader, DataLoader(train, batch_size=8 // devices, sampler=Interleaved(len(train))))
     (path,) = glob.glob(os.path.join(str(tmp_path), f"devices{devices}", "*", "metrics.csv"))
     with open(path) as f:

@@ -296,7 +296,7 @@ class ReplayCallback(ForgettingTerm):
         if self._state:
             self._stream.skip(self._state.get("position", 0))
             self._stream.drawn, self._stream.seen = self._state.get("drawn", 0), self._state.get("seen", 0)
-            self._stream._carry = self._state.get("carry", 0.0)
+            self._stream.carry = self._state.get("carry", 0.0)
 
     def reset(self) -> None:
         self._state = {}
@@ -331,7 +331,7 @@ class ReplayCallback(ForgettingTerm):
         if self._stream is None:
             return dict(self._state)
         stream = self._stream
-        return {"position": stream.position, "drawn": stream.drawn, "seen": stream.seen, "carry": stream._carry}
+        return {"position": stream.position, "drawn": stream.drawn, "seen": stream.seen, "carry": stream.carry}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state = {k: state_dict.get(k, 0) for k in ("position", "drawn", "seen", "carry")}

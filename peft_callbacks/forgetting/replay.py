@@ -97,15 +97,15 @@ class ReplayStream:
         self.drawn = 0
         self.seen = 0
         self.position = 0  # examples consumed from the stream (all processes), for resuming
-        self._carry = 0.0
+        self.carry = 0.0
         self._iterator: Iterator[Any] | None = None
         self._pending: list[Any] = []  # the rest of the current base batch
 
     def count_for(self, batch_size: int) -> int:
         """How many base examples to draw for ``batch_size`` new ones (carrying the fractional part)."""
-        exact = batch_size * self.fraction / (1.0 - self.fraction) + self._carry
+        exact = batch_size * self.fraction / (1.0 - self.fraction) + self.carry
         n = int(exact)
-        self._carry = exact - n
+        self.carry = exact - n
         return n
 
     def _next_batch(self) -> Any:
