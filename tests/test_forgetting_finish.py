@@ -93,6 +93,20 @@ def fit(module, callbacks, steps: int = 6):
     return trainer
 
 
+def lora_tensor(state: dict, layer: str, name: str) -> torch.Tensor:
+    """A LoRA tensor of ``layer`` in a state dict, wherever this version of the library keeps it (right under the
+    layer, or under its ``adapters.default``)."""
+    for key in (f"{layer}.{name}", f"{layer}.adapters.default.{name}"):
+        if key in state:
+            return state[key]
+    raise KeyError(f"no {name} of {layer} among {sorted(state)}")
+
+
+def lora_delta(state: dict, layer: str, scaling: float) -> torch.Tensor:
+    """``s·B·A`` of ``layer`` from a state dict."""
+    return scaling * lora_tensor(state, layer, "lora_B.weight") @ lora_tensor(state, layer, "lora_A.weight")
+
+
 def accuracy(weight, bias, head_w, head_b, loader) -> float:
     correct = total = 0
     for x, y in loader:
@@ -125,7 +139,7 @@ def test_lora_finish_picks_the_hand_sweep_and_leaves_the_hand_scaled_merged_mode
 
     end = trained.end
     w0, bias = end["net.0.base_layer.weight"], end["net.0.base_layer.bias"]
-    delta = 2.0 * end["net.0.lora_B.weight"] @ end["net.0.lora_A.weight"]  # s·B·A, scaling = alpha / r = 2
+    delta = lora_delta(end, "net.0", 2.0)  # s·B·A, scaling = alpha / r = 2
     curve, chosen = hand_sweep(lambda s: w0 + s * delta, bias, (end["net.2.weight"], end["net.2.bias"]), 0.07)
     assert [p["s"] for p in finish.curve] == GRID
     for mine, hand in zip(finish.curve, curve):
@@ -177,8 +191,8 @@ def test_dora_layers_are_merged_at_the_chosen_scale():
     fit(module, [trained, LoRACallback(rank=2, alpha=4, use_dora=True, merge_on_train_end=False), finish])
     end = trained.end
     w0 = end["net.0.base_layer.weight"]
-    v = w0 + 2.0 * end["net.0.lora_B.weight"] @ end["net.0.lora_A.weight"]
-    dora = end["net.0.lora_magnitude_vector"][:, None] * v / v.norm(dim=1, keepdim=True)
+    v = w0 + lora_delta(end, "net.0", 2.0)
+    dora = lora_tensor(end, "net.0", "lora_magnitude_vector")[:, None] * v / v.norm(dim=1, keepdim=True)
     s = finish.scale
     assert finish.merged_layers == ["net.0"] and type(module.net[0]) is nn.Linear  # no DoRA form holds W0 + s·ΔW
     torch.testing.assert_close(module.net[0].weight.detach(), w0 + s * (dora - w0), rtol=1e-5, atol=1e-6)

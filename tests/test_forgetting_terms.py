@@ -96,11 +96,25 @@ def fit(module, callbacks, epochs=1, ckpt_path=None, **kwargs):
     return trainer
 
 
+def lora_tensor(state: dict, layer: str, name: str) -> torch.Tensor:
+    """A LoRA tensor of ``layer`` in a state dict, wherever this version of the library keeps it (right under the
+    layer, or under its ``adapters.default``)."""
+    for key in (f"{layer}.{name}", f"{layer}.adapters.default.{name}"):
+        if key in state:
+            return state[key]
+    raise KeyError(f"no {name} of {layer} among {sorted(state)}")
+
+
+def lora_delta(state: dict, layer: str, scaling: float) -> torch.Tensor:
+    """``s·B·A`` of ``layer`` from a state dict."""
+    return scaling * lora_tensor(state, layer, "lora_B.weight") @ lora_tensor(state, layer, "lora_A.weight")
+
+
 def features(state: dict, x: torch.Tensor, lora_scaling: float | None = None) -> torch.Tensor:
     """tanh(net.0(x)) from a state dict, for a plain or a LoRA-adapted ``net.0``."""
     if lora_scaling is None:
         return torch.tanh(F.linear(x, state["net.0.weight"], state["net.0.bias"]))
-    w = state["net.0.base_layer.weight"] + lora_scaling * state["net.0.lora_B.weight"] @ state["net.0.lora_A.weight"]
+    w = state["net.0.base_layer.weight"] + lora_delta(state, "net.0", lora_scaling)
     return torch.tanh(F.linear(x, w, state["net.0.base_layer.bias"]))
 
 
@@ -210,7 +224,7 @@ def test_l2sp_on_lora_is_the_norm_of_the_weight_update_and_includes_a_shared_hea
     fit(Net(), [LoRACallback(rank=2, alpha=4, merge_on_train_end=False), recorder, l2sp], max_steps=3)
     start = recorder.first_state
     for state, batch, loss in zip(recorder.states[1:], recorder.batches[1:], recorder.losses[1:]):
-        delta = 2.0 * state["net.0.lora_B.weight"] @ state["net.0.lora_A.weight"]  # s·B·A
+        delta = lora_delta(state, "net.0", 2.0)  # s·B·A
         head = sum((state[k] - start[k]).pow(2).sum() for k in ("net.2.weight", "net.2.bias"))
         expected = user_loss(state, batch, 2.0) + 0.25 * (delta.pow(2).sum() + head)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
@@ -250,7 +264,7 @@ def test_ewc_fisher_and_penalty_equal_hand_computation(lora):
     scale = 1.0 if lora else (f_weight.numel() + f_bias.numel()) / float(f_weight.sum() + f_bias.sum())
     for state, batch, loss in zip(recorder.states[1:], recorder.batches[1:], recorder.losses[1:]):
         if lora:
-            delta = 2.0 * state["net.0.lora_B.weight"] @ state["net.0.lora_A.weight"]
+            delta = lora_delta(state, "net.0", 2.0)
             penalty = (f_weight * delta.pow(2)).sum()
         else:
             penalty = (f_weight * (state["net.0.weight"] - start["net.0.weight"]).pow(2)).sum()
