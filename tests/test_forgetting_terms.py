@@ -308,3 +308,16 @@ def test_resume_keeps_the_state_and_ends_where_an_uninterrupted_run_ends(kind, t
     assert type(restored) is type(second)
     if kind == "replay":  # 6 steps of 4 new examples at 40%: 16 replayed in all, counted across the resume
         assert (second.drawn, second.seen) == (16, 24)
+
+
+def test_a_missing_base_loader_is_named():
+    with pytest.raises(ValueError, match=r"`dataloader`='base_train_dataloader' names no method or attribute of Net"):
+        fit(Net(), [ReplayCallback("base_train_dataloader")], max_steps=1)
+    with pytest.raises(ValueError, match=r"`dataloader`='base_train_dataloader' names no method or attribute of Net"):
+        fit(Net(), [EWCCallback("base_train_dataloader")], max_steps=1)
+    with pytest.raises(TypeError, match="`dataloader` must be a DataLoader"):
+        ReplayCallback(None)
+    with pytest.raises(ValueError, match=r"`fraction` must be in \(0.0, 1.0\), got 1.0"):
+        ReplayCallback(base_loader(), fraction=1.0)
+    with pytest.raises(ValueError, match="`weight` must be in"):
+        L2SPCallback(weight=0)
