@@ -128,7 +128,9 @@ def draw_finish_curve(ax, curve: list[dict[str, Any]], chosen: float, budget: fl
     twin.set_ylabel("base-task forgetting", color="tab:red")
     ax.set_xlim(min(s) - 0.03, max(s) + 0.03)
     ax.set_title("Forgetting-aware finish")
-    ax.legend(fontsize=8, loc="lower center")
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, fontsize=8, loc="center right")
 
 
 def write_finish_plot(
