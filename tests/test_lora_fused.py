@@ -111,3 +111,11 @@ def test_fused_keeps_no_more_for_backward_than_the_plain_path():
     layer = _layer("linear")
     x = torch.randn(64, 24)
     assert _saved_bytes(layer, x, fused=True) <= _saved_bytes(layer, x, fused=False)
+
+
+def test_autocast_takes_the_plain_path():
+    layer = _layer("linear")
+    x = torch.randn(4, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() != "LoRALinearFunctionBackward"

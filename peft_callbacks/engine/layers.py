@@ -103,6 +103,10 @@ class Adapter(PEFTModule):
         """Inverse of :meth:`merge_into`."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base layer.")
 
+    def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
+        """Called by :meth:`AdaptedLayer.merge` once this adapter is folded into ``weight`` (the weight before it),
+        for adapters that need something of that moment to unmerge exactly (DoRA's scale)."""
+
     def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
         """The base bias (float32) with this adapter folded in; most methods leave it as it is (IA3 scales it)."""
         return bias
@@ -222,6 +226,11 @@ class AdaptedLayer(PEFTModule):
         check_finite("into this layer", weight)
         if bias is not None:
             check_finite("into this layer's bias", bias)
+        with torch.no_grad():  # tell each adapter the weight it was folded into, in order
+            before = base_weight(self.base_layer).float()
+            for name in names:
+                self.adapters[name].merged(self, before)
+                before = self.adapters[name].merge_into(self, before)
         write_weight(self.base_layer, weight, bias)
         self.merged_adapters = names
 

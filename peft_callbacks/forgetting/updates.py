@@ -13,8 +13,8 @@ Forgetting control works on the *update* a fine-tune made, not on its parameters
 Scaling the update by ``s`` gives ``W(s) = W₀ + s·ΔW`` for mergeable layers and ``h + s·up(act(down(h)))`` for
 adapters; ``s = 0`` is the model before fine-tuning and ``s = 1`` the trained one.
 
-Only this module imports LoRA or adapter classes (in :func:`_library`, for the layer layout of this version of the
-library: one LoRA layer per wrapped layer, or an engine's ``AdaptedLayer`` holding named adapters); everything else
+Only this module imports LoRA or adapter classes (in :func:`_library`: the engine's ``AdaptedLayer`` holds named
+adapters); everything else
 goes through these functions.
 
 Example::
@@ -52,33 +52,24 @@ class _Library:
     dora: type  # DoRA parts: m·(W₀ + s·B·A)/‖·‖_c
     adapter_layers: Callable[[nn.Module], dict[str, nn.Module]]
     unload: Callable[[nn.Module, list[nn.Module]], None]  # take these layers out (their weight already written)
-    engine: bool
 
 
 @functools.cache
 def _library() -> _Library:
-    """The PEFT classes and functions of this version of the library (the one place to port)."""
-    try:  # one engine: AdaptedLayer holds named adapters
-        from peft_callbacks.engine import unload
-        from peft_callbacks.methods.bottleneck import adapter_layers
-        from peft_callbacks.methods.lora import DoRAAdapter, LoRAAdapter
+    """The engine's LoRA/DoRA adapter classes and functions (imported late: the methods import this package)."""
+    from peft_callbacks.engine import unload
+    from peft_callbacks.methods.bottleneck import adapter_layers
+    from peft_callbacks.methods.lora import DoRAAdapter, LoRAAdapter
 
-        def unload_methods(model: nn.Module, layers: list[nn.Module]) -> None:
-            for method in sorted({a.method for layer in layers for a in layer.adapters.values()}):
-                unload(model, method=method)
+    def unload_methods(model: nn.Module, layers: list[nn.Module]) -> None:
+        for method in sorted({a.method for layer in layers for a in layer.adapters.values()}):
+            unload(model, method=method)
 
-        return _Library(LoRAAdapter, DoRAAdapter, adapter_layers, unload_methods, engine=True)
-    except ImportError:  # one LoRA layer class per wrapped layer kind
-        from peft_callbacks.adapters.inject import adapter_layers
-        from peft_callbacks.lora.dora import DoRALayer
-        from peft_callbacks.lora.inject import unload_lora
-        from peft_callbacks.lora.layers import LoRALayer
-
-        return _Library(LoRALayer, DoRALayer, adapter_layers, lambda model, layers: unload_lora(model), engine=False)
+    return _Library(LoRAAdapter, DoRAAdapter, adapter_layers, unload_methods)
 
 
 def _parts(layer: nn.Module) -> list[nn.Module]:
-    """The modules whose updates add up to the layer's: its active adapters (engine) or the layer itself."""
+    """The modules whose updates add up to the layer's: its active, unmerged adapters."""
     adapters = getattr(layer, "adapters", None)
     if isinstance(adapters, nn.ModuleDict):
         merged = getattr(layer, "merged_adapters", [])
@@ -128,12 +119,9 @@ def bottleneck_adapters(model: nn.Module) -> dict[str, nn.Module]:
     return _library().adapter_layers(model)
 
 
-def _dora_weight(part: nn.Module, base: torch.Tensor, engine: bool) -> torch.Tensor:
+def _dora_weight(part: nn.Module, base: torch.Tensor) -> torch.Tensor:
     """DoRA's ``m·(W₀ + s·B·A)/‖W₀ + s·B·A‖_c`` with the norm a constant, differentiable in ``m``, ``A``, ``B``."""
-    if engine:
-        rows, scale = part.weight_rows(base + part.delta_weight()), part.magnitude_scale(base)
-    else:
-        rows, scale = part.weight_rows(part.merged_lora_weight()), part.magnitude_scale()
+    rows, scale = part.weight_rows(base + part.delta_weight()), part.magnitude_scale(base)
     return part.weight_from_rows(rows * scale.float()[:, None])  # (out, fan_in) · (out, 1)
 
 
@@ -150,7 +138,7 @@ def weight_update(layer: nn.Module) -> torch.Tensor:
     if any(isinstance(p, lib.dora) for p in parts):
         if len(parts) > 1:
             return layer.merged_weight() - base
-        return _dora_weight(parts[0], base, lib.engine) - base
+        return _dora_weight(parts[0], base) - base
     if _plain_lora_parts(layer):
         return sum((p.delta_weight() for p in parts), torch.zeros_like(base))
     return layer.merged_weight() - base

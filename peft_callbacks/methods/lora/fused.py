@@ -11,7 +11,8 @@ and the ``(N, r)`` activation ``x·Aᵀ`` (for ``B``'s gradient); the weights ar
                 ∂A = s·uᵀ·x               (r, in)       ∂B = s·gᵀ·h                      (out, r)
 
 It is used for an ``nn.Linear`` or transformers ``Conv1D`` base with one active LoRA adapter, no dropout, one dtype
-throughout, outside ``torch.compile`` (which fuses the plain path itself); everything else takes the plain path.
+throughout, outside autocast and ``torch.compile`` (which fuses the plain path itself); everything else takes the
+plain path.
 Outputs and gradients equal the plain path's (tested at 1e-6 in float32).
 
 Example::

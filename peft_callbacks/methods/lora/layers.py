@@ -131,6 +131,7 @@ class LoRALinear(LoRAAdapter):
             not self._fusable
             or (self.training and not isinstance(self.lora_dropout, nn.Identity))
             or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(x.device.type)
             or x.dtype != a.weight.dtype
             or base.weight.dtype != x.dtype
             or type(base.weight) is not nn.Parameter
