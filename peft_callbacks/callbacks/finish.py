@@ -79,24 +79,12 @@ class ForgettingAwareFinish(Callback):
 
     Example::
 
-        >>> import lightning as L, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        ...     def forward(self, x):
-        ...         return self.net(x)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.5)
-        >>> new = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
-        >>> old = DataLoader(TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,))), batch_size=3)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
         >>> finish = ForgettingAwareFinish(old, max_forgetting=0.0, grid=[0, 0.5, 1], val_dataloader=new, plot=False)
-        >>> trainer = L.Trainer(max_steps=4, callbacks=[finish], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), new)
+        >>> trainer = quiet_trainer(max_steps=4, callbacks=[finish])
+        >>> trainer.fit(MLPClassifier(lr=0.5), new)
         >>> [p["s"] for p in finish.curve], finish.chosen["forgetting"] <= 0.0
         ([0.0, 0.5, 1.0], True)
     """

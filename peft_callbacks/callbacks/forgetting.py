@@ -91,21 +91,12 @@ class ForgettingMonitor(Callback):
 
     Example::
 
-        >>> import lightning as L, timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
-        >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> data = random_loader(8, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> monitor = ForgettingMonitor(dataloader=data, metric="accuracy", plot=False)
-        >>> trainer = L.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), data)
+        >>> trainer = quiet_trainer(max_epochs=2, callbacks=[monitor])
+        >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> [row["epoch"] for row in monitor.history], monitor.latest["kl_to_baseline"] > 0
         ([0, 1, 2], True)
     """

@@ -213,21 +213,12 @@ class FreezeBackbone(_FreezingCallback):
 
     Example::
 
-        >>> import lightning as L, timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
-        >>> data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> data = random_loader(4, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> callback = FreezeBackbone(freeze=4)  # stem, layer1, layer2, layer3
-        >>> trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), data)
+        >>> trainer = quiet_trainer(max_steps=1, callbacks=[callback])
+        >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> callback.parameter_count.percent > 50  # layer4 and fc hold most of the weights
         True
     """

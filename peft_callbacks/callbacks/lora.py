@@ -70,11 +70,10 @@ class LoRACallback(PEFTCallback):
 
         >>> import lightning as L, torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> from peft_callbacks.demo import ImageClassifier  # any LightningModule; this one wraps a timm model
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model
         >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
         >>> lora = LoRACallback(rank=4)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[lora], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[lora])
         >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> lora.parameter_count.percent < 25
         True

@@ -240,24 +240,12 @@ class ReplayCallback(ForgettingTerm):
 
     Example::
 
-        >>> import lightning as L, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        ...     def forward(self, x):
-        ...         return self.net(x)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
-        >>> new = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
-        >>> old = DataLoader(TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,))), batch_size=3)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
         >>> replay = ReplayCallback(old, fraction=0.5)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[replay], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), new)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[replay])
+        >>> trainer.fit(MLPClassifier(lr=0.1), new)
         >>> replay.drawn, replay.seen
         (8, 8)
     """
@@ -364,23 +352,12 @@ class DistillationCallback(ForgettingTerm):
 
     Example::
 
-        >>> import lightning as L, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        ...     def forward(self, x):
-        ...         return self.net(x)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.5)
-        >>> new = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> new = random_loader(8, batch_size=4)
         >>> lwf = DistillationCallback(weight=1.0)
-        >>> trainer = L.Trainer(max_steps=3, callbacks=[lwf], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), new)
+        >>> trainer = quiet_trainer(max_steps=3, callbacks=[lwf])
+        >>> trainer.fit(MLPClassifier(lr=0.5), new)
         >>> lwf.last_term > 0  # the model moved away from where it started
         True
     """

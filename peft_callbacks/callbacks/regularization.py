@@ -108,6 +108,7 @@ class L2SPCallback(_AnchoredTerm):
 
         >>> import lightning as L, torch
         >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from peft_callbacks.demo import quiet_trainer
         >>> class Regressor(L.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -118,8 +119,7 @@ class L2SPCallback(_AnchoredTerm):
         ...         return torch.optim.SGD(self.parameters(), lr=0.1)
         >>> data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4)
         >>> l2sp = L2SPCallback(weight=0.1)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[l2sp], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[l2sp])
         >>> trainer.fit(Regressor(), data)
         >>> l2sp.last_term > 0
         True
@@ -173,24 +173,12 @@ class EWCCallback(_AnchoredTerm):
 
     Example::
 
-        >>> import lightning as L, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        ...     def forward(self, x):
-        ...         return self.net(x)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
-        >>> new = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
-        >>> old = DataLoader(TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,))), batch_size=3)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
         >>> ewc = EWCCallback(old, weight=10.0)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[ewc], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), new)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[ewc])
+        >>> trainer.fit(MLPClassifier(lr=0.1), new)
         >>> sorted(ewc.fisher)[:2], ewc.last_term > 0
         (['net.0.bias', 'net.0.weight'], True)
     """
