@@ -24,12 +24,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model, run_after_hook
+from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import unfreeze_batchnorm_stats
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
+from peft_callbacks.io.checkpoint import read_record, restore_adapted_layout
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +160,26 @@ class PEFTCallback(SurgeryCallback):
         super().setup(trainer, pl_module, stage)
         self._gradients_checked = False
         if stage == "fit":
-            return
-        if not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
+            install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see callbacks/checkpoints.py)
+        elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
             run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
         else:
             run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
+        # a checkpoint in the plain layout goes back to the adapted one where the module carries the surgery
+        run_after_hook(
+            pl_module, "on_load_checkpoint", lambda checkpoint: restore_adapted_layout(pl_module, checkpoint)
+        )
 
     def _reinject(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written mid-training holds unmerged tensors, a merged model has none: replay the recipe the
         checkpoint recorded so that ``trainer.test(ckpt_path="best")`` loads, and merge again at ``teardown``."""
         if any(isinstance(m, PEFTModule) for m in pl_module.modules()):
             return
+        record = read_record(checkpoint)
+        if record is not None and record["layout"] == "merged":
+            return  # the plain model: it loads as it is
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        recipes = state.get("recipes")
+        recipes = record["recipes"] if record is not None else state.get("recipes")
         if not recipes:
             if not any(".lora_A." in k or ".adapters." in k for k in checkpoint.get("state_dict", {})):
                 return  # a checkpoint of the merged (or never adapted) model
@@ -186,6 +195,7 @@ class PEFTCallback(SurgeryCallback):
         if self._reinjected and self.merge_on_train_end:
             merge(pl_module, method=self.method.name)
         self._reinjected = False
+        remove_checkpoint_hook(pl_module, only_when_plain=True)
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
