@@ -85,6 +85,7 @@ __all__ = [
     "inject_prompt_tuning",
     "inject_visual_prompts",
     "load_adapter",
+    "load_checkpoint",
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
@@ -116,6 +117,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.checkpoints import load_checkpoint
     from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
