@@ -115,6 +115,12 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """An adapted layer counts as the layer it wraps, so that a second adapter can go on the same layer."""
+    base = module._modules.get("base_layer") if isinstance(module, PEFTModule) else None
+    return base if base is not None else module
+
+
 def _describe(paths: list[str], modules: dict[str, nn.Module]) -> str:
     shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:_MAX_LISTED])
     return shown + (f", … ({len(paths)} in all)" if len(paths) > _MAX_LISTED else "")
@@ -167,7 +173,7 @@ def resolve_targets(
         for pattern in patterns if isinstance(patterns, list) else []:
             _compile_checked(argument, pattern)
 
-    walk = _walk(model)
+    walk = [(path, _unwrapped(m)) for path, m in _walk(model)]
     modules = dict(walk)
     protected = list(protected)
     default_protected = protected + list(always_protected)
@@ -260,7 +266,7 @@ def _select(
             f"`target_modules` entry {pattern!r} matched no module in {model_name}; supported layers include: "
             f"{_listing(candidates or supported_paths)}."
         )
-    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]
+    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]  # adapted layers count as their base layer
     if inserted:
         raise ValueError(
             f"`target_modules` entry {pattern!r} matched {_describe(inserted, modules)}, which is already a module "

@@ -171,7 +171,17 @@ class AdaptedLayer(PEFTModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
+        rows = self.__dict__.get("row_adapters")  # set by `adapters_per_row`: one adapter name per row of x
+        if rows is not None:
+            from peft_callbacks.engine.mixed import mixed_forward  # here: mixed.py finds layers through this module
+
+            return mixed_forward(self, x, rows, *args, **kwargs)
+        names = [name for name in self.active_adapters if name not in self.merged_adapters]
+        return self.forward_with(x, names, *args, **kwargs)
+
+    def forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer's output with exactly the adapters ``names`` applied (unmerged ones; none: the base layer)."""
+        adapters = [self.adapters[name] for name in names]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         if len(adapters) == 1 and not args and not kwargs:
