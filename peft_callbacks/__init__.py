@@ -69,9 +69,14 @@ __all__ = [
     "VisualPromptCallback",
     "VisualPromptConfig",
     "VisualPrompts",
+    "active_adapters",
     "adapter_layers",
+    "adapter_names",
+    "adapters_per_row",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "count_parameters",
+    "delete_adapter",
     "describe_layers",
     "disabled",
     "export_peft",
@@ -90,15 +95,19 @@ __all__ = [
     "lora_layers",
     "loraplus_param_groups",
     "merge",
+    "merge_adapter",
     "merge_lora",
     "registered_methods",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
     "save_adapter",
+    "set_adapter",
     "split_layers",
     "unload",
     "unload_lora",
+    "unmerge_adapter",
+    "using_adapter",
 ]
 
 
@@ -139,6 +148,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         registered_methods,
         unload,
     )
+    from peft_callbacks.engine.adapters import (
+        active_adapters,
+        adapter_names,
+        delete_adapter,
+        merge_adapter,
+        set_adapter,
+        unmerge_adapter,
+        using_adapter,
+    )
+    from peft_callbacks.engine.mixed import adapters_per_row
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
     from peft_callbacks.methods.bottleneck import (
@@ -160,6 +179,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoRAConv1D,
         LoRALinear,
         LoRAProAdamW,
+        add_weighted_adapter,
         apply_lora_pro,
         inject_lora,
         lora_disabled,

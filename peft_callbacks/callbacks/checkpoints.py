@@ -29,7 +29,7 @@ from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.slim import CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import surgery_records
-from peft_callbacks.engine import get_method, merge, replay
+from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
 from peft_callbacks.io.checkpoint import (
     CheckpointLayoutError,
     read_record,
@@ -40,7 +40,13 @@ from peft_callbacks.io.checkpoint import (
 from peft_callbacks.io.plain_copy import plain_hyperparameters
 from peft_callbacks.io.slim import fill_slim_state_dict
 
-__all__ = ["PlainCheckpointHook", "install_checkpoint_hook", "load_checkpoint", "remove_checkpoint_hook"]
+__all__ = [
+    "PlainCheckpointHook",
+    "install_checkpoint_hook",
+    "load_checkpoint",
+    "remove_checkpoint_hook",
+    "restore_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,51 @@ def _recipes_from_callbacks(checkpoint: dict[str, Any]) -> dict[str, list]:
     return recipes
 
 
+def replay_missing(module: nn.Module, recipes: dict[str, list]) -> list[str]:
+    """Replay the recorded surgeries ``module`` does not carry, e.g. an adapter trained in an earlier fit that this
+    run did not re-create. On a module that carries some surgery already, what trains and what is active stay as
+    they were, and the re-created adapters are frozen. Return the names of the adapters replayed."""
+    modules = dict(module.named_modules())
+    missing = [p for p in recipes if p not in modules]
+    if missing:
+        raise CheckpointLayoutError(
+            f"The checkpoint's surgery was recorded on {missing[0] or '<root>'!r}, which {type(module).__name__} does "
+            f"not have; build the module as for training."
+        )
+    carried = any(surgery_records(modules[path]) for path in recipes)
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    active = {id(m): list(m.active_adapters) for m in module.modules() if isinstance(m, AdaptedLayer)}
+    added = []
+    for path, records in recipes.items():
+        present = {(r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) for r in surgery_records(modules[path])}
+        todo = [r for r in records if (r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) not in present]
+        if todo:
+            replay(modules[path], todo)
+            added.extend(r.get("adapter_name", DEFAULT_ADAPTER) for r in todo)
+    if added and carried:
+        before = {id(p) for p, _ in flags}
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p in module.parameters():
+            if id(p) not in before:
+                p.requires_grad_(False)
+        for m in module.modules():
+            if isinstance(m, AdaptedLayer) and id(m) in active:
+                m.active_adapters = active[id(m)]
+    return list(dict.fromkeys(added))
+
+
+def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The load-time half of :func:`write_checkpoint_layout`, for a module that carries the surgery again
+    (resuming, testing): adapters of earlier fits re-created, the adapted layout restored."""
+    record = read_record(checkpoint)
+    if record is not None and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+        added = replay_missing(pl_module, record["recipes"])
+        if added:
+            log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
+    restore_adapted_layout(pl_module, checkpoint)
+
+
 def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) -> list[str]:
     """Make ``module`` (as built) fit ``checkpoint["state_dict"]``: replay the recorded surgery, refill a slim
     checkpoint's base, restore the adapted layout. Return the mergeable methods to fold once the state is loaded."""
@@ -124,16 +175,7 @@ def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) 
     if not recipes or (record is not None and record["layout"] == "merged" and merged):
         strip_loader_key(state)
         return []
-    modules = dict(module.named_modules())
-    for path, records in recipes.items():
-        if path not in modules:
-            raise CheckpointLayoutError(
-                f"The checkpoint's surgery was recorded on {path or '<root>'!r}, which {type(module).__name__} does "
-                f"not have; build the module as for training."
-            )
-        target = modules[path]
-        if not surgery_records(target):
-            replay(target, records)
+    replay_missing(module, recipes)
     if SLIM_KEY in checkpoint:
         fill_slim_state_dict(module, state, checkpoint[SLIM_KEY])
     restore_adapted_layout(module, checkpoint)

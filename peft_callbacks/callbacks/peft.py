@@ -24,14 +24,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model, run_after_hook
-from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook
+from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import unfreeze_batchnorm_stats
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
+from peft_callbacks.engine.adapters import adapter_names, set_adapter
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
-from peft_callbacks.io.checkpoint import read_record, restore_adapted_layout
+from peft_callbacks.io.checkpoint import read_record
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,20 @@ class PEFTCallback(SurgeryCallback):
     def run_surgery(self, pl_module: nn.Module) -> None:
         super().run_surgery(pl_module)
         self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
+        for _, model in find_models(pl_module, self.module):
+            if len(adapter_names(model)) > 1:  # another task's adapter is kept, inactive and frozen, while this trains
+                set_adapter(model, self.adapter_name)
+
+    def _other_adapters(self, pl_module: nn.Module) -> list[str]:
+        return [n for n in adapter_names(pl_module) if n != self.adapter_name]
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.method.mergeable and self.merge_on_train_end:
+        others = self._other_adapters(pl_module) if self.method.mergeable and self.merge_on_train_end else []
+        if others:
+            rank_zero_info(
+                f"{self.name}: the model also holds adapters {others}; {self.adapter_name!r} stays unmerged."
+            )
+        elif self.method.mergeable and self.merge_on_train_end:
             merge(pl_module, method=self.method.name)
         unfreeze_batchnorm_stats(pl_module)  # training is over: BatchNorm layers behave as usual again
 
@@ -166,9 +178,7 @@ class PEFTCallback(SurgeryCallback):
         else:
             run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
         # a checkpoint in the plain layout goes back to the adapted one where the module carries the surgery
-        run_after_hook(
-            pl_module, "on_load_checkpoint", lambda checkpoint: restore_adapted_layout(pl_module, checkpoint)
-        )
+        run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: restore_checkpoint(pl_module, checkpoint))
 
     def _reinject(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written mid-training holds unmerged tensors, a merged model has none: replay the recipe the
