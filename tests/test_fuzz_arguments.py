@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +67,25 @@ def _net() -> nn.Module:
 
 def _lora_net() -> nn.Module:
     return peft_callbacks.inject_lora(_net(), rank=2)
+
+
+def _two_adapters() -> nn.Module:
+    net = peft_callbacks.inject_lora(_net(), rank=2, adapter_name="a", train_head=False)
+    return peft_callbacks.inject_lora(net, rank=2, adapter_name="b", train_head=False)
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+
+def _checkpoint() -> str:
+    """A checkpoint of :class:`_Module` (written once per session)."""
+    path = Path(_TMP_ROOT) / "module.ckpt"
+    if not path.exists():
+        torch.save({"state_dict": _Module().state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    return str(path)
 
 
 def _bn_net() -> nn.Module:
@@ -391,21 +411,56 @@ CASES: dict[str, Case] = {
         },
     ),
     "save_adapter": Case(
-        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()}, accepts={"directory": _DIRECTORY_OK}
+        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "export_peft": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _DIRECTORY_OK},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "load_adapter": Case(
         valid=lambda: {"model": _net(), "directory": _saved("save_adapter")},
-        accepts={"directory": [""], "strict": _BOOL_OK},
+        accepts={"directory": [""], "strict": _BOOL_OK, "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
     ),
     "import_peft": Case(
         valid=lambda: {"model": _net(), "directory": _saved("export_peft")},
-        accepts={"directory": [""], "adapter_name": _NAME_OK},
+        accepts={"directory": [""], "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
+    ),
+    "load_checkpoint": Case(
+        valid=lambda: {"module": _Module(), "checkpoint_path": _checkpoint()},
+        accepts={"merged": _BOOL_OK, "map_location": [None, {}], "strict": [None, True], "weights_only": [None, True]},
+        also_raises=(FileNotFoundError,),
+    ),
+    "adapter_names": _model_case(_two_adapters),
+    "active_adapters": _model_case(_two_adapters),
+    "set_adapter": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_name": "a"}, accepts={"inference_mode": _BOOL_OK}
+    ),
+    "using_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": ["a", "b"]}, enter=True),
+    "delete_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": "b"}),
+    "merge_adapter": _model_case(_two_adapters, accepts={"adapter_names": [None]}),
+    "unmerge_adapter": _model_case(_two_adapters),
+    "adapters_per_row": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_names_per_row": ["a", "__base__"]}, enter=True
+    ),
+    "add_weighted_adapter": Case(
+        valid=lambda: {
+            "model": _two_adapters(),
+            "adapters": ["a", "b"],
+            "weights": [0.5, -0.5],
+            "adapter_name": "mix",
+            "combination_type": "cat",
+        },
+        accepts={
+            "adapter_name": _NAME_OK,
+            "svd_rank": [None],
+            "svd_clamp": [None, 0],
+            "svd_full_matrices": _BOOL_OK,
+            "svd_driver": [None],
+            "density": [None, 0],
+        },
     ),
 }
 

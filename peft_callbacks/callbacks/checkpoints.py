@@ -210,6 +210,22 @@ def _preparing(module_class: type, merged: bool) -> Iterator[dict]:
             _LOADING.reset(token)
 
 
+def _check_map_location(value: Any) -> None:
+    """``torch.load``'s ``map_location``: None, a device (name), a dict of device names or a callable."""
+    if value is None or callable(value) or isinstance(value, (torch.device, dict)):
+        return
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"`map_location` must be None, a device such as 'cpu' or 'cuda:0', a dict or a callable (as for torch.load), "
+        f"got {value!r}."
+    )
+
+
 def load_checkpoint(
     module: type[pl.LightningModule] | pl.LightningModule,
     checkpoint_path: str | Path,
@@ -279,6 +295,10 @@ def load_checkpoint(
         True
     """
     check_bool("merged", merged)
+    for name, value in (("strict", strict), ("weights_only", weights_only)):
+        if value is not None:
+            check_bool(name, value)
+    _check_map_location(map_location)
     if isinstance(module, type) and issubclass(module, pl.LightningModule):
         with _preparing(module, merged) as outcome:
             loaded = module.load_from_checkpoint(
@@ -287,6 +307,8 @@ def load_checkpoint(
     elif isinstance(module, pl.LightningModule):
         if not isinstance(checkpoint_path, (str, Path)) or not str(checkpoint_path):
             raise TypeError(f"`checkpoint_path` must be a file path, got {type(checkpoint_path).__name__}.")
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(f"`checkpoint_path`: no checkpoint file at {str(checkpoint_path)!r}.")
         checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=weights_only)
         module.on_load_checkpoint(checkpoint)
         outcome = {"merge": prepare_module(module, checkpoint, merged)}
