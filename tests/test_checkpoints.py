@@ -144,6 +144,7 @@ def test_checkpoint_layout_and_hyperparameters(patterns):
     assert not {m for m in saved_globals(checkpoint) if m.startswith("peft_callbacks")}
     plain_model = checkpoint["hyper_parameters"]["model"]
     assert not any(isinstance(m, AdaptedLayer) for m in plain_model.modules())
+    assert not {m for m in saved_globals(module) if m.startswith("peft_callbacks")}  # merged when fit ended
     torch.load(patterns["glue"][0], weights_only=True)  # plain dicts and tensors only
 
 

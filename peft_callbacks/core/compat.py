@@ -35,7 +35,7 @@ import torch.nn as nn
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.models import is_transformers_model
 
-__all__ = ["enable_input_grads_for_checkpointing"]
+__all__ = ["disable_input_grads_for_checkpointing", "enable_input_grads_for_checkpointing"]
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +115,21 @@ def enable_input_grads_for_checkpointing(model: nn.Module) -> list[str]:
     if hooked:
         log.debug("Input embeddings %s require grad under activation checkpointing.", hooked)
     return hooked
+
+
+def disable_input_grads_for_checkpointing(model: nn.Module) -> int:
+    """Take the hooks of :func:`enable_input_grads_for_checkpointing` out of ``model`` again (when no surgery is left,
+    so that the plain model pickles without this library); return how many were removed.
+
+    Example::
+
+        >>> disable_input_grads_for_checkpointing(nn.Linear(2, 2))
+        0
+    """
+    removed = 0
+    for module in check_module("model", model).modules():
+        handle = module.__dict__.pop(_HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            removed += 1
+    return removed

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from peft_callbacks._validation import check_module
-from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
+from peft_callbacks.core.compat import disable_input_grads_for_checkpointing, enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind, write_weight
 from peft_callbacks.core.modules import PEFTModule
@@ -195,6 +195,7 @@ def _after_removal(model: nn.Module, method: Method, adapter_name: str | None) -
     clear_surgery(model, method.name, adapter_name)
     if not recorded_models(model):  # nothing of ours left: BatchNorm statistics move again, as before surgery
         unfreeze_batchnorm_stats(model)
+        disable_input_grads_for_checkpointing(model)  # and no hook of ours stays behind
 
 
 def merge(model: nn.Module, method: str | None = None) -> nn.Module:
