@@ -30,9 +30,9 @@ class SlimCheckpoint(Callback):
     needs ``strict_loading = False``. Full checkpoints (written without this callback) load as before.
 
     Put it in the trainer of every run that writes or reads slim checkpoints, together with the PEFT callback.
-    ``LightningModule.load_from_checkpoint`` on a slim checkpoint needs ``strict=False`` and then loads the trained
-    tensors only, onto a base that must already carry the surgery (use :func:`~peft_callbacks.io.load_adapter` for
-    deployment instead). Not for FSDP/DeepSpeed/model-parallel strategies, whose checkpoints are sharded.
+    Outside a Trainer, :func:`~peft_callbacks.load_checkpoint` loads a slim checkpoint onto the module as built (a
+    plain ``LightningModule.load_from_checkpoint`` fails with a message that names it: the base is not in the file).
+    Not for FSDP/DeepSpeed/model-parallel strategies, whose checkpoints are sharded.
 
     Example::
 
