@@ -112,6 +112,9 @@ class ImageClassifier(LightningModule):
     def training_step(self, batch, batch_idx):
         return F.cross_entropy(self.model(batch[0]), batch[1])
 
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", F.cross_entropy(self.model(batch[0]), batch[1]))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 

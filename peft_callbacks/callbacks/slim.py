@@ -57,8 +57,8 @@ class SlimCheckpoint(Callback):
         >>> first.fit(module, data)
         >>> path = os.path.join(tempfile.mkdtemp(), "slim.ckpt")
         >>> first.save_checkpoint(path)
-        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())
-        (32, 122)
+        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())  # + the loader key
+        (33, 122)
         >>> trainer(3).fit(Classifier(), data, ckpt_path=path)  # resumes at step 2 onto the base as built
     """
 

@@ -55,7 +55,7 @@ def prune(
     Example::
 
         >>> prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5, method="magnitude")
-        tensor([ 0.0000, -3.0000,  2.0000,  0.0000])
+        tensor([ 0., -3.,  2.,  0.])
     """
     if density >= 1:
         return tensor

@@ -135,11 +135,13 @@ def strip_loader_key(state_dict: dict[str, Any]) -> bool:
 
 
 def _foldable(layers: dict[str, AdaptedLayer], state: dict[str, Any]) -> bool:
+    """Can every adapted layer be written as its base layer with the adapters folded in?"""
     for path, layer in layers.items():
         if not all(a.mergeable for a in layer.adapters.values()):
             return False
-        if f"{path}.base_layer.weight" not in state:
-            return False
+        weight = state.get(f"{path}.base_layer.weight")
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.device.type == "meta":
+            return False  # missing (slim), or stored quantized: a merged weight would not go back under this key
     return True
 
 
