@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_patterns
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model
+from peft_callbacks.callbacks.strategies import strategy_kind
 from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.freezing.freeze import FreezeSpec, LayerFreezer, freeze_layers, resolve_freeze
@@ -41,6 +42,8 @@ _RUNTIME = ("freezers", "_schedulers")
 
 class _FreezingCallback(SurgeryCallback, BaseFinetuning):
     """Shared mechanics: freeze after all other surgery, prune the optimizer, unfreeze on schedule, resume."""
+
+    creates_tensors = False
 
     def __init__(self, *, train_bn: bool, module: str | None) -> None:
         SurgeryCallback.__init__(self, module=module)
@@ -63,10 +66,13 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise NotImplementedError(f"{self.name} does not support the DeepSpeed strategy.")
+        if strategy_kind(trainer) == "deepspeed" and type(self).due is not _FreezingCallback.due:
+            raise ValueError(
+                f"{self.name} adds param groups to the optimizer while training, but DeepSpeed flattens the "
+                f"optimizer's param groups once, when training starts, so groups added later never train. With "
+                f"DeepSpeed use FreezeBackbone (the frozen set and the groups stay fixed), or train with "
+                f"ModelParallelStrategy (FSDP2) or DDP for an unfreezing schedule."
+            )
         others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _FreezingCallback) and c is not self]
         if others:
             raise ValueError(
@@ -81,7 +87,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         # Scheduling from inside a scheduled surgery appends to the list being run, so the freezing runs after the
         # surgery every other callback scheduled on configure_model (LoRA, adapters), whatever the callback order.
         def schedule_last() -> None:
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module, trainer))
 
         run_after_configure_model(pl_module, schedule_last)
 
@@ -100,8 +106,8 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self._schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         frozen = [p for freezer in self.freezers.values() for p in freezer.frozen_parameters()]
         for optimizer in trainer.optimizers:
-            if not restoring:
-                remove_parameters(optimizer, frozen)
+            if not restoring and strategy_kind(trainer) != "deepspeed":  # DeepSpeed's groups are fixed; it skips
+                remove_parameters(optimizer, frozen)  # frozen tensors itself
             extend_schedulers(optimizer, self._schedulers)
         self.parameter_count = count_parameters(pl_module)
         SurgeryCallback.on_fit_start(self, trainer, pl_module)

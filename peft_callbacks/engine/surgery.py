@@ -48,6 +48,13 @@ from peft_callbacks.core.params import (
     unfreeze_batchnorm_stats,
 )
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_models
+from peft_callbacks.core.sharding import (
+    check_data_parallel,
+    full_parameters,
+    has_sharded_parameters,
+    shard_as,
+    shard_new_modules,
+)
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
@@ -147,8 +154,12 @@ def inject(
     with transaction(model):
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
+        if has_sharded_parameters(model):
+            check_data_parallel(model, method.title)
+        before = {id(m) for m in model.modules()}
         freeze(model)
         method.insert(model, targets, config, adapter_name)
+        shard_new_modules(model, _inserted(model, before))  # an FSDP2-sharded model: the new tensors shard alike
         unfreeze(method.trainable_extras(model, config))
         if config.train_head:
             unfreeze([model.get_submodule(p) for p in head.head])
@@ -167,6 +178,17 @@ def inject(
         count_parameters(model),
     )
     return model
+
+
+def _inserted(model: nn.Module, before: set[int]) -> list[tuple[str, nn.Module]]:
+    """The outermost modules inserted since ``before`` that own tensors (adapters, not the wrappers around them)."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if id(module) in before or not isinstance(module, PEFTModule) or isinstance(module, AdaptedLayer):
+            continue
+        if not any(in_subtree(path, [outer]) for outer, _ in found):
+            found.append((path, module))
+    return found
 
 
 def apply_batchnorm_rule(model: nn.Module, config: MethodConfig, head: list[str] | None = None) -> None:
@@ -221,12 +243,15 @@ def merge(model: nn.Module, method: str | None = None) -> nn.Module:
         if unmergeable:
             raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight.")
         layer.unmerge()
-        with torch.no_grad():
-            merged[path] = (layer.merged_weight(), layer.merged_bias())
         titles = "/".join(sorted({get_method(a.method).title for a in layer.adapters.values()}))
-        for tensor in merged[path]:
-            if tensor is not None:
-                check_finite(f"{titles} into {path!r}", tensor)
+        base = layer.base_layer
+        with full_parameters(layer), torch.no_grad():  # one layer gathered at a time when sharded
+            weight, bias = layer.merged_weight(), layer.merged_bias()
+            for tensor in (weight, bias):
+                if tensor is not None:
+                    check_finite(f"{titles} into {path!r}", tensor)
+        # a sharded base keeps only its own slice of the merged weight until everything is checked
+        merged[path] = (shard_as(base.weight, weight), None if bias is None else shard_as(base.bias, bias))
     for path, layer in layers.items():
         write_weight(layer.base_layer, *merged[path])
         replace_module(model, path, layer.base_layer)

@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks._version import __version__
 from peft_callbacks.core.recipe import recorded_models, surgery_records
+from peft_callbacks.core.sharding import full_tensor, is_writer, write_full
 from peft_callbacks.engine import replay, transaction
 from peft_callbacks.engine.layers import upgrade_state_keys
 from peft_callbacks.engine.shadow import expected_shapes
@@ -86,7 +87,8 @@ def check_directory(directory: Any) -> Path:
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the trained PEFT tensors of ``model`` and the recipe to rebuild them (see the module docstring).
 
-    Call it before merging (a merged model has no adapter left to save).
+    Call it before merging (a merged model has no adapter left to save). When the model is sharded (FSDP2, ZeRO-3)
+    every rank must call it: each joins the gathers, and only global rank 0 writes the directory.
 
     Args:
         model: the adapted model: a timm/transformers model, or a LightningModule (or any module) containing it.
@@ -107,7 +109,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         'adapter_model.safetensors'
     """
     check_module("model", model)
-    tensors = trained_state(model)
+    tensors = {key: full_tensor(t) for key, t in trained_state(model).items()}  # gathered on every rank if sharded
     if not tensors:
         raise ValueError(
             f"{type(model).__name__} has no PEFT module and no trainable parameter: nothing to save. Save before "
@@ -115,6 +117,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         )
     folder = check_directory(directory)
     models = recorded_models(model) or {"": model}
+    fingerprints = {path: base_fingerprint(m) for path, m in models.items()}  # a collective when sharded
+    if not is_writer():
+        return folder / WEIGHTS_FILE
     with atomic_directory(folder) as staging:
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -125,7 +130,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             "library_version": __version__,
             "weights_sha256": _sha256(staging / WEIGHTS_FILE),
             "models": [
-                {"path": path, "recipe": surgery_records(m), "fingerprint": base_fingerprint(m)}
+                {"path": path, "recipe": surgery_records(m), "fingerprint": fingerprints[path]}
                 for path, m in models.items()
             ],
         }
@@ -285,8 +290,7 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
             replay(target, records)
         destinations = _check_fit(model, tensors, created, list(moves.values()), strict, folder)
         check_tensors(tensors, str(folder / WEIGHTS_FILE), AdapterFileError, targets=destinations)
-    with torch.no_grad():
-        for key, destination in destinations.items():
-            destination.copy_(tensors[key].to(destination.dtype))
+    for key, destination in destinations.items():
+        write_full(destination, tensors[key])  # a sharded destination keeps its own slice
     log.info("Loaded adapter %s onto %s.", folder, type(model).__name__)
     return model
