@@ -30,7 +30,7 @@ from peft_callbacks import (
     LoRACallback,
     SlimCheckpoint,
 )
-from peft_callbacks.core.sharding import gather_state_dict, is_dtensor, is_writer
+from peft_callbacks.core.sharding import full_tensor, gather_state_dict, is_dtensor, is_writer
 
 VOCAB, SEQ, BATCH = 64, 8, 2  # BATCH per process of two; one process takes 2 * BATCH
 
@@ -45,6 +45,7 @@ def tiny_llama() -> hf.LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=SEQ,
+        tie_word_embeddings=False,  # a task head of its own, trained beside LoRA
     )
     return hf.LlamaForCausalLM(config)
 
@@ -188,16 +189,29 @@ def fit_dora_frozen(out: str, devices: int) -> None:
 
 
 def fit_unfreezing(out: str, devices: int) -> None:
-    """Layer-wise unfreezing with LoRA: a param group joins the optimizer at each epoch."""
+    """Layer-wise unfreezing of the base itself: the head first, then a layer more (a new param group) each epoch;
+    then the same run resumed from its checkpoint after epoch 2 (two groups by then)."""
     folder = _folder(out, "unfreezing", devices)
+    checkpoints = folder / "checkpoints"
     record = Record()
-    lora = LoRACallback(rank=4, merge_on_train_end=False)
-    unfreezing = LayerwiseUnfreezing(every_n_epochs=1, lr_decay=0.5)
-    module = LanguageModel()
-    trainer = make_trainer(devices, [record, lora, unfreezing], folder, max_steps=-1, max_epochs=3)
-    trainer.fit(module, token_data(devices, n=8))
+    callbacks = [record, LayerwiseUnfreezing(every_n_epochs=1, lr_decay=0.5)]
+    callbacks.append(ModelCheckpoint(str(checkpoints), every_n_epochs=1, save_top_k=-1))
+    trainer = make_trainer(devices, callbacks, folder, max_steps=-1, max_epochs=3, enable_checkpointing=True)
+    trainer.fit(LanguageModel(), token_data(devices, n=8))
     groups = [len(g["params"]) for g in trainer.optimizers[0].param_groups]
-    _write(folder, record, module, groups=groups)
+    (path,) = [p for p in checkpoints.iterdir() if p.name.startswith("epoch=1-")]
+    resumed_record = Record()
+    resumed = make_trainer(
+        devices,
+        [resumed_record, LayerwiseUnfreezing(every_n_epochs=1, lr_decay=0.5)],
+        folder,
+        max_steps=-1,
+        max_epochs=3,
+    )
+    module = LanguageModel()
+    resumed.fit(module, token_data(devices, n=8), ckpt_path=str(path))
+    resumed_groups = [len(g["params"]) for g in resumed.optimizers[0].param_groups]
+    _write(folder, record, module, groups=groups, resumed_groups=resumed_groups, resumed_losses=resumed_record.losses)
 
 
 def fit_bottleneck_slim(out: str, devices: int) -> None:
@@ -215,13 +229,29 @@ def fit_bottleneck_slim(out: str, devices: int) -> None:
         max_steps=2,
         enable_checkpointing=True,
     )
-    first.fit(LanguageModel(), token_data(devices))
+    trained = LanguageModel()
+    first.fit(trained, token_data(devices))
+    saved = _trained_values(trained)
     (path,) = [p for p in checkpoints.iterdir() if "step=2" in p.name]
-    record = Record()
-    resumed = make_trainer(devices, [record, AdapterCallback(bottleneck=4), SlimCheckpoint()], folder, max_steps=4)
+    record, loaded = Record(), Loaded()
+    callbacks = [record, AdapterCallback(bottleneck=4), SlimCheckpoint(), loaded]
+    resumed = make_trainer(devices, callbacks, folder, max_steps=4)
     module = LanguageModel()
     resumed.fit(module, token_data(devices), ckpt_path=str(path))
-    _write(folder, record, module, checkpoint=str(path), global_step=resumed.global_step)
+    same = sorted(saved) == sorted(loaded.values) and all(torch.equal(saved[k], loaded.values[k]) for k in saved)
+    _write(folder, record, module, checkpoint=str(path), global_step=resumed.global_step, resumed_weights=same)
+
+
+def _trained_values(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The full values of the trained tensors (every rank joins each gather)."""
+    return {n: full_tensor(p).detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class Loaded(Callback):
+    """The trained tensors' values as a resumed fit starts (sharding strategies restore after ``on_fit_start``)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.values = _trained_values(pl_module)
 
 
 def fit_tensor_parallel(out: str, devices: int) -> None:

@@ -174,6 +174,15 @@ class ForgettingMonitor(Callback):
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            return  # FSDP, DeepSpeed and FSDP2 restore a checkpoint after on_fit_start: start once it is loaded
+        self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._scorer is None:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loader = self._resolve_loader(trainer, pl_module)
         self._world_size = trainer.world_size
         self._scorer = BaseTaskScorer(

@@ -19,16 +19,20 @@ the unfreezing param groups in the checkpoint and restores them on resume. What 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks.finetuning import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_patterns
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model
-from peft_callbacks.callbacks.strategies import strategy_kind
+from peft_callbacks.callbacks.strategies import remove_load_hooks, run_before_checkpoint_load, strategy_kind
 from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.freezing.freeze import FreezeSpec, LayerFreezer, freeze_layers, resolve_freeze
@@ -83,6 +87,11 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self.freezers = {}
         self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
         self._restarting = False
+        self._saved_frozen = None
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP, DeepSpeed and FSDP2 load the optimizer state after on_fit_start, into the groups they find: put
+            # back the frozen set and the param groups from this callback's saved state just before that
+            run_before_checkpoint_load(trainer.strategy, lambda path: self._restore_before_load(trainer, path))
 
         # Scheduling from inside a scheduled surgery appends to the list being run, so the freezing runs after the
         # surgery every other callback scheduled on configure_model (LoRA, adapters), whatever the callback order.
@@ -111,6 +120,17 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
             extend_schedulers(optimizer, self._schedulers)
         self.parameter_count = count_parameters(pl_module)
         SurgeryCallback.on_fit_start(self, trainer, pl_module)
+
+    def _restore_before_load(self, trainer: pl.Trainer, path: str | os.PathLike) -> None:
+        state = saved_callback_state(path, self.state_key)
+        if state is None:
+            return
+        self.load_state_dict(state)
+        self._restore_frozen(self._saved_frozen or {})
+        self._saved_frozen = None
+        BaseFinetuning.on_fit_start(self, trainer, trainer.lightning_module)  # the saved param groups
+        for optimizer in trainer.optimizers:
+            extend_schedulers(optimizer, self._schedulers)
 
     def _restore_frozen(self, saved: dict[str, list[int]]) -> None:
         for path, freezer in self.freezers.items():
@@ -147,6 +167,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         SurgeryCallback.teardown(self, trainer, pl_module, stage)
+        remove_load_hooks(trainer.strategy)
         self.finalize(trainer, pl_module)  # a no-op after on_train_end; after an exception, puts the model back
         self.freezers = {}
         self._schedulers = []
@@ -180,6 +201,16 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self.__dict__.update(state)
         self.freezers = {}
         self._schedulers = []
+
+
+def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:
+    """A callback's state in a Lightning checkpoint (a file, or a sharded checkpoint's ``meta.pt``), or ``None``."""
+    folder = Path(path)
+    file = folder / _METADATA_FILENAME if folder.is_dir() else folder
+    if not file.is_file():
+        return None
+    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=not folder.is_dir())
+    return (checkpoint.get("callbacks") or {}).get(key)
 
 
 def _check_freeze(freeze: FreezeSpec) -> FreezeSpec:

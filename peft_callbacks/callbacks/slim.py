@@ -12,7 +12,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
-from peft_callbacks.callbacks.strategies import strategy_kind
+from peft_callbacks.callbacks.strategies import remove_load_hooks, set_checkpoint_loader, strategy_kind
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.slim import fill_slim_state_dict, load_distributed_slim, slim_state_dict
 
@@ -92,7 +92,7 @@ class SlimCheckpoint(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_scheduled_hooks(pl_module)
-        trainer.strategy.__dict__.pop("load_checkpoint", None)
+        remove_load_hooks(trainer.strategy)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         fingerprint = base_fingerprint(pl_module, hash_names=(self._fingerprint or {}).get("hashes"))
@@ -117,18 +117,17 @@ class SlimCheckpoint(Callback):
 def _load_slim_shards(strategy: pl.strategies.Strategy) -> None:
     """Let ``ModelParallelStrategy`` resume from a slim distributed checkpoint: it loads the model's and optimizers'
     shards itself, before ``on_load_checkpoint``, and would ask the checkpoint for every base tensor too."""
-    original = type(strategy).load_checkpoint
 
-    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    def load(checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any] | None:
         path = Path(strategy.broadcast(checkpoint_path))
         if not (path / _METADATA_FILENAME).is_file():
-            return original(strategy, checkpoint_path, weights_only)
+            return None
         metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         record = metadata.pop(CHECKPOINT_KEY, None)
         if record is None:  # a full checkpoint
-            return original(strategy, checkpoint_path, weights_only)
+            return None
         load_distributed_slim(path, strategy.model, strategy.optimizers, record)
         log.info("SlimCheckpoint: loaded the trained shards from %s; the base stays as built.", path)
         return metadata
 
-    strategy.__dict__["load_checkpoint"] = load_checkpoint
+    set_checkpoint_loader(strategy, load)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch.nn as nn
@@ -31,7 +31,16 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from peft_callbacks.core.sharding import is_dtensor, is_zero3
 
-__all__ = ["check_sharded_setup", "full_weights", "is_sharding", "refuse_unbuilt_base", "strategy_kind"]
+__all__ = [
+    "check_sharded_setup",
+    "full_weights",
+    "is_sharding",
+    "refuse_unbuilt_base",
+    "remove_load_hooks",
+    "run_before_checkpoint_load",
+    "set_checkpoint_loader",
+    "strategy_kind",
+]
 
 StrategyKind = Literal["single", "ddp", "fsdp2", "fsdp", "deepspeed"]
 
@@ -197,3 +206,47 @@ def full_weights(trainer: pl.Trainer) -> Iterator[None]:
 
     with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True):
         yield
+
+
+# -- checkpoint loading --------------------------------------------------------------------------------------------
+# FSDP, DeepSpeed and FSDP2 (`restore_checkpoint_after_setup`) load the model's and optimizers' states inside
+# `strategy.load_checkpoint`, after `on_fit_start` and before any callback sees the checkpoint. What must happen
+# before (param groups that match the saved ones) or instead (a slim checkpoint) is attached to that call here, by an
+# instance-level override that `remove_load_hooks` takes away again.
+_BEFORE, _LOADER = "_peft_callbacks_before_load", "_peft_callbacks_loader"
+
+
+def _install(strategy: pl.strategies.Strategy) -> None:
+    if "load_checkpoint" in strategy.__dict__:
+        return
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        for action in strategy.__dict__.get(_BEFORE, []):
+            action(checkpoint_path)
+        loader = strategy.__dict__.get(_LOADER)
+        loaded = loader(checkpoint_path, weights_only) if loader is not None else None
+        return loaded if loaded is not None else type(strategy).load_checkpoint(strategy, checkpoint_path, weights_only)
+
+    strategy.__dict__["load_checkpoint"] = load_checkpoint
+
+
+def run_before_checkpoint_load(strategy: pl.strategies.Strategy, action: Callable[[Any], None]) -> None:
+    """Call ``action(checkpoint_path)`` right before ``strategy.load_checkpoint`` runs (every time, until
+    :func:`remove_load_hooks`)."""
+    _install(strategy)
+    strategy.__dict__.setdefault(_BEFORE, []).append(action)
+
+
+def set_checkpoint_loader(
+    strategy: pl.strategies.Strategy, loader: Callable[[Any, bool | None], dict[str, Any] | None]
+) -> None:
+    """Let ``loader(checkpoint_path, weights_only)`` load checkpoints it recognises (returning what
+    ``load_checkpoint`` returns); for others it returns ``None`` and the strategy loads as usual."""
+    _install(strategy)
+    strategy.__dict__[_LOADER] = loader
+
+
+def remove_load_hooks(strategy: pl.strategies.Strategy) -> None:
+    """Take away what :func:`run_before_checkpoint_load` and :func:`set_checkpoint_loader` attached."""
+    for key in ("load_checkpoint", _BEFORE, _LOADER):
+        strategy.__dict__.pop(key, None)

@@ -53,6 +53,7 @@ __all__ = [
     "is_writer",
     "is_zero3",
     "shard_new_modules",
+    "unsharded_class",
     "write_full",
 ]
 
@@ -299,6 +300,21 @@ def _fsdp_module_class() -> type | None:
     return FSDPModule
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """``module``'s own class: ``fully_shard`` swaps it for a subclass (``FSDPLlamaForCausalLM``) named after it.
+
+    Example::
+
+        >>> unsharded_class(nn.Linear(2, 2)).__name__
+        'Linear'
+    """
+    cls = type(module)
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, fsdp_module))
+    return cls
+
+
 def _placement_summary(tensor: torch.Tensor) -> str:
     names = getattr(tensor.device_mesh, "mesh_dim_names", None)
     return f"placements {tuple(tensor.placements)} on a mesh of shape {tuple(tensor.device_mesh.shape)}" + (
@@ -334,7 +350,7 @@ def check_data_parallel(model: nn.Module, what: str) -> None:
     for name, param in model.named_parameters():
         if is_dtensor(param) and (not _is_data_parallel(param) or id(param) not in inside_units):
             raise ValueError(
-                f"{what} cannot go into {type(model).__name__}: its parameter {name!r} is split by tensor "
+                f"{what} cannot go into {unsharded_class(model).__name__}: its parameter {name!r} is split by tensor "
                 f"parallelism or a custom layout ({_placement_summary(param)}), and the new layers cannot follow a "
                 f"tensor-parallel plan. Use FSDP2 alone (ModelParallelStrategy(tensor_parallel_size=1), "
                 f"`fully_shard` on the blocks and the model in configure_model), or apply the method before "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks.core.sharding import full_shape, full_tensor
+from peft_callbacks.core.sharding import full_shape, full_tensor, unsharded_class
 from peft_callbacks.io.state import BASE_LAYER, base_keys, wrapper_paths
 
 __all__ = ["architecture", "base_fingerprint", "compare_fingerprints", "tensor_digest"]
@@ -50,7 +50,7 @@ def architecture(model: nn.Module) -> str:
         >>> architecture(nn.Linear(2, 2))
         'torch.nn.modules.linear.Linear'
     """
-    cls = type(model)
+    cls = unsharded_class(model)  # a model sharded with FSDP2 fingerprints as the model itself
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
