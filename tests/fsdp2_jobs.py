@@ -53,14 +53,16 @@ def tiny_llama() -> hf.LlamaForCausalLM:
 class LanguageModel(L.LightningModule):
     """A plain FSDP2 module: nothing in it knows about PEFT."""
 
-    def __init__(self, build_in: str = "init", tensor_parallel: bool = False) -> None:
+    def __init__(self, build_in: str = "init", tensor_parallel: bool = False, head_dtype=None) -> None:
         super().__init__()
-        self.build_in, self.tensor_parallel = build_in, tensor_parallel
+        self.build_in, self.tensor_parallel, self.head_dtype = build_in, tensor_parallel, head_dtype
         self.model = tiny_llama() if build_in == "init" else None
 
     def configure_model(self) -> None:
         if self.model is None:
             self.model = tiny_llama()
+        if self.head_dtype is not None:
+            self.model.lm_head.to(self.head_dtype)
         if self.device_mesh is None:  # one process: nothing to shard
             return
         from torch.distributed.fsdp import fully_shard
@@ -268,12 +270,26 @@ def fit_tensor_parallel(out: str, devices: int) -> None:
         (folder / "error.txt").write_text(message)
 
 
+def fit_mixed_dtypes(out: str, devices: int) -> None:
+    """A root unit that would train a bfloat16 head beside float32 norms: refused before FSDP2 asserts."""
+    folder = _folder(out, "mixed_dtypes", devices)
+    trainer = make_trainer(devices, [FreezeBackbone(freeze=1)], folder, max_steps=1)
+    try:
+        trainer.fit(LanguageModel(head_dtype=torch.bfloat16), token_data(devices))
+        message = ""
+    except ValueError as err:
+        message = str(err)
+    if is_writer():
+        (folder / "error.txt").write_text(message)
+
+
 SCENARIOS = {
     "lora": fit_lora,
     "dora": fit_dora_frozen,
     "unfreezing": fit_unfreezing,
     "slim": fit_bottleneck_slim,
     "tensor_parallel": fit_tensor_parallel,
+    "mixed_dtypes": fit_mixed_dtypes,
 }
 
 

@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 
 from peft_callbacks import load_adapter
 
-TWO_PROCESS = ["lora", "dora", "unfreezing", "slim", "tensor_parallel"]
+TWO_PROCESS = ["lora", "dora", "unfreezing", "slim", "tensor_parallel", "mixed_dtypes"]
+ONE_PROCESS = TWO_PROCESS[:4]  # the last two are refusals that only sharding raises
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
-    for name in TWO_PROCESS[:-1]:  # tensor parallelism needs two processes
+    for name in ONE_PROCESS:
         SCENARIOS[name](str(out), 1)
     spawn(TWO_PROCESS, str(out))
     return out
@@ -110,3 +111,8 @@ def test_tensor_parallel_is_refused_with_a_clear_error(runs):
     message = (runs / "tensor_parallel" / "devices2" / "error.txt").read_text()
     assert "q_proj.weight' is split by tensor parallelism" in message
     assert "ModelParallelStrategy(tensor_parallel_size=1)" in message
+
+
+def test_an_fsdp2_unit_training_two_dtypes_is_refused_before_fsdp_asserts(runs):
+    message = (runs / "mixed_dtypes" / "devices2" / "error.txt").read_text()
+    assert "FreezeBackbone: the FSDP2 unit 'model' trains tensors of several dtypes (bfloat16, float32)" in message
