@@ -306,6 +306,8 @@ def _child(rank: int, scenarios: list[str], out: str, world_size: int, port: int
     torch.set_num_threads(1)
     for name in scenarios:
         SCENARIOS[name](out, world_size)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def spawn(scenarios: list[str], out: str, world_size: int = 2, timeout: float = 900) -> None:

@@ -24,7 +24,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks._validation import check_optional_str
-from peft_callbacks.callbacks.strategies import check_sharded_setup, full_weights, is_sharding, refuse_unbuilt_base
+from peft_callbacks.callbacks.strategies import (
+    check_sharded_setup,
+    full_weights,
+    is_sharding,
+    outside_zero_init,
+    refuse_unbuilt_base,
+)
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
 from peft_callbacks.core.sharding import has_sharded_parameters
@@ -130,10 +136,13 @@ class SurgeryCallback(Callback):
         for path, model in find_models(pl_module, self.module):
             if self.is_applied(model):
                 log.info("%s: %s already adapted; continuing with its current weights.", self.name, path or "model")
-            else:
-                if trainer is not None and self.creates_tensors:
-                    refuse_unbuilt_base(trainer, model, self.name)
+            elif trainer is None:
                 self.apply(model, path)
+            else:
+                if self.creates_tensors:
+                    refuse_unbuilt_base(trainer, model, self.name)
+                with outside_zero_init(trainer):
+                    self.apply(model, path)
             self.adapted_models.append(path)
         if trainer is not None:
             check_sharded_setup(trainer, pl_module, self.name)

@@ -204,7 +204,16 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
 
 def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:
-    """A callback's state in a Lightning checkpoint (a file, or a sharded checkpoint's ``meta.pt``), or ``None``."""
+    """A callback's state in a Lightning checkpoint (a file, or a sharded checkpoint's ``meta.pt``), or ``None``.
+
+    Example::
+
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
+        >>> torch.save({"callbacks": {"FreezeBackbone": {"frozen": {"": [0]}}}}, path)
+        >>> saved_callback_state(path, "FreezeBackbone"), saved_callback_state(path, "Other")
+        ({'frozen': {'': [0]}}, None)
+    """
     folder = Path(path)
     file = folder / _METADATA_FILENAME if folder.is_dir() else folder
     if not file.is_file():

@@ -35,6 +35,7 @@ __all__ = [
     "check_sharded_setup",
     "full_weights",
     "is_sharding",
+    "outside_zero_init",
     "refuse_unbuilt_base",
     "remove_load_hooks",
     "run_before_checkpoint_load",
@@ -46,7 +47,14 @@ StrategyKind = Literal["single", "ddp", "fsdp2", "fsdp", "deepspeed"]
 
 
 def strategy_kind(trainer: pl.Trainer) -> StrategyKind:
-    """``"fsdp2"`` (``ModelParallelStrategy``), ``"fsdp"``, ``"deepspeed"``, ``"ddp"`` or ``"single"``."""
+    """``"fsdp2"`` (``ModelParallelStrategy``), ``"fsdp"``, ``"deepspeed"``, ``"ddp"`` or ``"single"``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> strategy_kind(SimpleNamespace(strategy=ModelParallelStrategy()))
+        'fsdp2'
+    """
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy):
         return "fsdp2"
@@ -74,6 +82,11 @@ def refuse_unbuilt_base(trainer: pl.Trainer, model: nn.Module, name: str) -> Non
 
     Raises:
         ValueError: saying how to build the model instead.
+
+    Example::
+
+        >>> import lightning as L
+        >>> refuse_unbuilt_base(L.Trainer(accelerator="cpu", devices=1, logger=False), nn.Linear(2, 2), "LoRACallback")
     """
     params = list(model.parameters())
     if any(is_zero3(p) for p in params):
@@ -101,6 +114,15 @@ def check_sharded_setup(trainer: pl.Trainer, pl_module: nn.Module, name: str) ->
 
     Raises:
         ValueError: naming the unit, what it mixes and what to change.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).requires_grad_(False))
+        >>> check_sharded_setup(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False)), mixed, "LoRACallback")
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRACallback: the FSDP unit '<root>' mixes frozen and trainable tensors, ...
     """
     kind = strategy_kind(trainer)
     if kind == "fsdp":
@@ -195,10 +217,41 @@ def _check_fsdp1(strategy: FSDPStrategy, pl_module: nn.Module, name: str) -> Non
 
 
 @contextlib.contextmanager
+def outside_zero_init(trainer: pl.Trainer) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, Lightning runs ``configure_model`` (and so the surgery) inside ``deepspeed.zero.Init``,
+    which would partition each new layer as it is built, before it is initialised. Inside this block new modules are
+    plain; ``deepspeed.initialize`` partitions them with the rest of the model when training starts.
+
+    Example::
+
+        >>> import lightning as L
+        >>> with outside_zero_init(L.Trainer(accelerator="cpu", devices=1, logger=False)):
+        ...     pass
+    """
+    if strategy_kind(trainer) != "deepspeed":
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
+
+
+@contextlib.contextmanager
 def full_weights(trainer: pl.Trainer) -> Iterator[None]:
     """Under ``FSDPStrategy`` (FSDP1), the full parameters of the whole model inside the block, written back after
     (``summon_full_params``; every rank holds the whole model meanwhile). Other strategies gather where needed, layer
-    by layer, so this does nothing for them."""
+    by layer, so this does nothing for them.
+
+    Example::
+
+        >>> import lightning as L
+        >>> with full_weights(L.Trainer(accelerator="cpu", devices=1, logger=False)):
+        ...     pass
+    """
     if strategy_kind(trainer) != "fsdp":
         yield
         return
@@ -232,7 +285,20 @@ def _install(strategy: pl.strategies.Strategy) -> None:
 
 def run_before_checkpoint_load(strategy: pl.strategies.Strategy, action: Callable[[Any], None]) -> None:
     """Call ``action(checkpoint_path)`` right before ``strategy.load_checkpoint`` runs (every time, until
-    :func:`remove_load_hooks`)."""
+    :func:`remove_load_hooks`).
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> strategy, seen = SingleDeviceStrategy("cpu"), []
+        >>> run_before_checkpoint_load(strategy, seen.append)
+        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"loaded": path})
+        >>> strategy.load_checkpoint("a.ckpt"), seen
+        ({'loaded': 'a.ckpt'}, ['a.ckpt'])
+        >>> remove_load_hooks(strategy)
+        >>> "load_checkpoint" in vars(strategy)
+        False
+    """
     _install(strategy)
     strategy.__dict__.setdefault(_BEFORE, []).append(action)
 
@@ -241,12 +307,27 @@ def set_checkpoint_loader(
     strategy: pl.strategies.Strategy, loader: Callable[[Any, bool | None], dict[str, Any] | None]
 ) -> None:
     """Let ``loader(checkpoint_path, weights_only)`` load checkpoints it recognises (returning what
-    ``load_checkpoint`` returns); for others it returns ``None`` and the strategy loads as usual."""
+    ``load_checkpoint`` returns); for others it returns ``None`` and the strategy loads as usual.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> strategy = SingleDeviceStrategy("cpu")
+        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"slim": True})
+        >>> strategy.load_checkpoint("slim.ckpt")
+        {'slim': True}
+    """
     _install(strategy)
     strategy.__dict__[_LOADER] = loader
 
 
 def remove_load_hooks(strategy: pl.strategies.Strategy) -> None:
-    """Take away what :func:`run_before_checkpoint_load` and :func:`set_checkpoint_loader` attached."""
+    """Take away what :func:`run_before_checkpoint_load` and :func:`set_checkpoint_loader` attached.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> remove_load_hooks(SingleDeviceStrategy("cpu"))  # nothing attached: nothing to do
+    """
     for key in ("load_checkpoint", _BEFORE, _LOADER):
         strategy.__dict__.pop(key, None)

@@ -186,6 +186,12 @@ def shard_as(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
     Lets a caller keep many merged weights at the memory cost of their shards (ZeRO-3 partitions are written back
     whole by :func:`write_full`).
+
+    Example::
+
+        >>> value = torch.ones(2)
+        >>> shard_as(torch.zeros(2), value) is value  # nothing to cut on one process
+        True
     """
     if not is_dtensor(reference):
         return value
@@ -340,6 +346,10 @@ def check_data_parallel(model: nn.Module, what: str) -> None:
 
     Raises:
         ValueError: naming the first such parameter and its placements.
+
+    Example::
+
+        >>> check_data_parallel(nn.Linear(2, 2), "LoRA")  # plain tensors: nothing to refuse
     """
     fsdp_module = _fsdp_module_class()
     inside_units: set[int] = set()

@@ -157,6 +157,24 @@ def load_distributed_slim(
 
     Raises:
         SlimCheckpointError: another format version, or another base (see :func:`fill_slim_state_dict`).
+
+    Example::
+
+        >>> import tempfile, torch.distributed.checkpoint as dcp
+        >>> from peft_callbacks.methods.lora import inject_lora
+        >>> def base():
+        ...     _ = torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> tuned = inject_lora(base(), rank=2)
+        >>> _ = tuned[0].adapters["default"].lora_B.weight.data.fill_(0.5)  # "trained"
+        >>> state = tuned.state_dict()
+        >>> record = slim_state_dict(tuned, state)
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = dcp.save({"state_dict": state}, checkpoint_id=folder)  # sharded: one file per rank
+        >>> resumed = inject_lora(base(), rank=2)
+        >>> load_distributed_slim(folder, resumed, [], record)
+        >>> float(resumed[0].adapters["default"].lora_B.weight.detach().mean())
+        0.5
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
