@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _dtensor_class() -> type | None:
     if not torch.distributed.is_available():
         return None
@@ -298,6 +300,7 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@functools.cache
 def _fsdp_module_class() -> type | None:
     if not torch.distributed.is_available():
         return None

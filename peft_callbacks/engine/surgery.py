@@ -2,9 +2,11 @@
 
 :func:`inject` does, for any registered method and in this order: check the arguments, refuse a second copy of the
 same adapter, find the task head, resolve the targets (or check recorded ones), freeze the model, insert the
-method's modules, unfreeze the head (``train_head``) and the method's extras, freeze BatchNorm statistics outside
-the head (unless ``train_bn``), let gradients reach adapters inside reentrant-checkpointed blocks, record the recipe,
-and log one line. It is a transaction: if any step fails, the model is exactly as it was.
+method's modules (sharded alike when the model is sharded with FSDP2, see :mod:`peft_callbacks.core.sharding`),
+unfreeze the head (``train_head``) and the method's extras, freeze BatchNorm statistics outside the head (unless
+``train_bn``), let gradients reach adapters inside reentrant-checkpointed blocks, record the recipe, and log one line.
+It is a transaction: if any step fails, the model is exactly as it was. :func:`merge` gathers a sharded layer at a
+time.
 
 Example::
 
@@ -154,12 +156,14 @@ def inject(
     with transaction(model):
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
-        if has_sharded_parameters(model):
+        sharded = has_sharded_parameters(model)
+        if sharded:
             check_data_parallel(model, method.title)
-        before = {id(m) for m in model.modules()}
+        before = {id(m) for m in model.modules()} if sharded else set()
         freeze(model)
         method.insert(model, targets, config, adapter_name)
-        shard_new_modules(model, _inserted(model, before))  # an FSDP2-sharded model: the new tensors shard alike
+        if sharded:  # an FSDP2-sharded model: the new tensors get units of their own, on the same mesh
+            shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
         if config.train_head:
             unfreeze([model.get_submodule(p) for p in head.head])
