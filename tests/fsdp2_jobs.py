@@ -59,6 +59,9 @@ class LanguageModel(L.LightningModule):
         self.model = tiny_llama() if build_in == "init" else None
 
     def configure_model(self) -> None:
+        # the surgery right after this draws LoRA's A and the adapters' weights: the same numbers in every process,
+        # whatever seeded the RNG before (Lightning re-seeds distributed processes from PL_GLOBAL_SEED if it is set)
+        torch.manual_seed(1)
         if self.model is None:
             self.model = tiny_llama()
         if self.head_dtype is not None:
