@@ -35,16 +35,20 @@ __all__ = [
     "AdapterFileError",
     "BottleneckAdapter",
     "BottleneckConfig",
+    "DistillationCallback",
     "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
     "DoRALinear",
+    "EWCCallback",
+    "ForgettingAwareFinish",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
     "IA3",
     "IA3Config",
+    "L2SPCallback",
     "LayerFreezer",
     "LayerwiseUnfreezing",
     "LoRAAdapter",
@@ -59,6 +63,7 @@ __all__ = [
     "ParameterCount",
     "PromptTuningCallback",
     "PromptTuningConfig",
+    "ReplayCallback",
     "SlimCheckpoint",
     "SoftPrompt",
     "VisualPromptCallback",
@@ -113,11 +118,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
     from peft_callbacks.callbacks.lora import LoRACallback
+    from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+    from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats

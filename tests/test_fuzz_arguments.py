@@ -146,6 +146,9 @@ def _loader():
     return DataLoader(TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), batch_size=2)
 
 
+_LOADERS = ["bogus", ["bogus"], [1]]  # a method name or an iterable of batches, both read at fit time
+_BASE_TASK = {"base_head": [None], "forward_fn": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+
 _TMP_ROOT = tempfile.mkdtemp(prefix="peft_fuzz_")
 atexit.register(shutil.rmtree, _TMP_ROOT, True)
 
@@ -357,6 +360,36 @@ CASES: dict[str, Case] = {
             "plot_dir": _PATH_OK,
             "prefix": [None, "bogus"],  # None: the default namespace
             "dataloader": ["bogus", ["bogus"], [1]],  # a method name or an iterable of batches, both read at fit time
+        },
+    ),
+    "ReplayCallback": Case(valid=lambda: {"dataloader": _loader()}, accepts={"dataloader": _LOADERS, **_BASE_TASK}),
+    "DistillationCallback": Case(valid=dict, accepts={"weight": [1.5], "temperature": [1.5], **_BASE_TASK}),
+    "L2SPCallback": Case(
+        valid=dict, accepts={"weight": [1.5], "base_head": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+    ),
+    "EWCCallback": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "weight": [1.5],
+            "fisher_batches": [None],
+            "normalize": _BOOL_OK,
+            **_BASE_TASK,
+        },
+    ),
+    "ForgettingAwareFinish": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "max_forgetting": [0],
+            "grid": [None],
+            "metric": [None],
+            "val_dataloader": [None, *_LOADERS],
+            "val_forward_fn": [None],
+            "limit_batches": [None],
+            "plot": _BOOL_OK,
+            "plot_dir": _PATH_OK,
+            **_BASE_TASK,
         },
     ),
     "save_adapter": Case(

@@ -144,7 +144,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         for path, freezer in self.freezers.items():
             for indices, scale in self.due(freezer, epoch):
                 params = freezer.unfreeze(indices)
-                names = ", ".join(freezer.layers[i].name for i in indices)
+                names = "; ".join(f"layer {i}: {freezer.layers[i].name}" for i in indices)  # one entry per layer
                 add_param_group(
                     optimizer, params, scale, name=f"{path or 'model'}: {names}", schedulers=self._schedulers
                 )

@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback
 
+from peft_callbacks.callbacks.atomic_io import use_atomic_checkpoint_io
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
 from peft_callbacks.callbacks.strategies import remove_load_hooks, set_checkpoint_loader, strategy_kind
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
@@ -86,6 +87,7 @@ class SlimCheckpoint(Callback):
                 "ModelParallelStrategy(save_distributed_checkpoint=True) (the default), or remove SlimCheckpoint."
             )
         self._fingerprint = None
+        use_atomic_checkpoint_io(trainer.strategy)  # a checkpoint killed mid-write never replaces the last good one
         run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
         if kind == "fsdp2":
             _load_slim_shards(trainer.strategy)

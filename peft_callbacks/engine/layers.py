@@ -87,6 +87,11 @@ class Adapter(PEFTModule):
         """The input the base layer sees (only called when ``changes_input``)."""
         return x
 
+    def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output in one step, when this adapter is the only active one and has a faster way than
+        base layer + :meth:`forward` (LoRA's single autograd node); ``None`` to take the plain path."""
+        return None
+
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
         raise NotImplementedError
@@ -98,6 +103,10 @@ class Adapter(PEFTModule):
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`merge_into`."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base layer.")
+
+    def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
+        """Called by :meth:`AdaptedLayer.merge` once this adapter is folded into ``weight`` (the weight before it),
+        for adapters that need something of that moment to unmerge exactly (DoRA's scale)."""
 
     def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
         """The base bias (float32) with this adapter folded in; most methods leave it as it is (IA3 scales it)."""
@@ -166,6 +175,12 @@ class AdaptedLayer(PEFTModule):
         adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        # an adapter with hooks of its own (an FSDP2 unit: its hooks gather its shards) must be called as a module
+        hooked = adapters[0]._forward_pre_hooks or adapters[0]._forward_hooks
+        if len(adapters) == 1 and not args and not kwargs and not hooked:
+            fused = adapters[0].fused(self, x)
+            if fused is not None:
+                return fused
         inner = x
         for adapter in adapters:
             if adapter.changes_input:
@@ -214,6 +229,10 @@ class AdaptedLayer(PEFTModule):
             check_finite("into this layer", weight)
             if bias is not None:
                 check_finite("into this layer's bias", bias)
+            before = base_weight(self.base_layer).float()  # tell each adapter the weight it was folded into, in order
+            for name in names:
+                self.adapters[name].merged(self, before)
+                before = self.adapters[name].merge_into(self, before)
             write_weight(self.base_layer, weight, bias)
         self.merged_adapters = names
 

@@ -285,6 +285,16 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     created = _dry_run(model, plans, folder)
     if recipe["format_version"] == 1:
         tensors = upgrade_state_keys(tensors, created)
+    reshaped = [
+        f"{k} {tuple(t.shape)} vs {created[k]}"
+        for k, t in tensors.items()
+        if k in created and tuple(t.shape) != created[k]
+    ]
+    if reshaped:  # before the replay allocates anything
+        raise AdapterFileError(
+            f"{folder / RECIPE_FILE} does not fit its own tensors: the recipe would create shapes that differ from "
+            f"the stored ones: {_short(reshaped)}."
+        )
     with transaction(model):
         for _, target, records in plans:
             replay(target, records)

@@ -111,26 +111,39 @@ def fill_slim_state_dict(
         >>> sorted(fill_slim_state_dict(net, state, record))
         ['0.bias', '0.weight', '1.bias', '1.weight']
     """
-    _check_record(model, record)
+    omitted = _check_record(model, record)
     base = base_state(model)
-    for key, name in record["omitted"].items():
+    unknown = [name for name in omitted.values() if name not in base]
+    if unknown:
+        raise SlimCheckpointError(
+            f"The slim checkpoint names {len(unknown)} base tensor(s) that {type(model).__name__} does not have: "
+            f"{unknown[:5]}."
+        )
+    for key, name in omitted.items():
         state_dict.setdefault(key, base[name])
     return state_dict
 
 
-def _check_record(model: nn.Module, record: dict[str, Any]) -> None:
-    """Refuse a slim checkpoint's record of a newer format, or one trained on another base than ``model``'s.
+def _check_record(model: nn.Module, record: Any) -> dict[str, str]:
+    """Refuse a malformed record, a newer format, or one trained on another base than ``model``'s; return its
+    ``omitted`` map (every rank calls it when ``model`` is sharded: the fingerprint gathers).
 
     Raises:
-        SlimCheckpointError: naming what differs.
+        SlimCheckpointError: naming what is wrong.
     """
+    if not isinstance(record, dict):
+        raise SlimCheckpointError(f"The slim checkpoint's record must be an object, got {type(record).__name__}.")
     version = record.get("format_version")
-    if not isinstance(version, int) or version > SLIM_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SLIM_FORMAT_VERSION:
         raise SlimCheckpointError(
             f"The slim checkpoint has format version {version!r}; this peft_callbacks reads versions up to "
             f"{SLIM_FORMAT_VERSION}. Upgrade peft_callbacks to load it."
         )
-    saved = record["fingerprint"]
+    omitted, saved = record.get("omitted"), record.get("fingerprint")
+    if not isinstance(omitted, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in omitted.items()):
+        raise SlimCheckpointError("The slim checkpoint's field 'omitted' must map state_dict keys to base names.")
+    if not isinstance(saved, dict):
+        raise SlimCheckpointError("The slim checkpoint's field 'fingerprint' is missing or not an object.")
     diffs = compare_fingerprints(saved, base_fingerprint(model, hash_names=saved.get("hashes", {})))
     if diffs:
         raise SlimCheckpointError(
@@ -138,6 +151,7 @@ def _check_record(model: nn.Module, record: dict[str, Any]) -> None:
             f"built, but its base differs from the one trained: {'; '.join(diffs)}. Build the module as for training "
             f"(unmerged: after a LoRA merge, rebuild it or keep `merge_on_train_end=False`), or use full checkpoints."
         )
+    return omitted
 
 
 def load_distributed_slim(
@@ -185,8 +199,7 @@ def load_distributed_slim(
         set_optimizer_state_dict,
     )
 
-    _check_record(model, record)
-    omitted = record["omitted"]
+    omitted = _check_record(model, record)
     kept = {k: v for k, v in get_model_state_dict(model).items() if k not in omitted}
     dcp.load({"state_dict": kept}, checkpoint_id=path)
     set_model_state_dict(model, kept, options=StateDictOptions(strict=False))
