@@ -83,6 +83,8 @@ __all__ = [
     "find_models",
     "freeze_batchnorm_stats",
     "freeze_layers",
+    "full_parameters",
+    "gather_state_dict",
     "import_peft",
     "inject",
     "inject_adapters",
@@ -138,6 +140,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+    from peft_callbacks.core.sharding import full_parameters, gather_state_dict
     from peft_callbacks.engine import (
         AdaptedLayer,
         Adapter,

@@ -250,6 +250,8 @@ CASES: dict[str, Case] = {
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
+    "full_parameters": Case(valid=lambda: {"module": _lora_net()}, enter=True, accepts={"writeback": _BOOL_OK}),
+    "gather_state_dict": _model_case(_net),
     "find_models": Case(valid=lambda: {"root": _net()}, accepts={"module": [None, ""]}),
     "freeze_batchnorm_stats": Case(valid=lambda: {"module": _bn_net()}),
     "inject_lora": Case(

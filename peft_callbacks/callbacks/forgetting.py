@@ -192,6 +192,15 @@ class ForgettingMonitor(Callback):
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            return  # FSDP, DeepSpeed and FSDP2 restore a checkpoint after on_fit_start: start once it is loaded
+        self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._scorers:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._world_size = trainer.world_size
         sources = self.dataloader if self.tasks is not None else {None: self.dataloader}
         heads = self.base_head if isinstance(self.base_head, dict) else {name: self.base_head for name in sources}

@@ -25,10 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model, run_after_hook
 from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
+from peft_callbacks.callbacks.strategies import strategy_kind
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import unfreeze_batchnorm_stats
 from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.core.sharding import full_tensor
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
 from peft_callbacks.engine.adapters import adapter_names, set_adapter
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
@@ -131,8 +133,8 @@ class PEFTCallback(SurgeryCallback):
         apply_batchnorm_rule(model, self.config)  # a second fit on the same module: BatchNorm frozen as in the first
         return True
 
-    def run_surgery(self, pl_module: nn.Module) -> None:
-        super().run_surgery(pl_module)
+    def run_surgery(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        super().run_surgery(pl_module, trainer)
         self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
         for _, model in find_models(pl_module, self.module):
             if len(adapter_names(model)) > 1:  # another task's adapter is kept, inactive and frozen, while this trains
@@ -158,6 +160,8 @@ class PEFTCallback(SurgeryCallback):
         if self._gradients_checked:
             return
         self._gradients_checked = True
+        if strategy_kind(trainer) in ("fsdp", "deepspeed"):
+            return  # their gradients live in flat buffers, not in `.grad` of each tensor
         silent = _modules_without_gradient(pl_module, self.method)
         if silent:
             rank_zero_warn(
@@ -174,7 +178,7 @@ class PEFTCallback(SurgeryCallback):
         if stage == "fit":
             install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see callbacks/checkpoints.py)
         elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module, trainer))
         else:
             run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
         # a checkpoint in the plain layout goes back to the adapted one where the module carries the surgery
@@ -222,7 +226,9 @@ def _modules_without_gradient(pl_module: nn.Module, method) -> list[str]:
     silent = []
     for path, module in method.modules(pl_module).items():
         params = [p for p in module.parameters() if p.requires_grad and not _is_base(module, p)]
-        if params and all(p.grad is None or not bool(p.grad.any()) for p in params):
+        # an FSDP2 gradient is a shard: gathered (every rank runs this hook, in the same order) before looking at it
+        grads = [None if p.grad is None else full_tensor(p.grad) for p in params]
+        if params and all(g is None or not bool(g.any()) for g in grads):
             silent.append(path)
     return silent
 

@@ -39,8 +39,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, write_weight
+from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, weight_shape, write_weight
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.engine.config import MethodConfig
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
@@ -80,7 +81,7 @@ class Adapter(PEFTModule):
             raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
         self.config = config
         self.kind = kind
-        self.weight_shape = tuple(base_weight(base_layer).shape)
+        self.weight_shape = weight_shape(base_layer)  # the full shape, also when the weight is sharded
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees (only called when ``changes_input``)."""
@@ -184,7 +185,9 @@ class AdaptedLayer(PEFTModule):
         adapters = [self.adapters[name] for name in names]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        if len(adapters) == 1 and not args and not kwargs:
+        # an adapter with hooks of its own (an FSDP2 unit: its hooks gather its shards) must be called as a module
+        hooked = adapters[0]._forward_pre_hooks or adapters[0]._forward_hooks
+        if len(adapters) == 1 and not args and not kwargs and not hooked:
             fused = adapters[0].fused(self, x)
             if fused is not None:
                 return fused
@@ -231,31 +234,30 @@ class AdaptedLayer(PEFTModule):
         if self.merged_adapters:
             raise ValueError(f"Adapters {self.merged_adapters} are merged already; unmerge them first.")
         names = list(self.active_adapters if names is None else names)
-        with torch.no_grad():
+        with full_parameters(self, writeback=True), torch.no_grad():  # sharded tensors: gathered, then written back
             weight, bias = self.merged_weight(names), self.merged_bias(names)
-        check_finite("into this layer", weight)
-        if bias is not None:
-            check_finite("into this layer's bias", bias)
-        with torch.no_grad():  # tell each adapter the weight it was folded into, in order
-            before = base_weight(self.base_layer).float()
+            check_finite("into this layer", weight)
+            if bias is not None:
+                check_finite("into this layer's bias", bias)
+            before = base_weight(self.base_layer).float()  # tell each adapter the weight it was folded into, in order
             for name in names:
                 self.adapters[name].merged(self, before)
                 before = self.adapters[name].merge_into(self, before)
-        write_weight(self.base_layer, weight, bias)
+            write_weight(self.base_layer, weight, bias)
         self.merged_adapters = names
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weight again (float32, cast back once)."""
         if not self.merged_adapters:
             return
-        bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
+        with full_parameters(self, writeback=True), torch.no_grad():
+            bias = getattr(self.base_layer, "bias", None)
             weight = base_weight(self.base_layer).float()
             bias = bias.float() if isinstance(bias, torch.Tensor) else None
             for name in reversed(self.merged_adapters):
                 weight = self.adapters[name].unmerge_from(self, weight)
                 bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
-        write_weight(self.base_layer, weight, bias)
+            write_weight(self.base_layer, weight, bias)
         self.merged_adapters = []
 
     # -- the base layer's attributes pass through ---------------------------------------------------------------

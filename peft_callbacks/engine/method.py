@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.core.kinds import base_weight, kinds_description, layer_kind
+from peft_callbacks.core.kinds import kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -257,7 +257,7 @@ class LayerMethod(Method):
             module = model.get_submodule(path)
             layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
             base = layer.base_layer
-            with torch.device(base_weight(base).device):  # created where the base weight lives (free on `meta`)
+            with torch.device(base.weight.device):  # created where the base weight lives (free on `meta`)
                 layer.add_adapter(adapter_name, self.create_adapter(model, path, base, config, shared))
             if layer is not module:
                 replace_module(model, path, layer)

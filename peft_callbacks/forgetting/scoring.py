@@ -8,7 +8,9 @@ head, averaged over token positions for token-level heads); later calls report t
 measured even without base labels.
 
 With several processes, batch ``i`` is scored by rank ``i % world_size`` and the torchmetrics states are summed
-over ranks, so the figures equal a single-process run.
+over ranks, so the figures equal a single-process run. A sharded model (FSDP2, ZeRO-3) gathers its weights in every
+forward, a collective all ranks must join: then each rank runs as many forwards as the busiest one, the extra ones
+on a batch it has already seen, their outputs left out.
 
 Example::
 
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from peft_callbacks.core.models import family_of, find_models
+from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.forgetting.batches import (
     IGNORE_INDEX,
     call_model,
@@ -199,19 +202,25 @@ class BaseTaskScorer:
         kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
         taking_reference = self.drift and self.reference is None
         reference = {} if taking_reference else self.reference
-        seen = 0
+        seen = run = 0
+        last = None
         with evaluation_mode(self.root):
             for index, batch in enumerate(loader):
                 if self.limit_batches is not None and index >= self.limit_batches:
                     break
                 seen += 1
+                last = batch
                 if index % world_size != rank:
                     continue
+                run += 1
                 logits, labels, features = self.forward(move_to_device(batch, device))
                 if metric is not None:
                     self._update_metric(metric, logits, labels)
                 if self.drift:
                     self._update_drift(index, logits, features, reference, kl, cosine, taking_reference)
+            if world_size > 1 and last is not None and has_sharded_parameters(self.model):
+                for _ in range(-(-seen // world_size) - run):  # lockstep: as many forwards as the busiest rank
+                    self.forward(move_to_device(last, device))
         if seen == 0:
             raise ValueError("The base-task `dataloader` yielded no batches; it must hold at least one batch.")
         if taking_reference:

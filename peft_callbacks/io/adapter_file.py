@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks._version import __version__
 from peft_callbacks.core.recipe import recorded_models, surgery_records
+from peft_callbacks.core.sharding import full_tensor, is_writer, write_full
 from peft_callbacks.engine import replay, transaction
 from peft_callbacks.engine.adapters import adapter_names
 from peft_callbacks.engine.layers import upgrade_state_keys
@@ -89,7 +90,8 @@ def check_directory(directory: Any) -> Path:
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> Path:
     """Write the trained PEFT tensors of ``model`` and the recipe to rebuild them (see the module docstring).
 
-    Call it before merging (a merged model has no adapter left to save).
+    Call it before merging (a merged model has no adapter left to save). When the model is sharded (FSDP2, ZeRO-3)
+    every rank must call it: each joins the gathers, and only global rank 0 writes the directory.
 
     Args:
         model: the adapted model: a timm/transformers model, or a LightningModule (or any module) containing it.
@@ -113,6 +115,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     """
     check_module("model", model)
     tensors = trained_state(model) if adapter_name is None else _one_adapter(model, adapter_name)
+    tensors = {key: full_tensor(t) for key, t in tensors.items()}  # gathered on every rank if sharded
     if not tensors:
         raise ValueError(
             f"{type(model).__name__} has no PEFT module and no trainable parameter: nothing to save. Save before "
@@ -122,6 +125,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     models = recorded_models(model) or {"": model}
     if adapter_name is not None:
         models = {p: m for p, m in models.items() if adapter_name in record_names(surgery_records(m))}
+    fingerprints = {path: base_fingerprint(m) for path, m in models.items()}  # a collective when sharded
+    if not is_writer():
+        return folder / WEIGHTS_FILE
     with atomic_directory(folder) as staging:
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -132,7 +138,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             "library_version": __version__,
             "weights_sha256": _sha256(staging / WEIGHTS_FILE),
             "models": [
-                {"path": path, "recipe": _records(m, adapter_name), "fingerprint": base_fingerprint(m)}
+                {"path": path, "recipe": _records(m, adapter_name), "fingerprint": fingerprints[path]}
                 for path, m in models.items()
             ],
         }
@@ -343,8 +349,7 @@ def load_adapter(
             replay(target, records)
         destinations = _check_fit(model, tensors, created, list(moves.values()), strict, folder)
         check_tensors(tensors, str(folder / WEIGHTS_FILE), AdapterFileError, targets=destinations)
-    with torch.no_grad():
-        for key, destination in destinations.items():
-            destination.copy_(tensors[key].to(destination.dtype))
+    for key, destination in destinations.items():
+        write_full(destination, tensors[key])  # a sharded destination keeps its own slice
     log.info("Loaded adapter %s onto %s.", folder, type(model).__name__)
     return model
