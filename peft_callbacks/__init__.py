@@ -35,16 +35,20 @@ __all__ = [
     "AdapterFileError",
     "BottleneckAdapter",
     "BottleneckConfig",
+    "DistillationCallback",
     "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
     "DoRALinear",
+    "EWCCallback",
+    "ForgettingAwareFinish",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
     "IA3",
     "IA3Config",
+    "L2SPCallback",
     "LayerFreezer",
     "LayerwiseUnfreezing",
     "LoHaAdapter",
@@ -77,20 +81,28 @@ __all__ = [
     "ParameterCount",
     "PromptTuningCallback",
     "PromptTuningConfig",
+    "ReplayCallback",
     "SlimCheckpoint",
     "SoftPrompt",
     "VisualPromptCallback",
     "VisualPromptConfig",
     "VisualPrompts",
+    "active_adapters",
     "adapter_layers",
+    "adapter_names",
+    "adapters_per_row",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "count_parameters",
+    "delete_adapter",
     "describe_layers",
     "disabled",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
     "freeze_layers",
+    "full_parameters",
+    "gather_state_dict",
     "import_peft",
     "inject",
     "inject_adapters",
@@ -98,19 +110,24 @@ __all__ = [
     "inject_prompt_tuning",
     "inject_visual_prompts",
     "load_adapter",
+    "load_checkpoint",
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
     "merge",
+    "merge_adapter",
     "merge_lora",
     "registered_methods",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
     "save_adapter",
+    "set_adapter",
     "split_layers",
     "unload",
     "unload_lora",
+    "unmerge_adapter",
+    "using_adapter",
 ]
 
 
@@ -129,15 +146,20 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.checkpoints import load_checkpoint
+    from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
     from peft_callbacks.callbacks.lora import LoRACallback
     from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
+    from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+    from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+    from peft_callbacks.core.sharding import full_parameters, gather_state_dict
     from peft_callbacks.engine import (
         AdaptedLayer,
         Adapter,
@@ -148,6 +170,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         registered_methods,
         unload,
     )
+    from peft_callbacks.engine.adapters import (
+        active_adapters,
+        adapter_names,
+        delete_adapter,
+        merge_adapter,
+        set_adapter,
+        unmerge_adapter,
+        using_adapter,
+    )
+    from peft_callbacks.engine.mixed import adapters_per_row
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
     from peft_callbacks.methods.bottleneck import (
@@ -171,6 +203,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoRAConv1D,
         LoRALinear,
         LoRAProAdamW,
+        add_weighted_adapter,
         apply_lora_pro,
         inject_lora,
         lora_disabled,

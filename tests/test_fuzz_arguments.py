@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +67,25 @@ def _net() -> nn.Module:
 
 def _lora_net() -> nn.Module:
     return peft_callbacks.inject_lora(_net(), rank=2)
+
+
+def _two_adapters() -> nn.Module:
+    net = peft_callbacks.inject_lora(_net(), rank=2, adapter_name="a", train_head=False)
+    return peft_callbacks.inject_lora(net, rank=2, adapter_name="b", train_head=False)
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+
+def _checkpoint() -> str:
+    """A checkpoint of :class:`_Module` (written once per session)."""
+    path = Path(_TMP_ROOT) / "module.ckpt"
+    if not path.exists():
+        torch.save({"state_dict": _Module().state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    return str(path)
 
 
 def _bn_net() -> nn.Module:
@@ -181,6 +201,9 @@ def _loader():
     return DataLoader(TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), batch_size=2)
 
 
+_LOADERS = ["bogus", ["bogus"], [1]]  # a method name or an iterable of batches, both read at fit time
+_BASE_TASK = {"base_head": [None], "forward_fn": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+
 _TMP_ROOT = tempfile.mkdtemp(prefix="peft_fuzz_")
 atexit.register(shutil.rmtree, _TMP_ROOT, True)
 
@@ -271,6 +294,8 @@ CASES: dict[str, Case] = {
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
+    "full_parameters": Case(valid=lambda: {"module": _lora_net()}, enter=True, accepts={"writeback": _BOOL_OK}),
+    "gather_state_dict": _model_case(_net),
     "find_models": Case(valid=lambda: {"root": _net()}, accepts={"module": [None, ""]}),
     "freeze_batchnorm_stats": Case(valid=lambda: {"module": _bn_net()}),
     "inject_lora": Case(
@@ -401,22 +426,87 @@ CASES: dict[str, Case] = {
             "dataloader": ["bogus", ["bogus"], [1]],  # a method name or an iterable of batches, both read at fit time
         },
     ),
+    "ReplayCallback": Case(valid=lambda: {"dataloader": _loader()}, accepts={"dataloader": _LOADERS, **_BASE_TASK}),
+    "DistillationCallback": Case(valid=dict, accepts={"weight": [1.5], "temperature": [1.5], **_BASE_TASK}),
+    "L2SPCallback": Case(
+        valid=dict, accepts={"weight": [1.5], "base_head": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+    ),
+    "EWCCallback": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "weight": [1.5],
+            "fisher_batches": [None],
+            "normalize": _BOOL_OK,
+            **_BASE_TASK,
+        },
+    ),
+    "ForgettingAwareFinish": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "max_forgetting": [0],
+            "grid": [None],
+            "metric": [None],
+            "val_dataloader": [None, *_LOADERS],
+            "val_forward_fn": [None],
+            "limit_batches": [None],
+            "plot": _BOOL_OK,
+            "plot_dir": _PATH_OK,
+            **_BASE_TASK,
+        },
+    ),
     "save_adapter": Case(
-        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()}, accepts={"directory": _DIRECTORY_OK}
+        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "export_peft": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _DIRECTORY_OK},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "load_adapter": Case(
         valid=lambda: {"model": _net(), "directory": _saved("save_adapter")},
-        accepts={"directory": [""], "strict": _BOOL_OK},
+        accepts={"directory": [""], "strict": _BOOL_OK, "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
     ),
     "import_peft": Case(
         valid=lambda: {"model": _net(), "directory": _saved("export_peft")},
-        accepts={"directory": [""], "adapter_name": _NAME_OK},
+        accepts={"directory": [""], "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
+    ),
+    "load_checkpoint": Case(
+        valid=lambda: {"module": _Module(), "checkpoint_path": _checkpoint()},
+        accepts={"merged": _BOOL_OK, "map_location": [None, {}], "strict": [None, True], "weights_only": [None, True]},
+        also_raises=(FileNotFoundError,),
+    ),
+    "adapter_names": _model_case(_two_adapters),
+    "active_adapters": _model_case(_two_adapters),
+    "set_adapter": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_name": "a"}, accepts={"inference_mode": _BOOL_OK}
+    ),
+    "using_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": ["a", "b"]}, enter=True),
+    "delete_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": "b"}),
+    "merge_adapter": _model_case(_two_adapters, accepts={"adapter_names": [None]}),
+    "unmerge_adapter": _model_case(_two_adapters),
+    "adapters_per_row": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_names_per_row": ["a", "__base__"]}, enter=True
+    ),
+    "add_weighted_adapter": Case(
+        valid=lambda: {
+            "model": _two_adapters(),
+            "adapters": ["a", "b"],
+            "weights": [0.5, -0.5],
+            "adapter_name": "mix",
+            "combination_type": "cat",
+        },
+        accepts={
+            "adapter_name": _NAME_OK,
+            "svd_rank": [None],
+            "svd_clamp": [None, 0],
+            "svd_full_matrices": _BOOL_OK,
+            "svd_driver": [None],
+            "density": [None, 0],
+        },
     ),
 }
 

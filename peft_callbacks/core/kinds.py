@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from peft_callbacks.core.sharding import full_shape, full_tensor, is_sharded, write_full
+
 __all__ = [
     "KIND_NAMES",
     "base_weight",
@@ -44,6 +46,7 @@ __all__ = [
     "is_hf_conv1d",
     "kinds_description",
     "layer_kind",
+    "weight_shape",
     "write_weight",
 ]
 
@@ -188,12 +191,31 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it."""
-    return layer.weight
+    weight = layer.weight
+    if is_sharded(weight):  # an FSDP2 shard or a ZeRO-3 partition: every rank gathers it (a collective)
+        return full_tensor(weight)
+    return weight
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The shape of a base layer's full weight, read without gathering a sharded one.
+
+    Example::
+
+        >>> weight_shape(nn.Linear(4, 2))
+        (2, 4)
+    """
+    return tuple(full_shape(layer.weight))
 
 
 def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Replace a base layer's weight (and bias, if given) by ``value`` (usually float32), cast to the stored dtype,
     in place."""
+    if is_sharded(layer.weight):  # each rank keeps its own slice of the full value
+        write_full(layer.weight, value)
+        if bias is not None:
+            write_full(layer.bias, bias)
+        return
     with torch.no_grad():
         layer.weight.copy_(value.to(layer.weight.dtype))
         if bias is not None:

@@ -39,8 +39,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, write_weight
+from peft_callbacks.core.kinds import KIND_NAMES, base_weight, kinds_description, layer_kind, weight_shape, write_weight
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.engine.config import MethodConfig
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
@@ -80,11 +81,16 @@ class Adapter(PEFTModule):
             raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
         self.config = config
         self.kind = kind
-        self.weight_shape = tuple(base_weight(base_layer).shape)
+        self.weight_shape = weight_shape(base_layer)  # the full shape, also when the weight is sharded
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees (only called when ``changes_input``)."""
         return x
+
+    def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output in one step, when this adapter is the only active one and has a faster way than
+        base layer + :meth:`forward` (LoRA's single autograd node); ``None`` to take the plain path."""
+        return None
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
@@ -97,6 +103,10 @@ class Adapter(PEFTModule):
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`merge_into`."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base layer.")
+
+    def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
+        """Called by :meth:`AdaptedLayer.merge` once this adapter is folded into ``weight`` (the weight before it),
+        for adapters that need something of that moment to unmerge exactly (DoRA's scale)."""
 
     def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
         """The base bias (float32) with this adapter folded in; most methods leave it as it is (IA3 scales it)."""
@@ -162,9 +172,25 @@ class AdaptedLayer(PEFTModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
+        rows = self.__dict__.get("row_adapters")  # set by `adapters_per_row`: one adapter name per row of x
+        if rows is not None:
+            from peft_callbacks.engine.mixed import mixed_forward  # here: mixed.py finds layers through this module
+
+            return mixed_forward(self, x, rows, *args, **kwargs)
+        names = [name for name in self.active_adapters if name not in self.merged_adapters]
+        return self.forward_with(x, names, *args, **kwargs)
+
+    def forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer's output with exactly the adapters ``names`` applied (unmerged ones; none: the base layer)."""
+        adapters = [self.adapters[name] for name in names]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        # an adapter with hooks of its own (an FSDP2 unit: its hooks gather its shards) must be called as a module
+        hooked = adapters[0]._forward_pre_hooks or adapters[0]._forward_hooks
+        if len(adapters) == 1 and not args and not kwargs and not hooked:
+            fused = adapters[0].fused(self, x)
+            if fused is not None:
+                return fused
         inner = x
         for adapter in adapters:
             if adapter.changes_input:
@@ -233,26 +259,30 @@ class AdaptedLayer(PEFTModule):
         if self.merged_adapters:
             raise ValueError(f"Adapters {self.merged_adapters} are merged already; unmerge them first.")
         names = list(self.active_adapters if names is None else names)
-        with torch.no_grad():
+        with full_parameters(self, writeback=True), torch.no_grad():  # sharded tensors: gathered, then written back
             weight, bias = self.merged_weight(names), self.merged_bias(names)
-        check_finite("into this layer", weight)
-        if bias is not None:
-            check_finite("into this layer's bias", bias)
-        write_weight(self.base_layer, weight, bias)
+            check_finite("into this layer", weight)
+            if bias is not None:
+                check_finite("into this layer's bias", bias)
+            before = base_weight(self.base_layer).float()  # tell each adapter the weight it was folded into, in order
+            for name in self.merge_order(names):
+                self.adapters[name].merged(self, before)
+                before = self.adapters[name].merge_into(self, before)
+            write_weight(self.base_layer, weight, bias)
         self.merged_adapters = names
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weight again (float32, cast back once)."""
         if not self.merged_adapters:
             return
-        bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
+        with full_parameters(self, writeback=True), torch.no_grad():
+            bias = getattr(self.base_layer, "bias", None)
             weight = base_weight(self.base_layer).float()
             bias = bias.float() if isinstance(bias, torch.Tensor) else None
             for name in reversed(self.merge_order(self.merged_adapters)):
                 weight = self.adapters[name].unmerge_from(self, weight)
                 bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
-        write_weight(self.base_layer, weight, bias)
+            write_weight(self.base_layer, weight, bias)
         self.merged_adapters = []
 
     # -- the base layer's attributes pass through ---------------------------------------------------------------

@@ -18,6 +18,7 @@ from peft_callbacks.methods.lora.pro import (
     lora_pro_gradients,
     solve_sylvester,
 )
+from peft_callbacks.methods.lora.weighted import add_weighted_adapter
 
 __all__ = [
     "DoRAAdapter",
@@ -30,6 +31,7 @@ __all__ = [
     "LoRAConv1D",
     "LoRALinear",
     "LoRAProAdamW",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "equivalent_gradient",
     "inject_lora",
