@@ -163,7 +163,8 @@ def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None
         added = replay_missing(pl_module, record["recipes"])
         if added:
             log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
-    restore_adapted_layout(pl_module, checkpoint)
+    if isinstance(checkpoint.get("state_dict"), dict):  # sharded strategies load the model state themselves
+        restore_adapted_layout(pl_module, checkpoint)
 
 
 def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) -> list[str]:
