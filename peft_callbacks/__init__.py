@@ -38,18 +38,34 @@ __all__ = [
     "AdapterFileError",
     "BottleneckAdapter",
     "BottleneckConfig",
+    "DistillationCallback",
     "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
     "DoRALinear",
+    "EWCCallback",
+    "ForgettingAwareFinish",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
     "IA3",
     "IA3Config",
+    "L2SPCallback",
     "LayerFreezer",
     "LayerwiseUnfreezing",
+    "LoHaAdapter",
+    "LoHaCallback",
+    "LoHaConfig",
+    "LoHaConv",
+    "LoHaConv1D",
+    "LoHaLinear",
+    "LoKrAdapter",
+    "LoKrCallback",
+    "LoKrConfig",
+    "LoKrConv",
+    "LoKrConv1D",
+    "LoKrLinear",
     "LoRAAdapter",
     "LoRACallback",
     "LoRAConfig",
@@ -58,12 +74,19 @@ __all__ = [
     "LoRALinear",
     "LoRAProAdamW",
     "MethodConfig",
+    "OFTAdapter",
+    "OFTCallback",
+    "OFTConfig",
+    "OFTConv",
+    "OFTConv1D",
+    "OFTLinear",
     "PEFTCallback",
     "ParameterCount",
     "ParameterLoRA",
     "PromptTuningCallback",
     "PromptTuningConfig",
     "RankAllocator",
+    "ReplayCallback",
     "SlimCheckpoint",
     "SoftPrompt",
     "VeRA",
@@ -72,15 +95,22 @@ __all__ = [
     "VisualPromptCallback",
     "VisualPromptConfig",
     "VisualPrompts",
+    "active_adapters",
     "adapter_layers",
+    "adapter_names",
+    "adapters_per_row",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "count_parameters",
+    "delete_adapter",
     "describe_layers",
     "disabled",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
     "freeze_layers",
+    "full_parameters",
+    "gather_state_dict",
     "import_peft",
     "inject",
     "inject_adapters",
@@ -88,19 +118,24 @@ __all__ = [
     "inject_prompt_tuning",
     "inject_visual_prompts",
     "load_adapter",
+    "load_checkpoint",
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
     "merge",
+    "merge_adapter",
     "merge_lora",
     "registered_methods",
     "remove_adapters",
     "remove_prompt_tuning",
     "remove_visual_prompts",
     "save_adapter",
+    "set_adapter",
     "split_layers",
     "unload",
     "unload_lora",
+    "unmerge_adapter",
+    "using_adapter",
 ]
 
 
@@ -120,15 +155,21 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from peft_callbacks.callbacks.adalora import AdaLoRACallback
     from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.checkpoints import load_checkpoint
+    from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
     from peft_callbacks.callbacks.lora import LoRACallback
+    from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
+    from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+    from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.callbacks.vera import VeRACallback
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
+    from peft_callbacks.core.sharding import full_parameters, gather_state_dict
     from peft_callbacks.engine import (
         AdaptedLayer,
         Adapter,
@@ -139,6 +180,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         registered_methods,
         unload,
     )
+    from peft_callbacks.engine.adapters import (
+        active_adapters,
+        adapter_names,
+        delete_adapter,
+        merge_adapter,
+        set_adapter,
+        unmerge_adapter,
+        using_adapter,
+    )
+    from peft_callbacks.engine.mixed import adapters_per_row
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
     from peft_callbacks.methods.adalora import AdaLoRA, AdaLoRAConfig, RankAllocator
@@ -150,6 +201,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_adapters,
     )
     from peft_callbacks.methods.ia3 import IA3, IA3Config
+    from peft_callbacks.methods.loha import LoHaAdapter, LoHaConfig, LoHaConv, LoHaConv1D, LoHaLinear
+    from peft_callbacks.methods.lokr import LoKrAdapter, LoKrConfig, LoKrConv, LoKrConv1D, LoKrLinear
     from peft_callbacks.methods.lora import (
         DoRAAdapter,
         DoRAConv,
@@ -162,6 +215,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoRALinear,
         LoRAProAdamW,
         ParameterLoRA,
+        add_weighted_adapter,
         apply_lora_pro,
         inject_lora,
         lora_disabled,
@@ -170,6 +224,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         merge_lora,
         unload_lora,
     )
+    from peft_callbacks.methods.oft import OFTAdapter, OFTConfig, OFTConv, OFTConv1D, OFTLinear
     from peft_callbacks.methods.prompts import (
         PromptTuningConfig,
         SoftPrompt,

@@ -1,6 +1,6 @@
 """PiSSA / OLoRA (and Gaussian) initialisation of LoRA: the engine's contract on the zoo, exact reloads onto a fresh
 original base (the initial factors are stored), the base left untouched, PEFT export of a randomised PiSSA, bad input.
-Equality with HF PEFT's outputs, merges and directories: ``test_methods_peft_parity.py``."""
+Equality with HF PEFT's outputs, merges and directories: ``test_vera_adalora_peft_parity.py``."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.callbacks.strategies import is_sharding, strategy_kind
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
@@ -82,11 +83,10 @@ class LoRACallback(PEFTCallback):
 
         >>> import lightning as L, torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> from peft_callbacks.demo import ImageClassifier  # any LightningModule; this one wraps a timm model
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model
         >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
         >>> lora = LoRACallback(rank=4)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[lora], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[lora])
         >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> lora.parameter_count.percent < 25
         True
@@ -122,6 +122,23 @@ class LoRACallback(PEFTCallback):
         _check_variants(use_dora, loraplus_lr_ratio, lora_pro, target_parameters)
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        kind = strategy_kind(trainer)
+        if self.lora_pro and is_sharding(trainer):
+            raise ValueError(
+                f"LoRACallback(lora_pro=True) reads the whole of A, B and their gradients at every step, which "
+                f"{type(trainer.strategy).__name__} keeps sharded across processes. Use lora_pro=False (or "
+                f"loraplus_lr_ratio) when sharding, or train with DDP."
+            )
+        if self.loraplus_lr_ratio is not None and kind == "deepspeed":
+            raise ValueError(
+                f"LoRACallback(loraplus_lr_ratio={self.loraplus_lr_ratio:g}) splits the optimizer's param groups when "
+                f"training starts, but DeepSpeed has flattened them by then. Return "
+                f"`loraplus_param_groups(self, lr, ratio={self.loraplus_lr_ratio:g})` (peft_callbacks) from "
+                f"`configure_optimizers` instead and leave loraplus_lr_ratio=None."
+            )
+        super().setup(trainer, pl_module, stage)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.lora_pro or self.loraplus_lr_ratio is not None:

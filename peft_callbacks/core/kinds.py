@@ -35,14 +35,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from peft_callbacks.core.sharding import full_shape, full_tensor, is_sharded, write_full
+
 __all__ = [
     "KIND_NAMES",
     "base_weight",
+    "conv_with_weight",
     "is_custom_layer",
     "is_grouped_conv",
     "is_hf_conv1d",
     "kinds_description",
     "layer_kind",
+    "weight_shape",
     "write_weight",
 ]
 
@@ -112,16 +116,32 @@ def is_custom_layer(module: nn.Module) -> bool:
     return not _PROBED[module]
 
 
+def conv_with_weight(layer: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer``'s convolution (stride, padding and padding mode, dilation, groups) of ``x`` with another ``weight``
+    and no bias: what a weight update ``Δ`` adds to the layer's output, for methods that build ``Δ`` in full.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> _ = torch.manual_seed(0)
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> torch.allclose(conv_with_weight(conv, x, conv.weight) + conv.bias.view(1, 3, 1, 1), conv(x), atol=1e-6)
+        True
+    """
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    else:
+        padding = layer.padding
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(layer.kernel_size)]
+    return conv(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+
+
 def _plain_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(x, delta)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        padding = module.padding
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-    return conv(x, delta, None, module.stride, padding, module.dilation, module.groups)
+    return conv_with_weight(module, x, delta)
 
 
 def _probe_input(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -171,12 +191,31 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it."""
-    return layer.weight
+    weight = layer.weight
+    if is_sharded(weight):  # an FSDP2 shard or a ZeRO-3 partition: every rank gathers it (a collective)
+        return full_tensor(weight)
+    return weight
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The shape of a base layer's full weight, read without gathering a sharded one.
+
+    Example::
+
+        >>> weight_shape(nn.Linear(4, 2))
+        (2, 4)
+    """
+    return tuple(full_shape(layer.weight))
 
 
 def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Replace a base layer's weight (and bias, if given) by ``value`` (usually float32), cast to the stored dtype,
     in place."""
+    if is_sharded(layer.weight):  # each rank keeps its own slice of the full value
+        write_full(layer.weight, value)
+        if bias is not None:
+            write_full(layer.bias, bias)
+        return
     with torch.no_grad():
         layer.weight.copy_(value.to(layer.weight.dtype))
         if bias is not None:

@@ -48,6 +48,21 @@ _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _MAX_LISTED = 12
 SUPPORTED_LAYERS = kinds_description(tuple(KIND_NAMES))
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose parent reads their weight directly and never calls them: an update beside them would never run.
+# (nn.MultiheadAttention.out_proj is caught by its own class, NonDynamicallyQuantizableLinear.)
+_WEIGHT_READ_BY_PARENT = {"MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",)}
+
+
+def _read_by_parent(walk: list[tuple[str, nn.Module]], model: nn.Module) -> set[str]:
+    """Paths of layers that their parent module never calls (see ``_WEIGHT_READ_BY_PARENT``)."""
+    modules = dict(walk)
+    found = set()
+    for path, _ in walk:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules.get(parent_path, model) if parent_path else model
+        if name in _WEIGHT_READ_BY_PARENT.get(type(parent).__name__, ()):
+            found.add(path)
+    return found
 
 
 def is_regex(pattern: str) -> bool:
@@ -102,6 +117,12 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """An adapted layer counts as the layer it wraps, so that a second adapter can go on the same layer."""
+    base = module._modules.get("base_layer") if isinstance(module, PEFTModule) else None
+    return base if base is not None else module
+
+
 def _describe(paths: list[str], modules: dict[str, nn.Module]) -> str:
     shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:_MAX_LISTED])
     return shown + (f", … ({len(paths)} in all)" if len(paths) > _MAX_LISTED else "")
@@ -154,15 +175,17 @@ def resolve_targets(
         for pattern in patterns if isinstance(patterns, list) else []:
             _compile_checked(argument, pattern)
 
-    walk = _walk(model)
+    walk = [(path, _unwrapped(m)) for path, m in _walk(model)]
     modules = dict(walk)
     protected = list(protected)
     default_protected = protected + list(always_protected)
     model_name = type(model).__name__
 
+    never_called = _read_by_parent(walk, model)
+
     def is_supported(path: str) -> bool:
         kind = layer_kind(modules[path])
-        return kind is not None and (kind_filter is None or kind_filter(kind))
+        return kind is not None and path not in never_called and (kind_filter is None or kind_filter(kind))
 
     supported_paths = [p for p, _ in walk if is_supported(p)]
     candidates = [p for p in supported_paths if not in_subtree(p, default_protected)]
@@ -187,14 +210,14 @@ def resolve_targets(
         selection.skipped_grouped = [
             p
             for p, m in walk
-            if (is_grouped_conv(m) or is_custom_layer(m))
+            if (is_grouped_conv(m) or is_custom_layer(m) or p in never_called)
             and not (linear_only and isinstance(m, _PLAIN_CONVS))
             and not in_subtree(p, default_protected)
         ]
         if selection.skipped_grouped:
             log.info(
-                "%s: skipped %d grouped/depthwise convolution(s) or layers with their own forward "
-                "(name them in target_modules to be told why): %s",
+                "%s: skipped %d grouped/depthwise convolution(s), layers with their own forward or layers their "
+                "parent never calls (name them in target_modules to be told why): %s",
                 method,
                 len(selection.skipped_grouped),
                 _listing(selection.skipped_grouped),
@@ -214,6 +237,7 @@ def resolve_targets(
                     method,
                     supported_paths,
                     supported,
+                    never_called,
                 )
             )
         selection.targets = [p for p in supported_paths if p in chosen]
@@ -247,6 +271,7 @@ def _select(
     method: str,
     supported_paths: list[str],
     supported: str,
+    never_called: set[str],
 ) -> set[str]:
     hits = [p for p, _ in walk if path_matches(pattern, p)]
     if not hits:
@@ -254,11 +279,17 @@ def _select(
             f"`target_modules` entry {pattern!r} matched no module in {model_name}; supported layers include: "
             f"{_listing(candidates or supported_paths)}."
         )
-    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]
+    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]  # adapted layers count as their base layer
     if inserted:
         raise ValueError(
             f"`target_modules` entry {pattern!r} matched {_describe(inserted, modules)}, which is already a module "
             f"inserted by peft_callbacks; merge or remove it first."
+        )
+    uncalled = [p for p in hits if p in never_called and p in modules]
+    if uncalled:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} matched {_describe(uncalled, modules)}, which its parent never calls "
+            f"(it reads the weight directly), so a {method} update there would never run or train. Name other layers."
         )
     grouped = [p for p in hits if is_grouped_conv(modules[p]) or is_custom_layer(modules[p])]
     if grouped:

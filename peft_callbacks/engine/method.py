@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.core.kinds import base_weight, kinds_description, layer_kind
+from peft_callbacks.core.kinds import kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -49,6 +50,8 @@ __all__ = [
     "register_method",
     "registered_methods",
 ]
+
+log = logging.getLogger(__name__)
 
 _METHODS: dict[str, Method] = {}
 
@@ -224,9 +227,26 @@ class LayerMethod(Method):
             method=self.title,
             supported=kinds_description(kinds),
         )
+        targets = _once_per_module(model, selection.targets)
         if self.mergeable:
-            _refuse_tied_weights(model, selection.targets, self.title)
-        return selection.targets
+            tied = _tied(model, targets)
+            named = config.target_modules not in (None, "all-linear")
+            if tied and named:
+                path, shared = next(iter(tied.items()))
+                raise ValueError(
+                    f"{self.title} on {path!r}: its weight is the same tensor as {', '.join(map(repr, shared))}'s "
+                    f"(tied weights), so merging the update would change those layers too. Leave it out "
+                    f"(exclude_modules={[path]!r}) or untie the weights before adapting it."
+                )
+            if tied:
+                log.info(
+                    "%s: left out %d layer(s) whose weight is tied to another layer's: %s",
+                    self.title,
+                    len(tied),
+                    ", ".join(list(tied)[:8]),
+                )
+                targets = [p for p in targets if p not in tied]
+        return targets
 
     def check_targets(self, model: nn.Module, targets: list[str]) -> list[str]:
         if not targets:
@@ -314,8 +334,9 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def _device_of(base: nn.Module) -> torch.device:
     """Where a base layer's weight lives (for other modules: their first parameter)."""
-    if layer_kind(base) is not None:
-        return base_weight(base).device
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
     return next(iter(base.parameters()), torch.empty(0)).device
 
 
@@ -327,23 +348,34 @@ def _check_paths(targets: Any) -> list[str] | None:
     return targets
 
 
-def _refuse_tied_weights(model: nn.Module, targets: list[str], title: str) -> None:
-    """A merged update written into a weight shared with another module would change that module too."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+def _once_per_module(model: nn.Module, paths: list[str]) -> list[str]:
+    """The first path of each module object: a module registered under two paths (a layer shared between blocks)
+    is adapted once, and its adapter serves both uses."""
+    seen: set[int] = set()
+    out = []
+    for path in paths:
+        module = model.get_submodule(path)
+        if id(module) not in seen:
+            seen.add(id(module))
+            out.append(path)
+    return out
+
+
+def _tied(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """``{target: [other layers holding the same weight tensor]}``: distinct modules sharing one weight."""
+    owners: dict[int, dict[int, str]] = {}
+    for path, module in model.named_modules():
         weight = module._parameters.get("weight") if not isinstance(module, PEFTModule) else None
         if weight is not None:
-            owners.setdefault(id(weight), []).append(path)
+            owners.setdefault(id(weight), {}).setdefault(id(module), path)
+    tied = {}
     for path in targets:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
-        shared = [p for p in owners.get(id(base._parameters.get("weight")), []) if p != path]
-        if shared:
-            raise ValueError(
-                f"{title} on {path!r}: its weight is the same tensor as {', '.join(repr(p) for p in shared)}'s "
-                f"(tied weights), so merging the update would change {'both' if len(shared) == 1 else 'all of them'}. "
-                f"Leave it out (exclude_modules={[path]!r}) or untie the weights before adapting it."
-            )
+        others = [p for key, p in owners.get(id(base._parameters.get("weight")), {}).items() if key != id(base)]
+        if others:
+            tied[path] = others
+    return tied
 
 
 def register_method(method: Method) -> Method:

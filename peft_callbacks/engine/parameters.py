@@ -173,6 +173,9 @@ class AdaptedParameters(AdaptedLayer):
             state[param] = value
         return state
 
+    def tell_merged(self, names: list[str]) -> None:
+        """Parameter adapters keep no state about the weight they were merged into."""
+
     def write_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, value in tensors.items():

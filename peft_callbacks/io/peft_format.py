@@ -47,6 +47,7 @@ from peft_callbacks.engine.surgery import check_adapter_name
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import atomic_directory, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
+from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
 
 __all__ = ["export_peft", "import_peft"]
@@ -93,15 +94,17 @@ def _modules_to_save(model: nn.Module) -> list[str]:
     return paths
 
 
-def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
+def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
+    """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
     The directory is replaced as a whole (never half-written, see :mod:`peft_callbacks.io.atomic`).
 
     Args:
         model: the model with the adapter injected (unmerged), the same object you would pass to PEFT as its base.
         directory: created if needed.
-        adapter_name: which adapter to export.
+        adapter_name: one adapter's name: that adapter, at the top of ``directory``; ``None`` (every adapter) or a
+            list of names: PEFT's ``save_pretrained`` layout, ``"default"`` at the top and each other adapter in
+            ``directory/<name>`` (:mod:`peft_callbacks.io.peft_adapters`).
 
     Returns:
         The directory.
@@ -119,6 +122,8 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     """
     check_module("model", model)
     check_path("directory", directory)
+    if not isinstance(adapter_name, str):
+        return export_adapters(model, directory, _names("adapter_name", adapter_name))
     check_adapter_name(adapter_name)
     method, layers = _layer_method(model, adapter_name)
     adapters = {path: layer.adapters[adapter_name] for path, layer in layers.items()}
@@ -167,6 +172,12 @@ def _export_layer(method: LayerMethod, path: str, adapter: nn.Module) -> dict[st
     if method.peft.export_layer is not None:
         return method.peft.export_layer(path, adapter)
     return {method.peft.keys.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
+
+
+def _names(argument: str, value: Any) -> list[str] | None:
+    if value is not None and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise TypeError(f"`{argument}` must be an adapter name, a non-empty list of them or None, got {value!r}.")
+    return value
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
@@ -231,8 +242,8 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     return list(adapted), adapted, others
 
 
-def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Inject the adapter HF PEFT saved (``save_pretrained``) in ``directory`` into ``model`` and load its tensors.
+def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
+    """Inject the adapter(s) HF PEFT saved (``save_pretrained``) in ``directory`` into ``model`` and load them.
 
     The targets are the modules that have adapter tensors in the file; ``modules_to_save`` tensors are loaded into
     ``model``'s own modules, which stay trainable. The surgery is recorded as ours, so :func:`save_adapter`, merging
@@ -242,7 +253,8 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     Args:
         model: the base model, freshly built: the same model PEFT was given.
         directory: a PEFT adapter directory.
-        adapter_name: the name the adapter gets here.
+        adapter_name: the name the adapter at the top of ``directory`` gets here; ``None``: every adapter PEFT saved
+            there, the top one as ``"default"`` and each sub-directory's under its name (all or nothing).
 
     Returns:
         ``model``, modified in place.
@@ -262,7 +274,10 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     """
     check_module("model", model)
     check_path("directory", directory)
-    check_adapter_name(adapter_name)
+    found = peft_folders(directory) if adapter_name is None else {}
+    if found and set(found) != {DEFAULT_ADAPTER}:
+        return import_adapters(model, directory)
+    adapter_name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
     folder = Path(directory)
     peft_config = _read_peft_config(folder)
     method = _method_for(peft_config.get("peft_type"), folder / CONFIG_FILE)

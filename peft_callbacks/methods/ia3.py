@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_patterns
-from peft_callbacks.core.kinds import base_weight, layer_kind
+from peft_callbacks.core.kinds import layer_kind, weight_shape
 from peft_callbacks.core.targets import path_matches
 from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig, LayerMethod, PeftMapping, register_method
 
@@ -81,13 +81,13 @@ class IA3(Adapter):
 
     def __init__(self, base_layer: nn.Module, config: IA3Config, feedforward: bool = False) -> None:
         super().__init__(base_layer, config)
-        weight = base_weight(base_layer)
+        weight, full = base_layer.weight, self.weight_shape  # read without gathering a sharded weight
         self.feedforward = self.changes_input = check_bool("feedforward", feedforward)
         if self.kind == "conv":
-            channels = weight.shape[1] if feedforward else weight.shape[0]
-            shape = (1, channels, *([1] * (weight.dim() - 2)))  # (1, C, 1, …) broadcasts over (N, C, …)
+            channels = full[1] if feedforward else full[0]
+            shape = (1, channels, *([1] * (len(full) - 2)))  # (1, C, 1, …) broadcasts over (N, C, …)
         else:
-            out_features, in_features = weight.shape[::-1] if self.kind == "hf_conv1d" else weight.shape
+            out_features, in_features = full[::-1] if self.kind == "hf_conv1d" else full
             shape = (1, in_features) if feedforward else (out_features, 1)
         dtype = weight.dtype if weight.is_floating_point() else None
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
@@ -129,8 +129,8 @@ class IA3(Adapter):
 def _is_feedforward_by_shape(layer: nn.Module) -> bool:
     """Is the layer's input wider than its output (an MLP down-projection)?"""
     base = layer.base_layer if isinstance(layer, AdaptedLayer) else layer
-    weight = base_weight(base)
-    in_features, out_features = (weight.shape if layer_kind(base) == "hf_conv1d" else weight.shape[1::-1])[:2]
+    shape = weight_shape(base)
+    in_features, out_features = (shape if layer_kind(base) == "hf_conv1d" else shape[1::-1])[:2]
     return in_features > out_features
 
 

@@ -27,6 +27,7 @@ from peft_callbacks.methods.lora.pro import (
     lora_pro_gradients,
     solve_sylvester,
 )
+from peft_callbacks.methods.lora.weighted import add_weighted_adapter
 
 __all__ = [
     "DoRAAdapter",
@@ -44,6 +45,7 @@ __all__ = [
     "ResidualLoRAConv",
     "ResidualLoRAConv1D",
     "ResidualLoRALinear",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "equivalent_gradient",
     "inject_lora",

@@ -17,8 +17,8 @@ projection of every block (one regex, read the same way by both libraries).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/methods.py --rounds 8 --repeats 3
-    python benchmarks/methods.py --sizes-only
+    OMP_NUM_THREADS=1 python benchmarks/methods_vera_adalora.py --rounds 8 --repeats 3
+    python benchmarks/methods_vera_adalora.py --sizes-only
 """
 
 from __future__ import annotations
