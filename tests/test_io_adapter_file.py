@@ -250,7 +250,7 @@ def test_nothing_to_save_and_already_adapted(tmp_path, saved):
     with pytest.raises(ValueError, match="nothing to save"):
         save_adapter(plain, tmp_path)
     other = inject_lora(TIMM_MODELS["resnet"]()[0], rank=3)
-    with pytest.raises(AdapterFileError, match="already carries other surgery"):
+    with pytest.raises(AdapterFileError, match=r"already holds adapter\(s\) \[.default.\].*adapter_name="):
         load_adapter(other, saved)
 
 

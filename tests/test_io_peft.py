@@ -79,5 +79,5 @@ def test_unsupported_peft_directories_are_refused(tmp_path):
 
 
 def test_export_needs_lora(tmp_path):
-    with pytest.raises(ValueError, match=r"no adapter 'default' \(`adapter_name`\) to export"):
+    with pytest.raises(ValueError, match=r"holds no adapter to export \(`adapter_name`\)"):
         export_peft(HF_MODELS["bert"]()[0], tmp_path)

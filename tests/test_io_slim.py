@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from peft_callbacks import LoRACallback, SlimCheckpoint
 from peft_callbacks.callbacks.slim import CHECKPOINT_KEY
 from peft_callbacks.io import load_adapter, trained_state
+from peft_callbacks.io.checkpoint import loader_key
 from peft_callbacks.io.slim import SlimCheckpointError
 
 _g = torch.Generator().manual_seed(0)
@@ -71,11 +72,11 @@ def test_fit_resumed_from_a_checkpoint_reaches_the_same_weights(tmp_path, write_
     path = tmp_path / "epoch=0.ckpt"
     checkpoint = torch.load(path, weights_only=False)
     kept = set(checkpoint["state_dict"])
-    if write_slim:
-        assert kept == set(trained_state(first)) and CHECKPOINT_KEY in checkpoint
+    if write_slim:  # the trained tensors, and a key that names the loader for a plain load_from_checkpoint
+        assert kept == {*trained_state(first), loader_key(first)} and CHECKPOINT_KEY in checkpoint
         assert len(kept) < len(first.state_dict()) / 3
-    else:
-        assert kept == set(first.state_dict())
+    else:  # the plain model: base layers with LoRA folded in, under their own keys
+        assert kept == set(Classifier().state_dict())
 
     resumed = Classifier()
     reader = [SlimCheckpoint()] if read_slim else []

@@ -243,11 +243,14 @@ def test_ddp_two_processes_gloo(tmp_path):
     module = ImageClassifier()
     keys = list(module.state_dict())
     lora = LoRACallback(rank=2, save_adapter_to=str(tmp_path / "adapter"))
-    t = trainer(tmp_path, [lora], strategy="ddp_spawn", devices=2, max_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="ddp", every_n_train_steps=2)
+    t = trainer(tmp_path, [lora, checkpoint], strategy="ddp_spawn", devices=2, max_steps=2, enable_checkpointing=True)
     t.fit(module, image_data())
-    # no "unused parameters" error; each rank merged; rank zero alone wrote the adapter file
+    # no "unused parameters" error; each rank merged; rank zero alone wrote the adapter file and the checkpoint
     assert list(module.state_dict()) == keys and not lora_layers(module)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "ddp.ckpt")  # the plain model
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_logged_count_reflects_freezing_done_after_lora(tmp_path):

@@ -345,12 +345,13 @@ def test_callback_dora_trains_merges_and_reloads_its_checkpoint(tmp_path):
     trainer.fit(module, _data(), _data())
     assert isinstance(module.net[0], nn.Linear) and not lora_layers(module)
     merged_loss = trainer.validate(module, _data())[0]["val_loss"]
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
-    assert "net.0.adapters.default.lora_magnitude_vector" in state
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "net.0.weight" in checkpoint["state_dict"]  # the plain model, DoRA folded in; the magnitude beside it
+    assert "net.0.adapters.default.lora_magnitude_vector" in checkpoint["peft_callbacks"]["tensors"]
     reloaded = trainer.validate(module, _data(), ckpt_path=str(tmp_path / "last.ckpt"))[0]["val_loss"]
     assert reloaded == pytest.approx(merged_loss, abs=1e-5)
     assert isinstance(module.net[0], nn.Linear)
-    plain = _trainer(tmp_path, [LoRACallback(rank=2)], max_steps=1)  # DoRA is read from the checkpoint's keys
+    plain = _trainer(tmp_path, [LoRACallback(rank=2)], max_steps=1)  # the plain model loads as it is
     assert plain.validate(_Module(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))[0]["val_loss"] == pytest.approx(
         merged_loss, abs=1e-5
     )

@@ -32,23 +32,14 @@ class AdapterCallback(PEFTCallback):
 
     Example::
 
-        >>> import lightning as L, timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
-        ...                                        depth=2, embed_dim=32, num_heads=2, num_classes=3)
-        ...     def training_step(self, batch, batch_idx):
-        ...         x, y = batch
-        ...         return torch.nn.functional.cross_entropy(self.model(x), y)
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
-        >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> deit = dict(img_size=32, depth=2, embed_dim=32, num_heads=2)  # a tiny DeiT: 2 blocks of width 32
+        >>> module = ImageClassifier("deit_tiny_patch16_224", num_classes=3, model_kwargs=deit)
+        >>> data = random_loader(8, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> adapters = AdapterCallback(bottleneck=4, placement="pfeiffer")
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[adapters], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), data)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[adapters])
+        >>> trainer.fit(module, data)
         >>> adapters.parameter_count.trainable  # 2 adapters x (2*32*4 + 32 + 4) + head 32*3 + 3
         683
     """

@@ -10,6 +10,11 @@ Lightning's ``BitsandbytesPrecision`` plugin replaces the Linear layers later, i
 strategy right before it moves the model to its device, where bitsandbytes quantizes the weights), and patches
 ``torch.nn.Linear`` while ``configure_model`` runs. With that plugin the surgery runs right after ``convert_module``
 instead: it then adapts the plugin's quantized layers, and its own layers are neither replaced nor quantized.
+
+Under sharding strategies (:mod:`peft_callbacks.callbacks.strategies`) the same moment holds: with
+``ModelParallelStrategy`` the user's ``configure_model`` has sharded the model, and the engine shards the new tensors
+alike; ``FSDPStrategy`` and DeepSpeed wrap the model after it. When training ends every rank joins the gathers that
+saving and merging need, and global rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -26,8 +31,16 @@ from lightning.pytorch.plugins.precision import BitsandbytesPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks._validation import check_optional_str
+from peft_callbacks.callbacks.strategies import (
+    check_sharded_setup,
+    full_weights,
+    is_sharding,
+    outside_zero_init,
+    refuse_unbuilt_base,
+)
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
+from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.weights import save_weights
 
@@ -111,6 +124,8 @@ class SurgeryCallback(Callback):
             otherwise; one sub-directory per model (named by its path) when several were adapted.
     """
 
+    creates_tensors = True  # inserts new tensors (not only freezing): refused on a base sharding left without values
+
     def __init__(
         self, module: str | None = None, save_adapter_to: str | None = None, save_merged_to: str | None = None
     ) -> None:
@@ -137,7 +152,7 @@ class SurgeryCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._applied = False
-            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module))
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
             if replaces_layers(trainer):
                 run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._refuse_early_restore())
 
@@ -153,15 +168,23 @@ class SurgeryCallback(Callback):
                 f"run without `ckpt_path`."
             )
 
-    def run_surgery(self, pl_module: nn.Module) -> None:
-        """Find the models inside ``pl_module`` and apply the surgery to each (used by :meth:`setup`)."""
+    def run_surgery(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Find the models inside ``pl_module`` and apply the surgery to each (used by :meth:`setup`); with a
+        ``trainer``, refuse first a base its strategy left without values, and afterwards set-ups it would break on."""
         self.adapted_models = []
         for path, model in find_models(pl_module, self.module):
             if self.is_applied(model):
                 log.info("%s: %s already adapted; continuing with its current weights.", self.name, path or "model")
-            else:
+            elif trainer is None:
                 self.apply(model, path)
+            else:
+                if self.creates_tensors:
+                    refuse_unbuilt_base(trainer, model, self.name)
+                with outside_zero_init(trainer):
+                    self.apply(model, path)
             self.adapted_models.append(path)
+        if trainer is not None:
+            check_sharded_setup(trainer, pl_module, self.name)
         self.parameter_count = count_parameters(pl_module)
         self._applied = True
 
@@ -179,12 +202,15 @@ class SurgeryCallback(Callback):
                 logger.log_metrics(count.as_dict("peft/"), step=0)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_adapter_to and trainer.is_global_zero:
-            save_adapter(pl_module, self.save_adapter_to)
-            rank_zero_info(f"{self.name}: adapter saved to {self.save_adapter_to}")
-        self.finalize(trainer, pl_module)
-        if self.save_merged_to and trainer.is_global_zero:
-            self.save_models(pl_module, self.save_merged_to)
+        with full_weights(trainer):  # FSDP1: the whole model summoned; FSDP2/ZeRO-3 gather layer by layer
+            if self.save_adapter_to and (has_sharded_parameters(pl_module) or trainer.is_global_zero):
+                save_adapter(pl_module, self.save_adapter_to)  # sharded: every rank gathers, rank 0 writes
+                rank_zero_info(f"{self.name}: adapter saved to {self.save_adapter_to}")
+            self.finalize(trainer, pl_module)
+            if self.save_merged_to and (has_sharded_parameters(pl_module) or trainer.is_global_zero):
+                self.save_models(pl_module, self.save_merged_to)
+        if is_sharding(trainer) and (self.save_adapter_to or self.save_merged_to):
+            trainer.strategy.barrier("peft_callbacks_saved")  # no rank reads the files before rank 0 wrote them
 
     def save_models(self, pl_module: nn.Module, directory: str) -> None:
         """Save the full weights of every adapted model (used for ``save_merged_to``)."""

@@ -12,19 +12,20 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, RandomSampler
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
+from peft_callbacks.callbacks.base_task import BaseLoader, check_heads, check_sources, resolve_loader
+from peft_callbacks.callbacks.base_task import named_source as _named_source  # noqa: F401 - kept importable here
+from peft_callbacks.forgetting.continual import TaskMatrix
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
-from peft_callbacks.forgetting.plot import write_forgetting_plot
-from peft_callbacks.forgetting.scoring import BaseTaskScorer
+from peft_callbacks.forgetting.plot import write_forgetting_plot, write_tasks_plot
+from peft_callbacks.forgetting.scoring import BaseTaskScorer, weights_version
 from peft_callbacks.forgetting.tracker import ForgettingTracker
 
 log = logging.getLogger(__name__)
 
-BaseLoader = DataLoader | pl.LightningDataModule | Callable[[], Iterable] | str
+_NO_SHUFFLE = "drift and `limit_batches` compare the same batches at every evaluation"
 
 
 class ForgettingMonitor(Callback):
@@ -38,6 +39,15 @@ class ForgettingMonitor(Callback):
     ``feature_cosine``); a summary table is logged at the end and a learn-vs-forget PNG (``forgetting.png``) is
     written to the logger's directory. Baseline and history are saved in checkpoints, so a resumed run keeps its
     baseline. With several processes each scores a share of the base batches and torchmetrics sums the states.
+
+    **Several base tasks, sequential fine-tunes.** ``dataloader`` may be a dict ``{task name: loader or method
+    name}``, listing the tasks in the order they are learned. Every task is scored at each evaluation (logged under
+    ``forgetting/<task>/…``), and at the end of each fit a row of the accuracy matrix is recorded, with the average
+    accuracy and the backward transfer (BWT) as Avalanche defines them (:mod:`peft_callbacks.forgetting.continual`;
+    ``forgetting/average_<metric>``, ``forgetting/bwt``). Reuse one monitor for fits one after the other and set
+    ``monitor.task = "<name>"`` before the fit that trains task ``<name>`` (``None``, the default: a task outside
+    the dict, so every task of the dict is a base task learned before). ``base_head`` may then be a dict too (task
+    name → original head; tasks missing from it are scored through the current head). ``matrix`` holds the rows.
 
     **From YAML** (LightningCLI) the base set is named rather than built: ``dataloader: base_dataloader`` names a
     method or attribute of the LightningModule or of the trainer's DataModule that returns the loader, and
@@ -53,11 +63,13 @@ class ForgettingMonitor(Callback):
     Args:
         dataloader: the held-out base-task set: a ``DataLoader``, a ``LightningDataModule`` (its val, else test
             loader), a callable returning a loader, or the name of a LightningModule / DataModule method or
-            attribute that returns one. It must not shuffle (drift compares batch by batch).
+            attribute that returns one. It must not shuffle (drift compares batch by batch). A dict of them, keyed
+            by task name, monitors several tasks (see above).
         metric: ``"accuracy"``, ``"f1"`` (macro), ``"loss"``, ``"perplexity"``, a ``torchmetrics.Metric`` (called as
             ``update(logits, labels)``, reset before each evaluation) or ``None`` for label-free drift only.
         base_head: the original head when fine-tuning replaced it: a module, the whole original model, or a path
             to a saved state dict. The base task is then scored through current backbone → frozen original head.
+            With several tasks, a dict of them keyed by task name.
         forward_fn: ``forward_fn(pl_module, batch) -> logits`` for batches or models the defaults cannot read.
         module: dotted path of the model inside the LightningModule when it holds several.
         num_classes: base-task classes for accuracy/F1; read from the (base) head when ``None``.
@@ -79,30 +91,21 @@ class ForgettingMonitor(Callback):
 
     Example::
 
-        >>> import lightning as L, timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
-        >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> data = random_loader(8, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> monitor = ForgettingMonitor(dataloader=data, metric="accuracy", plot=False)
-        >>> trainer = L.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), data)
+        >>> trainer = quiet_trainer(max_epochs=2, callbacks=[monitor])
+        >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> [row["epoch"] for row in monitor.history], monitor.latest["kl_to_baseline"] > 0
         ([0, 1, 2], True)
     """
 
     def __init__(
         self,
-        dataloader: BaseLoader,
+        dataloader: BaseLoader | dict[str, BaseLoader],
         metric: Literal["accuracy", "f1", "loss", "perplexity"] | Metric | None = "accuracy",
-        base_head: nn.Module | str | None = None,
+        base_head: nn.Module | str | dict[str, nn.Module | str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
         module: str | None = None,
         num_classes: int | None = None,
@@ -118,9 +121,9 @@ class ForgettingMonitor(Callback):
         plot_dir: str | None = None,
         prefix: str = "forgetting",
     ) -> None:
-        self.dataloader = _check_dataloader(dataloader)
+        self.dataloader = check_sources(dataloader)
         self.metric = check_metric(metric)
-        self.base_head = _check_base_head(base_head)
+        self.base_head = check_heads(base_head, self.tasks)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"`forward_fn` must be a callable(pl_module, batch) or None, got {forward_fn!r}.")
         self.forward_fn = forward_fn
@@ -140,14 +143,24 @@ class ForgettingMonitor(Callback):
         self.plot_dir = check_optional_str("plot_dir", plot_dir)
         self.prefix = check_optional_str("prefix", prefix) or "forgetting"
         self.tracker = ForgettingTracker()
+        self.matrix: TaskMatrix | None = None if self.tasks is None else TaskMatrix(self.tasks)
+        self.task: str | None = None
         self.stop_reason: str | None = None
         self.plot_path: str | None = None
-        self._reference: dict | None = None
-        self._scorer: BaseTaskScorer | None = None
-        self._loader: Iterable | None = None
+        self._rows: list[dict[str, Any]] = []  # evaluations of several tasks
+        self._fit_index = 0
+        self._version: int | None = None
+        self._references: dict[str | None, dict | None] = {}
+        self._scorers: dict[str | None, BaseTaskScorer] = {}
+        self._loaders: dict[str | None, Iterable] = {}
         self._world_size = 1
 
     # -- results ------------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str] | None:
+        """The monitored task names (``None`` for a single base set)."""
+        return list(self.dataloader) if isinstance(self.dataloader, dict) else None
+
     @property
     def metric_name(self) -> str:
         if isinstance(self.metric, Metric):
@@ -160,38 +173,61 @@ class ForgettingMonitor(Callback):
 
     @property
     def baseline(self) -> float | None:
-        """The base-task metric before any training step."""
+        """The base-task metric before any training step (with several tasks: their average then)."""
+        if self.tasks is not None:
+            return self._rows[0]["value"] if self._rows else None
         return self.tracker.baseline
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every evaluation: ``epoch``, ``step``, ``value``, ``forgetting``, ``relative_drop_percent``, …"""
-        return self.tracker.history
+        """Every evaluation: ``epoch``, ``step``, ``value``, ``forgetting``, ``relative_drop_percent``, …
+
+        With several tasks each row holds ``tasks`` (per task ``value``, ``forgetting``, drift), ``value`` (their
+        average over the tasks learned so far) and ``forgetting`` (the largest)."""
+        return self._rows if self.tasks is not None else self.tracker.history
 
     @property
     def latest(self) -> dict[str, Any] | None:
-        return self.tracker.latest
+        return self.history[-1] if self.history else None
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._loader = self._resolve_loader(trainer, pl_module)
+        if trainer.strategy.restore_checkpoint_after_setup:
+            return  # FSDP, DeepSpeed and FSDP2 restore a checkpoint after on_fit_start: start once it is loaded
+        self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._scorers:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._world_size = trainer.world_size
-        self._scorer = BaseTaskScorer(
-            pl_module,
-            metric=self.metric,
-            base_head=self.base_head,
-            forward_fn=self.forward_fn,
-            module=self.module,
-            num_classes=self.num_classes,
-            limit_batches=self.limit_batches,
-            drift=self.drift,
-        )
+        sources = self.dataloader if self.tasks is not None else {None: self.dataloader}
+        heads = self.base_head if isinstance(self.base_head, dict) else {name: self.base_head for name in sources}
+        self._loaders = {name: self._resolve_loader(trainer, pl_module, src, name) for name, src in sources.items()}
+        self._scorers = {
+            name: BaseTaskScorer(
+                pl_module,
+                metric=self.metric,
+                base_head=heads.get(name),
+                forward_fn=self.forward_fn,
+                module=self.module,
+                num_classes=self.num_classes,
+                limit_batches=self.limit_batches,
+                drift=self.drift,
+            )
+            for name in sources
+        }
         if self.metric is not None:
             spec = self.metric if isinstance(self.metric, Metric) else None
             self.tracker.higher_is_better = self.metric in ("accuracy", "f1") or (
                 spec is not None and higher_is_better(spec)
             )
-        if self.tracker.history:
+            if self.matrix is not None:
+                self.matrix.higher_is_better = self.tracker.higher_is_better
+        if self.tasks is not None:
+            self._fit_start_tasks(trainer, pl_module)
+        elif self.tracker.history:
             self._restore_reference(trainer)
             rank_zero_info(f"ForgettingMonitor: resumed; keeping the baseline {self.metric_name}={self.baseline}.")
         else:
@@ -201,6 +237,16 @@ class ForgettingMonitor(Callback):
                     "taken on the restored model, not on the original one."
                 )
             self._evaluate(trainer, pl_module, epoch=0)
+
+    def _fit_start_tasks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.task is not None and self.task not in self.tasks:
+            raise ValueError(f"`task`={self.task!r} is not one of the monitored tasks {self.tasks}.")
+        self._restore_reference(trainer)
+        if trainer.ckpt_path and self._rows:
+            rank_zero_info(f"ForgettingMonitor: resumed; keeping the accuracy matrix ({len(self.matrix.rows)} rows).")
+            return
+        self._fit_index = len(self.matrix.rows) - 1 if self.matrix.rows else 0
+        self._evaluate(trainer, pl_module, epoch=0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not self._evaluated_now(trainer):
@@ -217,27 +263,45 @@ class ForgettingMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._evaluated_now(trainer):
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
-        table = self.tracker.summary_table(self.metric_name)
+        elif weights_version(pl_module) != self._version:  # changed since, at the same step: a merge, the finish
+            self.history.pop()
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+        if self.tasks is not None:
+            self._end_of_fit_row(trainer)
+            table = self.matrix.summary_table(self.metric_name)
+        else:
+            table = self.tracker.summary_table(self.metric_name)
         rank_zero_info(f"ForgettingMonitor {self.prefix!r} ({self.metric_name}):\n{table}")
         if self.plot:
             folder = self.plot_dir or trainer.log_dir or "."  # log_dir broadcasts: every rank asks
             if trainer.is_global_zero:
-                self.plot_path = write_forgetting_plot(
-                    self.history, os.path.join(folder, f"{self.prefix}.png"), self.metric_name, self.val_metric
-                )
+                path = os.path.join(folder, f"{self.prefix}.png")
+                if self.tasks is not None:
+                    self.plot_path = write_tasks_plot(self._rows, path, self.metric_name, self.val_metric, self.tasks)
+                else:
+                    self.plot_path = write_forgetting_plot(self.history, path, self.metric_name, self.val_metric)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._scorer is not None:
-            self._reference = self._scorer.reference
-        self._scorer, self._loader = None, None  # do not keep the model alive through the callback
+        if self._scorers:
+            self._references = {name: scorer.reference for name, scorer in self._scorers.items()}
+        self._scorers, self._loaders = {}, {}  # do not keep the model alive through the callback
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _evaluated_now(self, trainer: pl.Trainer) -> bool:
-        return bool(self.history) and self.latest["step"] == trainer.global_step
+        latest = self.latest
+        return bool(latest) and latest["step"] == trainer.global_step and latest.get("fit", 0) == self._fit_index
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        score = self._scorer.score(self._loader, rank=trainer.global_rank, world_size=trainer.world_size)
-        self._reference = self._scorer.reference
+        self._version = weights_version(pl_module)
+        scores = {
+            name: scorer.score(self._loaders[name], rank=trainer.global_rank, world_size=trainer.world_size)
+            for name, scorer in self._scorers.items()
+        }
+        self._references = {name: scorer.reference for name, scorer in self._scorers.items()}
+        if self.tasks is not None:
+            self._evaluate_tasks(trainer, scores, epoch)
+            return
+        score = scores[None]
         row = self.tracker.record(
             score.value,
             epoch=epoch,
@@ -248,6 +312,28 @@ class ForgettingMonitor(Callback):
         )
         self._log(trainer, row)
         self._check_threshold(trainer, row)
+
+    def _evaluate_tasks(self, trainer: pl.Trainer, scores: dict, epoch: int) -> None:
+        if not self.matrix.rows:
+            self.matrix.record({n: s.value for n, s in scores.items()}, trained=None)  # the start row
+        row = self.matrix.evaluation({n: s.value for n, s in scores.items()}, training=self.task)
+        for name, score in scores.items():
+            row["tasks"][name].update(kl_to_baseline=score.kl_to_baseline, feature_cosine=score.feature_cosine)
+        row.update(fit=self._fit_index, epoch=epoch, step=trainer.global_step, val_metric=self._val_metric(trainer))
+        self._rows.append(row)
+        figures = {"average_" + self.metric_name: row["value"], "max_forgetting": row["forgetting"]}
+        for name, task in row["tasks"].items():
+            figures[f"{name}/base_{self.metric_name}"] = task["value"]
+            figures.update({f"{name}/{k}": task[k] for k in ("forgetting", "kl_to_baseline", "feature_cosine")})
+        self._log_figures(trainer, figures)
+        measured = {name: self._measured(task) for name, task in row["tasks"].items()}
+        worst = max(measured, key=lambda name: -1.0 if measured[name] is None else measured[name])
+        self._check_threshold(trainer, {**row["tasks"][worst], "task": worst})
+
+    def _end_of_fit_row(self, trainer: pl.Trainer) -> None:
+        values = {name: task["value"] for name, task in self.latest["tasks"].items()}
+        self.matrix.record(values, trained=self.task)
+        self._log_figures(trainer, {"average_" + self.metric_name: self.matrix.average(), "bwt": self.matrix.bwt()})
 
     def _val_metric(self, trainer: pl.Trainer) -> float | None:
         metrics = trainer.callback_metrics
@@ -266,19 +352,31 @@ class ForgettingMonitor(Callback):
             "kl_to_baseline": row["kl_to_baseline"],
             "feature_cosine": row["feature_cosine"],
         }
+        self._log_figures(trainer, figures)
+
+    def _log_figures(self, trainer: pl.Trainer, figures: dict[str, float | None]) -> None:
         figures = {f"{self.prefix}/{k}": float(v) for k, v in figures.items() if v is not None}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(figures, step=trainer.global_step)
 
+    def _measured(self, row: dict[str, Any]) -> float | None:
+        return row["relative_drop_percent"] if self.relative else row["forgetting"]
+
     def _check_threshold(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
-        measured = row["relative_drop_percent"] if self.relative else row["forgetting"]
+        measured = self._measured(row)
         if self.max_forgetting is None or measured is None or measured <= self.max_forgetting:
             return
         unit = "%" if self.relative else ""
+        task = f" {row['task']!r}" if row.get("task") is not None else ""
+        if row.get("task") is not None:
+            reference = self.matrix.rows[self.matrix.reference_row(row["task"], training=self.task)]
+            start = f"{reference['values'][row['task']]:.4f} ({reference['label']})"
+        else:
+            start = f"{self.baseline:.4f} (baseline)"
         message = (
-            f"ForgettingMonitor: base-task {self.metric_name} went from {self.baseline:.4f} (baseline) to "
+            f"ForgettingMonitor: base-task{task} {self.metric_name} went from {start} to "
             f"{row['value']:.4f} at epoch {trainer.current_epoch}, step {trainer.global_step}: "
             f"{'relative drop' if self.relative else 'forgetting'} {measured:.4f}{unit} > "
             f"max_forgetting={self.max_forgetting}{unit}."
@@ -291,97 +389,64 @@ class ForgettingMonitor(Callback):
             rank_zero_warn(message)
 
     # -- the base-task loader -----------------------------------------------------------------------------------
-    def _resolve_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable:
-        source = self.dataloader
-        if isinstance(source, str):
-            source = _named_source(source, pl_module, trainer.datamodule)
-        if isinstance(source, pl.LightningDataModule):
-            source = _datamodule_loader(source, trainer)
-        elif callable(source) and not isinstance(source, Iterable):
-            source = source()
-        if not isinstance(source, Iterable) or isinstance(source, (str, torch.Tensor)):
-            raise TypeError(
-                f"`dataloader` of ForgettingMonitor resolved to {type(source).__name__}, not an iterable of batches "
-                f"(a DataLoader)."
-            )
-        if isinstance(getattr(source, "sampler", None), RandomSampler) and (self.drift or self.limit_batches):
-            raise ValueError(
-                "The base-task `dataloader` of ForgettingMonitor shuffles; drift and `limit_batches` compare the same "
-                "batches at every evaluation, so build it with shuffle=False."
-            )
-        return source
+    def _resolve_loader(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Any, name: str | None
+    ) -> Iterable:
+        return resolve_loader(
+            source,
+            trainer,
+            pl_module,
+            owner="ForgettingMonitor",
+            argument="dataloader" if name is None else f"dataloader[{name!r}]",
+            no_shuffle_reason=_NO_SHUFFLE if self.drift or self.limit_batches else None,
+        )
 
     # -- state --------------------------------------------------------------------------------------------------
     def _restore_reference(self, trainer: pl.Trainer) -> None:
-        if self.drift and self._reference is not None and trainer.world_size == 1:
-            self._scorer.reference = self._reference
-        elif self.drift:
+        saved = {name: ref for name, ref in self._references.items() if ref is not None}
+        if self.drift and saved and trainer.world_size == 1:
+            for name, scorer in self._scorers.items():
+                if saved.get(name) is not None:
+                    scorer.reference = saved[name]
+        elif self.drift and (self.tracker.history or self._rows):
             rank_zero_info("ForgettingMonitor: drift reference not restorable here; it is re-taken at the next check.")
 
     def state_dict(self) -> dict[str, Any]:
         # each process caches the outputs of its own batches: only a single-process reference can be restored
-        reference = self._scorer.reference if self._scorer is not None else self._reference
-        return {
+        references = (
+            {name: s.reference for name, s in self._scorers.items()} if self._scorers else dict(self._references)
+        )
+        state = {
             "tracker": self.tracker.state_dict(),
             "metric_name": self.metric_name,
             "val_metric": self.val_metric,
             "stop_reason": self.stop_reason,
-            "drift_reference": reference if self._world_size == 1 else None,
+            "drift_reference": references.get(None) if self._world_size == 1 else None,
         }
+        if self.tasks is not None:
+            state["tasks"] = {
+                "matrix": self.matrix.state_dict(),
+                "history": [dict(r) for r in self._rows],
+                "task": self.task,
+                "fit_index": self._fit_index,
+                "drift_references": references if self._world_size == 1 else {},
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self.val_metric = self.val_metric or state_dict.get("val_metric")
         self.stop_reason = state_dict.get("stop_reason")
-        self._reference = state_dict.get("drift_reference")
+        self._references = {None: state_dict.get("drift_reference")}
+        tasks = state_dict.get("tasks")
+        if tasks and self.matrix is not None:
+            self.matrix.load_state_dict(tasks.get("matrix", {}))
+            self._rows = [dict(r) for r in tasks.get("history", [])]
+            self.task = tasks.get("task", self.task)
+            self._fit_index = tasks.get("fit_index", 0)
+            self._references = dict(tasks.get("drift_references") or {})
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_scorer"], state["_loader"] = None, None
+        state["_scorers"], state["_loaders"] = {}, {}
         return state
-
-
-def _check_dataloader(value: Any) -> Any:
-    if isinstance(value, str):
-        return check_optional_str("dataloader", value)
-    if isinstance(value, (list, tuple)) and not value:
-        raise ValueError("`dataloader` is an empty list: the base-task set needs at least one batch.")
-    is_loader = isinstance(value, (Iterable, pl.LightningDataModule)) and not isinstance(
-        value, (dict, set, torch.Tensor)
-    )
-    if is_loader or callable(value):
-        return value
-    raise TypeError(
-        f"`dataloader` must be a DataLoader, a LightningDataModule, a callable returning a loader, or the name of a "
-        f"LightningModule/DataModule method or attribute; got {type(value).__name__} {value!r}."
-    )
-
-
-def _check_base_head(value: Any) -> nn.Module | str | None:
-    if value is None or isinstance(value, nn.Module):
-        return value
-    if isinstance(value, str):
-        if not os.path.isfile(value):
-            raise ValueError(f"`base_head`={value!r} is not a file; pass a saved state dict (.pt/.ckpt/.safetensors).")
-        return value
-    raise TypeError(f"`base_head` must be an nn.Module, a path to a state dict or None, got {type(value).__name__}.")
-
-
-def _named_source(name: str, pl_module: pl.LightningModule, datamodule: Any) -> Any:
-    for owner in (pl_module, datamodule):
-        if owner is not None and hasattr(owner, name):
-            value = getattr(owner, name)
-            return value() if callable(value) and not isinstance(value, Iterable) else value
-    owners = type(pl_module).__name__ + (f" or {type(datamodule).__name__}" if datamodule is not None else "")
-    raise ValueError(f"`dataloader`={name!r} names no method or attribute of {owners}.")
-
-
-def _datamodule_loader(datamodule: pl.LightningDataModule, trainer: pl.Trainer) -> Iterable:
-    for stage, hook in (("validate", "val_dataloader"), ("test", "test_dataloader")):
-        if is_overridden(hook, datamodule):
-            if datamodule is not trainer.datamodule:
-                datamodule.setup(stage)
-            return getattr(datamodule, hook)()
-    raise ValueError(
-        f"`dataloader` is a {type(datamodule).__name__} with neither `val_dataloader` nor `test_dataloader`."
-    )

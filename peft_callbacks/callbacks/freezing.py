@@ -19,15 +19,20 @@ the unfreezing param groups in the checkpoint and restores them on resume. What 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks.finetuning import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_patterns
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model
+from peft_callbacks.callbacks.strategies import remove_load_hooks, run_before_checkpoint_load, strategy_kind
 from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.freezing.freeze import FreezeSpec, LayerFreezer, freeze_layers, resolve_freeze
@@ -41,6 +46,8 @@ _RUNTIME = ("freezers", "_schedulers")
 
 class _FreezingCallback(SurgeryCallback, BaseFinetuning):
     """Shared mechanics: freeze after all other surgery, prune the optimizer, unfreeze on schedule, resume."""
+
+    creates_tensors = False
 
     def __init__(self, *, train_bn: bool, module: str | None) -> None:
         SurgeryCallback.__init__(self, module=module)
@@ -63,10 +70,13 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise NotImplementedError(f"{self.name} does not support the DeepSpeed strategy.")
+        if strategy_kind(trainer) == "deepspeed" and type(self).due is not _FreezingCallback.due:
+            raise ValueError(
+                f"{self.name} adds param groups to the optimizer while training, but DeepSpeed flattens the "
+                f"optimizer's param groups once, when training starts, so groups added later never train. With "
+                f"DeepSpeed use FreezeBackbone (the frozen set and the groups stay fixed), or train with "
+                f"ModelParallelStrategy (FSDP2) or DDP for an unfreezing schedule."
+            )
         others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _FreezingCallback) and c is not self]
         if others:
             raise ValueError(
@@ -77,11 +87,16 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self.freezers = {}
         self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
         self._restarting = False
+        self._saved_frozen = None
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP, DeepSpeed and FSDP2 load the optimizer state after on_fit_start, into the groups they find: put
+            # back the frozen set and the param groups from this callback's saved state just before that
+            run_before_checkpoint_load(trainer.strategy, lambda path: self._restore_before_load(trainer, path))
 
         # Scheduling from inside a scheduled surgery appends to the list being run, so the freezing runs after the
         # surgery every other callback scheduled on configure_model (LoRA, adapters), whatever the callback order.
         def schedule_last() -> None:
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module))
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module, trainer))
 
         run_after_configure_model(pl_module, schedule_last)
 
@@ -100,11 +115,22 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self._schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         frozen = [p for freezer in self.freezers.values() for p in freezer.frozen_parameters()]
         for optimizer in trainer.optimizers:
-            if not restoring:
-                remove_parameters(optimizer, frozen)
+            if not restoring and strategy_kind(trainer) != "deepspeed":  # DeepSpeed's groups are fixed; it skips
+                remove_parameters(optimizer, frozen)  # frozen tensors itself
             extend_schedulers(optimizer, self._schedulers)
         self.parameter_count = count_parameters(pl_module)
         SurgeryCallback.on_fit_start(self, trainer, pl_module)
+
+    def _restore_before_load(self, trainer: pl.Trainer, path: str | os.PathLike) -> None:
+        state = saved_callback_state(path, self.state_key)
+        if state is None:
+            return
+        self.load_state_dict(state)
+        self._restore_frozen(self._saved_frozen or {})
+        self._saved_frozen = None
+        BaseFinetuning.on_fit_start(self, trainer, trainer.lightning_module)  # the saved param groups
+        for optimizer in trainer.optimizers:
+            extend_schedulers(optimizer, self._schedulers)
 
     def _restore_frozen(self, saved: dict[str, list[int]]) -> None:
         for path, freezer in self.freezers.items():
@@ -118,7 +144,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         for path, freezer in self.freezers.items():
             for indices, scale in self.due(freezer, epoch):
                 params = freezer.unfreeze(indices)
-                names = ", ".join(freezer.layers[i].name for i in indices)
+                names = "; ".join(f"layer {i}: {freezer.layers[i].name}" for i in indices)  # one entry per layer
                 add_param_group(
                     optimizer, params, scale, name=f"{path or 'model'}: {names}", schedulers=self._schedulers
                 )
@@ -141,6 +167,7 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         SurgeryCallback.teardown(self, trainer, pl_module, stage)
+        remove_load_hooks(trainer.strategy)
         self.finalize(trainer, pl_module)  # a no-op after on_train_end; after an exception, puts the model back
         self.freezers = {}
         self._schedulers = []
@@ -174,6 +201,25 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self.__dict__.update(state)
         self.freezers = {}
         self._schedulers = []
+
+
+def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:
+    """A callback's state in a Lightning checkpoint (a file, or a sharded checkpoint's ``meta.pt``), or ``None``.
+
+    Example::
+
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
+        >>> torch.save({"callbacks": {"FreezeBackbone": {"frozen": {"": [0]}}}}, path)
+        >>> saved_callback_state(path, "FreezeBackbone"), saved_callback_state(path, "Other")
+        ({'frozen': {'': [0]}}, None)
+    """
+    folder = Path(path)
+    file = folder / _METADATA_FILENAME if folder.is_dir() else folder
+    if not file.is_file():
+        return None
+    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=not folder.is_dir())
+    return (checkpoint.get("callbacks") or {}).get(key)
 
 
 def _check_freeze(freeze: FreezeSpec) -> FreezeSpec:
@@ -213,21 +259,12 @@ class FreezeBackbone(_FreezingCallback):
 
     Example::
 
-        >>> import lightning as L, timm, torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Classifier(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
-        ...     def training_step(self, batch, batch_idx):
-        ...         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
-        >>> data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))), batch_size=4)
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> data = random_loader(4, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> callback = FreezeBackbone(freeze=4)  # stem, layer1, layer2, layer3
-        >>> trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(Classifier(), data)
+        >>> trainer = quiet_trainer(max_steps=1, callbacks=[callback])
+        >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> callback.parameter_count.percent > 50  # layer4 and fc hold most of the weights
         True
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.callbacks.strategies import is_sharding, strategy_kind
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
@@ -17,8 +19,13 @@ from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
 log = logging.getLogger(__name__)
 
 
-def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool) -> None:
+def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool, target_parameters: Any) -> None:
     """Reject combinations of LoRA variants that contradict each other."""
+    if lora_pro and target_parameters:
+        raise ValueError(
+            f"`lora_pro=True` cannot be combined with `target_parameters={target_parameters!r}`: LoRA-Pro's gradients "
+            f"are derived for one B·A per layer, not for per-expert factors. Choose one of them."
+        )
     if lora_pro and use_dora:
         raise ValueError(
             "`lora_pro=True` cannot be combined with `use_dora=True`: LoRA-Pro's gradients are derived for "
@@ -60,6 +67,12 @@ class LoRACallback(PEFTCallback):
         merge_on_train_end: fold LoRA into the base weights when training ends.
         use_rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA).
         use_dora: DoRA layers (a trainable magnitude per output unit, :mod:`peft_callbacks.methods.lora.dora`).
+        init: how the factors start, as HF PEFT's ``init_lora_weights``: ``"default"``, ``"gaussian"``, or from the
+            base weight, which then acts as the residual: ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``
+            (:mod:`peft_callbacks.methods.lora.init`).
+        target_parameters: parameters to adapt directly, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` for
+            the fused expert weights of mixture-of-experts blocks (one ``A``, ``B`` per expert,
+            :mod:`peft_callbacks.methods.lora.params`); with ``target_modules=None`` only these are adapted.
         loraplus_lr_ratio: LoRA+: ``lora_B`` trains at this many times the learning rate of its param group
             (the paper suggests 16); the configured optimizer's groups and schedulers are split at ``on_fit_start``.
             ``None`` keeps one learning rate.
@@ -79,11 +92,10 @@ class LoRACallback(PEFTCallback):
 
         >>> import lightning as L, torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> from peft_callbacks.demo import ImageClassifier  # any LightningModule; this one wraps a timm model
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model
         >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
         >>> lora = LoRACallback(rank=4)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[lora], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[lora])
         >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> lora.parameter_count.percent < 25
         True
@@ -102,6 +114,8 @@ class LoRACallback(PEFTCallback):
         merge_on_train_end: bool = True,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init: str = "default",
+        target_parameters: str | list[str] | None = None,
         loraplus_lr_ratio: float | None = None,
         lora_pro: bool = False,
         save_adapter_to: str | None = None,
@@ -118,9 +132,26 @@ class LoRACallback(PEFTCallback):
             loraplus_lr_ratio = check_positive_float("loraplus_lr_ratio", loraplus_lr_ratio)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.lora_pro = check_bool("lora_pro", lora_pro)
-        _check_variants(use_dora, loraplus_lr_ratio, lora_pro)
+        _check_variants(use_dora, loraplus_lr_ratio, lora_pro, target_parameters)
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        kind = strategy_kind(trainer)
+        if self.lora_pro and is_sharding(trainer):
+            raise ValueError(
+                f"LoRACallback(lora_pro=True) reads the whole of A, B and their gradients at every step, which "
+                f"{type(trainer.strategy).__name__} keeps sharded across processes. Use lora_pro=False (or "
+                f"loraplus_lr_ratio) when sharding, or train with DDP."
+            )
+        if self.loraplus_lr_ratio is not None and kind == "deepspeed":
+            raise ValueError(
+                f"LoRACallback(loraplus_lr_ratio={self.loraplus_lr_ratio:g}) splits the optimizer's param groups when "
+                f"training starts, but DeepSpeed has flattened them by then. Return "
+                f"`loraplus_param_groups(self, lr, ratio={self.loraplus_lr_ratio:g})` (peft_callbacks) from "
+                f"`configure_optimizers` instead and leave loraplus_lr_ratio=None."
+            )
+        super().setup(trainer, pl_module, stage)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.lora_pro or self.loraplus_lr_ratio is not None:

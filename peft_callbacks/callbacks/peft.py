@@ -25,15 +25,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_conversion, run_after_hook
+from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
+from peft_callbacks.callbacks.strategies import strategy_kind
 from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.params import unfreeze_batchnorm_stats
 from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.core.sharding import full_tensor
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
+from peft_callbacks.engine.adapters import adapter_names, set_adapter
 from peft_callbacks.engine.precision import check_dtype
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
 from peft_callbacks.io.adapter_file import save_adapter
+from peft_callbacks.io.checkpoint import read_record
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +83,10 @@ class PEFTCallback(SurgeryCallback):
         >>> import lightning as L, torch
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from peft_callbacks import LoRAConfig
-        >>> from peft_callbacks.demo import ImageClassifier  # any LightningModule; this one wraps a timm model
+        >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model
         >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
         >>> callback = PEFTCallback(LoRAConfig(rank=4))
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[callback])
         >>> trainer.fit(ImageClassifier("test_resnet", num_classes=3), data)
         >>> callback.parameter_count.percent < 25
         True
@@ -146,7 +150,7 @@ class PEFTCallback(SurgeryCallback):
         apply_batchnorm_rule(model, self.config)  # a second fit on the same module: BatchNorm frozen as in the first
         return True
 
-    def run_surgery(self, pl_module: nn.Module) -> None:
+    def run_surgery(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
         needs_dtype = self.save_merged_to and self.merged_dtype is None and self._merges()
         if needs_dtype and quantized.holds_quantized(pl_module):
             raise ValueError(
@@ -155,11 +159,22 @@ class PEFTCallback(SurgeryCallback):
                 f"from the dequantized weights. Without it the adapter stays unmerged (rounding the merge back into "
                 f"the quantized weights would lose most of the update); use `save_adapter_to` for it."
             )
-        super().run_surgery(pl_module)
+        super().run_surgery(pl_module, trainer)
         self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
+        for _, model in find_models(pl_module, self.module):
+            if len(adapter_names(model)) > 1:  # another task's adapter is kept, inactive and frozen, while this trains
+                set_adapter(model, self.adapter_name)
+
+    def _other_adapters(self, pl_module: nn.Module) -> list[str]:
+        return [n for n in adapter_names(pl_module) if n != self.adapter_name]
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._merges():
+        others = self._other_adapters(pl_module) if self._merges() else []
+        if others:
+            rank_zero_info(
+                f"{self.name}: the model also holds adapters {others}; {self.adapter_name!r} stays unmerged."
+            )
+        elif self._merges():
             self._merge(pl_module, trainer)
         unfreeze_batchnorm_stats(pl_module)  # training is over: BatchNorm layers behave as usual again
 
@@ -197,6 +212,8 @@ class PEFTCallback(SurgeryCallback):
         if self._gradients_checked:
             return
         self._gradients_checked = True
+        if strategy_kind(trainer) in ("fsdp", "deepspeed"):
+            return  # their gradients live in flat buffers, not in `.grad` of each tensor
         silent = _modules_without_gradient(pl_module, self.method)
         if silent:
             rank_zero_warn(
@@ -211,19 +228,24 @@ class PEFTCallback(SurgeryCallback):
         super().setup(trainer, pl_module, stage)
         self._gradients_checked = False
         if stage == "fit":
-            return
-        if not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
-            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module))
+            install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see callbacks/checkpoints.py)
+        elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
         else:
             run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
+        # a checkpoint in the plain layout goes back to the adapted one where the module carries the surgery
+        run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: restore_checkpoint(pl_module, checkpoint))
 
     def _reinject(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written mid-training holds unmerged tensors, a merged model has none: replay the recipe the
         checkpoint recorded so that ``trainer.test(ckpt_path="best")`` loads, and merge again at ``teardown``."""
         if any(isinstance(m, PEFTModule) for m in pl_module.modules()):
             return
+        record = read_record(checkpoint)
+        if record is not None and record["layout"] == "merged":
+            return  # the plain model: it loads as it is
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        recipes = state.get("recipes")
+        recipes = record["recipes"] if record is not None else state.get("recipes")
         if not recipes:
             if not any(".lora_A." in k or ".adapters." in k for k in checkpoint.get("state_dict", {})):
                 return  # a checkpoint of the merged (or never adapted) model
@@ -239,6 +261,7 @@ class PEFTCallback(SurgeryCallback):
         if self._reinjected and self.merge_on_train_end:
             self._merge(pl_module)
         self._reinjected = False
+        remove_checkpoint_hook(pl_module, only_when_plain=True)
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -255,7 +278,9 @@ def _modules_without_gradient(pl_module: nn.Module, method) -> list[str]:
     silent = []
     for path, module in method.modules(pl_module).items():
         params = [p for p in module.parameters() if p.requires_grad and not _is_base(module, p)]
-        if params and all(p.grad is None or not bool(p.grad.any()) for p in params):
+        # an FSDP2 gradient is a shard: gathered (every rank runs this hook, in the same order) before looking at it
+        grads = [None if p.grad is None else full_tensor(p.grad) for p in params]
+        if params and all(g is None or not bool(g.any()) for g in grads):
             silent.append(path)
     return silent
 

@@ -35,8 +35,10 @@ class PromptTuningCallback(PEFTCallback):
 
     Example::
 
-        >>> import lightning as L, torch, transformers as hf
+        >>> import torch, transformers as hf
+        >>> from peft_callbacks.demo import quiet_trainer
         >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import lightning as L
         >>> class LM(L.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -49,8 +51,7 @@ class PromptTuningCallback(PEFTCallback):
         ...         return torch.optim.AdamW(self.parameters(), lr=1e-2)
         >>> data = DataLoader(TensorDataset(torch.randint(3, 50, (8, 6))), batch_size=4)
         >>> prompts = PromptTuningCallback(num_virtual_tokens=5)
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[prompts], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = quiet_trainer(max_steps=2, callbacks=[prompts])
         >>> trainer.fit(LM(), data)
         >>> prompts.parameter_count.trainable  # 5 tokens x 32 dims
         160

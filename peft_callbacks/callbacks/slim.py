@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback
 
+from peft_callbacks.callbacks.atomic_io import use_atomic_checkpoint_io
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
+from peft_callbacks.callbacks.strategies import remove_load_hooks, set_checkpoint_loader, strategy_kind
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
-from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
+from peft_callbacks.io.slim import fill_slim_state_dict, load_distributed_slim, slim_state_dict
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "peft_callbacks_slim"
-_UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class SlimCheckpoint(Callback):
@@ -29,9 +33,13 @@ class SlimCheckpoint(Callback):
     needs ``strict_loading = False``. Full checkpoints (written without this callback) load as before.
 
     Put it in the trainer of every run that writes or reads slim checkpoints, together with the PEFT callback.
-    ``LightningModule.load_from_checkpoint`` on a slim checkpoint needs ``strict=False`` and then loads the trained
-    tensors only, onto a base that must already carry the surgery (use :func:`~peft_callbacks.io.load_adapter` for
-    deployment instead). Not for FSDP/DeepSpeed/model-parallel strategies, whose checkpoints are sharded.
+    Outside a Trainer, :func:`~peft_callbacks.load_checkpoint` loads a slim checkpoint onto the module as built (a
+    plain ``LightningModule.load_from_checkpoint`` fails with a message that names it: the base is not in the file).
+
+    Under ``ModelParallelStrategy`` (FSDP2) checkpoints are distributed (one shard per rank, Lightning's default
+    ``save_distributed_checkpoint=True``) and hold only the trained tensors' shards; resuming loads those into the
+    sharded module and leaves its base as built. ``FSDPStrategy`` and DeepSpeed write checkpoints in their own
+    formats and are refused: use their full checkpoints, or ``ModelParallelStrategy``.
 
     Example::
 
@@ -56,8 +64,8 @@ class SlimCheckpoint(Callback):
         >>> first.fit(module, data)
         >>> path = os.path.join(tempfile.mkdtemp(), "slim.ckpt")
         >>> first.save_checkpoint(path)
-        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())
-        (32, 122)
+        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())  # + the loader key
+        (33, 122)
         >>> trainer(3).fit(Classifier(), data, ckpt_path=path)  # resumes at step 2 onto the base as built
     """
 
@@ -65,17 +73,27 @@ class SlimCheckpoint(Callback):
         self._fingerprint: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED:
+        kind = strategy_kind(trainer)
+        if kind in ("fsdp", "deepspeed"):
             raise ValueError(
-                f"SlimCheckpoint does not support {strategy}: its checkpoints are sharded by the strategy. "
-                f"Use it with single-device or DDP training, or remove it."
+                f"SlimCheckpoint does not support {type(trainer.strategy).__name__}: it writes checkpoints in its own "
+                f"sharded format. Remove SlimCheckpoint (full checkpoints), or shard with ModelParallelStrategy "
+                f"(FSDP2), whose distributed checkpoints SlimCheckpoint keeps slim."
+            )
+        if kind == "fsdp2" and not trainer.strategy._save_distributed_checkpoint:
+            raise ValueError(
+                "SlimCheckpoint with ModelParallelStrategy needs distributed checkpoints: use "
+                "ModelParallelStrategy(save_distributed_checkpoint=True) (the default), or remove SlimCheckpoint."
             )
         self._fingerprint = None
+        use_atomic_checkpoint_io(trainer.strategy)  # a checkpoint killed mid-write never replaces the last good one
         run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
+        if kind == "fsdp2":
+            _load_slim_shards(trainer.strategy)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_scheduled_hooks(pl_module)
+        remove_load_hooks(trainer.strategy)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         fingerprint = base_fingerprint(pl_module, hash_names=(self._fingerprint or {}).get("hashes"))
@@ -92,6 +110,25 @@ class SlimCheckpoint(Callback):
 
     def _fill(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         record = checkpoint.get(CHECKPOINT_KEY)
-        if record is not None:
+        if record is not None and "state_dict" in checkpoint:
             fill_slim_state_dict(pl_module, checkpoint["state_dict"], record)
             log.info("SlimCheckpoint: restored %d base tensor(s) from the module.", len(record["omitted"]))
+
+
+def _load_slim_shards(strategy: pl.strategies.Strategy) -> None:
+    """Let ``ModelParallelStrategy`` resume from a slim distributed checkpoint: it loads the model's and optimizers'
+    shards itself, before ``on_load_checkpoint``, and would ask the checkpoint for every base tensor too."""
+
+    def load(checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any] | None:
+        path = Path(strategy.broadcast(checkpoint_path))
+        if not (path / _METADATA_FILENAME).is_file():
+            return None
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        record = metadata.pop(CHECKPOINT_KEY, None)
+        if record is None:  # a full checkpoint
+            return None
+        load_distributed_slim(path, strategy.model, strategy.optimizers, record)
+        log.info("SlimCheckpoint: loaded the trained shards from %s; the base stays as built.", path)
+        return metadata
+
+    set_checkpoint_loader(strategy, load)

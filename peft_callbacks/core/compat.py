@@ -35,7 +35,7 @@ import torch.nn as nn
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.models import is_transformers_model
 
-__all__ = ["enable_input_grads_for_checkpointing"]
+__all__ = ["disable_input_grads_for_checkpointing", "enable_input_grads_for_checkpointing"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,12 @@ class _InputsRequireGrad:
     A callable object rather than a closure, so hooked models still pickle and deep-copy.
     """
 
-    def __init__(self, checkpointable: list[nn.Module]) -> None:
+    def __init__(self, checkpointable: list[nn.Module], always: bool = False) -> None:
         self.checkpointable = checkpointable
+        self.always = always
 
     def checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.checkpointable)
+        return self.always or any(getattr(m, "gradient_checkpointing", False) is True for m in self.checkpointable)
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         if (
@@ -81,13 +82,20 @@ def _input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(found.values())
 
 
+def _is_reversible(module: nn.Module) -> bool:
+    """A reversible residual layer (Reformer's): its blocks run inside a custom autograd function whose backward
+    recomputes them, and autograd only calls it when the function's input requires grad."""
+    return callable(getattr(type(module), "backward_pass", None))
+
+
 def enable_input_grads_for_checkpointing(model: nn.Module) -> list[str]:
     """Let gradients reach adapters inside reentrant-checkpointed blocks of a partly frozen transformers model.
 
     A forward hook on each input-embedding layer (found through transformers' ``get_input_embeddings()``) marks its
     output as requiring grad, but only while gradients are enabled and activation checkpointing is switched on
-    (``gradient_checkpointing_enable()``, before or after this call). Calling it again changes nothing. Models that
-    are not transformers models are left alone (timm checkpoints non-reentrantly by default).
+    (``gradient_checkpointing_enable()``, before or after this call), and always in models with reversible residual
+    layers (Reformer), which hide their blocks from autograd the same way. Calling it again changes nothing. Models
+    that are not transformers models are left alone (timm checkpoints non-reentrantly by default).
 
     Args:
         model: any ``nn.Module``; transformers models inside it are handled.
@@ -97,12 +105,31 @@ def enable_input_grads_for_checkpointing(model: nn.Module) -> list[str]:
     """
     check_module("model", model)
     checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    reversible = any(_is_reversible(m) for m in model.modules())
     hooked = []
     for path, embeddings in _input_embeddings(model):
         if not hasattr(embeddings, _HOOK_ATTR):
-            handle = embeddings.register_forward_hook(_InputsRequireGrad(checkpointable))
+            handle = embeddings.register_forward_hook(_InputsRequireGrad(checkpointable, always=reversible))
             setattr(embeddings, _HOOK_ATTR, handle)
         hooked.append(path)
     if hooked:
         log.debug("Input embeddings %s require grad under activation checkpointing.", hooked)
     return hooked
+
+
+def disable_input_grads_for_checkpointing(model: nn.Module) -> int:
+    """Take the hooks of :func:`enable_input_grads_for_checkpointing` out of ``model`` again (when no surgery is left,
+    so that the plain model pickles without this library); return how many were removed.
+
+    Example::
+
+        >>> disable_input_grads_for_checkpointing(nn.Linear(2, 2))
+        0
+    """
+    removed = 0
+    for module in check_module("model", model).modules():
+        handle = module.__dict__.pop(_HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            removed += 1
+    return removed

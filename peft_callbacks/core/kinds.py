@@ -40,12 +40,14 @@ import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from peft_callbacks.core import quantized
+from peft_callbacks.core.sharding import full_shape, full_tensor, is_sharded, write_full
 
 __all__ = [
     "KIND_NAMES",
     "LINEAR_KINDS",
     "base_weight",
     "dequantized_kind",
+    "conv_with_weight",
     "is_custom_layer",
     "is_grouped_conv",
     "is_hf_conv1d",
@@ -137,16 +139,32 @@ def is_custom_layer(module: nn.Module) -> bool:
     return not _PROBED[module]
 
 
+def conv_with_weight(layer: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer``'s convolution (stride, padding and padding mode, dilation, groups) of ``x`` with another ``weight``
+    and no bias: what a weight update ``Δ`` adds to the layer's output, for methods that build ``Δ`` in full.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> _ = torch.manual_seed(0)
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> torch.allclose(conv_with_weight(conv, x, conv.weight) + conv.bias.view(1, 3, 1, 1), conv(x), atol=1e-6)
+        True
+    """
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    else:
+        padding = layer.padding
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(layer.kernel_size)]
+    return conv(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+
+
 def _plain_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(x, delta)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        padding = module.padding
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-    return conv(x, delta, None, module.stride, padding, module.dilation, module.groups)
+    return conv_with_weight(module, x, delta)
 
 
 def _probe_input(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -203,15 +221,19 @@ def layer_kind(module: nn.Module) -> str | None:
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The full weight of a base layer as stored (``Conv1D``: ``(in, out)``), whatever holds it.
 
-    Quantized layers give their dequantized ``(out, in)`` weight (a new tensor: writing to it changes nothing).
+    Quantized layers give their dequantized ``(out, in)`` weight (a new tensor: writing to it changes nothing); a
+    sharded weight (an FSDP2 shard or a ZeRO-3 partition) is gathered on every rank (a collective).
     """
     if quantized.is_quantized(layer):
         return quantized.dequantize(layer)
-    return layer.weight
+    weight = layer.weight
+    if is_sharded(weight):
+        return full_tensor(weight)
+    return weight
 
 
 def weight_shape(layer: nn.Module) -> tuple[int, ...]:
-    """The shape of :func:`base_weight` without reading (or dequantizing) any value.
+    """The shape of :func:`base_weight` without reading (dequantizing or gathering) any value.
 
     Example::
 
@@ -221,7 +243,7 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...]:
     """
     if quantized.is_quantized(layer):
         return quantized.weight_shape(layer)
-    return tuple(layer.weight.shape)
+    return tuple(full_shape(layer.weight))  # a sharded weight's full shape, without gathering it
 
 
 def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -240,6 +262,11 @@ def write_weight(layer: nn.Module, value: torch.Tensor, bias: torch.Tensor | Non
             f"lose most of the update. Keep the adapter unmerged, merge into plain layers with "
             f"`merge(model, dtype=torch.bfloat16)`, or re-quantize on purpose with `merge(model, requantize=True)`."
         )
+    if is_sharded(layer.weight):  # each rank keeps its own slice of the full value
+        write_full(layer.weight, value)
+        if bias is not None:
+            write_full(layer.bias, bias)
+        return
     with torch.no_grad():
         layer.weight.copy_(value.to(layer.weight.dtype))
         if bias is not None:

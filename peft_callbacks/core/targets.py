@@ -3,7 +3,8 @@
 Pattern rules (the same for ``target_modules`` and ``exclude_modules``, and for every callback):
 
 * ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``) except the task head and the
-  vocabulary projection. Grouped/depthwise convolutions are skipped with a log line.
+  vocabulary projection. Grouped/depthwise convolutions and mixture-of-experts routers
+  (:mod:`~peft_callbacks.core.moe`) are skipped with a log line.
 * ``"all-linear"`` — the same, Linear and ``Conv1D`` only (quantized bitsandbytes Linear layers too), as in HF PEFT.
 * a name such as ``"qkv"`` or ``"attn.proj"`` — modules whose path equals it or ends with ``"." + name``.
 * a regular expression (any string holding one of ``* + ? [ ] ( ) { } | ^ $ \\``) — modules whose full path
@@ -46,6 +47,7 @@ from peft_callbacks.core.kinds import (
     layer_kind,
 )
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.moe import moe_routers
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,21 @@ _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _MAX_LISTED = 12
 SUPPORTED_LAYERS = kinds_description(tuple(KIND_NAMES))
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose parent reads their weight directly and never calls them: an update beside them would never run.
+# (nn.MultiheadAttention.out_proj is caught by its own class, NonDynamicallyQuantizableLinear.)
+_WEIGHT_READ_BY_PARENT = {"MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",)}
+
+
+def _read_by_parent(walk: list[tuple[str, nn.Module]], model: nn.Module) -> set[str]:
+    """Paths of layers that their parent module never calls (see ``_WEIGHT_READ_BY_PARENT``)."""
+    modules = dict(walk)
+    found = set()
+    for path, _ in walk:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules.get(parent_path, model) if parent_path else model
+        if name in _WEIGHT_READ_BY_PARENT.get(type(parent).__name__, ()):
+            found.add(path)
+    return found
 
 
 def is_regex(pattern: str) -> bool:
@@ -107,6 +124,12 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """An adapted layer counts as the layer it wraps, so that a second adapter can go on the same layer."""
+    base = module._modules.get("base_layer") if isinstance(module, PEFTModule) else None
+    return base if base is not None else module
+
+
 def _describe(paths: list[str], modules: dict[str, nn.Module]) -> str:
     shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:_MAX_LISTED])
     return shown + (f", … ({len(paths)} in all)" if len(paths) > _MAX_LISTED else "")
@@ -159,15 +182,17 @@ def resolve_targets(
         for pattern in patterns if isinstance(patterns, list) else []:
             _compile_checked(argument, pattern)
 
-    walk = _walk(model)
+    walk = [(path, _unwrapped(m)) for path, m in _walk(model)]
     modules = dict(walk)
     protected = list(protected)
     default_protected = protected + list(always_protected)
     model_name = type(model).__name__
 
+    never_called = _read_by_parent(walk, model)
+
     def is_supported(path: str) -> bool:
         kind = layer_kind(modules[path])
-        return kind is not None and (kind_filter is None or kind_filter(kind))
+        return kind is not None and path not in never_called and (kind_filter is None or kind_filter(kind))
 
     supported_paths = [p for p, _ in walk if is_supported(p)]
     candidates = [p for p in supported_paths if not in_subtree(p, default_protected)]
@@ -175,20 +200,31 @@ def resolve_targets(
 
     if target_modules is None or target_modules == "all-linear":
         linear_only = target_modules == "all-linear"
+        routers = set(moe_routers(model))  # a merged update could flip their top-k: named only
+        if routers & set(candidates):
+            log.info(
+                "%s: left out %d mixture-of-experts router(s) (a merged update can change which experts a token "
+                "goes to; name them in target_modules to adapt them): %s",
+                method,
+                len(routers & set(candidates)),
+                _listing(sorted(routers & set(candidates))),
+            )
         for path in candidates:
+            if path in routers:
+                continue
             if not linear_only or layer_kind(modules[path]) in LINEAR_KINDS:
                 selection.targets.append(path)
         selection.skipped_grouped = [
             p
             for p, m in walk
-            if (is_grouped_conv(m) or is_custom_layer(m))
+            if (is_grouped_conv(m) or is_custom_layer(m) or p in never_called)
             and not (linear_only and isinstance(m, _PLAIN_CONVS))
             and not in_subtree(p, default_protected)
         ]
         if selection.skipped_grouped:
             log.info(
-                "%s: skipped %d grouped/depthwise convolution(s) or layers with their own forward "
-                "(name them in target_modules to be told why): %s",
+                "%s: skipped %d grouped/depthwise convolution(s), layers with their own forward or layers their "
+                "parent never calls (name them in target_modules to be told why): %s",
                 method,
                 len(selection.skipped_grouped),
                 _listing(selection.skipped_grouped),
@@ -208,6 +244,7 @@ def resolve_targets(
                     method,
                     supported_paths,
                     supported,
+                    never_called,
                 )
             )
         selection.targets = [p for p in supported_paths if p in chosen]
@@ -241,6 +278,7 @@ def _select(
     method: str,
     supported_paths: list[str],
     supported: str,
+    never_called: set[str],
 ) -> set[str]:
     hits = [p for p, _ in walk if path_matches(pattern, p)]
     if not hits:
@@ -248,11 +286,17 @@ def _select(
             f"`target_modules` entry {pattern!r} matched no module in {model_name}; supported layers include: "
             f"{_listing(candidates or supported_paths)}."
         )
-    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]
+    inserted = [p for p in hits if isinstance(modules[p], PEFTModule)]  # adapted layers count as their base layer
     if inserted:
         raise ValueError(
             f"`target_modules` entry {pattern!r} matched {_describe(inserted, modules)}, which is already a module "
             f"inserted by peft_callbacks; merge or remove it first."
+        )
+    uncalled = [p for p in hits if p in never_called and p in modules]
+    if uncalled:
+        raise ValueError(
+            f"`target_modules` entry {pattern!r} matched {_describe(uncalled, modules)}, which its parent never calls "
+            f"(it reads the weight directly), so a {method} update there would never run or train. Name other layers."
         )
     grouped = [p for p in hits if is_grouped_conv(modules[p]) or is_custom_layer(modules[p])]
     if grouped:

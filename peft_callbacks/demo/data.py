@@ -100,7 +100,9 @@ class DigitsDataModule(_SplitDataModule):
 
     ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (a fixed, seeded share of the data).
     With ``base_classes``, ``base_dataloader()`` serves the held-out split of an earlier (base) task, in that task's
-    label order: what ``ForgettingMonitor(dataloader="base_dataloader")`` scores, also from YAML.
+    label order: what ``ForgettingMonitor(dataloader="base_dataloader")`` scores, also from YAML; and
+    ``base_train_dataloader()`` the base task's *training* split (shuffled, seeded): the examples that replay, EWC's
+    Fisher and the forgetting-aware finish use, so that forgetting is still measured on images they never saw.
 
     Args:
         classes: the digits of this task, in label order (default ``[0, 1, 2, 3, 4]``); labels are their positions.
@@ -130,6 +132,7 @@ class DigitsDataModule(_SplitDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.base_set: Dataset | None = None
+        self.base_train_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +154,15 @@ class DigitsDataModule(_SplitDataModule):
         if self.base_set is None:
             self.base_set = self._held_out(self.base_classes)[1]
         return DataLoader(self.base_set, batch_size=self.batch_size)
+
+    def base_train_dataloader(self) -> DataLoader:
+        """The training split of ``base_classes`` (shuffled with ``seed``): base-task data to replay or learn from."""
+        if self.base_classes is None:
+            raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
+        if self.base_train_set is None:
+            self.base_train_set = self._held_out(self.base_classes)[0]
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.base_train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
 
 def load_chat_topics(topics: Sequence[str], max_per_topic: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
@@ -199,7 +211,8 @@ class ChatTopicsDataModule(_SplitDataModule):
     Each distinct line of a topic file (questions and answers alike) is one example, labelled with its topic.
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. With ``general_topics``,
     ``base_dataloader()`` serves held-out lines of *other* topics (label ``-1``: none): general text on which to
-    measure label-free drift of the encoder.
+    measure label-free drift of the encoder; ``base_train_dataloader()`` the other lines of those topics (not
+    shuffled), for methods that need general text of their own (the forgetting-aware finish).
 
     Args:
         topics: corpus topics, in label order (default ``["ai", "coding", "emotion", "tech_support", "trivia"]``).
@@ -240,6 +253,7 @@ class ChatTopicsDataModule(_SplitDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.base_set: Dataset | None = None
+        self.base_train_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -273,3 +287,11 @@ class ChatTopicsDataModule(_SplitDataModule):
         if self.base_set is None:
             self.base_set = self._encoded(self.general_topics, labelled=False)[1]
         return DataLoader(self.base_set, batch_size=self.batch_size)
+
+    def base_train_dataloader(self) -> DataLoader:
+        """The lines of ``general_topics`` that ``base_dataloader()`` holds out (never shuffled; label ``-1``)."""
+        if self.general_topics is None:
+            raise ValueError("ChatTopicsDataModule has no general-text set: pass `general_topics`.")
+        if self.base_train_set is None:
+            self.base_train_set = self._encoded(self.general_topics, labelled=False)[0]
+        return DataLoader(self.base_train_set, batch_size=self.batch_size)

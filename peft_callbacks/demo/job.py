@@ -3,7 +3,9 @@
 A method is one :class:`Method` row (a name, the callbacks that implement it, a learning rate). :func:`run_method`
 fine-tunes a fresh LightningModule with those callbacks plus the caller's monitors, and returns a :class:`Result`:
 new-task score, base-task forgetting, trainable parameters, the size of what must be stored for the task, and wall
-time. :func:`format_table` and :func:`plot_results` turn results into the table and the figure.
+time. :func:`format_table` and :func:`plot_results` turn results into the table and the figure (new-task score
+against forgetting, one marker per method, the Pareto front drawn). :func:`quiet_repeated_tips` lets each of
+Lightning's tips through once per job instead of once per ``Trainer``.
 
 Example::
 
@@ -15,16 +17,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.core.params import count_parameters, unique_parameters
 
 log = logging.getLogger(__name__)
@@ -142,6 +146,8 @@ def run_method(
     )
     module = make_module(method.lr)
     trainer.fit(module, datamodule=datamodule)
+    if any(isinstance(c, ForgettingAwareFinish) for c in trainer.callbacks):  # weights changed after validation
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     score = float(trainer.callback_metrics.get(score_key, torch.tensor(float("nan"))))
     result = Result(
         method=method.name,
@@ -177,9 +183,50 @@ def format_table(results: list[Result], score_name: str, forgetting_name: str) -
     return "\n".join(lines)
 
 
+MARKERS = "osD^vP*XhpH<>d8"
+COLOURS = ["tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+
+
+def row_styles(names: list[str]) -> dict[str, tuple[str, str]]:
+    """``{method name: (marker, colour)}``: one marker per base method (the name before ``" + "``), one colour per
+    forgetting control (after it; grey for none), the same in every panel, so no two rows share a style.
+
+    Example::
+
+        >>> styles = row_styles(["full fine-tuning", "LoRA r=4", "LoRA r=4 + replay 40%"])
+        >>> styles["LoRA r=4"][0] == styles["LoRA r=4 + replay 40%"][0], styles["full fine-tuning"][0]
+        (True, 'o')
+    """
+    bases, controls, styles = [], [""], {}
+    for name in names:
+        base, _, control = name.partition(" + ")
+        control = control.split(" ")[0] if control else ""
+        bases += [base] if base not in bases else []
+        controls += [control] if control not in controls else []
+        styles[name] = (MARKERS[bases.index(base) % len(MARKERS)], COLOURS[controls.index(control) % len(COLOURS)])
+    return styles
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both counts (less forgetting ``x``, higher score ``y``), by ``x``.
+
+    Example::
+
+        >>> pareto_front([(0.6, 0.9), (0.1, 0.8), (0.3, 0.7), (0.0, 0.5)])
+        [(0.0, 0.5), (0.1, 0.8), (0.6, 0.9)]
+    """
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
 def plot_results(panels: list[tuple[str, list[Result], str, str]], path: str) -> str:
-    """One scatter panel per experiment: forgetting (x) against new-task score (y), one colour per method; the
-    legend gives each method's trainable parameters and what it stores per task.
+    """One scatter panel per experiment: forgetting (x) against new-task score (y), with the Pareto front (the rows
+    no other row beats on both) as a dashed line. Markers follow :func:`row_styles`; the legend gives each row's
+    trainable parameters and what it stores per task.
 
     Args:
         panels: ``(title, results, score label, forgetting label)`` per panel.
@@ -190,20 +237,63 @@ def plot_results(panels: list[tuple[str, list[Result], str, str]], path: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
-    markers = "osD^vP*X"
+    styles = row_styles([r.method for _, results, *_ in panels for r in results])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
     for ax, (title, results, score_name, forgetting_name) in zip(axes[0], panels):
-        for i, r in enumerate(results):
+        for r in results:
             x = r.forgetting if r.forgetting is not None else float("nan")
+            marker, colour = styles[r.method]
             label = f"{r.method}: {r.trainable_params:,} trainable, {_size(r.stored_bytes)}"
-            ax.scatter(x, r.new_task_score, s=90, marker=markers[i % len(markers)], alpha=0.8, label=label)
+            ax.scatter(x, r.new_task_score, s=90, marker=marker, color=colour, alpha=0.85, label=label)
+        front = pareto_front([(r.forgetting, r.new_task_score) for r in results if r.forgetting is not None])
+        if len(front) > 1:
+            ax.plot(*zip(*front), linestyle="--", color="black", alpha=0.4, linewidth=1, label="Pareto front")
         ax.set_xlabel(f"{forgetting_name} (lower is better)")
         ax.set_ylabel(f"{score_name} (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, -0.45 - 0.04 * len(results)), frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+class _OncePerJob(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.prefix):
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_repeated_tips(prefix: str = "💡 Tip") -> Iterator[None]:
+    """Inside the block, each of Lightning's tip lines (``💡 Tip: …``, logged by every new ``Trainer``) is shown once.
+
+    Example::
+
+        >>> logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        >>> with quiet_repeated_tips():
+        ...     [logger.filters[-1].filter(logging.makeLogRecord({"msg": "💡 Tip: x"})) for _ in range(2)]
+        [True, False]
+    """
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    once = _OncePerJob(prefix)
+    for logger in loggers:
+        logger.addFilter(once)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(once)

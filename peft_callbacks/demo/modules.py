@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 import timm
@@ -80,6 +81,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: AdamW weight decay.
         init_from: optional weights to start from (``.safetensors``, a state dict or a Lightning checkpoint of this
             class); tensors whose shape does not fit (the old head) are left as initialised.
+        model_kwargs: further arguments of ``timm.create_model`` (``img_size``, ``depth``, …).
     """
 
     def __init__(
@@ -89,13 +91,14 @@ class ImageClassifier(pl.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         init_from: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lr = check_positive_float("lr", lr)
         self.weight_decay = weight_decay
         num_classes = check_positive_int("num_classes", num_classes)
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
         if check_optional_str("init_from", init_from):
             load_matching_weights(self.model, init_from)
 

@@ -22,6 +22,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from peft_callbacks._validation import check_positive_int
+from peft_callbacks.forgetting.scoring import weights_version
+
+
+def sentence_embedding(pl_module: pl.LightningModule, batch: dict) -> torch.Tensor:
+    """``pl_module.embed(input_ids, attention_mask)``: what the drift is measured on, as a ``forward_fn`` for
+    callbacks that score a base set (``ForgettingAwareFinish(metric=None, features="output", ...)``)."""
+    return pl_module.embed(batch["input_ids"], batch["attention_mask"])
 
 
 def embedding_drift(baseline: torch.Tensor, current: torch.Tensor) -> float:
@@ -32,8 +39,9 @@ def embedding_drift(baseline: torch.Tensor, current: torch.Tensor) -> float:
 class EmbeddingDrift(Callback):
     """Log ``drift/embedding`` = 1 − mean cosine(baseline embedding, current embedding) on general sentences.
 
-    The LightningModule must have ``embed(input_ids, attention_mask) -> (N, D)`` (as
-    :class:`~peft_callbacks.demo.TextClassifier` has).
+    Measured at the end of every validation, and again at the end of training when the weights changed after the
+    last validation (a merge, a forgetting-aware finish). The LightningModule must have
+    ``embed(input_ids, attention_mask) -> (N, D)`` (as :class:`~peft_callbacks.demo.TextClassifier` has).
 
     Args:
         dataloader: batches of dicts with ``input_ids`` and ``attention_mask`` (labels are ignored), or the name of a
@@ -49,6 +57,7 @@ class EmbeddingDrift(Callback):
         self.baseline: torch.Tensor | None = None
         self.history: list[float] = []
         self._resolved: DataLoader | None = None
+        self._version: int | None = None
 
     def _loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> DataLoader:
         if not isinstance(self.dataloader, str):
@@ -82,6 +91,14 @@ class EmbeddingDrift(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.baseline is None:
             return
+        self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.baseline is not None and self.history and weights_version(pl_module) != self._version:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._version = weights_version(pl_module)
         self.history.append(embedding_drift(self.baseline, self._embed(pl_module)))
         for logger in trainer.loggers:
             logger.log_metrics({"drift/embedding": self.history[-1]}, step=trainer.global_step)

@@ -3,6 +3,8 @@
 * :mod:`~peft_callbacks.engine.config` — a method's settings, checked and serialised in one place;
 * :mod:`~peft_callbacks.engine.layers` — :class:`Adapter` (one method's update of one layer) inside an
   :class:`AdaptedLayer` (the base layer plus its named adapters);
+* :mod:`~peft_callbacks.engine.parameters` — :class:`ParameterAdapter` inside :class:`AdaptedParameters`: updates of
+  named parameters of modules that are not weight layers (fused mixture-of-experts weights);
 * :mod:`~peft_callbacks.engine.method` — :class:`Method` / :class:`LayerMethod` and the registry;
 * :mod:`~peft_callbacks.engine.surgery` — :func:`inject`, :func:`merge`, :func:`unload`, :func:`disabled`,
   :func:`replay`;
@@ -25,6 +27,7 @@ from peft_callbacks.engine.method import (
     registered_methods,
     replace_module,
 )
+from peft_callbacks.engine.parameters import AdaptedParameters, ParameterAdapter
 from peft_callbacks.engine.precision import requantization_error
 from peft_callbacks.engine.surgery import adapt_layer, disabled, inject, merge, peft_layers, replay, unload
 from peft_callbacks.engine.transaction import transaction
@@ -32,12 +35,14 @@ from peft_callbacks.engine.transaction import transaction
 __all__ = [
     "DEFAULT_ADAPTER",
     "AdaptedLayer",
+    "AdaptedParameters",
     "Adapter",
     "LayerConfig",
     "LayerMethod",
     "Method",
     "ModuleMethod",
     "MethodConfig",
+    "ParameterAdapter",
     "PeftMapping",
     "adapt_layer",
     "disabled",

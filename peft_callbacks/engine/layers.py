@@ -49,6 +49,7 @@ from peft_callbacks.core.kinds import (
     write_weight,
 )
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.engine.config import MethodConfig
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
@@ -80,7 +81,7 @@ class Adapter(PEFTModule):
 
     def __init__(self, base_layer: nn.Module, config: MethodConfig) -> None:
         super().__init__()
-        kind = layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
+        kind = self.kind_of(base_layer)
         if kind is None or (self.base_kind is not None and dequantized_kind(kind) != self.base_kind):
             wanted = f"a {self.base_kind} layer" if self.base_kind else "a weight layer the method supports"
             raise TypeError(
@@ -92,11 +93,22 @@ class Adapter(PEFTModule):
             raise TypeError(f"`config` of {type(self).__name__} must be a method config, got {type(config).__name__}.")
         self.config = config
         self.kind = kind
-        self.weight_shape = weight_shape(base_layer)  # as stored; quantized layers: (out, in)
+        self.weight_shape = weight_shape(base_layer) if kind in KIND_NAMES else ()  # full; quantized: (out, in)
+
+    @classmethod
+    def kind_of(cls, base_layer: Any) -> str | None:
+        """The kind of ``base_layer`` as this adapter sees it (:func:`~peft_callbacks.core.kinds.layer_kind`);
+        ``None`` when it cannot adapt it."""
+        return layer_kind(base_layer) if isinstance(base_layer, nn.Module) else None
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees (only called when ``changes_input``)."""
         return x
+
+    def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output in one step, when this adapter is the only active one and has a faster way than
+        base layer + :meth:`forward` (LoRA's single autograd node); ``None`` to take the plain path."""
+        return None
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
@@ -109,6 +121,10 @@ class Adapter(PEFTModule):
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`merge_into`."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base layer.")
+
+    def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
+        """Called by :meth:`AdaptedLayer.merge` once this adapter is folded into ``weight`` (the weight before it),
+        for adapters that need something of that moment to unmerge exactly (DoRA's scale)."""
 
     def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
         """The base bias (float32) with this adapter folded in; most methods leave it as it is (IA3 scales it)."""
@@ -132,17 +148,22 @@ class AdaptedLayer(PEFTModule):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Module) or layer_kind(base_layer) is None:
-            raise TypeError(
-                f"`base_layer` must be a weight layer ({kinds_description(tuple(KIND_NAMES))}), got "
-                f"{type(base_layer).__name__}."
-            )
+        self.check_base_layer(base_layer)
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._register_load_state_dict_pre_hook(_upgrade_keys, with_module=True)
+
+    @classmethod
+    def check_base_layer(cls, base_layer: Any) -> None:
+        """Refuse a module this wrapper cannot hold (here: anything but a weight layer)."""
+        if not isinstance(base_layer, nn.Module) or layer_kind(base_layer) is None:
+            raise TypeError(
+                f"`base_layer` must be a weight layer ({kinds_description(tuple(KIND_NAMES))}), got "
+                f"{type(base_layer).__name__}."
+            )
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
@@ -174,9 +195,25 @@ class AdaptedLayer(PEFTModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        adapters = [self.adapters[name] for name in self.active_adapters if name not in self.merged_adapters]
+        rows = self.__dict__.get("row_adapters")  # set by `adapters_per_row`: one adapter name per row of x
+        if rows is not None:
+            from peft_callbacks.engine.mixed import mixed_forward  # here: mixed.py finds layers through this module
+
+            return mixed_forward(self, x, rows, *args, **kwargs)
+        names = [name for name in self.active_adapters if name not in self.merged_adapters]
+        return self.forward_with(x, names, *args, **kwargs)
+
+    def forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer's output with exactly the adapters ``names`` applied (unmerged ones; none: the base layer)."""
+        adapters = [self.adapters[name] for name in names]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        # an adapter with hooks of its own (an FSDP2 unit: its hooks gather its shards) must be called as a module
+        hooked = adapters[0]._forward_pre_hooks or adapters[0]._forward_hooks
+        if len(adapters) == 1 and not args and not kwargs and not hooked:
+            fused = adapters[0].fused(self, x)
+            if fused is not None:
+                return fused
         inner = x
         for adapter in adapters:
             if adapter.changes_input:
@@ -187,13 +224,38 @@ class AdaptedLayer(PEFTModule):
         return result
 
     # -- weights ----------------------------------------------------------------------------------------------
+    def merge_order(self, names: Iterable[str] | None = None) -> list[str]:
+        """The order in which the adapters ``names`` (default: the active ones) fold into the weight so that the
+        merged layer computes what :meth:`forward` does.
+
+        The forward pass feeds the base layer ``Tₖ(…T₁(x))`` (each input transform in turn) and lets the other
+        adapters act on its output in their order; in weight space the input transforms compose right to left
+        (``W·Mₖ·…·M₁``). So the input-changing adapters fold in first, the last one first, then the others in order.
+
+        Example::
+
+            >>> import torch.nn as nn
+            >>> from peft_callbacks.methods.ia3 import IA3, IA3Config
+            >>> base = nn.Linear(4, 4)
+            >>> layer = AdaptedLayer(base)
+            >>> layer.add_adapter("out", IA3(base, IA3Config()))
+            >>> layer.add_adapter("in_1", IA3(base, IA3Config(), feedforward=True))
+            >>> layer.add_adapter("in_2", IA3(base, IA3Config(), feedforward=True))
+            >>> layer.merge_order()
+            ['in_2', 'in_1', 'out']
+        """
+        names = list(self.active_adapters if names is None else names)
+        inputs = [n for n in names if self.adapters[n].changes_input]
+        return [*reversed(inputs), *(n for n in names if not self.adapters[n].changes_input)]
+
     def merged_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:
-        """The base weight with the adapters ``names`` (default: the active ones) folded in, in float32.
+        """The base weight with the adapters ``names`` (default: the active ones) folded in, in float32, in
+        :meth:`merge_order`.
 
         Differentiable in the adapters' tensors (DoRA's norm is a constant, as in its paper).
         """
         weight = base_weight(self.base_layer).float()
-        for name in self.active_adapters if names is None else names:
+        for name in self.merge_order(names):
             weight = self.adapters[name].merge_into(self, weight)
         return weight
 
@@ -203,13 +265,40 @@ class AdaptedLayer(PEFTModule):
         if not isinstance(bias, torch.Tensor):
             return None
         bias = bias.float()
-        for name in self.active_adapters if names is None else names:
+        for name in self.merge_order(names):
             bias = self.adapters[name].merge_bias_into(self, bias)
         return bias
 
     def delta_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:
         """``merged_weight(names) − W₀`` in float32: what the adapters change."""
         return self.merged_weight(names) - base_weight(self.base_layer).float()
+
+    def merged_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{base tensor name: value}`` (float32) of every base tensor the adapters ``names`` (default: the active
+        ones) change, with them folded in: ``weight`` (and ``bias`` where the layer has one) here."""
+        weight, bias = self.merged_weight(names), self.merged_bias(names)
+        return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    def unmerged_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`merged_state`'s inverse for the merged adapters: the base tensors with them taken out (float32)."""
+        bias = getattr(self.base_layer, "bias", None)
+        weight = base_weight(self.base_layer).float()
+        bias = bias.float() if isinstance(bias, torch.Tensor) else None
+        for name in reversed(self.merged_adapters):
+            weight = self.adapters[name].unmerge_from(self, weight)
+            bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
+        return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    def write_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write :meth:`merged_state`'s tensors into the base layer, each cast to its stored dtype, in place."""
+        write_weight(self.base_layer, tensors["weight"], tensors.get("bias"))
+
+    def tell_merged(self, names: list[str]) -> None:
+        """Tell each adapter (:meth:`Adapter.merged`) the weight it is folded into, in :meth:`merge_order`."""
+        before = base_weight(self.base_layer).float()
+        for name in self.merge_order(names):
+            self.adapters[name].merged(self, before)
+            before = self.adapters[name].merge_into(self, before)
 
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Fold the active adapters (or ``names``) into the base weight in place; the wrapper stays.
@@ -220,26 +309,21 @@ class AdaptedLayer(PEFTModule):
         if self.merged_adapters:
             raise ValueError(f"Adapters {self.merged_adapters} are merged already; unmerge them first.")
         names = list(self.active_adapters if names is None else names)
-        with torch.no_grad():
-            weight, bias = self.merged_weight(names), self.merged_bias(names)
-        check_finite("into this layer", weight)
-        if bias is not None:
-            check_finite("into this layer's bias", bias)
-        write_weight(self.base_layer, weight, bias)
+        with full_parameters(self, writeback=True), torch.no_grad():  # sharded tensors: gathered, then written back
+            state = self.merged_state(names)
+            for key, tensor in state.items():
+                check_finite(f"into this layer's {key}", tensor)
+            self.tell_merged(names)
+            self.write_state(state)
         self.merged_adapters = names
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weight again (float32, cast back once)."""
         if not self.merged_adapters:
             return
-        bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
-            weight = base_weight(self.base_layer).float()
-            bias = bias.float() if isinstance(bias, torch.Tensor) else None
-            for name in reversed(self.merged_adapters):
-                weight = self.adapters[name].unmerge_from(self, weight)
-                bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
-        write_weight(self.base_layer, weight, bias)
+        with full_parameters(self, writeback=True), torch.no_grad():
+            state = self.unmerged_state()
+            self.write_state(state)
         self.merged_adapters = []
 
     # -- the base layer's attributes pass through ---------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,8 @@ __all__ = [
     "registered_methods",
 ]
 
+log = logging.getLogger(__name__)
+
 _METHODS: dict[str, Method] = {}
 
 
@@ -67,12 +70,35 @@ class PeftMapping:
             options we do not support).
         keys: ``{our per-adapter key: PEFT's key}`` where they differ (``lora_magnitude_vector`` vs
             ``lora_magnitude_vector.weight`` …); PEFT's file keys are ``base_model.model.<path>.<PEFT key>``.
+
+    The optional hooks below are for methods whose tensors are not one-to-one with PEFT's (each defaults to the
+    renaming by ``keys``):
+
+    Attributes:
+        export_layer: ``(path, adapter) -> {PEFT key under the layer's path: tensor}`` (e.g. LoRA on parameters nests
+            one PEFT wrapper per parameter, PiSSA leaves its frozen initial factors out).
+        import_layer: ``(peft config, path, adapter, {PEFT key: tensor}) -> {our key: tensor}``, for the adapter just
+            injected at ``path`` (it may fill tensors PEFT does not store from the adapter itself, or pad trimmed
+            ones).
+        export_shared: ``(config, {path: adapter}) -> {key: tensor}``: tensors stored once per model, under
+            ``base_model.<key>`` (VeRA's projections).
+        import_shared: ``(peft config, {path: adapter}, {key: tensor}) -> None``: check (or load) those tensors;
+            raises ``ValueError`` when they cannot be held.
+        targets: ``(model, peft config, module paths) -> targets``: the targets to inject for the modules that hold
+            tensors in PEFT's file (e.g. the parameters a module's tensors adapt).
     """
 
     peft_type: str
     to_peft: Callable[[MethodConfig, dict[str, AdaptedLayer]], dict[str, Any]]
     from_peft: Callable[[dict[str, Any]], MethodConfig]
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    export_layer: Callable[[str, Adapter], dict[str, torch.Tensor]] | None = None
+    import_layer: Callable[[dict[str, Any], str, Adapter, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
+        None
+    )
+    export_shared: Callable[[MethodConfig, dict[str, Adapter]], dict[str, torch.Tensor]] | None = None
+    import_shared: Callable[[dict[str, Any], dict[str, Adapter], dict[str, torch.Tensor]], None] | None = None
+    targets: Callable[[nn.Module, dict[str, Any], list[str]], list[str]] | None = None
 
 
 class Method:
@@ -202,9 +228,26 @@ class LayerMethod(Method):
             method=self.title,
             supported=kinds_description(kinds),
         )
+        targets = _once_per_module(model, selection.targets)
         if self.mergeable:
-            _refuse_tied_weights(model, selection.targets, self.title)
-        return selection.targets
+            tied = _tied(model, targets)
+            named = config.target_modules not in (None, "all-linear")
+            if tied and named:
+                path, shared = next(iter(tied.items()))
+                raise ValueError(
+                    f"{self.title} on {path!r}: its weight is the same tensor as {', '.join(map(repr, shared))}'s "
+                    f"(tied weights), so merging the update would change those layers too. Leave it out "
+                    f"(exclude_modules={[path]!r}) or untie the weights before adapting it."
+                )
+            if tied:
+                log.info(
+                    "%s: left out %d layer(s) whose weight is tied to another layer's: %s",
+                    self.title,
+                    len(tied),
+                    ", ".join(list(tied)[:8]),
+                )
+                targets = [p for p in targets if p not in tied]
+        return targets
 
     def check_targets(self, model: nn.Module, targets: list[str]) -> list[str]:
         if not targets:
@@ -238,7 +281,7 @@ class LayerMethod(Method):
             module = model.get_submodule(path)
             layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
             base = layer.base_layer
-            with torch.device(base.weight.device):  # created where the base weight lives (free on `meta`)
+            with torch.device(_device_of(base)):  # created where the base weight lives (free on `meta`)
                 adapter = self.create_adapter(model, path, base, config, shared)
             layer.add_adapter(adapter_name, cast_adapter(adapter, base, config))
             if layer is not module:
@@ -302,6 +345,14 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, new)
 
 
+def _device_of(base: nn.Module) -> torch.device:
+    """Where a base layer's weight lives (for other modules: their first parameter)."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(iter(base.parameters()), torch.empty(0)).device
+
+
 def _check_paths(targets: Any) -> list[str] | None:
     if targets is None:
         return None
@@ -310,23 +361,34 @@ def _check_paths(targets: Any) -> list[str] | None:
     return targets
 
 
-def _refuse_tied_weights(model: nn.Module, targets: list[str], title: str) -> None:
-    """A merged update written into a weight shared with another module would change that module too."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+def _once_per_module(model: nn.Module, paths: list[str]) -> list[str]:
+    """The first path of each module object: a module registered under two paths (a layer shared between blocks)
+    is adapted once, and its adapter serves both uses."""
+    seen: set[int] = set()
+    out = []
+    for path in paths:
+        module = model.get_submodule(path)
+        if id(module) not in seen:
+            seen.add(id(module))
+            out.append(path)
+    return out
+
+
+def _tied(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """``{target: [other layers holding the same weight tensor]}``: distinct modules sharing one weight."""
+    owners: dict[int, dict[int, str]] = {}
+    for path, module in model.named_modules():
         weight = module._parameters.get("weight") if not isinstance(module, PEFTModule) else None
         if weight is not None:
-            owners.setdefault(id(weight), []).append(path)
+            owners.setdefault(id(weight), {}).setdefault(id(module), path)
+    tied = {}
     for path in targets:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
-        shared = [p for p in owners.get(id(base._parameters.get("weight")), []) if p != path]
-        if shared:
-            raise ValueError(
-                f"{title} on {path!r}: its weight is the same tensor as {', '.join(repr(p) for p in shared)}'s "
-                f"(tied weights), so merging the update would change {'both' if len(shared) == 1 else 'all of them'}. "
-                f"Leave it out (exclude_modules={[path]!r}) or untie the weights before adapting it."
-            )
+        others = [p for key, p in owners.get(id(base._parameters.get("weight")), {}).items() if key != id(base)]
+        if others:
+            tied[path] = others
+    return tied
 
 
 def register_method(method: Method) -> Method:

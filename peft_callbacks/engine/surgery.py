@@ -2,9 +2,11 @@
 
 :func:`inject` does, for any registered method and in this order: check the arguments, refuse a second copy of the
 same adapter, find the task head, resolve the targets (or check recorded ones), freeze the model, insert the
-method's modules, unfreeze the head (``train_head``) and the method's extras, freeze BatchNorm statistics outside
-the head (unless ``train_bn``), let gradients reach adapters inside reentrant-checkpointed blocks, record the recipe,
-and log one line. It is a transaction: if any step fails, the model is exactly as it was.
+method's modules (sharded alike when the model is sharded with FSDP2, see :mod:`peft_callbacks.core.sharding`),
+unfreeze the head (``train_head``) and the method's extras, freeze BatchNorm statistics outside the head (unless
+``train_bn``), let gradients reach adapters inside reentrant-checkpointed blocks, record the recipe, and log one line.
+It is a transaction: if any step fails, the model is exactly as it was. :func:`merge` gathers a sharded layer at a
+time.
 
 Example::
 
@@ -37,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks.core import quantized
-from peft_callbacks.core.compat import enable_input_grads_for_checkpointing
+from peft_callbacks.core.compat import disable_input_grads_for_checkpointing, enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.modules import PEFTModule
@@ -49,6 +51,13 @@ from peft_callbacks.core.params import (
     unfreeze_batchnorm_stats,
 )
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_models
+from peft_callbacks.core.sharding import (
+    check_data_parallel,
+    full_parameters,
+    has_sharded_parameters,
+    shard_as,
+    shard_new_modules,
+)
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
@@ -165,8 +174,14 @@ def inject(
     with transaction(model):
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
+        sharded = has_sharded_parameters(model)
+        if sharded:
+            check_data_parallel(model, method.title)
+        before = {id(m) for m in model.modules()} if sharded else set()
         freeze(model)
         method.insert(model, targets, config, adapter_name)
+        if sharded:  # an FSDP2-sharded model: the new tensors get units of their own, on the same mesh
+            shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
         if config.train_head:
             unfreeze([model.get_submodule(p) for p in head.head])
@@ -223,6 +238,17 @@ def _prepare_quantized(model: nn.Module) -> None:
     )
 
 
+def _inserted(model: nn.Module, before: set[int]) -> list[tuple[str, nn.Module]]:
+    """The outermost modules inserted since ``before`` that own tensors (adapters, not the wrappers around them)."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if id(module) in before or not isinstance(module, PEFTModule) or isinstance(module, AdaptedLayer):
+            continue
+        if not any(in_subtree(path, [outer]) for outer, _ in found):
+            found.append((path, module))
+    return found
+
+
 def apply_batchnorm_rule(model: nn.Module, config: MethodConfig, head: list[str] | None = None) -> None:
     """One rule for every method, with or without a Trainer: BatchNorm layers outside the head keep their running
     statistics unless ``train_bn`` (then they train in full). ``head`` defaults to the model's task head."""
@@ -249,6 +275,15 @@ def _after_removal(model: nn.Module, method: Method, adapter_name: str | None) -
     clear_surgery(model, method.name, adapter_name)
     if not recorded_models(model):  # nothing of ours left: BatchNorm statistics move again, as before surgery
         unfreeze_batchnorm_stats(model)
+        disable_input_grads_for_checkpointing(model)  # and no hook of ours stays behind
+
+
+def _base_tensor(base: nn.Module, name: str) -> torch.Tensor:
+    """The base layer's tensor ``name`` (a parameter or a buffer, possibly nested)."""
+    try:
+        return base.get_parameter(name)
+    except AttributeError:
+        return base.get_buffer(name)
 
 
 def merge(
@@ -305,15 +340,21 @@ def merge(
             refuse_quantized_merge(path, layer)
     for path, layer in layers.items():
         layer.unmerge()
-        with torch.no_grad():
-            merged[path] = (layer.merged_weight(), layer.merged_bias())
         titles = "/".join(sorted({get_method(a.method).title for a in layer.adapters.values()}))
-        for tensor in merged[path]:
-            if tensor is not None:
+        with full_parameters(layer), torch.no_grad():  # one layer gathered at a time when sharded
+            state = layer.merged_state()
+            for tensor in state.values():
                 check_finite(f"{titles} into {path!r}", tensor)
+        # a sharded base keeps only its own slice of the merged weight until everything is checked
+        merged[path] = {key: shard_as(_base_tensor(layer.base_layer, key), t) for key, t in state.items()}
     errors = {}
     for path, layer in layers.items():
-        base, error = write_merged(layer, *merged.pop(path), dtype, requantize)
+        state = merged.pop(path)
+        if set(state) <= {"weight", "bias"} and (dtype is not None or quantized.stores_quantized(layer.base_layer)):
+            base, error = write_merged(layer, state["weight"], state.get("bias"), dtype, requantize)
+        else:
+            layer.write_state(state)
+            base, error = layer.base_layer, None
         replace_module(model, path, base)
         if error is not None:
             errors[path] = error

@@ -8,7 +8,9 @@ head, averaged over token positions for token-level heads); later calls report t
 measured even without base labels.
 
 With several processes, batch ``i`` is scored by rank ``i % world_size`` and the torchmetrics states are summed
-over ranks, so the figures equal a single-process run.
+over ranks, so the figures equal a single-process run. A sharded model (FSDP2, ZeRO-3) gathers its weights in every
+forward, a collective all ranks must join: then each rank runs as many forwards as the busiest one, the extra ones
+on a batch it has already seen, their outputs left out.
 
 Example::
 
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from peft_callbacks.core.models import family_of, find_models
+from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.forgetting.batches import (
+    IGNORE_INDEX,
     call_model,
     language_model_labels,
     move_to_device,
@@ -73,8 +77,9 @@ class BaseTaskScore:
 
 
 @contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` under ``torch.no_grad()``, then each submodule's own previous ``training`` flag back.
+def evaluation_mode(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """``module.eval()`` under ``torch.no_grad()`` (``grad=True``: gradients on), then each submodule's own previous
+    ``training`` flag back.
 
     Example::
 
@@ -89,7 +94,7 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             yield
     finally:
         for m, training in modes:
@@ -124,6 +129,9 @@ class BaseTaskScorer:
         num_classes: number of base-task classes for accuracy/F1; read from the head when ``None``.
         limit_batches: score only the first ``limit_batches`` batches.
         drift: measure KL and feature cosine against the outputs cached at the first call.
+        features: what the feature cosine compares: ``"head_input"`` (the pooled input of the head; the outputs
+            when the model has no head) or ``"output"`` (the pooled model output itself, e.g. a sentence embedding
+            returned by ``forward_fn``).
 
     Example::
 
@@ -150,7 +158,10 @@ class BaseTaskScorer:
         num_classes: int | None = None,
         limit_batches: int | None = None,
         drift: bool = True,
+        features: str = "head_input",
     ) -> None:
+        if features not in ("head_input", "output"):
+            raise ValueError(f"`features` must be 'head_input' or 'output', got {features!r}.")
         self.root = root
         self.model = self._single_model(root, module, forward_fn)
         if isinstance(base_head, str):
@@ -162,6 +173,7 @@ class BaseTaskScorer:
         self.num_classes = num_classes if num_classes is not None else output_size(self.heads, self.model)
         self.limit_batches = limit_batches
         self.drift = drift
+        self.features = features
         self.reference: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._causal = _is_causal_lm(self.model)
         self._head_paths = head_paths(self.model)  # the place stays the same when LoRA wraps or merges the head
@@ -190,19 +202,25 @@ class BaseTaskScorer:
         kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
         taking_reference = self.drift and self.reference is None
         reference = {} if taking_reference else self.reference
-        seen = 0
+        seen = run = 0
+        last = None
         with evaluation_mode(self.root):
             for index, batch in enumerate(loader):
                 if self.limit_batches is not None and index >= self.limit_batches:
                     break
                 seen += 1
+                last = batch
                 if index % world_size != rank:
                     continue
-                logits, labels, features = self._forward(move_to_device(batch, device))
+                run += 1
+                logits, labels, features = self.forward(move_to_device(batch, device))
                 if metric is not None:
                     self._update_metric(metric, logits, labels)
                 if self.drift:
                     self._update_drift(index, logits, features, reference, kl, cosine, taking_reference)
+            if world_size > 1 and last is not None and has_sharded_parameters(self.model):
+                for _ in range(-(-seen // world_size) - run):  # lockstep: as many forwards as the busiest rank
+                    self.forward(move_to_device(last, device))
         if seen == 0:
             raise ValueError("The base-task `dataloader` yielded no batches; it must hold at least one batch.")
         if taking_reference:
@@ -214,7 +232,10 @@ class BaseTaskScorer:
             batches=seen,
         )
 
-    def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, labels, pooled features)`` of one batch (already on the model's device) through the current
+        backbone and the original head, with gradients if they are enabled. Language-model logits and labels are
+        shifted for next-token prediction."""
         store: list[torch.Tensor] = []
         with swapped_heads(self.model, self.heads):
             paths = self._head_paths
@@ -234,15 +255,51 @@ class BaseTaskScorer:
             if self._causal:
                 logits = logits[:, :-1]
                 labels = None if labels is None else labels[:, 1:]
-        features = _pooled(store[0]) if store else None
+        if self.features == "output":
+            features = _pooled(logits)
+        else:
+            features = _pooled(store[0]) if store else None
         return logits, labels, features
 
-    def _update_metric(self, metric: Metric, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Mean cross-entropy of one base-task batch (on the model's device) through the original head, with
+        gradients: the base-task loss that replay trains on and EWC's Fisher differentiates.
+
+        Raises:
+            ValueError: the batch has no labels, or labels outside the head's classes.
+        """
+        logits, labels, _ = self.forward(batch)
+        self._check_labels(logits, labels)
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(flat, labels.reshape(-1).long().to(flat.device), ignore_index=IGNORE_INDEX)
+
+    def _check_labels(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
         if labels is None:
             raise ValueError(
-                f"metric={self.metric_spec!r} needs base-task labels, but the batches carry none; yield "
+                "The base-task batches carry no labels; yield (inputs, labels) or a dict with 'labels'."
+                if self.metric_spec is None
+                else f"metric={self.metric_spec!r} needs base-task labels, but the batches carry none; yield "
                 f"(inputs, labels) or a dict with 'labels', or pass metric=None for label-free drift only."
             )
+        classes = logits.shape[-1]
+        labels = labels.reshape(-1)
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))]
+        if bad.numel():
+            shown = sorted({int(v) for v in bad.unique()[:10]})
+            head = "the original head (`base_head`)" if self.heads else "the model's current head"
+            hint = (
+                "check that `base_head` is the head of the base task"
+                if self.heads
+                else "pass the original head as `base_head=` when fine-tuning replaced it"
+            )
+            raise ValueError(
+                f"Base-task labels {shown} are outside the {classes} classes (0..{classes - 1}) of {head} the base "
+                f"task is scored through; {hint}, or map the labels to the head's classes."
+            )
+
+    def _update_metric(self, metric: Metric, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if isinstance(self.metric_spec, str) or labels is None:
+            self._check_labels(logits, labels)
         metric.update(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long())
 
     def _update_drift(self, index, logits, features, reference, kl, cosine, taking_reference) -> None:
@@ -261,6 +318,22 @@ class BaseTaskScorer:
         if features is None:
             features, ref_features = log_p, ref_log_p  # no head input seen: compare the outputs themselves
         cosine.update(F.cosine_similarity(features, ref_features.to(features.device), dim=-1))
+
+
+def weights_version(module: nn.Module) -> int:
+    """A number that changes whenever a parameter of ``module`` is replaced or changed in place (each tensor's
+    version counter moves on in-place writes), so a callback can tell whether the model changed since it last looked.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 2)
+        >>> before = weights_version(layer)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(2)
+        >>> weights_version(layer) != before
+        True
+    """
+    return hash(tuple((id(p), p._version) for p in module.parameters()))
 
 
 def _device_of(*modules: nn.Module) -> torch.device:

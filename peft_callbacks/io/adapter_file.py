@@ -45,12 +45,16 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_bool, check_module
 from peft_callbacks._version import __version__
 from peft_callbacks.core.recipe import recorded_models, surgery_records
+from peft_callbacks.core.sharding import full_tensor, is_writer, write_full
 from peft_callbacks.engine import replay, transaction
+from peft_callbacks.engine.adapters import adapter_names
 from peft_callbacks.engine.layers import upgrade_state_keys
 from peft_callbacks.engine.shadow import expected_shapes
+from peft_callbacks.engine.surgery import check_adapter_name
 from peft_callbacks.io.atomic import atomic_directory, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
+from peft_callbacks.io.named import adapter_state, record_names, renamed_keys
 from peft_callbacks.io.recipe_file import (
     FORMAT,
     FORMAT_VERSION,
@@ -59,7 +63,7 @@ from peft_callbacks.io.recipe_file import (
     AdapterFileError,
     read_adapter_config,
 )
-from peft_callbacks.io.state import trained_state
+from peft_callbacks.io.state import peft_owned, trained_state
 
 __all__ = ["AdapterFileError", "load_adapter", "read_adapter_config", "save_adapter"]
 
@@ -83,14 +87,17 @@ def check_directory(directory: Any) -> Path:
     return Path(directory)
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> Path:
     """Write the trained PEFT tensors of ``model`` and the recipe to rebuild them (see the module docstring).
 
-    Call it before merging (a merged model has no adapter left to save).
+    Call it before merging (a merged model has no adapter left to save). When the model is sharded (FSDP2, ZeRO-3)
+    every rank must call it: each joins the gathers, and only global rank 0 writes the directory.
 
     Args:
         model: the adapted model: a timm/transformers model, or a LightningModule (or any module) containing it.
         directory: created if needed; replaced as a whole.
+        adapter_name: save only this adapter (with what trains outside the adapters, e.g. the task head, which
+            all adapters share); by default every adapter.
 
     Returns:
         The path of the tensor file.
@@ -107,7 +114,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         'adapter_model.safetensors'
     """
     check_module("model", model)
-    tensors = trained_state(model)
+    tensors = trained_state(model) if adapter_name is None else _one_adapter(model, adapter_name)
+    tensors = {key: full_tensor(t) for key, t in tensors.items()}  # gathered on every rank if sharded
     if not tensors:
         raise ValueError(
             f"{type(model).__name__} has no PEFT module and no trainable parameter: nothing to save. Save before "
@@ -115,6 +123,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         )
     folder = check_directory(directory)
     models = recorded_models(model) or {"": model}
+    if adapter_name is not None:
+        models = {p: m for p, m in models.items() if adapter_name in record_names(surgery_records(m))}
+    fingerprints = {path: base_fingerprint(m) for path, m in models.items()}  # a collective when sharded
+    if not is_writer():
+        return folder / WEIGHTS_FILE
     with atomic_directory(folder) as staging:
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -125,7 +138,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             "library_version": __version__,
             "weights_sha256": _sha256(staging / WEIGHTS_FILE),
             "models": [
-                {"path": path, "recipe": surgery_records(m), "fingerprint": base_fingerprint(m)}
+                {"path": path, "recipe": _records(m, adapter_name), "fingerprint": fingerprints[path]}
                 for path, m in models.items()
             ],
         }
@@ -133,6 +146,21 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     weights = folder / WEIGHTS_FILE
     log.info("Saved %d tensor(s), %.1f kB, to %s.", len(tensors), weights.stat().st_size / 1e3, folder)
     return weights
+
+
+def _one_adapter(model: nn.Module, adapter_name: Any) -> dict[str, torch.Tensor]:
+    check_adapter_name(adapter_name)
+    known = adapter_names(model)
+    if adapter_name not in known:
+        raise ValueError(
+            f"`adapter_name`={adapter_name!r} is not an adapter of {type(model).__name__}; it has {known}."
+        )
+    return adapter_state(model, adapter_name)
+
+
+def _records(model: nn.Module, adapter_name: str | None) -> list[dict[str, Any]]:
+    records = surgery_records(model)
+    return records if adapter_name is None else [r for r in records if r.get("adapter_name") == adapter_name]
 
 
 def _read_weights(folder: Path, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -175,7 +203,7 @@ def _rename(key: str, moves: dict[str, str]) -> str:
     return key
 
 
-def _check_base(model: nn.Module, path: str, entry: dict[str, Any], strict: bool) -> nn.Module:
+def _check_base(model: nn.Module, path: str, entry: dict[str, Any], strict: bool, records: list) -> nn.Module:
     target = model.get_submodule(path)
     saved = entry["fingerprint"]
     diffs = compare_fingerprints(saved, base_fingerprint(target, hash_names=saved.get("hashes", {})))
@@ -185,16 +213,14 @@ def _check_base(model: nn.Module, path: str, entry: dict[str, Any], strict: bool
             raise AdapterFileError(message + "; ".join(diffs) + ". Pass strict=False to load it anyway.")
         log.warning("%s%s. Loading anyway (strict=False).", message, "; ".join(diffs))
     current = surgery_records(target)
-    if current and _without_names(current) != _without_names(entry["recipe"]):
+    taken = sorted(set(record_names(current)) & set(record_names(records)))
+    if current and taken and current != records:
         raise AdapterFileError(
-            f"The {type(target).__name__} at {path or '<root>'!r} already carries other surgery "
-            f"({[r['method'] for r in current]}); load the adapter onto a fresh base model."
+            f"The {type(target).__name__} at {path or '<root>'!r} already holds adapter(s) {taken} "
+            f"({[r['method'] for r in current]}); load the file under another name (`adapter_name=`), delete those "
+            f"adapters first, or load it onto a fresh base model."
         )
     return target
-
-
-def _without_names(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"method": r.get("method"), "config": r.get("config")} for r in records]
 
 
 def _short(keys: list[str]) -> str:
@@ -214,8 +240,10 @@ def _dry_run(model: nn.Module, plans: list[tuple[str, nn.Module, list]], folder:
 
 
 def _check_fit(model, tensors, created, roots, strict, folder) -> dict[str, torch.Tensor]:
-    """Compare the file's tensors with the model after replay; return ``{key: destination tensor}``."""
+    """Compare the file's tensors with the model after replay; return ``{key: destination tensor}``. Adapters the
+    model held before (other names) are not expected in the file."""
     state = model.state_dict(keep_vars=True)
+    owned = peft_owned(model)
     reshaped = [
         f"{k} {tuple(t.shape)} vs {tuple(state[k].shape if k in state else created[k])}"
         for k, t in tensors.items()
@@ -224,7 +252,11 @@ def _check_fit(model, tensors, created, roots, strict, folder) -> dict[str, torc
     if reshaped:
         raise AdapterFileError(f"The adapter does not fit {type(model).__name__}: shapes differ: {_short(reshaped)}.")
     unexpected = [k for k in tensors if k not in state and k not in created]
-    expected = [k for k in trained_state(model) if any(r == "" or k.startswith(r + ".") for r in roots)]
+    expected = [
+        k
+        for k in trained_state(model)
+        if any(r == "" or k.startswith(r + ".") for r in roots) and (k in created or id(state[k]) not in owned)
+    ]
     missing = [k for k in [*expected, *created] if k not in tensors]
     problems = [f"{label}: {_short(keys)}" for label, keys in (("unknown", unexpected), ("missing", missing)) if keys]
     if problems and strict:
@@ -237,14 +269,21 @@ def _check_fit(model, tensors, created, roots, strict, folder) -> dict[str, torc
     return {k: state[k] for k in tensors if k in state}
 
 
-def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -> nn.Module:
-    """Rebuild a saved fine-tune on ``model`` (a fresh base): replay its surgeries, then load its tensors.
+def load_adapter(
+    model: nn.Module, directory: str | Path, strict: bool = True, adapter_name: str | None = None
+) -> nn.Module:
+    """Rebuild a saved fine-tune on ``model``: replay its surgeries, then load its tensors.
+
+    ``model`` is a fresh base, or a base that holds other adapters already: the file's adapter is added beside them
+    (under ``adapter_name`` when given, e.g. two tasks each saved as ``"default"``, loaded as two adapters).
 
     Args:
         model: the base the adapter was trained on, freshly built (pretrained weights loaded), or a module holding
             it. It may be the model itself where a LightningModule holding it was saved, or the other way round.
         directory: a directory written by :func:`save_adapter`.
         strict: refuse a base whose fingerprint differs, and tensors missing from or unknown to the model.
+        adapter_name: the name the file's adapter gets here (the file must hold one adapter); by default the saved
+            name.
 
     Returns:
         ``model``, modified in place (trainable as after the original surgery).
@@ -252,7 +291,8 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     Raises:
         FileNotFoundError: a file is missing.
         AdapterFileError: a damaged or malformed file (naming the file and field), a newer format version, another
-            base (``strict``), or tensors that do not fit. The model is then unchanged.
+            base (``strict``), an adapter name the model holds already, or tensors that do not fit. The model is
+            then unchanged.
 
     Example::
 
@@ -267,26 +307,49 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     """
     check_module("model", model)
     check_bool("strict", strict)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     folder = check_directory(directory)
     recipe = read_adapter_config(folder)
     tensors = _read_weights(folder, recipe)
-    plans, moves = [], {}
+    saved_names = record_names([r for entry in recipe["models"] for r in entry["recipe"]])
+    if adapter_name is not None and len(saved_names) != 1:
+        raise AdapterFileError(
+            f"`adapter_name`={adapter_name!r}: {folder} holds the adapters {saved_names}; a new name needs one."
+        )
+    plans, moves, renames = [], {}, {}
     for entry in recipe["models"]:
         path = _locate(model, entry)
-        target = _check_base(model, path, entry, strict)
+        records = [{**r, "adapter_name": adapter_name} for r in entry["recipe"]] if adapter_name else entry["recipe"]
+        target = _check_base(model, path, entry, strict, records)
         moves[entry["path"]] = path
-        plans.append((path, target, [] if surgery_records(target) else entry["recipe"]))
+        plans.append((path, target, [] if surgery_records(target) == records else records))
+        if adapter_name is not None and adapter_name != saved_names[0] and entry["recipe"]:
+            renames[path] = (target, entry["recipe"])
     tensors = {_rename(k, moves): t for k, t in tensors.items()}
     created = _dry_run(model, plans, folder)
     if recipe["format_version"] == 1:
         tensors = upgrade_state_keys(tensors, created)
+    for path, (target, records) in renames.items():
+        lead = f"{path}." if path else ""
+        keys = {lead + old: lead + new for old, new in renamed_keys(target, records, adapter_name).items()}
+        tensors = {keys.get(k, k): t for k, t in tensors.items()}
+    reshaped = [
+        f"{k} {tuple(t.shape)} vs {created[k]}"
+        for k, t in tensors.items()
+        if k in created and tuple(t.shape) != created[k]
+    ]
+    if reshaped:  # before the replay allocates anything
+        raise AdapterFileError(
+            f"{folder / RECIPE_FILE} does not fit its own tensors: the recipe would create shapes that differ from "
+            f"the stored ones: {_short(reshaped)}."
+        )
     with transaction(model):
         for _, target, records in plans:
             replay(target, records)
         destinations = _check_fit(model, tensors, created, list(moves.values()), strict, folder)
         check_tensors(tensors, str(folder / WEIGHTS_FILE), AdapterFileError, targets=destinations)
-    with torch.no_grad():
-        for key, destination in destinations.items():
-            destination.copy_(tensors[key].to(destination.dtype))
+    for key, destination in destinations.items():
+        write_full(destination, tensors[key])  # a sharded destination keeps its own slice
     log.info("Loaded adapter %s onto %s.", folder, type(model).__name__)
     return model

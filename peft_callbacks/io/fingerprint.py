@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core import quantized
+from peft_callbacks.core.sharding import full_shape, full_tensor, unsharded_class
 from peft_callbacks.io.state import BASE_LAYER, base_keys, wrapper_paths
 
 __all__ = ["architecture", "base_fingerprint", "compare_fingerprints", "tensor_digest"]
@@ -55,7 +56,7 @@ def architecture(model: nn.Module) -> str:
         >>> architecture(nn.Linear(2, 2))
         'torch.nn.modules.linear.Linear'
     """
-    cls = type(model)
+    cls = unsharded_class(model)  # a model sharded with FSDP2 fingerprints as the model itself
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -95,6 +96,9 @@ def _choose_hashed(model: nn.Module, keys: dict[str, str], count: int) -> list[s
 def base_fingerprint(model: nn.Module, hash_names: Iterable[str] | None = None, count: int = 4) -> dict[str, Any]:
     """Fingerprint the base of ``model`` (PEFT modules left out; works before and after surgery).
 
+    Shapes are the full ones; hashed tensors are gathered first when sharded, so every rank must call it then and
+    a sharded model fingerprints like the same model on one process.
+
     Args:
         model: the model, with or without PEFT modules in it.
         hash_names: base names of the tensors to hash (to compare with a saved fingerprint); by default up to
@@ -119,13 +123,14 @@ def base_fingerprint(model: nn.Module, hash_names: Iterable[str] | None = None, 
     names = _choose_hashed(model, keys, count) if hash_names is None else [n for n in hash_names if n in by_name]
 
     def shape(name: str) -> list[int]:
-        return list(quantized.weight_shape(layers[name]) if name in layers else by_name[name].shape)
+        return list(quantized.weight_shape(layers[name]) if name in layers else full_shape(by_name[name]))
 
     def digest(name: str) -> dict[str, str]:
         if name in layers:
             layer = layers[name]
             return {"sha256": tensor_digest(quantized.dequantize(layer)), "dtype": quantized.quantization_label(layer)}
-        return {"sha256": tensor_digest(by_name[name]), "dtype": str(by_name[name].dtype).removeprefix("torch.")}
+        tensor = by_name[name]
+        return {"sha256": tensor_digest(full_tensor(tensor)), "dtype": str(tensor.dtype).removeprefix("torch.")}
 
     return {
         "architecture": architecture(model),

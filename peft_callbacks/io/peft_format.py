@@ -47,6 +47,7 @@ from peft_callbacks.engine.surgery import check_adapter_name
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import atomic_directory, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
+from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
 
 __all__ = ["export_peft", "import_peft"]
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # tensors stored once per model (VeRA's projections): base_model.vera_A
 
 
 def _layer_method(model: nn.Module, adapter_name: str) -> tuple[LayerMethod, dict[str, AdaptedLayer]]:
@@ -92,15 +94,17 @@ def _modules_to_save(model: nn.Module) -> list[str]:
     return paths
 
 
-def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
+def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
+    """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
     The directory is replaced as a whole (never half-written, see :mod:`peft_callbacks.io.atomic`).
 
     Args:
         model: the model with the adapter injected (unmerged), the same object you would pass to PEFT as its base.
         directory: created if needed.
-        adapter_name: which adapter to export.
+        adapter_name: one adapter's name: that adapter, at the top of ``directory``; ``None`` (every adapter) or a
+            list of names: PEFT's ``save_pretrained`` layout, ``"default"`` at the top and each other adapter in
+            ``directory/<name>`` (:mod:`peft_callbacks.io.peft_adapters`).
 
     Returns:
         The directory.
@@ -118,6 +122,8 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     """
     check_module("model", model)
     check_path("directory", directory)
+    if not isinstance(adapter_name, str):
+        return export_adapters(model, directory, _names("adapter_name", adapter_name))
     check_adapter_name(adapter_name)
     method, layers = _layer_method(model, adapter_name)
     adapters = {path: layer.adapters[adapter_name] for path, layer in layers.items()}
@@ -130,8 +136,11 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         )
     tensors: dict[str, torch.Tensor] = {}
     for path, adapter in adapters.items():
-        for key, tensor in adapter.state_dict().items():
-            tensors[f"{PREFIX}{path}.{method.peft.keys.get(key, key)}"] = tensor
+        for key, tensor in _export_layer(method, path, adapter).items():
+            tensors[f"{PREFIX}{path}.{key}"] = tensor
+    if method.peft.export_shared is not None:
+        for key, tensor in method.peft.export_shared(config, adapters).items():
+            tensors[f"{SHARED_PREFIX}{key}"] = tensor
     modules_to_save = _modules_to_save(model)
     for path in modules_to_save:
         for key, tensor in model.get_submodule(path).state_dict().items():
@@ -156,6 +165,19 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         directory,
     )
     return Path(directory)
+
+
+def _export_layer(method: LayerMethod, path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's keys (relative to its layer's path)."""
+    if method.peft.export_layer is not None:
+        return method.peft.export_layer(path, adapter)
+    return {method.peft.keys.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
+
+
+def _names(argument: str, value: Any) -> list[str] | None:
+    if value is not None and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise TypeError(f"`{argument}` must be an adapter name, a non-empty list of them or None, got {value!r}.")
+    return value
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
@@ -220,8 +242,8 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     return list(adapted), adapted, others
 
 
-def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Inject the adapter HF PEFT saved (``save_pretrained``) in ``directory`` into ``model`` and load its tensors.
+def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
+    """Inject the adapter(s) HF PEFT saved (``save_pretrained``) in ``directory`` into ``model`` and load them.
 
     The targets are the modules that have adapter tensors in the file; ``modules_to_save`` tensors are loaded into
     ``model``'s own modules, which stay trainable. The surgery is recorded as ours, so :func:`save_adapter`, merging
@@ -231,7 +253,8 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     Args:
         model: the base model, freshly built: the same model PEFT was given.
         directory: a PEFT adapter directory.
-        adapter_name: the name the adapter gets here.
+        adapter_name: the name the adapter at the top of ``directory`` gets here; ``None``: every adapter PEFT saved
+            there, the top one as ``"default"`` and each sub-directory's under its name (all or nothing).
 
     Returns:
         ``model``, modified in place.
@@ -251,7 +274,10 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     """
     check_module("model", model)
     check_path("directory", directory)
-    check_adapter_name(adapter_name)
+    found = peft_folders(directory) if adapter_name is None else {}
+    if found and set(found) != {DEFAULT_ADAPTER}:
+        return import_adapters(model, directory)
+    adapter_name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
     folder = Path(directory)
     peft_config = _read_peft_config(folder)
     method = _method_for(peft_config.get("peft_type"), folder / CONFIG_FILE)
@@ -260,14 +286,27 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     tensors = _read_tensors(folder / WEIGHTS_FILE)
-    targets, adapted, others = _split_keys(model, tensors, folder / WEIGHTS_FILE)
+    shared = {}
+    if method.peft.import_shared is not None:
+        shared = {k: t for k, t in tensors.items() if k.startswith(SHARED_PREFIX) and not k.startswith(PREFIX)}
+        tensors = {k: t for k, t in tensors.items() if k not in shared}
+        shared = {k[len(SHARED_PREFIX) :]: t for k, t in shared.items()}
+    owners, adapted, others = _split_keys(model, tensors, folder / WEIGHTS_FILE)
+    try:
+        targets = owners if method.peft.targets is None else method.peft.targets(model, peft_config, owners)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     inverse = {theirs: ours for ours, theirs in method.peft.keys.items()}
     with transaction(model):
         inject(model, config, adapter_name=adapter_name, targets=targets)
+        adapters = {path: model.get_submodule(path).adapters[adapter_name] for path in owners}
         updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for path in targets:
-            own = model.get_submodule(path).adapters[adapter_name].state_dict(keep_vars=True)
-            theirs = {inverse.get(k, k): t for k, t in adapted[path].items()}
+        for path, adapter in adapters.items():
+            own = adapter.state_dict(keep_vars=True)
+            if method.peft.import_layer is not None:
+                theirs = method.peft.import_layer(peft_config, path, adapter, adapted[path])
+            else:
+                theirs = {inverse.get(k, k): t for k, t in adapted[path].items()}
             unknown, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
             if unknown or missing:
                 raise ValueError(
@@ -295,6 +334,11 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str = DEF
         with torch.no_grad():
             for old, new in updates.values():
                 old.copy_(new.reshape(old.shape).to(old.dtype))
+        if method.peft.import_shared is not None:
+            try:
+                method.peft.import_shared(peft_config, adapters, shared)
+            except ValueError as err:
+                raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
         unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others])
-    log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(targets), type(model).__name__)
+    log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(owners), type(model).__name__)
     return model

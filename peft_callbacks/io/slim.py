@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,13 @@ import torch.nn as nn
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.state import base_keys, base_state, loaded_keys, trained_state
 
-__all__ = ["SLIM_FORMAT_VERSION", "SlimCheckpointError", "fill_slim_state_dict", "slim_state_dict"]
+__all__ = [
+    "SLIM_FORMAT_VERSION",
+    "SlimCheckpointError",
+    "fill_slim_state_dict",
+    "load_distributed_slim",
+    "slim_state_dict",
+]
 
 SLIM_FORMAT_VERSION = 1
 
@@ -105,13 +112,41 @@ def fill_slim_state_dict(
         >>> sorted(fill_slim_state_dict(net, state, record))
         ['0.bias', '0.weight', '1.bias', '1.weight']
     """
+    omitted = _check_record(model, record)
+    base = base_state(model)
+    unknown = [name for name in omitted.values() if name not in base]
+    if unknown:
+        raise SlimCheckpointError(
+            f"The slim checkpoint names {len(unknown)} base tensor(s) that {type(model).__name__} does not have: "
+            f"{unknown[:5]}."
+        )
+    loaded = loaded_keys(model)
+    for key, name in omitted.items():
+        if key in loaded:
+            state_dict.setdefault(key, base[name])
+    return state_dict
+
+
+def _check_record(model: nn.Module, record: Any) -> dict[str, str]:
+    """Refuse a malformed record, a newer format, or one trained on another base than ``model``'s; return its
+    ``omitted`` map (every rank calls it when ``model`` is sharded: the fingerprint gathers).
+
+    Raises:
+        SlimCheckpointError: naming what is wrong.
+    """
+    if not isinstance(record, dict):
+        raise SlimCheckpointError(f"The slim checkpoint's record must be an object, got {type(record).__name__}.")
     version = record.get("format_version")
-    if not isinstance(version, int) or version > SLIM_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SLIM_FORMAT_VERSION:
         raise SlimCheckpointError(
             f"The slim checkpoint has format version {version!r}; this peft_callbacks reads versions up to "
             f"{SLIM_FORMAT_VERSION}. Upgrade peft_callbacks to load it."
         )
-    saved = record["fingerprint"]
+    omitted, saved = record.get("omitted"), record.get("fingerprint")
+    if not isinstance(omitted, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in omitted.items()):
+        raise SlimCheckpointError("The slim checkpoint's field 'omitted' must map state_dict keys to base names.")
+    if not isinstance(saved, dict):
+        raise SlimCheckpointError("The slim checkpoint's field 'fingerprint' is missing or not an object.")
     diffs = compare_fingerprints(saved, base_fingerprint(model, hash_names=saved.get("hashes", {})))
     if diffs:
         raise SlimCheckpointError(
@@ -119,9 +154,60 @@ def fill_slim_state_dict(
             f"built, but its base differs from the one trained: {'; '.join(diffs)}. Build the module as for training "
             f"(unmerged: after a LoRA merge, rebuild it or keep `merge_on_train_end=False`), or use full checkpoints."
         )
-    base = base_state(model)
-    loaded = loaded_keys(model)
-    for key, name in record["omitted"].items():
-        if key in loaded:
-            state_dict.setdefault(key, base[name])
-    return state_dict
+    return omitted
+
+
+def load_distributed_slim(
+    path: str | Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], record: dict[str, Any]
+) -> None:
+    """Load a distributed checkpoint (``torch.distributed.checkpoint``, one shard per rank) that holds only the
+    trained tensors into the sharded ``model``, and the optimizers' states; the base stays as built.
+
+    Every rank calls it. The checkpoint is laid out as Lightning's ``ModelParallelStrategy`` writes it: the model
+    under ``"state_dict"``, optimizer ``i`` under ``"optimizer_{i}"``.
+
+    Args:
+        path: the checkpoint directory.
+        model: the sharded model, with the same surgery as when the checkpoint was written.
+        optimizers: the optimizers to restore, in order.
+        record: what :func:`slim_state_dict` returned when the checkpoint was written.
+
+    Raises:
+        SlimCheckpointError: another format version, or another base (see :func:`fill_slim_state_dict`).
+
+    Example::
+
+        >>> import tempfile, torch.distributed.checkpoint as dcp
+        >>> from peft_callbacks.methods.lora import inject_lora
+        >>> def base():
+        ...     _ = torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> tuned = inject_lora(base(), rank=2)
+        >>> _ = tuned[0].adapters["default"].lora_B.weight.data.fill_(0.5)  # "trained"
+        >>> state = tuned.state_dict()
+        >>> record = slim_state_dict(tuned, state)
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = dcp.save({"state_dict": state}, checkpoint_id=folder)  # sharded: one file per rank
+        >>> resumed = inject_lora(base(), rank=2)
+        >>> load_distributed_slim(folder, resumed, [], record)
+        >>> float(resumed[0].adapters["default"].lora_B.weight.detach().mean())
+        0.5
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    omitted = _check_record(model, record)
+    kept = {k: v for k, v in get_model_state_dict(model).items() if k not in omitted}
+    dcp.load({"state_dict": kept}, checkpoint_id=path)
+    set_model_state_dict(model, kept, options=StateDictOptions(strict=False))
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        state = {key: get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=path)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state[key], options=StateDictOptions())

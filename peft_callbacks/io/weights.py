@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from peft_callbacks._validation import check_module
+from peft_callbacks.core.sharding import gather_state_dict, has_sharded_parameters, is_writer
 from peft_callbacks.io.atomic import atomic_directory, atomic_file
 
 __all__ = ["save_state_dict", "save_weights"]
@@ -26,7 +27,8 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
 
     A transformers model is saved with its own ``save_pretrained`` (``config.json`` + ``model.safetensors``, loadable
     with ``from_pretrained``); any other module as ``model.safetensors`` holding its ``state_dict`` (shared tensors
-    once).
+    once). A sharded model (FSDP2, ZeRO-3) is gathered tensor by tensor (:func:`~peft_callbacks.core.sharding.
+    gather_state_dict`): every rank must call it, and global rank 0 writes.
 
     Returns:
         The directory.
@@ -34,11 +36,24 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
     check_module("model", model)
     if not isinstance(directory, (str, Path)) or not str(directory):
         raise TypeError(f"`directory` must be a non-empty str or pathlib.Path, got {type(directory).__name__}.")
+    if has_sharded_parameters(model):
+        return _save_sharded(model, directory)
     with atomic_directory(directory) as folder:
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(str(folder))
         else:
             save_model(model, str(folder / "model.safetensors"))
+    return Path(directory)
+
+
+def _save_sharded(model: nn.Module, directory: str | Path) -> Path:
+    state = gather_state_dict(model)  # every rank gathers; only the writer keeps the full tensors
+    if is_writer():
+        with atomic_directory(directory) as folder:
+            if callable(getattr(model, "save_pretrained", None)):
+                model.save_pretrained(str(folder), state_dict=state)
+            else:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     return Path(directory)
 
 

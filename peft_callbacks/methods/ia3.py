@@ -81,13 +81,13 @@ class IA3(Adapter):
 
     def __init__(self, base_layer: nn.Module, config: IA3Config, feedforward: bool = False) -> None:
         super().__init__(base_layer, config)
-        weight = base_layer.weight  # as stored: for its device and dtype
+        weight, full = base_layer.weight, self.weight_shape  # read without gathering a sharded weight
         self.feedforward = self.changes_input = check_bool("feedforward", feedforward)
         if self.kind == "conv":
-            channels = self.weight_shape[1] if feedforward else self.weight_shape[0]
-            shape = (1, channels, *([1] * (len(self.weight_shape) - 2)))  # (1, C, 1, …) broadcasts over (N, C, …)
+            channels = full[1] if feedforward else full[0]
+            shape = (1, channels, *([1] * (len(full) - 2)))  # (1, C, 1, …) broadcasts over (N, C, …)
         else:
-            out_features, in_features = self.weight_shape[::-1] if self.kind == "hf_conv1d" else self.weight_shape
+            out_features, in_features = full[::-1] if self.kind == "hf_conv1d" else full
             shape = (1, in_features) if feedforward else (out_features, 1)
         dtype = weight.dtype if weight.is_floating_point() else None
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))

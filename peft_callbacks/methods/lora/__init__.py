@@ -1,15 +1,24 @@
-"""LoRA and its variants (rsLoRA, DoRA, LoRA+, LoRA-Pro) as a method of the engine (plain PyTorch)."""
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA/OLoRA, LoRA on parameters, LoRA+, LoRA-Pro) as a method of the engine
+(plain PyTorch)."""
 
+from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAAdapter, DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.init import (
+    ResidualLoRAAdapter,
+    ResidualLoRAConv,
+    ResidualLoRAConv1D,
+    ResidualLoRALinear,
+    principal_factors,
+)
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 from peft_callbacks.methods.lora.method import (
-    LoRAConfig,
     inject_lora,
     lora_disabled,
     lora_layers,
     merge_lora,
     unload_lora,
 )
+from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.plus import lora_B_parameters, loraplus_param_groups, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import (
     LoRAProAdamW,
@@ -18,6 +27,7 @@ from peft_callbacks.methods.lora.pro import (
     lora_pro_gradients,
     solve_sylvester,
 )
+from peft_callbacks.methods.lora.weighted import add_weighted_adapter
 
 __all__ = [
     "DoRAAdapter",
@@ -30,6 +40,12 @@ __all__ = [
     "LoRAConv1D",
     "LoRALinear",
     "LoRAProAdamW",
+    "ParameterLoRA",
+    "ResidualLoRAAdapter",
+    "ResidualLoRAConv",
+    "ResidualLoRAConv1D",
+    "ResidualLoRALinear",
+    "add_weighted_adapter",
     "apply_lora_pro",
     "equivalent_gradient",
     "inject_lora",
@@ -39,6 +55,7 @@ __all__ = [
     "lora_pro_gradients",
     "loraplus_param_groups",
     "merge_lora",
+    "principal_factors",
     "solve_sylvester",
     "split_loraplus_groups",
     "unload_lora",

@@ -107,10 +107,14 @@ class DoRAAdapter(LoRAAdapter):
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        """``m · (W + s·B·A) / ‖W + s·B·A‖_c`` in float32 (``m`` too, whatever the model's dtype)."""
-        scale = self.lora_magnitude_vector.detach().float() / self.weight_norm(weight)
-        self._merged_scale = scale
+        """``m · (W + s·B·A) / ‖W + s·B·A‖_c`` in float32 (``m`` too, whatever the model's dtype); differentiable in
+        ``m``, ``A`` and ``B`` with the norm a constant, as in the forward pass."""
+        scale = self.lora_magnitude_vector.float() / self.weight_norm(weight)
         return self.weight_from_rows(self.weight_rows(weight + self.delta_weight()) * scale[:, None])
+
+    def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
+        """Keep the scale of this merge (from the weight it was merged into) for :meth:`unmerge_from`."""
+        self._merged_scale = (self.lora_magnitude_vector.float() / self.weight_norm(weight)).detach()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """``W'/scale − s·B·A``, with the scale taken when the adapter was merged (as HF PEFT does)."""

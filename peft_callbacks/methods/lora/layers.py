@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
+from peft_callbacks.methods.lora.fused import lora_linear
 
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
@@ -80,8 +81,12 @@ class LoRAAdapter(Adapter):
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
-        """``lora_A`` kaiming-uniform (a=√5, as ``nn.Linear``), ``lora_B`` zeros: the layer starts as the base."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        """``lora_A`` kaiming-uniform (a=√5, as ``nn.Linear``; with ``init="gaussian"`` normal with std ``1/r``, as
+        PEFT), ``lora_B`` zeros: the layer starts as the base."""
+        if getattr(self.config, "init", "default") == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +114,38 @@ class LoRAAdapter(Adapter):
 
 
 class LoRALinear(LoRAAdapter):
-    """LoRA on an ``nn.Linear``: ``lora_A`` is ``Linear(in, r)``, ``lora_B`` is ``Linear(r, out)``."""
+    """LoRA on an ``nn.Linear``: ``lora_A`` is ``Linear(in, r)``, ``lora_B`` is ``Linear(r, out)``.
+
+    A plain ``nn.Linear`` base (not a subclass with its own forward) runs with its update as one autograd node
+    (:mod:`peft_callbacks.methods.lora.fused`) whenever nothing else needs the plain path.
+    """
 
     base_kind = "linear"
+    transposed = False  # the base stores its weight as (out, in)
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        plain = type(base_layer) is nn.Linear or (self.transposed and type(base_layer).__name__ == "Conv1D")
+        own_update = type(self).forward is LoRALinear.forward  # a subclass (DoRA) that computes otherwise: plain path
+        self._fusable = plain and own_update and type(self.lora_A) is nn.Linear and type(self.lora_B) is nn.Linear
+
+    def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        base, a, b = layer.base_layer, self.lora_A, self.lora_B
+        if (
+            not self._fusable
+            or (self.training and not isinstance(self.lora_dropout, nn.Identity))
+            or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(x.device.type)
+            or x.dtype != a.weight.dtype
+            or base.weight.dtype != x.dtype
+            or type(base.weight) is not nn.Parameter
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or a._forward_hooks
+            or b._forward_hooks
+        ):
+            return None
+        return lora_linear(x, base.weight, base.bias, a.weight, b.weight, self.scaling, self.transposed)
 
     def make_factors(self, base_layer: nn.Linear, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(base_layer.in_features, r, bias=False), nn.Linear(r, base_layer.out_features, bias=False)
@@ -153,6 +187,7 @@ class LoRAConv1D(LoRALinear):
     Linear layers as for ``nn.Linear``."""
 
     base_kind = "hf_conv1d"
+    transposed = True  # the base stores its weight as (in, out)
 
     def make_factors(self, base_layer: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:
         in_features, out_features = base_layer.weight.shape

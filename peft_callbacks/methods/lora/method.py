@@ -19,17 +19,17 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
-from typing import Any
 
+import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_module, check_positive_float, check_positive_int
+from peft_callbacks._validation import check_module
+from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import (
     AdaptedLayer,
-    LayerConfig,
+    AdaptedParameters,
     LayerMethod,
     PeftMapping,
     disabled,
@@ -37,11 +37,17 @@ from peft_callbacks.engine import (
     inject,
     merge,
     register_method,
+    replace_module,
     unload,
 )
 from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.methods.lora import interop
+from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
+from peft_callbacks.methods.lora.params import ParameterLoRA
+from peft_callbacks.methods.lora.targets import group_parameters, parameter_at, select_parameters, split_targets
 
 __all__ = [
     "LoRAConfig",
@@ -55,86 +61,10 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig(LayerConfig):
-    """LoRA (Hu et al. 2021) and its variants rsLoRA and DoRA.
-
-    Attributes:
-        rank: the rank ``r`` of the update (> 0; Hu et al. §4.1).
-        alpha: ``lora_alpha`` (> 0); ``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``).
-        dropout: dropout on the LoRA branch input, in ``[0, 1)``.
-        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
-        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable magnitude per output unit on top of
-            the low-rank direction update.
-
-    Example::
-
-        >>> config = LoRAConfig(rank=8, alpha=16, target_modules=["qkv"])
-        >>> config.to_dict()["alpha"], config.target_modules  # patterns are used, the exact targets recorded
-        (16.0, ['qkv'])
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_positive_int("rank", self.rank)
-        self._set("alpha", check_positive_float("alpha", self.alpha))
-        self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
-        check_bool("use_rslora", self.use_rslora)
-        check_bool("use_dora", self.use_dora)
-
-
-def _to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
-    return {
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "fan_in_fan_out": any(isinstance(a, LoRAConv1D) for layer in layers.values() for a in layer.adapters.values()),
-        "bias": "none",
-        "init_lora_weights": True,
-    }
-
-
-_UNSUPPORTED_PEFT = (
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "layer_replication",
-    "lora_bias",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_qalora",
-    "alora_invocation_tokens",
-)
-
-
-def _from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
-    used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
-    if peft_config.get("bias", "none") != "none":
-        used.append(f"bias={peft_config['bias']!r}")
-    if used:
-        raise ValueError(f"uses PEFT LoRA options that peft_callbacks does not support: {', '.join(used)}")
-    return LoRAConfig(
-        rank=peft_config.get("r"),
-        alpha=peft_config.get("lora_alpha"),
-        dropout=peft_config.get("lora_dropout") or 0.0,
-        use_rslora=bool(peft_config.get("use_rslora", False)),
-        use_dora=bool(peft_config.get("use_dora", False)),
-        train_head=False,
-    )
-
-
 class LoRAMethod(LayerMethod):
-    """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers, and on bitsandbytes 4-/8-bit Linear layers
-    (QLoRA); DoRA when ``use_dora``."""
+    """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers and on bitsandbytes 4-/8-bit Linear layers
+    (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), and ``W + s·B·A`` on the parameters
+    ``target_parameters`` names (per expert for 3-D stacks)."""
 
     name = "lora"
     title = "LoRA"
@@ -155,16 +85,78 @@ class LoRAMethod(LayerMethod):
         "linear_4bit": DoRALinear,  # its norm reads the dequantized weight
         "linear_8bit": DoRALinear,
     }
-    peft = PeftMapping("LORA", _to_peft, _from_peft, keys={"lora_magnitude_vector": "lora_magnitude_vector.weight"})
+    residual_classes = {
+        "linear": ResidualLoRALinear,
+        "conv": ResidualLoRAConv,
+        "hf_conv1d": ResidualLoRAConv1D,
+        "linear_4bit": ResidualLoRALinear,  # PiSSA/OLoRA: factors from the dequantized weight
+        "linear_8bit": ResidualLoRALinear,
+    }
+    peft = PeftMapping(
+        "LORA",
+        interop.to_peft,
+        interop.from_peft,
+        keys=interop.KEYS,
+        export_layer=interop.export_layer,
+        import_layer=interop.import_layer,
+        targets=interop.peft_targets,
+    )
 
     def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
-        return (self.dora_classes if config.use_dora else self.adapter_classes)[kind]
+        if config.use_dora:
+            return self.dora_classes[kind]
+        return (self.residual_classes if is_residual_init(config.init) else self.adapter_classes)[kind]
 
     def all_adapter_classes(self) -> list[type[Adapter]]:
-        return [*self.adapter_classes.values(), *self.dora_classes.values()]
+        return [
+            *self.adapter_classes.values(),
+            *self.dora_classes.values(),
+            *self.residual_classes.values(),
+            ParameterLoRA,
+        ]
+
+    # -- parameter targets beside module targets --------------------------------------------------------------
+    def select(self, model: nn.Module, config: LoRAConfig, head: HeadInfo) -> list[str]:
+        only_parameters = config.target_modules is None and config.target_parameters
+        modules = [] if only_parameters else super().select(model, config, head)
+        parameters = select_parameters(model, config.target_parameters) if config.target_parameters else []
+        both = [p for p in parameters if p.rpartition(".")[0] in modules]
+        if both:
+            raise ValueError(
+                f"`target_parameters` selects {both[:3]}, whose modules `target_modules` adapts as layers too; "
+                f"adapt each module one way (exclude it with `exclude_modules`, or narrow `target_parameters`)."
+            )
+        return modules + parameters
+
+    def check_targets(self, model: nn.Module, targets: list[str]) -> list[str]:
+        modules, parameters = split_targets(model, targets)
+        if modules or not parameters:
+            super().check_targets(model, modules)
+        bad = [p for p in parameters if (found := parameter_at(model, p)) is None or found[3].dim() not in (2, 3)]
+        if bad:
+            raise ValueError(
+                f"`targets` (from a recipe) names {bad[:5]}, neither a module nor a 2-D/3-D parameter of "
+                f"{type(model).__name__}."
+            )
+        return targets
+
+    def insert(self, model: nn.Module, targets: list[str], config: LoRAConfig, adapter_name: str) -> None:
+        modules, parameters = split_targets(model, targets)
+        if modules:
+            super().insert(model, modules, config, adapter_name)
+        for path, names in group_parameters(model, parameters).items():
+            module = model.get_submodule(path)
+            layer = module if isinstance(module, AdaptedParameters) else AdaptedParameters(module)
+            param = getattr(layer.base_layer, names[0])
+            with torch.device(param.device):
+                layer.add_adapter(adapter_name, ParameterLoRA(layer.base_layer, config, parameter_names=names))
+            if layer is not module:
+                replace_module(model, path, layer)
 
     def describe(self, config: LoRAConfig) -> str:
-        return f"{'DoRA ' if config.use_dora else ''}r={config.rank} alpha={config.alpha:g}"
+        variant = "DoRA " if config.use_dora else ""
+        init = "" if config.init in ("default", "gaussian") else f" init={config.init}"
+        return f"{variant}r={config.rank} alpha={config.alpha:g}{init}"
 
 
 register_method(LoRAMethod())
@@ -182,6 +174,8 @@ def inject_lora(
     train_bn: bool = False,
     use_rslora: bool = False,
     use_dora: bool = False,
+    init: str = "default",
+    target_parameters: str | list[str] | None = None,
     adapter_name: str = "default",
     adapter_dtype: str | None = None,
 ) -> nn.Module:
@@ -202,6 +196,10 @@ def inject_lora(
         train_bn: let BatchNorm layers outside the head train; by default their running statistics stay frozen.
         use_rslora: scale by ``alpha / sqrt(rank)``.
         use_dora: DoRA (:mod:`peft_callbacks.methods.lora.dora`).
+        init: ``"default"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<K>"`` or ``"olora"``
+            (:mod:`peft_callbacks.methods.lora.init`).
+        target_parameters: parameters to adapt directly, e.g. the fused expert weights of mixture-of-experts blocks
+            (:mod:`peft_callbacks.methods.lora.params`).
         adapter_name: the adapter's name (several adapters can share a model).
         adapter_dtype: dtype of the factors (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``: the base
             weight's dtype, float32 on quantized (bitsandbytes) layers.

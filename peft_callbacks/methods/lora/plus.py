@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_positive_float
 from peft_callbacks.methods.lora.method import lora_adapters
+from peft_callbacks.methods.lora.params import ParameterLoRA
 
 __all__ = ["lora_B_parameters", "loraplus_param_groups", "split_loraplus_groups"]
 
@@ -44,8 +45,11 @@ _COPIED_LISTS = ("lr_lambdas",)  # per-group lists whose entry is reused as is
 
 
 def lora_B_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The ``lora_B`` weights of every LoRA (and DoRA) layer in ``model`` that require gradients."""
-    return [a.lora_B.weight for a in lora_adapters(model).values() if a.lora_B.weight.requires_grad]
+    """The ``lora_B`` weights of every LoRA (and DoRA) layer in ``model``, and of LoRA on parameters (one per
+    adapted parameter), that require gradients."""
+    weights = [a.lora_B.weight for a in lora_adapters(model).values()]
+    weights += [b.weight for m in model.modules() if isinstance(m, ParameterLoRA) for b in m.lora_B.values()]
+    return [w for w in weights if w.requires_grad]
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, **options: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,324 @@
+"""Lightning checkpoints written during a PEFT fit that load like the user's own, and the loader for the others.
+
+While a LightningModule carries surgery, the PEFT callbacks give it an ``on_save_checkpoint`` of its own (the
+module's hook runs first) that rewrites each checkpoint as :mod:`peft_callbacks.io.checkpoint` describes: for
+mergeable methods the ``state_dict`` is the plain model (``MyModule.load_from_checkpoint(path)`` works in a process
+that never imports peft_callbacks), and what resuming needs sits beside it. It runs for full and ``weights_only``
+checkpoints alike, on every rank (only rank zero writes under DDP); sharded strategies (FSDP, DeepSpeed, model
+parallel) keep their own layout. Model objects in the saved hyper-parameters are replaced by plain copies.
+
+Checkpoints a plain load cannot rebuild (bottleneck adapters, prompts, slim checkpoints) load with
+:func:`load_checkpoint`, which replays the surgery recorded in the checkpoint on the module first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+
+from peft_callbacks._validation import check_bool
+from peft_callbacks.callbacks.slim import CHECKPOINT_KEY as SLIM_KEY
+from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.recipe import surgery_records
+from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
+from peft_callbacks.io.checkpoint import (
+    CheckpointLayoutError,
+    read_record,
+    restore_adapted_layout,
+    strip_loader_key,
+    write_plain_layout,
+)
+from peft_callbacks.io.plain_copy import plain_hyperparameters
+from peft_callbacks.io.slim import fill_slim_state_dict
+
+__all__ = [
+    "PlainCheckpointHook",
+    "install_checkpoint_hook",
+    "load_checkpoint",
+    "remove_checkpoint_hook",
+    "restore_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+_HOOK = "on_save_checkpoint"
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_LOADING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("peft_callbacks_loading", default=None)
+_PATCH_LOCK = threading.Lock()
+
+
+def _sharded(pl_module: pl.LightningModule, state: dict[str, Any]) -> bool:
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is not None and type(trainer.strategy).__name__ in _SHARDED:
+        return True
+    return any(type(t).__name__ == "DTensor" for t in state.values())
+
+
+def write_checkpoint_layout(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Rewrite a checkpoint of ``pl_module`` (see the module docstring); sharded checkpoints are left alone."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or _sharded(pl_module, state):
+        return
+    record = write_plain_layout(pl_module, checkpoint, keep_adapted=SLIM_KEY in checkpoint)
+    fold = record is None or record["layout"] == "merged"
+    replaced = plain_hyperparameters(pl_module, checkpoint, fold=fold, key=pl_module.CHECKPOINT_HYPER_PARAMS_KEY)
+    if replaced:
+        log.debug("Saved plain copies of the hyper-parameters %s (they held PEFT modules).", replaced)
+
+
+class PlainCheckpointHook:
+    """A LightningModule's ``on_save_checkpoint`` while it carries surgery: its class's hook, then
+    :func:`write_checkpoint_layout`. An object rather than a closure, so the module still pickles and deep-copies.
+
+    Example::
+
+        >>> import lightning as L
+        >>> module = L.LightningModule()
+        >>> install_checkpoint_hook(module)
+        >>> isinstance(module.on_save_checkpoint, PlainCheckpointHook), remove_checkpoint_hook(module)
+        (True, None)
+    """
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        type(self.module).on_save_checkpoint(self.module, checkpoint)
+        write_checkpoint_layout(self.module, checkpoint)
+
+
+def install_checkpoint_hook(pl_module: pl.LightningModule) -> None:
+    """Give ``pl_module`` its :class:`PlainCheckpointHook` (once, however many callbacks ask)."""
+    if not isinstance(pl_module.__dict__.get(_HOOK), PlainCheckpointHook):
+        pl_module.__dict__[_HOOK] = PlainCheckpointHook(pl_module)
+
+
+def remove_checkpoint_hook(pl_module: pl.LightningModule, *, only_when_plain: bool = False) -> None:
+    """Take the hook out again (with ``only_when_plain``: only once ``pl_module`` holds no inserted module)."""
+    if only_when_plain and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+        return
+    if isinstance(pl_module.__dict__.get(_HOOK), PlainCheckpointHook):
+        del pl_module.__dict__[_HOOK]
+
+
+# -- loading ----------------------------------------------------------------------------------------------------------
+def _recipes_from_callbacks(checkpoint: dict[str, Any]) -> dict[str, list]:
+    """Recipes of checkpoints written before the record existed: the PEFT callbacks' states hold them."""
+    recipes: dict[str, list] = {}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        for path, records in (state.get("recipes") or {}).items() if isinstance(state, dict) else ():
+            if isinstance(records, list) and len(records) > len(recipes.get(path, [])):
+                recipes[path] = records
+    return recipes
+
+
+def replay_missing(module: nn.Module, recipes: dict[str, list]) -> list[str]:
+    """Replay the recorded surgeries ``module`` does not carry, e.g. an adapter trained in an earlier fit that this
+    run did not re-create. On a module that carries some surgery already, what trains and what is active stay as
+    they were, and the re-created adapters are frozen. Return the names of the adapters replayed."""
+    modules = dict(module.named_modules())
+    missing = [p for p in recipes if p not in modules]
+    if missing:
+        raise CheckpointLayoutError(
+            f"The checkpoint's surgery was recorded on {missing[0] or '<root>'!r}, which {type(module).__name__} does "
+            f"not have; build the module as for training."
+        )
+    carried = any(surgery_records(modules[path]) for path in recipes)
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    active = {id(m): list(m.active_adapters) for m in module.modules() if isinstance(m, AdaptedLayer)}
+    added = []
+    for path, records in recipes.items():
+        present = {(r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) for r in surgery_records(modules[path])}
+        todo = [r for r in records if (r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) not in present]
+        if todo:
+            replay(modules[path], todo)
+            added.extend(r.get("adapter_name", DEFAULT_ADAPTER) for r in todo)
+    if added and carried:
+        before = {id(p) for p, _ in flags}
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p in module.parameters():
+            if id(p) not in before:
+                p.requires_grad_(False)
+        for m in module.modules():
+            if isinstance(m, AdaptedLayer) and id(m) in active:
+                m.active_adapters = active[id(m)]
+    return list(dict.fromkeys(added))
+
+
+def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The load-time half of :func:`write_checkpoint_layout`, for a module that carries the surgery again
+    (resuming, testing): adapters of earlier fits re-created, the adapted layout restored."""
+    record = read_record(checkpoint)
+    if record is not None and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+        added = replay_missing(pl_module, record["recipes"])
+        if added:
+            log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
+    if isinstance(checkpoint.get("state_dict"), dict):  # sharded strategies load the model state themselves
+        restore_adapted_layout(pl_module, checkpoint)
+
+
+def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) -> list[str]:
+    """Make ``module`` (as built) fit ``checkpoint["state_dict"]``: replay the recorded surgery, refill a slim
+    checkpoint's base, restore the adapted layout. Return the mergeable methods to fold once the state is loaded."""
+    state = checkpoint["state_dict"]
+    record = read_record(checkpoint)
+    recipes = record["recipes"] if record is not None else _recipes_from_callbacks(checkpoint)
+    if not recipes or (record is not None and record["layout"] == "merged" and merged):
+        strip_loader_key(state)
+        return []
+    replay_missing(module, recipes)
+    if SLIM_KEY in checkpoint:
+        fill_slim_state_dict(module, state, checkpoint[SLIM_KEY])
+    restore_adapted_layout(module, checkpoint)
+    methods = {r["method"] for records in recipes.values() for r in records}
+    return sorted(m for m in methods if merged and get_method(m).mergeable)
+
+
+@contextlib.contextmanager
+def _preparing(module_class: type, merged: bool) -> Iterator[dict]:
+    """Within the block, ``module_class.on_load_checkpoint`` also prepares the instance being loaded (this thread)."""
+    inherited = module_class.on_load_checkpoint
+    own = module_class.__dict__.get("on_load_checkpoint")
+    outcome: dict[str, Any] = {"merge": [], "merged": merged}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        inherited(self, checkpoint)
+        loading = _LOADING.get()
+        if loading is not None and "module" not in loading:
+            loading["module"] = self
+            loading["merge"] = prepare_module(self, checkpoint, loading["merged"])
+
+    with _PATCH_LOCK:
+        token = _LOADING.set(outcome)
+        module_class.on_load_checkpoint = on_load_checkpoint
+        try:
+            yield outcome
+        finally:
+            if own is None:
+                del module_class.on_load_checkpoint
+            else:
+                module_class.on_load_checkpoint = own
+            _LOADING.reset(token)
+
+
+def _check_map_location(value: Any) -> None:
+    """``torch.load``'s ``map_location``: None, a device (name), a dict of device names or a callable."""
+    if value is None or callable(value) or isinstance(value, (torch.device, dict)):
+        return
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"`map_location` must be None, a device such as 'cpu' or 'cuda:0', a dict or a callable (as for torch.load), "
+        f"got {value!r}."
+    )
+
+
+def load_checkpoint(
+    module: type[pl.LightningModule] | pl.LightningModule,
+    checkpoint_path: str | Path,
+    *,
+    merged: bool = True,
+    map_location: Any = None,
+    strict: bool | None = None,
+    weights_only: bool | None = None,
+    **kwargs: Any,
+) -> pl.LightningModule:
+    """Load a checkpoint written during a PEFT fit, for every method: what to use when a plain
+    ``MyModule.load_from_checkpoint(path)`` cannot rebuild the model (bottleneck adapters, prompts, slim checkpoints).
+
+    The module is built as for training, the surgery recorded in the checkpoint is replayed on it, a slim
+    checkpoint's base is taken from it, and the state is loaded. Checkpoints of mergeable methods load with a plain
+    ``load_from_checkpoint`` too; here they can also come back with their adapters (``merged=False``).
+
+    Args:
+        module: a LightningModule class (built from the checkpoint's hyper-parameters, ``kwargs`` overriding them,
+            exactly as ``load_from_checkpoint`` does) or an instance built as for training.
+        checkpoint_path: the checkpoint file.
+        merged: fold mergeable adapters (LoRA, IA3, …) into the weights, as a plain load does; ``False`` keeps
+            every adapter as during training (to switch adapters, or to train on).
+        map_location: as for ``torch.load``.
+        strict: as for ``load_state_dict``; ``None`` follows the module's ``strict_loading``.
+        weights_only: as for ``torch.load`` (``None``: torch's default, ``True``).
+        **kwargs: hyper-parameters overriding the saved ones (with a class).
+
+    Returns:
+        The loaded module, in training mode as Lightning leaves it.
+
+    Raises:
+        CheckpointLayoutError: the checkpoint's surgery does not fit the module (another module, or a newer
+            checkpoint format).
+
+    Example::
+
+        >>> import lightning as L, os, tempfile, torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from peft_callbacks import AdapterCallback
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self, width=8):
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        ...         torch.manual_seed(0)
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+        ...     def training_step(self, batch, batch_idx):
+        ...         return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.5)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[AdapterCallback(bottleneck=2, modules=["net.0"])],
+        ...                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trained = Net()
+        >>> trainer.fit(trained, data)
+        >>> path = os.path.join(tempfile.mkdtemp(), "adapters.ckpt")
+        >>> trainer.save_checkpoint(path)
+        >>> Net.load_from_checkpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: Error(s) in loading state_dict for Net:
+        ...Unexpected key(s) in state_dict: "(load this checkpoint with peft_callbacks.load_checkpoint(Net, path))"...
+        >>> loaded = load_checkpoint(Net, path)
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(loaded.net(x), trained.net(x))
+        True
+    """
+    check_bool("merged", merged)
+    for name, value in (("strict", strict), ("weights_only", weights_only)):
+        if value is not None:
+            check_bool(name, value)
+    _check_map_location(map_location)
+    if isinstance(module, type) and issubclass(module, pl.LightningModule):
+        with _preparing(module, merged) as outcome:
+            loaded = module.load_from_checkpoint(
+                checkpoint_path, map_location=map_location, strict=strict, weights_only=weights_only, **kwargs
+            )
+    elif isinstance(module, pl.LightningModule):
+        if not isinstance(checkpoint_path, (str, Path)) or not str(checkpoint_path):
+            raise TypeError(f"`checkpoint_path` must be a file path, got {type(checkpoint_path).__name__}.")
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(f"`checkpoint_path`: no checkpoint file at {str(checkpoint_path)!r}.")
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=weights_only)
+        module.on_load_checkpoint(checkpoint)
+        outcome = {"merge": prepare_module(module, checkpoint, merged)}
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading if strict is None else strict)
+        loaded = module
+    else:
+        raise TypeError(
+            f"`module` must be a LightningModule class or instance, got {type(module).__name__} {module!r}."
+        )
+    for method in outcome["merge"]:
+        merge(loaded, method=method)
+    return loaded

@@ -1,0 +1,131 @@
+r"""Loss terms that keep the base task: L2-SP, EWC's diagonal Fisher and penalty, and LwF distillation.
+
+All act on the update space of :class:`~peft_callbacks.forgetting.anchors.UpdateAnchor` (weight space ``ΔW`` for
+mergeable PEFT layers, ``θ − θ₀`` for every other trained tensor):
+
+* **L2-SP** (Li et al. 2018, "Explicit inductive bias for transfer learning", eq. 2, the ``α`` term):
+  ``α/2 · Σ ‖update‖²`` pulls the fine-tuned weights back to the starting point.
+* **EWC** (Kirkpatrick et al. 2017, eq. 3): ``λ/2 · Σ F ⊙ update²`` with ``F`` the diagonal Fisher of the base task
+  at the starting point. :func:`diagonal_fisher` computes it as Avalanche's ``EWCPlugin`` does: the square of each
+  mini-batch gradient of the base-task loss, averaged over batches (the *empirical* Fisher of mini-batches).
+* **LwF** (Li & Hoiem 2017, eq. 2, with Hinton's temperature): ``T² · KL(p_old^T ‖ p_new^T)`` between the original
+  model's and the current model's base-head outputs, averaged over examples.
+
+Example::
+
+    >>> import torch
+    >>> teacher = torch.tensor([[2.0, 0.0]])
+    >>> round(float(distillation_loss(teacher, teacher)), 6)
+    0.0
+    >>> float(distillation_loss(torch.zeros(1, 2), teacher, temperature=1.0)) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from peft_callbacks.forgetting.anchors import UpdateAnchor
+from peft_callbacks.forgetting.updates import folded_weights
+
+
+def l2sp_penalty(anchor: UpdateAnchor, alpha: float) -> torch.Tensor:
+    """``alpha/2 · Σ ‖update‖²`` over the anchor's update space (differentiable)."""
+    return 0.5 * alpha * anchor.square_norm()
+
+
+def ewc_penalty(anchor: UpdateAnchor, fisher: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """``weight/2 · Σ F ⊙ update²`` over the entries of ``fisher`` (entries without a Fisher are not penalised)."""
+    total = torch.zeros(())
+    for name, delta in anchor.updates():
+        f = fisher.get(name)
+        if f is not None:
+            total = total.to(delta.device) + (f.to(delta.device) * delta.pow(2)).sum()
+    return 0.5 * weight * total
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, summed over classes, averaged over examples (and token
+    positions for ``(B, T, V)`` logits)."""
+    classes = student.shape[-1]
+    log_q = F.log_softmax(student.reshape(-1, classes).float() / temperature, dim=-1)  # (N, C) student
+    log_p = F.log_softmax(teacher.reshape(-1, classes).float() / temperature, dim=-1)  # (N, C) teacher
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
+@contextlib.contextmanager
+def _requiring_grad(tensors: list[torch.Tensor]) -> Iterator[None]:
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t in tensors:
+            t.requires_grad_(False)
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def diagonal_fisher(
+    anchor: UpdateAnchor,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    limit_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the base task over the anchor's update space, at the current weights.
+
+    ``F = 1/N · Σ_b (∇ L_b)²`` with ``L_b = loss_fn(batch_b)`` (the mean base-task loss of mini-batch ``b``) and
+    ``N`` the number of batches. For a mergeable layer the gradient is taken in weight space: with respect to the
+    merged weight ``W``, the layer run as a plain layer (:func:`~peft_callbacks.forgetting.updates.folded_weights`);
+    for every other tensor of the anchor (frozen ones too, for an anchor that is not trainable-only) with respect to
+    the tensor. With several processes batch ``b`` is taken by rank
+    ``b % world_size`` and the sums are added over ranks, so the result equals one process. The caller sets the
+    model's mode (eval: no dropout, no BatchNorm statistics update).
+
+    Returns:
+        ``{name: F}`` keyed like :meth:`UpdateAnchor.updates`, float32.
+
+    Raises:
+        ValueError: ``batches`` yields no batch.
+    """
+    layer_names = {anchor.layer_name(path): layer for path, layer in anchor.layers.items()}
+    tensors = dict(anchor.tensors())  # frozen ones too when the anchor is not trainable-only
+    frozen = [t for t in tensors.values() if not t.requires_grad]
+    with folded_weights(anchor.layers, requires_grad=True), _requiring_grad(frozen):
+        targets = {name: layer.base_layer.weight for name, layer in layer_names.items()}
+        targets.update(tensors)
+        names, params = list(targets), list(targets.values())
+        if not params:
+            return {}
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        count = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
+        seen = 0
+        for index, batch in enumerate(batches):
+            if limit_batches is not None and index >= limit_batches:
+                break
+            seen += 1
+            if index % world_size != rank:
+                continue
+            loss = loss_fn(batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for total, grad in zip(sums, grads):
+                if grad is not None:
+                    total += grad.detach().float().pow(2)
+            count += 1
+    if seen == 0:
+        raise ValueError("The base-task `dataloader` yielded no batches; the Fisher needs at least one.")
+    _all_reduce([*sums, count])
+    return {name: total / count.clamp(min=1).to(total.dtype) for name, total in zip(names, sums)}

@@ -1,0 +1,86 @@
+"""LoRA's settings: one frozen dataclass, checked once, recorded in recipes and taken by ``LoRACallback``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from peft_callbacks._validation import check_bool, check_float, check_patterns, check_positive_float, check_positive_int
+from peft_callbacks.engine import LayerConfig, not_recorded
+from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
+
+__all__ = ["INITS", "LoRAConfig"]
+
+INITS = ("default", "gaussian", *RESIDUAL_INITS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig(LayerConfig):
+    """LoRA (Hu et al. 2021) and its variants rsLoRA, DoRA, PiSSA/OLoRA initialisation, and LoRA on parameters.
+
+    Attributes:
+        rank: the rank ``r`` of the update (> 0; Hu et al. §4.1).
+        alpha: ``lora_alpha`` (> 0); ``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``).
+        dropout: dropout on the LoRA branch input, in ``[0, 1)``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable magnitude per output unit on top of
+            the low-rank direction update.
+        init: how the factors start (HF PEFT's ``init_lora_weights``): ``"default"`` (``A`` kaiming-uniform, ``B``
+            zero), ``"gaussian"`` (``A`` normal with std ``1/r``), or from the base weight, which then acts as the
+            residual: ``"pissa"`` (SVD), ``"pissa_niter_<K>"`` (randomised SVD, K power iterations), ``"olora"`` (QR);
+            see :mod:`peft_callbacks.methods.lora.init`.
+        target_parameters: parameters to adapt directly (names, dotted suffixes as in PEFT —
+            ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
+            one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
+            these parameters are adapted. Recorded as the exact parameter paths it selected.
+
+    Example::
+
+        >>> config = LoRAConfig(rank=8, alpha=16, target_modules=["qkv"])
+        >>> config.to_dict()["alpha"], config.target_modules  # patterns are used, the exact targets recorded
+        (16.0, ['qkv'])
+        >>> LoRAConfig(init="svd")
+        Traceback (most recent call last):
+        ...
+        ValueError: `init` must be one of ('default', 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora'), got 'svd'.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    target_parameters: str | list[str] | None = not_recorded()
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("rank", self.rank)
+        self._set("alpha", check_positive_float("alpha", self.alpha))
+        self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
+        check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
+        if not isinstance(self.init, str) or not (self.init in ("default", "gaussian") or is_residual_init(self.init)):
+            raise ValueError(f"`init` must be one of {INITS}, got {self.init!r}.")
+        if self.use_dora and is_residual_init(self.init):
+            raise ValueError(
+                f"`init`={self.init!r} cannot be combined with `use_dora=True`: DoRA's magnitude is taken from the "
+                f"base weight, which {self.init} splits in two. Use one of them."
+            )
+        self._set("target_parameters", check_patterns("target_parameters", self.target_parameters))
+        if self.target_parameters:
+            check_parameter_options(self)
+
+
+def check_parameter_options(config: LoRAConfig) -> None:
+    """Refuse the LoRA options that LoRA on parameters cannot have (as HF PEFT refuses them)."""
+    if config.dropout:
+        raise ValueError(
+            f"`dropout`={config.dropout:g} cannot be used with `target_parameters`: a parameter's update W + s·B·A "
+            f"has no input to drop (HF PEFT refuses it too). Use dropout=0."
+        )
+    if config.use_dora:
+        raise ValueError("`use_dora=True` cannot be used with `target_parameters` (DoRA is defined for layers).")
+    if is_residual_init(config.init):
+        raise ValueError(
+            f"`init`={config.init!r} cannot be used with `target_parameters`; use 'default' or 'gaussian'."
+        )

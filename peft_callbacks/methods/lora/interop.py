@@ -1,0 +1,174 @@
+"""LoRA in HF PEFT's directory format: the config fields, and the tensors where they are not one-to-one.
+
+* Plain LoRA / DoRA: PEFT's keys (``lora_A.weight``, ``lora_magnitude_vector.weight``) and shapes.
+* PiSSA / OLoRA: written as PEFT writes them (``init_lora_weights: "pissa"``, only ``lora_A`` / ``lora_B``): PEFT
+  recomputes the decomposition of the original base when it loads them, as it does for its own files. A randomised
+  SVD (``pissa_niter_<K>``) cannot be recomputed, so it is written as the plain rank-``2r`` LoRA that applies to the
+  original base (``[B, −B₀]·[A; A₀]``, alpha doubled or ×√2 with rsLoRA), which is PEFT's own conversion
+  (``path_initial_model_for_weight_conversion``). Importing a PiSSA/OLoRA directory decomposes the fresh base here.
+* LoRA on parameters: PEFT nests one wrapper per targeted parameter of a module, the first parameter (in the module's
+  order) innermost: ``experts.base_layer.lora_A.weight`` (``gate_up_proj``), ``experts.lora_A.weight``
+  (``down_proj``); the config lists ``target_parameters``.
+
+Example::
+
+    >>> _peft_init("pissa"), _peft_init("default"), _our_init(True), _our_init("olora")
+    ('pissa', True, 'default', 'olora')
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peft_callbacks.engine import AdaptedLayer, AdaptedParameters
+from peft_callbacks.methods.lora.config import LoRAConfig
+from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_init
+from peft_callbacks.methods.lora.layers import LoRAConv1D
+from peft_callbacks.methods.lora.params import ParameterLoRA
+
+__all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
+
+KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
+
+_UNSUPPORTED_PEFT = (
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "lora_bias",
+    "trainable_token_indices",
+    "use_qalora",
+    "alora_invocation_tokens",
+)
+
+
+def _converted(config: LoRAConfig) -> bool:
+    """Is the adapter written as a plain rank-2r LoRA (a randomised SVD PEFT cannot redo)?"""
+    return config.init.startswith("pissa_niter_")
+
+
+def _peft_init(init: str) -> bool | str:
+    return True if init == "default" else init
+
+
+def _our_init(value: Any) -> str:
+    if value is True or value is False or value is None:
+        return "default"  # False (random B) only matters before the tensors are loaded
+    if isinstance(value, str) and (value == "gaussian" or is_residual_init(value)):
+        return value
+    raise ValueError(
+        f"init_lora_weights={value!r} is not supported here (peft_callbacks has 'gaussian', 'pissa', "
+        f"'pissa_niter_<K>' and 'olora'; others change the base in ways it does not record)"
+    )
+
+
+def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
+    """The LoRA fields of ``adapter_config.json``."""
+    adapters = [a for layer in layers.values() for a in layer.adapters.values() if a.config == config]
+    modules = [p for p, layer in layers.items() if not isinstance(layer, AdaptedParameters)]
+    parameters = [
+        f"{p}.{n}"
+        for p, layer in layers.items()
+        for a in adapters
+        if a in layer.adapters.values()
+        for n in getattr(a, "parameter_names", ())
+    ]
+    r, alpha, init = config.rank, config.alpha, _peft_init(config.init)
+    if _converted(config):
+        r, alpha, init = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2), True
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": any(isinstance(a, LoRAConv1D) for a in adapters),
+        "bias": "none",
+        "init_lora_weights": init,
+        "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
+        "target_parameters": parameters or None,
+    }
+
+
+def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
+    """Our config for a PEFT ``LoraConfig`` (``ValueError`` for options we do not support)."""
+    used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
+    if peft_config.get("bias", "none") != "none":
+        used.append(f"bias={peft_config['bias']!r}")
+    if used:
+        raise ValueError(f"uses PEFT LoRA options that peft_callbacks does not support: {', '.join(used)}")
+    return LoRAConfig(
+        rank=peft_config.get("r"),
+        alpha=peft_config.get("lora_alpha"),
+        dropout=peft_config.get("lora_dropout") or 0.0,
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        use_dora=bool(peft_config.get("use_dora", False)),
+        init=_our_init(peft_config.get("init_lora_weights", True)),
+        train_head=False,
+    )
+
+
+def _nesting(adapter: ParameterLoRA, index: int) -> str:
+    """PEFT's key prefix for the ``index``-th targeted parameter of a module: the first is innermost."""
+    return "base_layer." * (len(adapter.parameter_names) - 1 - index)
+
+
+def export_layer(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's keys."""
+    if isinstance(adapter, ParameterLoRA):
+        return {
+            f"{_nesting(adapter, i)}{factor}.weight": getattr(adapter, factor)[name].weight
+            for i, name in enumerate(adapter.parameter_names)
+            for factor in ("lora_A", "lora_B")
+        }
+    if isinstance(adapter, ResidualLoRAAdapter):
+        if _converted(adapter.config):
+            lora_A = torch.cat([adapter.lora_A.weight, adapter.lora_A_init], dim=0)  # (2r, …)
+            lora_B = torch.cat([adapter.lora_B.weight, -adapter.lora_B_init], dim=1)  # (out, 2r, …)
+            return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
+        return {"lora_A.weight": adapter.lora_A.weight, "lora_B.weight": adapter.lora_B.weight}
+    return {KEYS.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
+
+
+def import_layer(
+    peft_config: dict[str, Any], path: str, adapter: nn.Module, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """PEFT's tensors of one layer under our keys (unknown keys are passed on, for the caller to report)."""
+    if isinstance(adapter, ParameterLoRA):
+        out, used = {}, set()
+        for i, name in enumerate(adapter.parameter_names):
+            for factor in ("lora_A", "lora_B"):
+                key = f"{_nesting(adapter, i)}{factor}.weight"
+                if key in tensors:
+                    out[f"{factor}.{name}.weight"] = tensors[key]
+                    used.add(key)
+        return {**out, **{k: t for k, t in tensors.items() if k not in used}}
+    inverse = {theirs: ours for ours, theirs in KEYS.items()}
+    out = {inverse.get(k, k): t for k, t in tensors.items()}
+    if isinstance(adapter, ResidualLoRAAdapter):  # B₀, A₀ of the fresh base, decomposed at injection as PEFT does
+        out.setdefault("lora_A_init", adapter.lora_A_init)
+        out.setdefault("lora_B_init", adapter.lora_B_init)
+    return out
+
+
+def peft_targets(model: nn.Module, peft_config: dict[str, Any], paths: list[str]) -> list[str]:
+    """Our targets for the modules holding tensors in a PEFT file: their parameters where ``target_parameters``
+    names them (PEFT's rule: the parameter's path equals a name or ends with ``"." + name``), else the module."""
+    names = peft_config.get("target_parameters") or []
+    if isinstance(names, str):
+        raise ValueError("target_parameters must be a list of parameter names (PEFT does not take a string).")
+    targets = []
+    for path in paths:
+        module = model.get_submodule(path)
+        own = [
+            f"{path}.{n}"
+            for n, _ in module.named_parameters(recurse=False)
+            if any(f"{path}.{n}" == t or f"{path}.{n}".endswith(f".{t}") for t in names)
+        ]
+        targets.extend(own or [path])
+    return targets

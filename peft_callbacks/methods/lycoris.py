@@ -1,0 +1,208 @@
+r"""What LoHa and LoKr share (the LyCORIS family, as HF PEFT's ``lycoris_utils``): settings, dropouts, forward, merge.
+
+Both methods build a full-size update ``ΔW`` of the base weight from a few small tensors (a Hadamard product of two
+low-rank matrices for LoHa, a Kronecker product for LoKr), scaled by ``alpha / rank``, and add what ``ΔW`` computes::
+
+    h = W₀x + b + ΔW·x                       (Linear, transformers Conv1D)
+    h = conv(x, W₀) + b + conv(x, ΔW)        (convolutions: the base layer's stride, padding, dilation)
+
+During training two dropouts act on the update (as in PEFT, only in training mode): ``module_dropout`` skips the
+whole update of a layer for one step, ``rank_dropout`` zeroes whole output rows of ``ΔW`` (LoHa rescales the kept
+rows by the inverse of the kept fraction; LoKr only with ``rank_dropout_scale``). Random numbers are drawn in the
+same order as PEFT does, so with the same seed both libraries drop the same rows.
+
+``ΔW`` is built in PEFT's layout (``(out, in, *kernel)``), so transformers ``Conv1D`` layers (stored ``(in, out)``)
+hold the same tensors as an ``nn.Linear`` of the same width; the merge transposes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
+from peft_callbacks.core.kinds import base_weight, conv_with_weight, is_hf_conv1d
+from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig
+
+__all__ = ["LycorisAdapter", "LycorisConfig", "from_peft_fields", "kaiming_", "peft_layer_check", "to_peft_fields"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LycorisConfig(LayerConfig):
+    """Settings LoHa and LoKr share (HF PEFT's names in brackets).
+
+    Attributes:
+        rank: the rank ``r`` of the low-rank factors (> 0) [``r``].
+        alpha: scaling numerator (> 0); the update is multiplied by ``alpha / rank`` [``alpha``].
+        rank_dropout: probability of zeroing each output row of the update during training, in ``[0, 1)``.
+        module_dropout: probability of skipping a layer's whole update for one training step, in ``[0, 1)``.
+        use_effective_conv2d: factor the kernel of convolutions with a kernel larger than 1 through a small core
+            tensor (FedPara's "Proposition 3") instead of flattening it into the input dimension.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("rank", self.rank)
+        self._set("alpha", check_positive_float("alpha", self.alpha))
+        self._set(
+            "rank_dropout", check_float("rank_dropout", self.rank_dropout, low=0.0, high=1.0, high_inclusive=False)
+        )
+        self._set(
+            "module_dropout",
+            check_float("module_dropout", self.module_dropout, low=0.0, high=1.0, high_inclusive=False),
+        )
+        check_bool("use_effective_conv2d", self.use_effective_conv2d)
+
+
+class LycorisAdapter(Adapter):
+    """A LoHa or LoKr update of one layer: subclasses create their tensors and say how they make ``ΔW``.
+
+    Attributes:
+        r, alpha, scaling: the rank, ``alpha`` and ``alpha / r``.
+        out_features, in_features, kernel_size: the base layer's widths and kernel (``()`` for linear layers).
+        effective_conv: the kernel is factored through a core tensor (``use_effective_conv2d`` on a conv whose
+            kernel is larger than 1; PEFT ignores the option on 1×1 kernels, and so do we).
+    """
+
+    scale_rank_dropout: bool = True  # divide the kept rows by the kept fraction (LoKr: only with rank_dropout_scale)
+
+    def __init__(self, base_layer: nn.Module, config: LycorisConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = base_weight(base_layer)
+        self.r = config.rank
+        self.alpha = config.alpha
+        self.scaling = config.alpha / config.rank
+        self.rank_dropout = config.rank_dropout
+        self.module_dropout = config.module_dropout
+        if self.kind == "hf_conv1d":
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.effective_conv = config.use_effective_conv2d and any(k != 1 for k in self.kernel_size)
+        dtype = weight.dtype if weight.is_floating_point() else None
+        for name, shape in self.parameter_shapes(config).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype)))
+        self.reset_parameters()
+
+    # -- what a method gives --------------------------------------------------------------------------------------
+    def parameter_shapes(self, config: LycorisConfig) -> dict[str, tuple[int, ...]]:
+        """``{tensor name: shape}`` in PEFT's names and shapes."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """PEFT's default initialisation: the update is zero at injection."""
+        raise NotImplementedError
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``ΔW`` (scaled) in PEFT's layout ``(out, in, *kernel)``, computed in ``dtype`` (default: the tensors')."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def _core_shape(self) -> tuple[int, ...]:
+        """The kernel dims of an effective-conv core tensor; PEFT keeps a Conv1d kernel as ``(k, 1)``."""
+        return (*self.kernel_size, 1) if len(self.kernel_size) == 1 else self.kernel_size
+
+    def _tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        tensor = getattr(self, name)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _rank_dropout_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        keep = (torch.rand(delta.size(0)) > self.rank_dropout).to(delta.dtype)  # drawn on the CPU, as PEFT does
+        if self.scale_rank_dropout and bool(keep.any()):  # every row dropped: no update (PEFT divides 0 by 0: NaN)
+            keep = keep / keep.mean()
+        return keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)  # (out, 1, …): one value per output row
+
+    def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # PEFT draws this number at every training forward, even at p = 0: drawing it too keeps the random streams
+        # of both libraries aligned (the model's own dropout layers then drop the same units).
+        if self.training and not bool(torch.rand(1) > self.module_dropout):
+            return result
+        delta = self.delta_weight()  # (out, in, *kernel)
+        if self.training and self.rank_dropout:
+            delta = delta * self._rank_dropout_mask(delta)
+        x = x.to(delta.dtype)
+        if self.kind == "conv":
+            return result + conv_with_weight(layer.base_layer, x, delta).to(result.dtype)
+        if delta.dtype != result.dtype:
+            return result + nn.functional.linear(x, delta).to(result.dtype)
+        flat = result.reshape(-1, result.shape[-1])  # (N, out): one addmm adds x·ΔWᵀ onto the base output
+        return torch.addmm(flat, x.reshape(-1, x.shape[-1]), delta.t()).view(result.shape)
+
+    def _stored(self, delta: torch.Tensor) -> torch.Tensor:
+        """``ΔW`` shaped like the stored base weight (transformers ``Conv1D`` stores ``(in, out)``)."""
+        return delta.t() if self.kind == "hf_conv1d" else delta.reshape(self.weight_shape)
+
+    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self._stored(self.delta_weight(torch.float32))
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self._stored(self.delta_weight(torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+
+def kaiming_(tensor: torch.Tensor) -> None:
+    """PEFT's (and ``nn.Linear``'s) default: Kaiming-uniform with ``a = √5``."""
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def peft_layer_check(title: str, layers: dict[str, AdaptedLayer], conv_dims: tuple[int, ...]) -> None:
+    """Refuse an export that ``peft.PeftModel.from_pretrained`` could not load: HF PEFT's LoHa and LoKr adapt
+    ``nn.Linear`` and convolutions with ``conv_dims`` spatial dims only (not transformers ``Conv1D``)."""
+    refused = []
+    for path, layer in layers.items():
+        base = layer.base_layer
+        if is_hf_conv1d(base) or (isinstance(base, nn.modules.conv._ConvNd) and len(base.kernel_size) not in conv_dims):
+            refused.append(f"{path} ({type(base).__name__})")
+    if refused:
+        convs = " and ".join(f"nn.Conv{d}d" for d in conv_dims)
+        raise ValueError(
+            f"HF PEFT's {title} adapts nn.Linear and {convs} layers only, so peft.PeftModel.from_pretrained would "
+            f"refuse this adapter: it also covers {', '.join(refused[:4])}{', …' if len(refused) > 4 else ''}. "
+            f"Leave those layers out (`exclude_modules`) to export, or keep the adapter in this library's format "
+            f"(save_adapter)."
+        )
+
+
+_UNSUPPORTED_PEFT = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+
+
+def to_peft_fields(config: LycorisConfig) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields PEFT's LoHa and LoKr share, for ``config``."""
+    return {
+        "r": config.rank,
+        "alpha": config.alpha,
+        "rank_dropout": config.rank_dropout,
+        "module_dropout": config.module_dropout,
+        "use_effective_conv2d": config.use_effective_conv2d,
+        "init_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def from_peft_fields(peft_config: dict[str, Any], title: str) -> dict[str, Any]:
+    """Our config's shared fields for a PEFT LoHa/LoKr config (options we do not support are refused)."""
+    used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
+    if used:
+        raise ValueError(f"uses PEFT {title} options that peft_callbacks does not support: {', '.join(used)}")
+    return {
+        "rank": peft_config.get("r", 8),
+        "alpha": peft_config.get("alpha", 8),
+        "rank_dropout": peft_config.get("rank_dropout") or 0.0,
+        "module_dropout": peft_config.get("module_dropout") or 0.0,
+        "use_effective_conv2d": bool(peft_config.get("use_effective_conv2d", False)),
+        "train_head": False,
+    }

@@ -1,0 +1,54 @@
+"""LightningCLI YAML: the typed callbacks of VeRA and AdaLoRA, and LoRACallback's new fields, are read and checked from
+YAML as any other callback (jsonargparse validates the types before anything runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from peft_callbacks import AdaLoRACallback, LoRACallback, VeRACallback
+from peft_callbacks.cli import PEFTCLI, main
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs", "digits_base.yaml"
+)
+CALLBACKS = [
+    {"class_path": "peft_callbacks.VeRACallback", "init_args": {"rank": 64, "projection_prng_key": 7}},
+    {
+        "class_path": "peft_callbacks.AdaLoRACallback",
+        "init_args": {"init_r": 6, "target_r": 2, "tinit": 1, "deltaT": 2},
+    },
+    {
+        "class_path": "peft_callbacks.LoRACallback",
+        "init_args": {"init": "gaussian", "target_parameters": ["experts.gate_up_proj"], "adapter_name": "moe"},
+    },
+]
+
+
+def _cli(callbacks) -> PEFTCLI:
+    args = ["--config", CONFIG, "--trainer.logger=false", f"--trainer.callbacks={json.dumps(callbacks)}"]
+    return PEFTCLI(args=args, run=False)
+
+
+def test_the_new_callbacks_and_fields_come_from_yaml():
+    vera, adalora, lora = _cli(CALLBACKS).trainer.callbacks[:3]
+    assert isinstance(vera, VeRACallback) and (vera.config.rank, vera.config.projection_prng_key) == (64, 7)
+    assert isinstance(adalora, AdaLoRACallback) and (adalora.config.init_r, adalora.config.deltaT) == (6, 2)
+    assert isinstance(lora, LoRACallback) and lora.config.init == "gaussian"
+    assert lora.config.target_parameters == ["experts.gate_up_proj"]
+
+
+def test_yaml_values_are_checked_with_the_argument_named(capsys):
+    with pytest.raises(ValueError, match=r"`target_r` must be <= `init_r`"):
+        _cli([{"class_path": "peft_callbacks.AdaLoRACallback", "init_args": {"init_r": 2, "target_r": 4}}])
+    pissa_on_experts = {"init": "pissa", "target_parameters": ["experts.gate_up_proj"]}
+    with pytest.raises(ValueError, match=r"`init`='pissa' cannot be used with `target_parameters`"):
+        _cli([{"class_path": "peft_callbacks.LoRACallback", "init_args": pissa_on_experts}])
+    bad = [{"class_path": "peft_callbacks.VeRACallback", "init_args": {"rank": "many"}}]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", CONFIG, f"--trainer.callbacks={json.dumps(bad)}", "--help"])
+    assert "rank" in capsys.readouterr().err
