@@ -29,6 +29,7 @@ from test_quantized import (  # noqa: E402
 
 from peft_callbacks import ForgettingMonitor, LoRACallback, SlimCheckpoint, export_peft, load_adapter  # noqa: E402
 from peft_callbacks.core import quantized  # noqa: E402
+from peft_callbacks.io.checkpoint import strip_loader_key  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,7 @@ def test_slim_checkpoints_resume_on_a_quantized_base(llama_dir, tmp_path):
     path = tmp_path / "slim.ckpt"
     first.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["state_dict"]
+    assert strip_loader_key(state)  # a plain load is told to use load_checkpoint: the base is not in the file
     assert state and all(".lora_" in k for k in state)  # no 4-bit weight, no quantization statistics
     _, resumed = fit(2, ckpt_path=str(path))  # onto a freshly quantized base, its fingerprint checked
     assert len(resumed.losses) == 2
