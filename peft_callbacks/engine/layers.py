@@ -284,7 +284,7 @@ class AdaptedLayer(PEFTModule):
         bias = getattr(self.base_layer, "bias", None)
         weight = base_weight(self.base_layer).float()
         bias = bias.float() if isinstance(bias, torch.Tensor) else None
-        for name in reversed(self.merged_adapters):
+        for name in reversed(self.merge_order(self.merged_adapters)):
             weight = self.adapters[name].unmerge_from(self, weight)
             bias = None if bias is None else self.adapters[name].unmerge_bias_from(self, bias)
         return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
