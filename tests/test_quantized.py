@@ -24,6 +24,7 @@ from peft_callbacks.core import quantized  # noqa: E402
 from peft_callbacks.core.kinds import base_weight, layer_kind, weight_shape, write_weight  # noqa: E402
 from peft_callbacks.engine.precision import requantization_error  # noqa: E402
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints  # noqa: E402
+from peft_callbacks.methods.adalora import AdaLoRAConfig  # noqa: E402
 from peft_callbacks.methods.ia3 import IA3Config  # noqa: E402
 from peft_callbacks.methods.lora import LoRAConfig  # noqa: E402
 
@@ -130,16 +131,21 @@ def test_default_targets_all_linear_and_names_select_quantized_layers(llama_dir)
 
 # -- QLoRA: frozen quantized base, float32 factors, the same outputs as HF PEFT ------------------------------------
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("variant", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "ia3", "adalora"])
 def test_outputs_equal_peft_with_the_same_tensors(llama_dir, fmt, variant):
     if variant != "lora" and fmt in ("nf4", "fp4-dq"):
-        pytest.skip("DoRA and IA3 run on two of the four 4-bit formats, to keep the suite short")
+        pytest.skip("DoRA, IA3 and AdaLoRA run on two of the four 4-bit formats, to keep the suite short")
     ids = token_ids()
     ours = load_quantized(llama_dir, fmt)
     before = quantized_state(ours)
     if variant == "ia3":
         config = IA3Config(target_modules=PROJECTIONS, feedforward_modules=["down_proj"])
         theirs_config = peft.IA3Config(target_modules=PROJECTIONS, feedforward_modules=["down_proj"])
+    elif variant == "adalora":
+        config = AdaLoRAConfig(init_r=8, target_r=4, alpha=16, total_step=10, target_modules=PROJECTIONS)
+        theirs_config = peft.AdaLoraConfig(
+            init_r=8, target_r=4, lora_alpha=16, total_step=10, target_modules=PROJECTIONS
+        )
     else:
         config = LoRAConfig(rank=8, alpha=16, target_modules=PROJECTIONS, use_dora=variant == "dora")
         theirs_config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, use_dora=variant == "dora")
@@ -158,6 +164,7 @@ def test_outputs_equal_peft_with_the_same_tensors(llama_dir, fmt, variant):
                 "lora_B.weight", "lora_B.default.weight"
             )
             name = name.replace("ia3_l", "ia3_l.default")
+            name = {"lora_A": "lora_A.default", "lora_B": "lora_B.default", "lora_E": "lora_E.default"}.get(name, name)
             theirs_state[f"base_model.model.{path}.{name}"].copy_(tensor)
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
     assert_bit_identical(before, ours)

@@ -37,13 +37,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_float, check_int, check_positive_float, check_positive_int
-from peft_callbacks.core.kinds import base_weight
 from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig, LayerMethod, PeftMapping, register_method
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "check_schedule"]
@@ -147,11 +147,11 @@ class AdaLoRA(Adapter):
 
     def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig) -> None:
         super().__init__(base_layer, config)
-        weight = base_weight(base_layer)
+        weight, shape = base_layer.weight, self.weight_shape  # as stored (device, dtype); the full shape, unread
         if self.kind == "hf_conv1d":
-            fan_in, out_features = weight.shape  # Conv1D stores (in, out)
+            fan_in, out_features = shape  # Conv1D stores (in, out)
         else:
-            out_features, fan_in = weight.shape[0], weight[0].numel()  # a kernel flattens into Q: (r, in·k…)
+            out_features, fan_in = shape[0], math.prod(shape[1:])  # a kernel flattens into Q: (r, in·k…)
         r = config.init_r
         dtype = weight.dtype if weight.is_floating_point() else None
         self.lora_A = nn.Parameter(torch.empty(r, fan_in, device=weight.device, dtype=dtype))  # Q
@@ -265,7 +265,13 @@ class AdaLoRAMethod(LayerMethod):
     name = "adalora"
     title = "AdaLoRA"
     config_class = AdaLoRAConfig
-    adapter_classes = {"linear": AdaLoRA, "conv": AdaLoRA, "hf_conv1d": AdaLoRA}
+    adapter_classes = {
+        "linear": AdaLoRA,
+        "conv": AdaLoRA,
+        "hf_conv1d": AdaLoRA,
+        "linear_4bit": AdaLoRA,  # on a quantized base, as PEFT's AdaLoRA (its bnb layers)
+        "linear_8bit": AdaLoRA,
+    }
     peft = PeftMapping("ADALORA", _to_peft, _from_peft, import_layer=_import_layer)
 
     def describe(self, config: AdaLoRAConfig) -> str:
