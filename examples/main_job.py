@@ -37,8 +37,11 @@ from peft_callbacks import (
     ForgettingMonitor,
     FreezeBackbone,
     HeadOnly,
+    IA3Config,
     LoRACallback,
+    PEFTCallback,
     PromptTuningCallback,
+    VeRACallback,
 )
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
@@ -81,6 +84,8 @@ VISION_METHODS = [
     Method("freeze=8", lambda out: [FreezeBackbone(freeze=8)], lr=2e-3, note="first 8 of 12 layers frozen"),
     Method("LoRA r=4", lambda out: [lora(out)], lr=3e-3),
     Method("DoRA r=4", lambda out: [LoRACallback(rank=4, alpha=8, use_dora=True, save_adapter_to=out)], lr=3e-3),
+    Method("IA3", lambda out: [PEFTCallback(IA3Config(), save_adapter_to=out)], lr=1e-2, note="rescaling vectors"),
+    Method("VeRA r=64", lambda out: [VeRACallback(rank=64, save_adapter_to=out)], lr=1e-2, note="Linear layers only"),
     Method("full fine-tuning + replay 40%", lambda out: [replay(0.4)], lr=1e-3),
     Method("LoRA r=4 + replay 40%", lambda out: [lora(out), replay(0.4)], lr=3e-3),
     Method("full fine-tuning + LwF λ=1", lambda out: [DistillationCallback(1.0, base_head=Base.weights)], lr=1e-3),
@@ -101,10 +106,15 @@ ENCODER = dict(module="encoder")  # adapt the transformers encoder; the Lightnin
 # the finish on text: label-free, the drift of the sentence embeddings (on general lines of its own) is what it caps
 DRIFT = dict(metric=None, forward_fn=sentence_embedding, features="output", **ENCODER)
 LORA_QV = dict(rank=8, target_modules=["query", "value"], **ENCODER)
+VERA_QV = dict(target_modules=["query", "value"], **ENCODER)
+# IA3 as HF PEFT sets it up for BERT: keys, values and the feed-forward output, whose input is scaled
+IA3_TEXT = dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
 TEXT_METHODS = [
     Method("full fine-tuning", lambda out: [], lr=5e-5, note="every weight trains"),
     Method("freeze=6 (last layer + head)", lambda out: [FreezeBackbone(freeze=6, **ENCODER)], lr=1e-4),
     Method("LoRA r=8 (q,v)", lambda out: [LoRACallback(save_adapter_to=out, **LORA_QV)], lr=1e-3),
+    Method("IA3", lambda out: [PEFTCallback(IA3Config(**IA3_TEXT), save_adapter_to=out, **ENCODER)], lr=1e-2),
+    Method("VeRA r=256 (q,v)", lambda out: [VeRACallback(rank=256, save_adapter_to=out, **VERA_QV)], lr=1e-2),
     Method(
         "adapters (Pfeiffer, 16)",
         lambda out: [AdapterCallback(bottleneck=16, placement="pfeiffer", save_adapter_to=out, **ENCODER)],

@@ -9,6 +9,7 @@ test pays the start-up once. Imports stay light: each spawned process imports th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -23,12 +24,19 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import (
+    AdaLoRACallback,
     AdapterCallback,
     ForgettingMonitor,
     FreezeBackbone,
+    IA3Config,
     LayerwiseUnfreezing,
+    LoHaConfig,
+    LoKrConfig,
     LoRACallback,
+    OFTConfig,
+    PEFTCallback,
     SlimCheckpoint,
+    VeRAConfig,
 )
 from peft_callbacks.core.sharding import full_tensor, gather_state_dict, is_dtensor, is_writer
 
@@ -273,6 +281,19 @@ def fit_tensor_parallel(out: str, devices: int) -> None:
         (folder / "error.txt").write_text(message)
 
 
+def fit_adalora(out: str, devices: int) -> None:
+    """AdaLoRA's rank allocator needs every triplet and gradient whole: refused under FSDP2, naming what works."""
+    folder = _folder(out, "adalora", devices)
+    trainer = make_trainer(devices, [AdaLoRACallback(init_r=4, target_r=2, total_step=3)], folder, max_steps=1)
+    try:
+        trainer.fit(LanguageModel(), token_data(devices))
+        message = ""
+    except ValueError as err:
+        message = str(err)
+    if is_writer():
+        (folder / "error.txt").write_text(message)
+
+
 def fit_mixed_dtypes(out: str, devices: int) -> None:
     """A root unit that would train a bfloat16 head beside float32 norms: refused before FSDP2 asserts."""
     folder = _folder(out, "mixed_dtypes", devices)
@@ -286,12 +307,34 @@ def fit_mixed_dtypes(out: str, devices: int) -> None:
         (folder / "error.txt").write_text(message)
 
 
+# every other mergeable method of the engine, through its callback: the same sharding path as LoRA's
+METHODS = {
+    "ia3": lambda **kw: PEFTCallback(IA3Config(feedforward_modules=["down_proj"]), **kw),
+    "loha": lambda **kw: PEFTCallback(LoHaConfig(rank=4, alpha=4), **kw),
+    "lokr": lambda **kw: PEFTCallback(LoKrConfig(rank=4, alpha=4), **kw),
+    "oft": lambda **kw: PEFTCallback(OFTConfig(oft_block_size=8), **kw),
+    "vera": lambda **kw: PEFTCallback(VeRAConfig(rank=16), **kw),
+}
+
+
+def fit_method(method: str, out: str, devices: int) -> None:
+    """One of :data:`METHODS` with an adapter file, merged at the end."""
+    folder = _folder(out, method, devices)
+    record = Record()
+    callback = METHODS[method](save_adapter_to=str(folder / "adapter"))
+    module = LanguageModel()
+    make_trainer(devices, [record, callback], folder).fit(module, token_data(devices))
+    _write(folder, record, module)
+
+
 SCENARIOS = {
+    **{name: functools.partial(fit_method, name) for name in METHODS},
     "lora": fit_lora,
     "dora": fit_dora_frozen,
     "unfreezing": fit_unfreezing,
     "slim": fit_bottleneck_slim,
     "tensor_parallel": fit_tensor_parallel,
+    "adalora": fit_adalora,
     "mixed_dtypes": fit_mixed_dtypes,
 }
 

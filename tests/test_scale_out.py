@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp2_jobs import SCENARIOS, spawn, tiny_llama
+from fsdp2_jobs import METHODS, SCENARIOS, spawn, tiny_llama
 from safetensors.torch import load_file
 
 from peft_callbacks import load_adapter
 
-TWO_PROCESS = ["lora", "dora", "unfreezing", "slim", "tensor_parallel", "mixed_dtypes"]
-ONE_PROCESS = TWO_PROCESS[:4]  # the last two are refusals that only sharding raises
+TWO_PROCESS = ["lora", "dora", "unfreezing", "slim", *METHODS, "tensor_parallel", "mixed_dtypes", "adalora"]
+ONE_PROCESS = TWO_PROCESS[:-3]  # the last three are refusals that only sharding raises
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,16 @@ def test_dora_on_a_model_built_in_configure_model_with_frozen_layers(runs):
     )
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_other_method_under_fsdp2_equals_one_process(runs, method):
+    one, two = assert_same_fit(runs, method)
+    assert two["frozen_identical"]
+    folder = runs / method
+    torch.testing.assert_close(
+        outputs_with_adapter(folder / "devices2" / "adapter"), outputs_with_adapter(folder / "devices1" / "adapter")
+    )
+
+
 def test_layerwise_unfreezing_under_fsdp2_adds_param_groups_and_resumes(runs):
     one, two = assert_same_fit(runs, "unfreezing")
     assert two["groups"] == one["groups"] == [1, 1, 9]  # the head, then the final norm, then decoder layer 1
@@ -111,6 +121,11 @@ def test_tensor_parallel_is_refused_with_a_clear_error(runs):
     message = (runs / "tensor_parallel" / "devices2" / "error.txt").read_text()
     assert "q_proj.weight' is split by tensor parallelism" in message
     assert "ModelParallelStrategy(tensor_parallel_size=1)" in message
+
+
+def test_adalora_under_fsdp2_is_refused_naming_what_works(runs):
+    message = (runs / "adalora" / "devices2" / "error.txt").read_text()
+    assert "AdaLoRACallback runs on one device or under DDP" in message and "strategy='ddp'" in message
 
 
 def test_an_fsdp2_unit_training_two_dtypes_is_refused_before_fsdp_asserts(runs):

@@ -217,7 +217,7 @@ class AdaptedLayer(PEFTModule):
         inner = x
         for adapter in adapters:
             if adapter.changes_input:
-                inner = adapter.transform_input(self, inner)
+                inner = _transform_input(adapter, self, inner)
         result = self.base_layer(inner, *args, **kwargs)
         for adapter in adapters:
             result = adapter(self, x, result)
@@ -360,6 +360,18 @@ def _upgrade_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) 
         first = key[len(prefix) :].split(".", 1)[0]
         if first not in (_BASE, _ADAPTERS):
             state_dict[f"{prefix}{_ADAPTERS}.{DEFAULT_ADAPTER}.{key[len(prefix) :]}"] = state_dict.pop(key)
+
+
+def _transform_input(adapter: Adapter, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+    """``adapter.transform_input(layer, x)``; through the module call when the adapter has hooks of its own (an FSDP2
+    unit gathers its shards in a forward pre-hook and reduces their gradients from its output), so that they run."""
+    if not (adapter._forward_pre_hooks or adapter._forward_hooks):
+        return adapter.transform_input(layer, x)
+    adapter.forward = lambda layer, x, result: adapter.transform_input(layer, x)  # shadows the method, this call only
+    try:
+        return adapter(layer, x, None)
+    finally:
+        del adapter.forward
 
 
 def upgrade_state_keys(tensors: dict[str, Any], known: Iterable[str]) -> dict[str, Any]:
