@@ -272,8 +272,13 @@ def fit_tensor_parallel(out: str, devices: int) -> None:
     folder = _folder(out, "tensor_parallel", devices)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=devices)
     trainer = make_trainer(devices, [LoRACallback(rank=4)], folder, max_steps=1, strategy=strategy)
+    _write_refusal(folder, trainer, LanguageModel(tensor_parallel=True), devices)
+
+
+def _write_refusal(folder: Path, trainer: L.Trainer, module: L.LightningModule, devices: int) -> None:
+    """Fit, expecting a ValueError; rank 0 writes its message (empty: nothing was refused) to ``error.txt``."""
     try:
-        trainer.fit(LanguageModel(tensor_parallel=True), token_data(devices))
+        trainer.fit(module, token_data(devices))
         message = ""
     except ValueError as err:
         message = str(err)
@@ -285,26 +290,14 @@ def fit_adalora(out: str, devices: int) -> None:
     """AdaLoRA's rank allocator needs every triplet and gradient whole: refused under FSDP2, naming what works."""
     folder = _folder(out, "adalora", devices)
     trainer = make_trainer(devices, [AdaLoRACallback(init_r=4, target_r=2, total_step=3)], folder, max_steps=1)
-    try:
-        trainer.fit(LanguageModel(), token_data(devices))
-        message = ""
-    except ValueError as err:
-        message = str(err)
-    if is_writer():
-        (folder / "error.txt").write_text(message)
+    _write_refusal(folder, trainer, LanguageModel(), devices)
 
 
 def fit_mixed_dtypes(out: str, devices: int) -> None:
     """A root unit that would train a bfloat16 head beside float32 norms: refused before FSDP2 asserts."""
     folder = _folder(out, "mixed_dtypes", devices)
     trainer = make_trainer(devices, [FreezeBackbone(freeze=1)], folder, max_steps=1)
-    try:
-        trainer.fit(LanguageModel(head_dtype=torch.bfloat16), token_data(devices))
-        message = ""
-    except ValueError as err:
-        message = str(err)
-    if is_writer():
-        (folder / "error.txt").write_text(message)
+    _write_refusal(folder, trainer, LanguageModel(head_dtype=torch.bfloat16), devices)
 
 
 # every other mergeable method of the engine, through its callback: the same sharding path as LoRA's

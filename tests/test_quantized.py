@@ -26,7 +26,9 @@ from peft_callbacks.engine.precision import requantization_error  # noqa: E402
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints  # noqa: E402
 from peft_callbacks.methods.adalora import AdaLoRAConfig  # noqa: E402
 from peft_callbacks.methods.ia3 import IA3Config  # noqa: E402
+from peft_callbacks.methods.loha import LoHaConfig  # noqa: E402
 from peft_callbacks.methods.lora import LoRAConfig  # noqa: E402
+from peft_callbacks.methods.vera import VeRAConfig  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = 2 * len(PROJECTIONS)  # every projection of the two decoder layers
@@ -127,6 +129,14 @@ def test_default_targets_all_linear_and_names_select_quantized_layers(llama_dir)
         adapted = [p for p, m in model.named_modules() if hasattr(m, "adapters")]
         assert len(adapted) == LAYERS, targets  # the lm_head (not quantized) is the vocabulary projection: left out
         assert {p.rpartition(".")[2] for p in adapted} == set(PROJECTIONS)
+
+
+@pytest.mark.parametrize("config", [LoHaConfig(), VeRAConfig()], ids=["loha", "vera"])
+def test_methods_without_quantized_layers_say_so(llama_dir, config):
+    model = load_quantized(llama_dir)
+    with pytest.raises(ValueError, match=r"layer\(s\) are bitsandbytes-quantized .* does not adapt .*AdaLoRA do"):
+        inject(model, config)
+    assert not any(hasattr(m, "adapters") for m in model.modules())
 
 
 # -- QLoRA: frozen quantized base, float32 factors, the same outputs as HF PEFT ------------------------------------

@@ -51,6 +51,8 @@ from peft_callbacks.core.moe import moe_routers
 
 log = logging.getLogger(__name__)
 
+_QUANTIZED_KINDS = ("linear_4bit", "linear_8bit")
+
 _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _MAX_LISTED = 12
 SUPPORTED_LAYERS = kinds_description(tuple(KIND_NAMES))
@@ -259,10 +261,17 @@ def resolve_targets(
         selection.targets = [p for p in selection.targets if not in_subtree(p, hits)]
 
     if not selection.targets:
+        quantized = [p for p, m in walk if layer_kind(m) in _QUANTIZED_KINDS and not is_supported(p)]
+        hint = (
+            f" {len(quantized)} layer(s) are bitsandbytes-quantized ({_listing(quantized)}), which {method} does not "
+            f"adapt (nor does HF PEFT); LoRA (DoRA, PiSSA/OLoRA), IA3 and AdaLoRA do, or load the base unquantized."
+            if quantized
+            else ""
+        )
         raise ValueError(
             f"No layer of {model_name} was selected for {method} (target_modules={target_modules!r}, "
             f"exclude_modules={exclude_modules!r}). Layers {method} can adapt ({supported}) outside the head: "
-            f"{_listing(candidates)}."
+            f"{_listing(candidates)}.{hint}"
         )
     return selection
 
