@@ -56,7 +56,9 @@ class LoRALinearFunction(torch.autograd.Function):
         flat, h, weight, lora_a, lora_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        u = g @ lora_b if needs[0] or needs[3] else None  # (N, out) @ (out, r) -> (N, r)
+        # the rank-r products are taken as (r, ·) results and read transposed: a GEMM with r output columns runs
+        # 2-3x slower on CPU BLAS than the same product with r output rows (benchmarks/RESULTS.md)
+        u = (lora_b.t() @ g.t()).t() if needs[0] or needs[3] else None  # (r, out) @ (out, N) -> (N, r)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if needs[0]:
             base = g @ (weight.t() if ctx.transposed else weight)  # (N, out) @ (out, in) -> (N, in)
@@ -68,7 +70,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if needs[3]:
             grad_a = (u.t() @ flat).mul_(ctx.scaling)  # (r, N) @ (N, in)
         if needs[4]:
-            grad_b = (g.t() @ h).mul_(ctx.scaling)  # (out, N) @ (N, r)
+            grad_b = (h.t() @ g).t().mul_(ctx.scaling)  # ((r, N) @ (N, out))ᵀ -> (out, r)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
