@@ -21,7 +21,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from user_modules import CausalLM, GLUETransformer, ImageClassifier, glue_batches, gpt2, image_batches, text_batches
 
 import peft_callbacks.callbacks.checkpoints as checkpoints
-from peft_callbacks import AdapterCallback, LoRACallback, PEFTCallback, SlimCheckpoint, load_checkpoint
+from peft_callbacks import (
+    AdaLoRACallback,
+    AdapterCallback,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoRACallback,
+    OFTConfig,
+    PEFTCallback,
+    SlimCheckpoint,
+    VeRAConfig,
+    load_checkpoint,
+)
 from peft_callbacks.engine import AdaptedLayer
 from peft_callbacks.io.checkpoint import CHECKPOINT_KEY, loader_key
 from peft_callbacks.methods.lora import LoRAConfig, inject_lora, lora_layers
@@ -321,3 +333,29 @@ def test_ddp_ranks_each_load_the_checkpoint(patterns, tmp_path):
     fit.fit(ImageClassifier(), image_batches(), ckpt_path=path)
     diffs = [float((tmp_path / f"rank{rank}.txt").read_text()) for rank in range(2)]
     assert max(diffs) < 1e-5, diffs
+
+
+@pytest.mark.parametrize(
+    "make_callback",
+    [
+        lambda: PEFTCallback(IA3Config(), merge_on_train_end=False),
+        lambda: PEFTCallback(LoHaConfig(rank=2), merge_on_train_end=False),
+        lambda: PEFTCallback(LoKrConfig(rank=2), merge_on_train_end=False),
+        lambda: PEFTCallback(OFTConfig(oft_block_size=8), merge_on_train_end=False),
+        lambda: PEFTCallback(VeRAConfig(rank=8), merge_on_train_end=False),
+        lambda: AdaLoRACallback(init_r=4, target_r=2, total_step=2, merge_on_train_end=False),
+    ],
+    ids=["ia3", "loha", "lokr", "oft", "vera", "adalora"],
+)
+def test_every_mergeable_method_writes_checkpoints_that_load_plainly(make_callback, tmp_path):
+    """The plain layout is the engine's: each mergeable method's checkpoint loads with ``load_from_checkpoint`` alone
+    and gives the adapted model's outputs at that checkpoint (two AdamW steps at lr 1e-2 moved every adapter)."""
+    module = CausalLM(gpt2())
+    before = outputs(module, "gpt2")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=2)
+    trainer([make_callback(), checkpoint], tmp_path).fit(module, text_batches())
+    adapted = outputs(module, "gpt2")
+    assert not torch.allclose(adapted, before, atol=1e-4)  # the adapters changed the model
+    plain = CausalLM.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=False)  # a model in its hparams
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    torch.testing.assert_close(outputs(plain, "gpt2"), adapted, atol=1e-5, rtol=0)
