@@ -136,10 +136,10 @@ def _requires_input_grad(module: nn.Module, args: tuple, output):
     return output.requires_grad_(True)
 
 
-def prepare(bench: Bench, mode: str) -> nn.Module:
-    """A fresh model ready to train in ``mode``: ``full`` (everything trains), ``peft`` or ``ours`` (LoRA),
-    ``plain`` (ours without the fused LoRA node), or ``floor``: nothing trains and the backward computes input
-    gradients through the whole frozen network, the least any adapter method can cost."""
+def prepare(bench: Bench, mode: str, dora: bool = False) -> nn.Module:
+    """A fresh model ready to train in ``mode``: ``full`` (everything trains), ``peft`` or ``ours`` (LoRA, or DoRA
+    with ``dora``), ``plain`` (ours without the fused LoRA node), or ``floor``: nothing trains and the backward
+    computes input gradients through the whole frozen network, the least any adapter method can cost."""
     model = bench.build()
     if mode == "full":
         return model
@@ -157,13 +157,16 @@ def prepare(bench: Bench, mode: str) -> nn.Module:
             lora_dropout=0.0,
             target_modules=bench.targets,
             modules_to_save=bench.head or None,
+            use_dora=dora,
         )
         return peft.get_peft_model(model, config)
     if mode in ("ours", "plain"):
         from peft_callbacks import inject_lora
         from peft_callbacks.methods.lora.method import lora_adapters
 
-        model = inject_lora(model, rank=RANK, alpha=ALPHA, target_modules=bench.targets, train_head=bool(bench.head))
+        model = inject_lora(
+            model, rank=RANK, alpha=ALPHA, target_modules=bench.targets, train_head=bool(bench.head), use_dora=dora
+        )
         if mode == "plain":
             for adapter in lora_adapters(model).values():
                 adapter._fusable = False
