@@ -136,10 +136,11 @@ def _requires_input_grad(module: nn.Module, args: tuple, output):
     return output.requires_grad_(True)
 
 
-def prepare(bench: Bench, mode: str, dora: bool = False) -> nn.Module:
+def prepare(bench: Bench, mode: str, dora: bool = False, dropout: float = 0.0) -> nn.Module:
     """A fresh model ready to train in ``mode``: ``full`` (everything trains), ``peft`` or ``ours`` (LoRA, or DoRA
-    with ``dora``), ``plain`` (ours without the fused LoRA node), or ``floor``: nothing trains and the backward
-    computes input gradients through the whole frozen network, the least any adapter method can cost."""
+    with ``dora``; ``dropout`` on the LoRA input), ``plain`` (ours without the fused LoRA node), or ``floor``:
+    nothing trains and the backward computes input gradients through the whole frozen network, the least any adapter
+    method can cost."""
     model = bench.build()
     if mode == "full":
         return model
@@ -154,7 +155,7 @@ def prepare(bench: Bench, mode: str, dora: bool = False) -> nn.Module:
         config = peft.LoraConfig(
             r=RANK,
             lora_alpha=ALPHA,
-            lora_dropout=0.0,
+            lora_dropout=dropout,
             target_modules=bench.targets,
             modules_to_save=bench.head or None,
             use_dora=dora,
@@ -165,7 +166,13 @@ def prepare(bench: Bench, mode: str, dora: bool = False) -> nn.Module:
         from peft_callbacks.methods.lora.method import lora_adapters
 
         model = inject_lora(
-            model, rank=RANK, alpha=ALPHA, target_modules=bench.targets, train_head=bool(bench.head), use_dora=dora
+            model,
+            rank=RANK,
+            alpha=ALPHA,
+            dropout=dropout,
+            target_modules=bench.targets,
+            train_head=bool(bench.head),
+            use_dora=dora,
         )
         if mode == "plain":
             for adapter in lora_adapters(model).values():

@@ -16,6 +16,7 @@ Usage::
 
     python benchmarks/train_step.py --models vit_s16 minilm gpt2 --rounds 10 --repeats 2 --threads 1
     python benchmarks/train_step.py --dora --models vit_s16 minilm --skip-memory --threads 2   # DoRA instead
+    python benchmarks/train_step.py --dropout 0.1 --models vit_s16 minilm --threads 2          # LoRA dropout
     python benchmarks/train_step.py --speed-worker vit_s16 --rounds 10    # one speed process, JSON on stdout
     python benchmarks/train_step.py --memory-worker vit_s16 ours           # one memory process, JSON on stdout
 """
@@ -36,12 +37,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 MODES = ["full", "floor", "peft", "plain", "ours"]
 
 
-def _trainer(bench, mode: str, dora: bool = False):
+def _trainer(bench, mode: str, dora: bool = False, dropout: float = 0.0):
     import torch
 
     from benchmarks.common import prepare
 
-    model = prepare(bench, mode, dora=dora)
+    model = prepare(bench, mode, dora=dora, dropout=dropout)
     inputs, target = bench.batch()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
@@ -58,11 +59,11 @@ def _trainer(bench, mode: str, dora: bool = False):
     return model, optimizer, params, step
 
 
-def speed_worker(model_name: str, rounds: int, warmup: int, dora: bool = False) -> dict:
+def speed_worker(model_name: str, rounds: int, warmup: int, dora: bool = False, dropout: float = 0.0) -> dict:
     from benchmarks.common import BENCHES
 
     bench = BENCHES[model_name]
-    steps = {mode: _trainer(bench, mode, dora)[3] for mode in MODES}
+    steps = {mode: _trainer(bench, mode, dora, dropout)[3] for mode in MODES}
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(warmup + rounds):
         order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
@@ -73,10 +74,10 @@ def speed_worker(model_name: str, rounds: int, warmup: int, dora: bool = False) 
     return {"model": model_name, "median_s": {m: statistics.median(t) for m, t in times.items()}, "times": times}
 
 
-def memory_worker(model_name: str, mode: str, steps: int, dora: bool = False) -> dict:
+def memory_worker(model_name: str, mode: str, steps: int, dora: bool = False, dropout: float = 0.0) -> dict:
     from benchmarks.common import BENCHES, peak_rss_bytes, reset_peak_rss, rss_bytes
 
-    model, optimizer, params, step = _trainer(BENCHES[model_name], mode, dora)
+    model, optimizer, params, step = _trainer(BENCHES[model_name], mode, dora, dropout)
     base = rss_bytes()
     reset_peak_rss()
     for _ in range(steps):
@@ -115,30 +116,32 @@ def main() -> None:
     parser.add_argument("--speed-worker", metavar="MODEL")
     parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "MODE"))
     parser.add_argument("--dora", action="store_true", help="DoRA instead of LoRA in the peft, plain and ours variants")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout in the peft, plain and ours variants")
     parser.add_argument("--out", help="write the raw results as JSON here")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.speed_worker:
-        print(json.dumps(speed_worker(args.speed_worker, args.rounds, args.warmup, args.dora)))
+        print(json.dumps(speed_worker(args.speed_worker, args.rounds, args.warmup, args.dora, args.dropout)))
         return
     if args.memory_worker:
-        print(json.dumps(memory_worker(*args.memory_worker, args.memory_steps, args.dora)))
+        print(json.dumps(memory_worker(*args.memory_worker, args.memory_steps, args.dora, args.dropout)))
         return
 
+    variant = (["--dora"] if args.dora else []) + ["--dropout", str(args.dropout)]
     speed, memory = [], []
     for name in args.models:
         for r in range(0 if args.skip_speed else args.repeats):
             worker = ["--speed-worker", name, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-            worker += ["--dora"] if args.dora else []
+            worker += variant
             res = _run(worker, args.threads)
             speed.append(res)
             shown = ", ".join(f"{m} {t * 1000:.0f} ms" for m, t in res["median_s"].items())
             print(f"{name} speed repeat {r}: {shown}", file=sys.stderr, flush=True)
         for mode in [] if args.skip_memory else MODES:
             worker = ["--memory-worker", name, mode, "--memory-steps", str(args.memory_steps)]
-            res = _run(worker + (["--dora"] if args.dora else []), args.threads)
+            res = _run(worker + variant, args.threads)
             memory.append(res)
             print(f"{name} memory {mode}: {res['peak_rise_mb']:.0f} MB", file=sys.stderr, flush=True)
     if args.out:

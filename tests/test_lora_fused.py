@@ -83,11 +83,22 @@ def test_fused_in_bfloat16_is_as_close_to_the_exact_result_as_the_plain_path(kin
                 assert f <= 2 * p + 1e-3
 
 
-def test_dropout_while_training_takes_the_plain_path_and_eval_the_fused_one():
-    layer = _layer("linear", dropout=0.1)
-    x = torch.randn(4, 24, requires_grad=True)
-    assert layer.train()(x).grad_fn.name() != "LoRALinearFunctionBackward"
-    assert layer.eval()(x).grad_fn.name() == "LoRALinearFunctionBackward"
+@pytest.mark.parametrize("kind", ["linear", "hf_conv1d"])
+def test_dropout_while_training_equals_the_plain_path_with_the_same_mask(kind):
+    """The dropped input feeds the LoRA branch only; its gradient flows back through the dropout outside the node."""
+    layer = _layer(kind, dropout=0.3).train()
+    x = torch.randn(2, 5, 24)
+    torch.manual_seed(7)  # the same dropout mask in both runs: each draws it once, from the same generator state
+    fused_out, fused_grads = _run(layer, x, fused=True)
+    torch.manual_seed(7)
+    plain_out, plain_grads = _run(layer, x, fused=False)
+    assert fused_out.grad_fn.name() == "LoRALinearFunctionBackward"
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-6, atol=1e-6)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(7)
+    undropped = layer.eval()(x)  # eval: no dropout, so another output
+    assert not torch.allclose(undropped, fused_out)
 
 
 def _saved_bytes(layer: nn.Module, x: torch.Tensor, fused: bool) -> int:

@@ -6,13 +6,15 @@ folded into the last one, which adds the update onto the base output in place) a
 most five, and keeps only what the backward needs: the input ``x`` (for ``A``'s gradient, and ``W₀``'s if it trains)
 and the ``(N, r)`` activation ``x·Aᵀ`` (for ``B``'s gradient); the weights are referenced, never copied::
 
-    forward     h = x·Aᵀ                  (N, r)        y = b + x·W₀ᵀ + s·h·Bᵀ          (N, out)
-    backward    u = g·B                   (N, r)        ∂x = g·W₀ + s·u·A               (N, in)
-                ∂A = s·uᵀ·x               (r, in)       ∂B = s·gᵀ·h                      (out, r)
+    forward     h = x̃·Aᵀ                  (N, r)        y = b + x·W₀ᵀ + s·h·Bᵀ          (N, out)
+    backward    u = (Bᵀ·gᵀ)ᵀ              (N, r)        ∂x = g·W₀ + s·u·A               (N, in)
+                ∂A = s·uᵀ·x̃               (r, in)       ∂B = s·(hᵀ·g)ᵀ                   (out, r)
 
-It is used for an ``nn.Linear`` or transformers ``Conv1D`` base with one active LoRA adapter, no dropout, one dtype
-throughout, outside autocast and ``torch.compile`` (which fuses the plain path itself); everything else takes the
-plain path.
+``x̃`` is ``x``, or with LoRA dropout while training the dropped input: then ``s·u·A`` is returned as the gradient of
+``x̃`` and flows back through the dropout outside the node. The rank-r products are computed with r output rows and
+read transposed, which CPU BLAS runs 2–3× faster than the same products with r output columns. It is used for an
+``nn.Linear`` or transformers ``Conv1D`` base with one active LoRA adapter, one dtype throughout, outside autocast and
+``torch.compile`` (which fuses the plain path itself); everything else takes the plain path.
 Outputs and gradients equal the plain path's (tested at 1e-6 in float32).
 
 Example::
@@ -35,45 +37,62 @@ __all__ = ["LoRALinearFunction", "lora_linear"]
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``x·W₀ᵀ + b + s·(x·Aᵀ)·Bᵀ`` with a hand-written backward (see the module docstring)."""
+    """``x·W₀ᵀ + b + s·(x̃·Aᵀ)·Bᵀ`` with a hand-written backward (see the module docstring); ``x̃`` is ``x_lora`` (the
+    input after LoRA's dropout) when given, else ``x``."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool, x_lora=None):  # type: ignore[override]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, in)
-        h = flat @ lora_a.t()  # (N, in) @ (in, r) -> (N, r)
+        lora_flat = flat if x_lora is None else x_lora.reshape(-1, shape[-1])
+        h = lora_flat @ lora_a.t()  # (N, in) @ (in, r) -> (N, r)
         base = weight if transposed else weight.t()  # (in, out)
         out = torch.addmm(bias, flat, base) if bias is not None else flat @ base  # (N, out)
         out.addmm_(h, lora_b.t(), alpha=scaling)  # += s · (N, r) @ (r, out), scaled inside the GEMM
-        keep_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
-        ctx.save_for_backward(flat if keep_x else None, h, weight, lora_a, lora_b)
+        ctx.save_for_backward(
+            flat if ctx.needs_input_grad[1] else None,  # for W₀'s gradient, when it trains
+            lora_flat if ctx.needs_input_grad[3] else None,  # for A's
+            h,
+            weight,
+            lora_a,
+            lora_b,
+        )
         ctx.scaling, ctx.transposed, ctx.shape = scaling, transposed, shape
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.separate = bias is not None, x_lora is not None
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out):  # type: ignore[override]
-        flat, h, weight, lora_a, lora_b = ctx.saved_tensors
+        flat, lora_flat, h, weight, lora_a, lora_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        separate = ctx.separate
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         # the rank-r products are taken as (r, ·) results and read transposed: a GEMM with r output columns runs
         # 2-3x slower on CPU BLAS than the same product with r output rows (benchmarks/RESULTS.md)
-        u = (lora_b.t() @ g.t()).t() if needs[0] or needs[3] else None  # (r, out) @ (out, N) -> (N, r)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        wants_u = needs[3] or (needs[7] if separate else needs[0])
+        u = (lora_b.t() @ g.t()).t() if wants_u else None  # (r, out) @ (out, N) -> (N, r)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_x_lora = None
         if needs[0]:
-            base = g @ (weight.t() if ctx.transposed else weight)  # (N, out) @ (out, in) -> (N, in)
-            grad_x = base.addmm_(u, lora_a, alpha=ctx.scaling).view(ctx.shape)
+            grad_x = g @ (weight.t() if ctx.transposed else weight)  # (N, out) @ (out, in) -> (N, in)
+            if not separate:
+                grad_x.addmm_(u, lora_a, alpha=ctx.scaling)
+            grad_x = grad_x.view(ctx.shape)
+        if separate and needs[7]:
+            grad_x_lora = (u @ lora_a).mul_(ctx.scaling).view(ctx.shape)  # through LoRA's dropout, outside this node
         if needs[1]:
             grad_w = g.t() @ flat if not ctx.transposed else flat.t() @ g
         if needs[2] and ctx.has_bias:
             grad_bias = g.sum(0)
         if needs[3]:
-            grad_a = (u.t() @ flat).mul_(ctx.scaling)  # (r, N) @ (N, in)
+            grad_a = (u.t() @ lora_flat).mul_(ctx.scaling)  # (r, N) @ (N, in)
         if needs[4]:
             grad_b = (h.t() @ g).t().mul_(ctx.scaling)  # ((r, N) @ (N, out))ᵀ -> (out, r)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, grad_x_lora
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool) -> torch.Tensor:
-    """Apply :class:`LoRALinearFunction`; ``transposed`` for a ``(in, out)`` weight (transformers ``Conv1D``)."""
-    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, transposed)
+def lora_linear(
+    x, weight, bias, lora_a, lora_b, scaling: float, transposed: bool, x_lora: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply :class:`LoRALinearFunction`; ``transposed`` for a ``(in, out)`` weight (transformers ``Conv1D``);
+    ``x_lora``: the LoRA branch's input when it differs from ``x`` (after dropout)."""
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, transposed, x_lora)

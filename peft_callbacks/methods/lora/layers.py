@@ -133,7 +133,6 @@ class LoRALinear(LoRAAdapter):
         base, a, b = layer.base_layer, self.lora_A, self.lora_B
         if (
             not self._fusable
-            or (self.training and not isinstance(self.lora_dropout, nn.Identity))
             or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(x.device.type)
             or x.dtype != a.weight.dtype
@@ -145,7 +144,8 @@ class LoRALinear(LoRAAdapter):
             or b._forward_hooks
         ):
             return None
-        return lora_linear(x, base.weight, base.bias, a.weight, b.weight, self.scaling, self.transposed)
+        dropped = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
+        return lora_linear(x, base.weight, base.bias, a.weight, b.weight, self.scaling, self.transposed, dropped)
 
     def make_factors(self, base_layer: nn.Linear, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(base_layer.in_features, r, bias=False), nn.Linear(r, base_layer.out_features, bias=False)
