@@ -48,10 +48,9 @@ from peft_callbacks.core.kinds import (
 )
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.moe import moe_routers
+from peft_callbacks.core.quantized import is_quantized
 
 log = logging.getLogger(__name__)
-
-_QUANTIZED_KINDS = ("linear_4bit", "linear_8bit")
 
 _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _MAX_LISTED = 12
@@ -261,11 +260,11 @@ def resolve_targets(
         selection.targets = [p for p in selection.targets if not in_subtree(p, hits)]
 
     if not selection.targets:
-        quantized = [p for p, m in walk if layer_kind(m) in _QUANTIZED_KINDS and not is_supported(p)]
+        unadapted = [p for p, m in walk if is_quantized(m) and not is_supported(p)]
         hint = (
-            f" {len(quantized)} layer(s) are bitsandbytes-quantized ({_listing(quantized)}), which {method} does not "
+            f" {len(unadapted)} layer(s) are bitsandbytes-quantized ({_listing(unadapted)}), which {method} does not "
             f"adapt (nor does HF PEFT); LoRA (DoRA, PiSSA/OLoRA), IA3 and AdaLoRA do, or load the base unquantized."
-            if quantized
+            if unadapted
             else ""
         )
         raise ValueError(
