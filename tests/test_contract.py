@@ -86,6 +86,12 @@ def _outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
         return run(model, inputs)
 
 
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """``actual`` equals ``expected`` within ``rel`` times the largest output: float rounding grows with the values
+    compared (and with how deep the model is), so an absolute bound passes on one CPU and fails on another."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * max(expected.abs().max().item(), 1e-3))
+
+
 @pytest.mark.parametrize("method, model_name", CASES)
 def test_method_contract(method, model_name, tmp_path):
     model, inputs = _build(model_name)
@@ -95,7 +101,7 @@ def test_method_contract(method, model_name, tmp_path):
     _inject(model, method, model_name)
 
     if get_method(method).starts_as_identity:
-        torch.testing.assert_close(_outputs(model, inputs), before, rtol=0, atol=1e-5)
+        _assert_close(_outputs(model, inputs), before, rel=1e-6)
 
     # exactly the method's own tensors, the head, and what the method says it trains besides
     head = find_head(model).head if _config(method).train_head else []
@@ -123,14 +129,14 @@ def test_method_contract(method, model_name, tmp_path):
     # an adapter file reloads onto a fresh base; the recipe replays onto another
     save_adapter(model, tmp_path)
     loaded = load_adapter(_build(model_name)[0], tmp_path)
-    torch.testing.assert_close(_outputs(loaded, inputs), adapted, rtol=0, atol=1e-6)
+    _assert_close(_outputs(loaded, inputs), adapted, rel=1e-6)
     replayed = replay(_build(model_name)[0], surgery_records(model))
     replayed.load_state_dict(model.state_dict())
-    torch.testing.assert_close(_outputs(replayed, inputs), adapted, rtol=0, atol=1e-6)
+    _assert_close(_outputs(replayed, inputs), adapted, rel=1e-6)
 
     if get_method(method).mergeable:
         merged = merge(model)
-        torch.testing.assert_close(_outputs(merged, inputs), adapted, rtol=1e-4, atol=1e-5)
+        _assert_close(_outputs(merged, inputs), adapted, rel=1e-4)
     else:
         unload(model)
     assert list(model.state_dict()) == original_keys

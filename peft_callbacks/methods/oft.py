@@ -246,7 +246,9 @@ class OFTAdapter(Adapter):
         h = h.reshape(*shape[:-1], self.r, self.oft_block_size)  # (…, r, b)
         h = torch.einsum("...rk,rkc->...rc", h, blocks).reshape(shape)  # each block of inputs times its Rᵢ
         if self.kind == "conv":
-            h = h.movedim(-1, 1)
+            # the base conv sees the input's own strides: another layout picks other kernels here and downstream,
+            # whose rounding differs (an identity rotation gives the base model's outputs exactly)
+            return torch.empty_like(x).copy_(h.movedim(-1, 1))
         return h.to(x.dtype)
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
