@@ -7,6 +7,7 @@ names the argument, shows what was received and says what is allowed.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -117,8 +118,6 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
 
 def check_path(name: str, value: Any) -> Any:
     """Return ``value`` if it is a non-empty ``str`` or ``os.PathLike`` (a file or directory to read or write)."""
-    import os
-
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(value).__name__} {value!r}.")
     if not os.fspath(value):
@@ -135,3 +134,40 @@ def check_int_list(name: str, value: Any) -> list[int] | None:
     if not value:
         raise ValueError(f"`{name}` must not be an empty list; use None for the default.")
     return list(value)
+
+
+MAX_ADAPTER_NAME = 100
+_ADAPTER_NAME_RULE = (
+    f"a plain name of 1 to {MAX_ADAPTER_NAME} printable characters without '.', '/', '\\' or ':' (it becomes a "
+    f"module key and a sub-folder name)"
+)
+
+
+def check_adapter_name(value: Any, name: str = "adapter_name") -> str:
+    """Return ``value`` if it can name an adapter: one plain path component (see :data:`MAX_ADAPTER_NAME`).
+
+    An adapter name becomes a module key and, in PEFT's multi-adapter layout, a sub-folder of the saved directory;
+    so it is never a path: no separator, nothing absolute, no ``.``/``..`` (no dot at all: module keys refuse it),
+    no drive colon, no NUL or other control character, bounded length.
+
+    Example::
+
+        >>> check_adapter_name("sst2")
+        'sst2'
+        >>> check_adapter_name("../evil")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `adapter_name` must be a plain name of 1 to 100 printable characters ... got '../evil'.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a string ({_ADAPTER_NAME_RULE}), got {type(value).__name__} {value!r}.")
+    separators = {"/", "\\", ":", ".", os.sep, os.altsep or "/"}
+    if (
+        not value
+        or len(value) > MAX_ADAPTER_NAME
+        or any(c in separators or not c.isprintable() for c in value)
+        or os.path.isabs(value)
+    ):
+        shown = value if len(value) <= MAX_ADAPTER_NAME else value[:MAX_ADAPTER_NAME] + "…"
+        raise ValueError(f"`{name}` must be {_ADAPTER_NAME_RULE}, got {shown!r}.")
+    return value

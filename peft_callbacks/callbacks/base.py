@@ -20,7 +20,6 @@ saving and merging need, and global rank 0 writes the files.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
 from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.io.adapter_file import save_adapter
+from peft_callbacks.io.atomic import path_inside
 from peft_callbacks.io.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class SurgeryCallback(Callback):
         """Save the full weights of every adapted model (used for ``save_merged_to``)."""
         found = find_models(pl_module, self.module)
         for path, model in found:
-            save_weights(model, os.path.join(directory, path) if len(found) > 1 else directory)
+            save_weights(model, path_inside(directory, path) if len(found) > 1 else directory)
         rank_zero_info(f"{self.name}: model weights saved to {directory}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

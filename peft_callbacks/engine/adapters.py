@@ -44,7 +44,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_module
+from peft_callbacks._validation import check_adapter_name, check_bool, check_module
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer
@@ -118,6 +118,8 @@ def _check_names(model: nn.Module, adapter_name: Any, argument: str = "adapter_n
     names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"`{argument}` must be an adapter name or a non-empty list of them, got {adapter_name!r}.")
+    for name in names:
+        check_adapter_name(name, argument)
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from peft_callbacks._validation import check_bool, check_module
+from peft_callbacks._validation import check_adapter_name, check_bool, check_module
 from peft_callbacks.core import quantized
 from peft_callbacks.core.compat import disable_input_grads_for_checkpointing, enable_input_grads_for_checkpointing
 from peft_callbacks.core.heads import find_head
@@ -90,13 +90,6 @@ def check_config(config: Any) -> MethodConfig:
             f"`config` must be a method config such as LoRAConfig(rank=8), got {type(config).__name__} {config!r}."
         )
     return config
-
-
-def check_adapter_name(name: Any) -> str:
-    """Return ``name`` if it can name an adapter (a non-empty string without dots)."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {name!r}.")
-    return name
 
 
 def peft_layers(model: nn.Module, method: str | None = None) -> dict[str, AdaptedLayer]:

@@ -8,7 +8,9 @@ A directory written by :func:`save_adapter` holds
   model that carries surgery, its path, its recorded surgeries (method, settings, exact target paths) and a
   fingerprint of its base (:mod:`peft_callbacks.io.fingerprint`).
 
-The pair is written as a whole (:mod:`peft_callbacks.io.atomic`): a killed save leaves the previous adapter intact.
+The pair is written as one transaction (:mod:`peft_callbacks.io.atomic`): only these two files change in the
+directory (it may hold checkpoints, logs, anything else), and a killed save leaves the previous adapter or the new
+one, never a mix.
 :func:`load_adapter` treats the directory as untrusted input: it checks the recipe's fields, the tensor file's hash,
 every tensor's values and dtype, and the shapes the recipe would create (a dry run on ``meta``) against the stored
 tensors before it touches the model; then it replays the surgeries and loads the tensors. On any error the model is
@@ -42,7 +44,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from peft_callbacks._validation import check_bool, check_module
+from peft_callbacks._validation import check_adapter_name, check_bool, check_module
 from peft_callbacks._version import __version__
 from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.core.sharding import full_tensor, is_writer, write_full
@@ -50,8 +52,7 @@ from peft_callbacks.engine import replay, transaction
 from peft_callbacks.engine.adapters import adapter_names
 from peft_callbacks.engine.layers import upgrade_state_keys
 from peft_callbacks.engine.shadow import expected_shapes
-from peft_callbacks.engine.surgery import check_adapter_name
-from peft_callbacks.io.atomic import atomic_directory, write_json, write_safetensors
+from peft_callbacks.io.atomic import file_set, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
 from peft_callbacks.io.named import adapter_state, record_names, renamed_keys
@@ -95,7 +96,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
 
     Args:
         model: the adapted model: a timm/transformers model, or a LightningModule (or any module) containing it.
-        directory: created if needed; replaced as a whole.
+        directory: created if needed. Only the adapter's two files (and a small hidden manifest) are written there;
+            anything else in it is left as it is.
         adapter_name: save only this adapter (with what trains outside the adapters, e.g. the task head, which
             all adapters share); by default every adapter.
 
@@ -114,6 +116,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         'adapter_model.safetensors'
     """
     check_module("model", model)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     tensors = trained_state(model) if adapter_name is None else _one_adapter(model, adapter_name)
     tensors = {key: full_tensor(t) for key, t in tensors.items()}  # gathered on every rank if sharded
     if not tensors:
@@ -128,7 +132,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     fingerprints = {path: base_fingerprint(m) for path, m in models.items()}  # a collective when sharded
     if not is_writer():
         return folder / WEIGHTS_FILE
-    with atomic_directory(folder) as staging:
+    with file_set(folder, "adapter") as staging:
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         )
@@ -148,8 +152,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     return weights
 
 
-def _one_adapter(model: nn.Module, adapter_name: Any) -> dict[str, torch.Tensor]:
-    check_adapter_name(adapter_name)
+def _one_adapter(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     known = adapter_names(model)
     if adapter_name not in known:
         raise ValueError(

@@ -21,7 +21,7 @@ Example::
     >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2, train_head=False)
     >>> net = inject_lora(net, rank=2, train_head=False, adapter_name="b")
     >>> folder = export_adapters(net, tempfile.mkdtemp())
-    >>> sorted(os.listdir(folder)), sorted(os.listdir(folder / "b"))
+    >>> sorted(f for f in os.listdir(folder) if not f.startswith(".")), sorted(os.listdir(folder / "b"))
     (['adapter_config.json', 'adapter_model.safetensors', 'b'], ['adapter_config.json', 'adapter_model.safetensors'])
     >>> sorted(import_adapters(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), folder)[0].adapters)
     ['b', 'default']
@@ -29,19 +29,17 @@ Example::
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from peft_callbacks._validation import check_adapter_name
 from peft_callbacks.engine import DEFAULT_ADAPTER
 from peft_callbacks.engine.adapters import adapter_names
-from peft_callbacks.engine.surgery import check_adapter_name
 from peft_callbacks.engine.transaction import transaction
-from peft_callbacks.io.atomic import atomic_directory
+from peft_callbacks.io.atomic import file_set, path_inside
 
 __all__ = ["export_adapters", "import_adapters", "peft_folders"]
 
@@ -51,13 +49,15 @@ _PREFIX = "base_model.model."
 
 
 def export_adapters(model: nn.Module, directory: str | Path, names: list[str] | None = None) -> Path:
-    """Write the adapters ``names`` (default: every adapter) of ``model`` in PEFT's multi-adapter layout, the
-    directory replaced as a whole.
+    """Write the adapters ``names`` (default: every adapter) of ``model`` in PEFT's multi-adapter layout.
+
+    Only these files change in ``directory``, together (:mod:`peft_callbacks.io.atomic`); the sub-folders of adapters
+    an earlier export wrote and this one does not are removed, and nothing else.
 
     Raises:
         ValueError: an unknown name, or an adapter PEFT's format cannot hold.
     """
-    from peft_callbacks.io.peft_format import export_peft
+    from peft_callbacks.io.peft_format import peft_files, write_peft_files
 
     known = adapter_names(model)
     names = known if names is None else list(names)
@@ -67,13 +67,10 @@ def export_adapters(model: nn.Module, directory: str | Path, names: list[str] | 
         check_adapter_name(name)
         if name not in known:
             raise ValueError(f"`adapter_name` names {name!r}, which {type(model).__name__} does not hold: {known}.")
-    with tempfile.TemporaryDirectory() as scratch, atomic_directory(directory) as folder:
-        for name in names:
-            written = export_peft(model, Path(scratch) / name, name)
-            target = folder if name == DEFAULT_ADAPTER else folder / name
-            target.mkdir(parents=True, exist_ok=True)
-            for file in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(written / file, target / file)
+    files = {name: peft_files(model, name) for name in names}
+    with file_set(directory, "peft") as staging:
+        for name, (tensors, config) in files.items():
+            write_peft_files(staging if name == DEFAULT_ADAPTER else path_inside(staging, name), tensors, config)
     return Path(directory)
 
 
@@ -83,6 +80,7 @@ def peft_folders(directory: str | Path) -> dict[str, Path]:
 
     Example::
 
+        >>> import tempfile
         >>> peft_folders(tempfile.mkdtemp())
         {}
     """

@@ -40,12 +40,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from peft_callbacks._validation import check_module, check_path
+from peft_callbacks._validation import check_adapter_name, check_module, check_path
 from peft_callbacks.core.params import unfreeze
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, LayerMethod, get_method, inject, registered_methods
-from peft_callbacks.engine.surgery import check_adapter_name
 from peft_callbacks.engine.transaction import transaction
-from peft_callbacks.io.atomic import atomic_directory, write_json, write_safetensors
+from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
@@ -97,7 +96,8 @@ def _modules_to_save(model: nn.Module) -> list[str]:
 def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
     """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    The directory is replaced as a whole (never half-written, see :mod:`peft_callbacks.io.atomic`).
+    Only the adapter files are written (see :mod:`peft_callbacks.io.atomic`): anything else in ``directory`` stays,
+    and a killed export leaves the previous files or the new ones, never a mix.
 
     Args:
         model: the model with the adapter injected (unmerged), the same object you would pass to PEFT as its base.
@@ -117,7 +117,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         >>> import os, tempfile, torch.nn as nn
         >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
-        >>> sorted(os.listdir(export_peft(net, tempfile.mkdtemp())))
+        >>> sorted(f for f in os.listdir(export_peft(net, tempfile.mkdtemp())) if not f.startswith("."))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     check_module("model", model)
@@ -125,6 +125,21 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
     if not isinstance(adapter_name, str):
         return export_adapters(model, directory, _names("adapter_name", adapter_name))
     check_adapter_name(adapter_name)
+    tensors, config = peft_files(model, adapter_name)
+    with file_set(directory, "peft") as staging:
+        write_peft_files(staging, tensors, config)
+    log.info(
+        "Exported %s on %d layer(s) of %s to %s (HF PEFT format).",
+        config["peft_type"],
+        len(config["target_modules"]),
+        type(model).__name__,
+        directory,
+    )
+    return Path(directory)
+
+
+def peft_files(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, config)`` of adapter ``adapter_name`` as PEFT saves them (see :func:`export_peft`)."""
     method, layers = _layer_method(model, adapter_name)
     adapters = {path: layer.adapters[adapter_name] for path, layer in layers.items()}
     config = next(iter(adapters.values())).config
@@ -145,7 +160,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
     for path in modules_to_save:
         for key, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{PREFIX}{path}.{key}"] = tensor
-    config = {
+    peft_config = {
         "peft_type": method.peft.peft_type,
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -154,17 +169,14 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         "inference_mode": True,
         **method.peft.to_peft(config, layers),
     }
-    with atomic_directory(directory) as folder:
-        write_safetensors(folder / WEIGHTS_FILE, tensors)
-        write_json(folder / CONFIG_FILE, config)
-    log.info(
-        "Exported %s on %d layer(s) of %s to %s (HF PEFT format).",
-        method.title,
-        len(adapters),
-        type(model).__name__,
-        directory,
-    )
-    return Path(directory)
+    return tensors, peft_config
+
+
+def write_peft_files(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write one PEFT adapter (from :func:`peft_files`) into ``folder``, created if needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    write_json(folder / CONFIG_FILE, config)
 
 
 def _export_layer(method: LayerMethod, path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
@@ -274,6 +286,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | Non
     """
     check_module("model", model)
     check_path("directory", directory)
+    finish_interrupted_save(directory)  # an export killed after its commit point: completed first
     found = peft_folders(directory) if adapter_name is None else {}
     if found and set(found) != {DEFAULT_ADAPTER}:
         return import_adapters(model, directory)

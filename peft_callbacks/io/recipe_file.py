@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peft_callbacks._validation import check_adapter_name
 from peft_callbacks._version import __version__
+from peft_callbacks.io.atomic import finish_interrupted_save
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RECIPE_FILE", "WEIGHTS_FILE", "AdapterFileError", "read_adapter_config"]
 
@@ -43,6 +45,14 @@ def _require(value: Any, kind: type | tuple[type, ...], path: Path, field: str) 
     return value
 
 
+def _check_name(value: Any, path: Path, field: str) -> None:
+    """An adapter name from the file: one plain name (it becomes a module key and, on export, a folder)."""
+    try:
+        check_adapter_name(value, field)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{path}: field {err}") from None
+
+
 def _check_fingerprint(value: Any, path: Path, field: str) -> None:
     _require(value, dict, path, field)
     _require(value.get("architecture"), str, path, f"{field}.architecture")
@@ -68,6 +78,8 @@ def _check_models(models: Any, path: Path) -> None:
             _require(record, dict, path, f"models[{i}].recipe[{j}]")
             _require(record.get("method"), str, path, f"models[{i}].recipe[{j}].method")
             _require(record.get("config"), dict, path, f"models[{i}].recipe[{j}].config")
+            if "adapter_name" in record:
+                _check_name(record["adapter_name"], path, f"models[{i}].recipe[{j}].adapter_name")
         if "fingerprint" not in entry:
             raise AdapterFileError(f"{path}: field 'models[{i}].fingerprint' is missing.")
         _check_fingerprint(entry["fingerprint"], path, f"models[{i}].fingerprint")
@@ -92,6 +104,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         (2, ['lora'])
     """
     folder = Path(directory)
+    finish_interrupted_save(folder)  # a save killed after its commit point: completed first, never read half-done
     path = folder / RECIPE_FILE
     if not path.is_file():
         hint = ""

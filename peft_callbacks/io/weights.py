@@ -17,17 +17,19 @@ from safetensors.torch import save_file, save_model
 
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.sharding import gather_state_dict, has_sharded_parameters, is_writer
-from peft_callbacks.io.atomic import atomic_directory, atomic_file
+from peft_callbacks.io.atomic import atomic_file, file_set
 
 __all__ = ["save_state_dict", "save_weights"]
 
 
 def save_weights(model: nn.Module, directory: str | Path) -> Path:
-    """Save the full weights of ``model`` (e.g. after merging) into ``directory``, replaced as a whole.
+    """Save the full weights of ``model`` (e.g. after merging) into ``directory``.
 
     A transformers model is saved with its own ``save_pretrained`` (``config.json`` + ``model.safetensors``, loadable
     with ``from_pretrained``); any other module as ``model.safetensors`` holding its ``state_dict`` (shared tensors
-    once). A sharded model (FSDP2, ZeRO-3) is gathered tensor by tensor (:func:`~peft_callbacks.core.sharding.
+    once). Only these files change in ``directory``, together (:mod:`peft_callbacks.io.atomic`); files an earlier
+    ``save_weights`` wrote there and this one does not (shards of a larger save) are removed, and nothing else. A
+    sharded model (FSDP2, ZeRO-3) is gathered tensor by tensor (:func:`~peft_callbacks.core.sharding.
     gather_state_dict`): every rank must call it, and global rank 0 writes.
 
     Returns:
@@ -38,7 +40,7 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
         raise TypeError(f"`directory` must be a non-empty str or pathlib.Path, got {type(directory).__name__}.")
     if has_sharded_parameters(model):
         return _save_sharded(model, directory)
-    with atomic_directory(directory) as folder:
+    with file_set(directory, "weights") as folder:
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(str(folder))
         else:
@@ -49,7 +51,7 @@ def save_weights(model: nn.Module, directory: str | Path) -> Path:
 def _save_sharded(model: nn.Module, directory: str | Path) -> Path:
     state = gather_state_dict(model)  # every rank gathers; only the writer keeps the full tensors
     if is_writer():
-        with atomic_directory(directory) as folder:
+        with file_set(directory, "weights") as folder:
             if callable(getattr(model, "save_pretrained", None)):
                 model.save_pretrained(str(folder), state_dict=state)
             else:
