@@ -119,6 +119,28 @@ class ImageClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+class TwoLayerNet(LightningModule):
+    """Two Linear layers on plain features: the smallest module that trains with a PEFT callback."""
+
+    def __init__(self, features: int = 8, num_classes: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(features, features), nn.Linear(features, num_classes))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def feature_batches(features: int = 8, num_classes: int = 2, n: int = 8, batch_size: int = 4) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, features, generator=gen), torch.randint(0, num_classes, (n,), generator=gen)
+    return DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
 def glue_batches(n: int = 8, batch_size: int = 4) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
     rows = [

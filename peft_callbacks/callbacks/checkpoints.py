@@ -32,8 +32,11 @@ from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
 from peft_callbacks.io.checkpoint import (
     CheckpointLayoutError,
+    check_recipes,
+    check_replay,
     read_record,
     restore_adapted_layout,
+    stored_tensors,
     strip_loader_key,
     write_plain_layout,
 )
@@ -118,13 +121,17 @@ def _recipes_from_callbacks(checkpoint: dict[str, Any]) -> dict[str, list]:
         for path, records in (state.get("recipes") or {}).items() if isinstance(state, dict) else ():
             if isinstance(records, list) and len(records) > len(recipes.get(path, [])):
                 recipes[path] = records
+    check_recipes(recipes)
     return recipes
 
 
-def replay_missing(module: nn.Module, recipes: dict[str, list]) -> list[str]:
+def replay_missing(module: nn.Module, recipes: dict[str, list], stored: dict[str, torch.Tensor] | None) -> list[str]:
     """Replay the recorded surgeries ``module`` does not carry, e.g. an adapter trained in an earlier fit that this
     run did not re-create. On a module that carries some surgery already, what trains and what is active stay as
-    they were, and the re-created adapters are frozen. Return the names of the adapters replayed."""
+    they were, and the re-created adapters are frozen. Return the names of the adapters replayed.
+
+    What the replays would create is checked first against the checkpoint's tensors ``stored``
+    (:func:`~peft_callbacks.io.checkpoint.check_replay`), before anything is allocated."""
     modules = dict(module.named_modules())
     missing = [p for p in recipes if p not in modules]
     if missing:
@@ -135,13 +142,17 @@ def replay_missing(module: nn.Module, recipes: dict[str, list]) -> list[str]:
     carried = any(surgery_records(modules[path]) for path in recipes)
     flags = [(p, p.requires_grad) for p in module.parameters()]
     active = {id(m): list(m.active_adapters) for m in module.modules() if isinstance(m, AdaptedLayer)}
-    added = []
+    plans = {}
     for path, records in recipes.items():
         present = {(r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) for r in surgery_records(modules[path])}
         todo = [r for r in records if (r["method"], r.get("adapter_name", DEFAULT_ADAPTER)) not in present]
         if todo:
-            replay(modules[path], todo)
-            added.extend(r.get("adapter_name", DEFAULT_ADAPTER) for r in todo)
+            plans[path] = todo
+    check_replay(module, plans, stored)
+    added = []
+    for path, todo in plans.items():
+        replay(modules[path], todo)
+        added.extend(r.get("adapter_name", DEFAULT_ADAPTER) for r in todo)
     if added and carried:
         before = {id(p) for p, _ in flags}
         for p, flag in flags:
@@ -160,7 +171,7 @@ def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None
     (resuming, testing): adapters of earlier fits re-created, the adapted layout restored."""
     record = read_record(checkpoint)
     if record is not None and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
-        added = replay_missing(pl_module, record["recipes"])
+        added = replay_missing(pl_module, record["recipes"], stored_tensors(checkpoint))
         if added:
             log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
     if isinstance(checkpoint.get("state_dict"), dict):  # sharded strategies load the model state themselves
@@ -176,7 +187,7 @@ def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) 
     if not recipes or (record is not None and record["layout"] == "merged" and merged):
         strip_loader_key(state)
         return []
-    replay_missing(module, recipes)
+    replay_missing(module, recipes, stored_tensors(checkpoint))
     if SLIM_KEY in checkpoint:
         fill_slim_state_dict(module, state, checkpoint[SLIM_KEY])
     restore_adapted_layout(module, checkpoint)

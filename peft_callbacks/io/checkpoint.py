@@ -56,6 +56,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
+from peft_callbacks.io.checkpoint_record import (
+    CHECKPOINT_KEY,
+    FORMAT_VERSION,
+    CheckpointLayoutError,
+    check_recipes,
+    check_replay,
+    read_record,
+    stored_tensors,
+)
 from peft_callbacks.io.fingerprint import tensor_digest
 
 __all__ = [
@@ -63,29 +72,21 @@ __all__ = [
     "FORMAT_VERSION",
     "LOADER",
     "CheckpointLayoutError",
+    "check_recipes",
+    "check_replay",
+    "read_record",
     "restore_adapted_layout",
+    "stored_tensors",
     "strip_loader_key",
     "write_plain_layout",
 ]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "peft_callbacks"
-FORMAT_VERSION = 1
 LOADER = "peft_callbacks.load_checkpoint"
 _LOADER_KEY = "(load this checkpoint with " + LOADER + "({module}, path))"
 _LOADER_PREFIX = _LOADER_KEY.split("{", 1)[0]
 _DIGESTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (version, digest): a frozen base is hashed once
-
-
-class CheckpointLayoutError(ValueError):
-    """A checkpoint whose adapted layout cannot be rebuilt on this module (a ``ValueError``).
-
-    Example::
-
-        >>> issubclass(CheckpointLayoutError, ValueError)
-        True
-    """
 
 
 def _digest(tensor: torch.Tensor | None) -> str | None:
@@ -207,36 +208,6 @@ def write_plain_layout(model: nn.Module, checkpoint: dict[str, Any], *, keep_ada
             "digests": {"weight": _digest(layer.base_layer.weight), "bias": _digest(base_bias)},
         }
     checkpoint[CHECKPOINT_KEY] = record
-    return record
-
-
-def read_record(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """``checkpoint["peft_callbacks"]``, checked; ``None`` for checkpoints written without it.
-
-    Raises:
-        CheckpointLayoutError: a malformed record or a newer format version.
-
-    Example::
-
-        >>> read_record({"state_dict": {}}) is None
-        True
-    """
-    record = checkpoint.get(CHECKPOINT_KEY)
-    if record is None:
-        return None
-    if not isinstance(record, dict):
-        raise CheckpointLayoutError(f"The checkpoint's {CHECKPOINT_KEY!r} entry must be a dict, got {type(record)}.")
-    version = record.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointLayoutError(
-            f"The checkpoint's {CHECKPOINT_KEY!r} entry has format version {version!r}; this peft_callbacks reads "
-            f"versions up to {FORMAT_VERSION}. Upgrade peft_callbacks to load it."
-        )
-    for field, kind in (("layout", str), ("recipes", dict), ("layers", dict), ("tensors", dict)):
-        if not isinstance(record.get(field), kind):
-            raise CheckpointLayoutError(f"The checkpoint's {CHECKPOINT_KEY!r} entry has no valid field {field!r}.")
-    if record["layout"] not in ("merged", "adapted"):
-        raise CheckpointLayoutError(f"Unknown checkpoint layout {record['layout']!r}; known: 'merged', 'adapted'.")
     return record
 
 

@@ -26,6 +26,7 @@ def check_tensors(
     source: str,
     error: type[ValueError] = ValueError,
     targets: dict[str, torch.Tensor] | None = None,
+    action: str = "load",
 ) -> None:
     """Refuse NaN/Inf values and tensors of another kind than their destination, naming the first bad one.
 
@@ -34,6 +35,7 @@ def check_tensors(
         source: the file, for the message.
         error: the exception class to raise (a ``ValueError``).
         targets: ``{name: tensor}`` where each one will be copied; without it, only floating-point tensors pass.
+        action: what is refused, for the message (``"load"``: "refusing to load it").
     """
     for name, tensor in tensors.items():
         target = (targets or {}).get(name)
@@ -48,7 +50,7 @@ def check_tensors(
                 f"refusing to cast it."
             )
         if floating and not bool(torch.isfinite(tensor).all()):
-            raise error(f"{source}: tensor {name!r} holds NaN or Inf values; refusing to load it.")
+            raise error(f"{source}: tensor {name!r} holds NaN or Inf values; refusing to {action} it.")
 
 
 def _name(tensor: torch.Tensor) -> str:

@@ -43,13 +43,14 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_choice, check_float, check_module, check_positive_int
+from peft_callbacks._validation import check_adapter_name, check_choice, check_float, check_module, check_positive_int
 from peft_callbacks.core.params import has_frozen_batchnorm_stats, unfreeze_batchnorm_stats
 from peft_callbacks.engine import merge_utils
 from peft_callbacks.engine.adapters import adapter_names
 from peft_callbacks.engine.layers import AdaptedLayer
-from peft_callbacks.engine.surgery import check_adapter_name, inject
+from peft_callbacks.engine.surgery import inject
 from peft_callbacks.engine.transaction import transaction
+from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.methods.lora.dora import DoRAAdapter
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D
 from peft_callbacks.methods.lora.method import LoRAConfig
@@ -89,6 +90,14 @@ def _lora_adapters(model: nn.Module, adapters: list[str]) -> dict[str, dict[str,
             if held:
                 found[path] = held
     return found
+
+
+def _check_finite(found: dict[str, dict[str, LoRAAdapter]]) -> None:
+    """Refuse an input adapter holding NaN or Inf: it would spread into every value of the combination."""
+    for path, held in found.items():
+        for name, adapter in held.items():
+            tensors = {f"{path}.{key}": t.detach() for key, t in adapter.state_dict(keep_vars=True).items()}
+            check_tensors(tensors, f"`adapters` entry {name!r}", action="combine", targets=tensors)
 
 
 def _ranks(found: dict[str, dict[str, LoRAAdapter]], adapters: list[str]) -> list[int]:
@@ -238,6 +247,7 @@ def add_weighted_adapter(
         density = check_float("density", density, low=0.0, high=1.0)
     check_choice("majority_sign_method", majority_sign_method, ("total", "frequency"))
     found = _lora_adapters(model, list(adapters))
+    _check_finite(found)
     rank = _new_rank(kind, _ranks(found, list(adapters)), svd_rank)
     first = next(a for layer in found.values() for n, a in layer.items() if n == adapters[0]).config
     config = LoRAConfig(rank=rank, alpha=rank, dropout=first.dropout, use_rslora=first.use_rslora, train_head=False)
