@@ -10,7 +10,7 @@ Example::
     >>> import os, tempfile, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
     >>> AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
-    >>> torch.load(path)["step"], os.listdir(os.path.dirname(path))
+    >>> torch.load(path, weights_only=True)["step"], os.listdir(os.path.dirname(path))
     (1, ['last.ckpt'])
 """
 

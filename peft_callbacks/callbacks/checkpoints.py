@@ -245,7 +245,7 @@ def load_checkpoint(
     merged: bool = True,
     map_location: Any = None,
     strict: bool | None = None,
-    weights_only: bool | None = None,
+    weights_only: bool = True,
     **kwargs: Any,
 ) -> pl.LightningModule:
     """Load a checkpoint written during a PEFT fit, for every method: what to use when a plain
@@ -263,7 +263,10 @@ def load_checkpoint(
             every adapter as during training (to switch adapters, or to train on).
         map_location: as for ``torch.load``.
         strict: as for ``load_state_dict``; ``None`` follows the module's ``strict_loading``.
-        weights_only: as for ``torch.load`` (``None``: torch's default, ``True``).
+        weights_only: ``True`` (the default, also for URLs, where Lightning would otherwise switch to ``False``):
+            the file is read as plain data and tensors, nothing in it is unpickled or run. Pass ``False`` only for a
+            file you trust that holds other Python objects (e.g. models in its hyper-parameters); ``None`` means
+            ``True``.
         **kwargs: hyper-parameters overriding the saved ones (with a class).
 
     Returns:
@@ -296,7 +299,7 @@ def load_checkpoint(
         >>> trainer.fit(trained, data)
         >>> path = os.path.join(tempfile.mkdtemp(), "adapters.ckpt")
         >>> trainer.save_checkpoint(path)
-        >>> Net.load_from_checkpoint(path)  # doctest: +ELLIPSIS
+        >>> Net.load_from_checkpoint(path, weights_only=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         RuntimeError: Error(s) in loading state_dict for Net:
@@ -307,9 +310,9 @@ def load_checkpoint(
         True
     """
     check_bool("merged", merged)
-    for name, value in (("strict", strict), ("weights_only", weights_only)):
-        if value is not None:
-            check_bool(name, value)
+    if strict is not None:
+        check_bool("strict", strict)
+    weights_only = True if weights_only is None else check_bool("weights_only", weights_only)  # never Lightning's None
     _check_map_location(map_location)
     if isinstance(module, type) and issubclass(module, pl.LightningModule):
         with _preparing(module, merged) as outcome:

@@ -206,6 +206,12 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:
     """A callback's state in a Lightning checkpoint (a file, or a sharded checkpoint's ``meta.pt``), or ``None``.
 
+    The file is read with ``weights_only=True``: plain data and tensors only, nothing in it is unpickled or run.
+
+    Raises:
+        pickle.UnpicklingError: the file holds other Python objects (torch's message names the first one; a class
+            of your own can be allowed with ``torch.serialization.add_safe_globals``).
+
     Example::
 
         >>> import tempfile
@@ -218,7 +224,7 @@ def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:
     file = folder / _METADATA_FILENAME if folder.is_dir() else folder
     if not file.is_file():
         return None
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=not folder.is_dir())
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=not folder.is_dir())
     return (checkpoint.get("callbacks") or {}).get(key)
 
 

@@ -64,7 +64,7 @@ class SlimCheckpoint(Callback):
         >>> first.fit(module, data)
         >>> path = os.path.join(tempfile.mkdtemp(), "slim.ckpt")
         >>> first.save_checkpoint(path)
-        >>> len(torch.load(path, weights_only=False)["state_dict"]), len(module.state_dict())  # + the loader key
+        >>> len(torch.load(path, weights_only=True)["state_dict"]), len(module.state_dict())  # + the loader key
         (33, 122)
         >>> trainer(3).fit(Classifier(), data, ckpt_path=path)  # resumes at step 2 onto the base as built
     """
@@ -123,7 +123,8 @@ def _load_slim_shards(strategy: pl.strategies.Strategy) -> None:
         path = Path(strategy.broadcast(checkpoint_path))
         if not (path / _METADATA_FILENAME).is_file():
             return None
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        safe = weights_only is not False  # None (Lightning's default) means safe: nothing is unpickled
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=safe)
         record = metadata.pop(CHECKPOINT_KEY, None)
         if record is None:  # a full checkpoint
             return None
