@@ -128,6 +128,15 @@ def test_stale_files_are_known_by_exact_name_never_by_pattern(tmp_path):
     assert names == ["adapter_model.safetensors", "model-00001-of-00003.safetensors", "model.safetensors"]
 
 
+def test_a_folder_of_the_users_under_one_of_our_names_is_refused_not_replaced(tmp_path):
+    (tmp_path / "model.safetensors").mkdir()
+    (tmp_path / "model.safetensors" / "mine.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="is a folder; the save would replace it"):
+        save_weights(nn.Linear(2, 2), tmp_path)
+    assert (tmp_path / "model.safetensors" / "mine.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
 def test_a_save_of_another_kind_that_overwrites_part_of_a_set_removes_the_rest_of_it(tmp_path):
     save_adapter(_tuned(1.0), tmp_path)
     export_peft(_tuned(2.0), tmp_path)  # same adapter_model.safetensors name: the recipe no longer describes it

@@ -280,7 +280,7 @@ def file_set(directory: str | os.PathLike, kind: str) -> Iterator[Path]:
     If the block raises, ``directory`` is left as it was.
 
     Raises:
-        ValueError: ``directory`` exists and is not a folder, or a file would land outside it.
+        ValueError: ``directory`` exists and is not a folder, a file would land outside it or replace a folder.
     """
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
@@ -295,7 +295,9 @@ def file_set(directory: str | os.PathLike, kind: str) -> Iterator[Path]:
         yield staging
         names = _written(staging)
         for name in names:
-            path_inside(folder, name)
+            destination = path_inside(folder, name)
+            if destination.is_dir() and not destination.is_symlink():
+                raise ValueError(f"{str(destination)!r} is a folder; the save would replace it with a file.")
             _fsync(staging / name)
         for sub in {(staging / n).parent for n in names}:
             _fsync(sub)
