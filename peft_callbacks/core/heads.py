@@ -7,6 +7,9 @@
   input embeddings) is reported separately: it is not a new task head and is never adapted or trained by default.
 * anything else: the last Linear/Conv layer, with a log line saying this fallback was used.
 
+A model with no task head by its family's contract (timm ``num_classes=0``, a transformers base model) returns
+features, not class scores: :func:`headless_reason` says so, for callers that need class scores.
+
 Example::
 
     >>> import timm
@@ -115,3 +118,31 @@ def _generic_head(model: nn.Module) -> HeadInfo:
         last,
     )
     return HeadInfo(head=[last], source=f"{type(model).__name__}: last Linear/Conv layer (generic fallback)")
+
+
+def headless_reason(model: nn.Module) -> str | None:
+    """Why ``model`` has no task head by its family's contract, or ``None`` when it has one or follows no contract.
+
+    A timm model built with ``num_classes=0`` (``get_classifier()`` is ``nn.Identity``) returns pooled features; a
+    transformers base model (no ``*For<Task>`` head, no output embeddings) returns hidden states. Neither gives class
+    scores: a LightningModule that adds its own head around them scores the task in its own ``forward``.
+
+    Example::
+
+        >>> import timm
+        >>> headless_reason(timm.create_model("test_resnet", pretrained=False, num_classes=0))
+        'ResNet has no classifier (timm num_classes=0: get_classifier() is Identity)'
+        >>> headless_reason(timm.create_model("test_resnet", pretrained=False, num_classes=3)) is None
+        True
+    """
+    family = family_of(model)
+    if family == "generic":
+        return None
+    info = find_head(model)
+    if info.all_paths:
+        return None
+    name = type(model).__name__
+    if family == "timm":
+        classifier = type(model.get_classifier()).__name__
+        return f"{name} has no classifier (timm num_classes=0: get_classifier() is {classifier})"
+    return f"{name} is a transformers base model without a task head (no *For<Task> head, no output embeddings)"
