@@ -21,6 +21,7 @@ Example::
     ...         self.head = nn.Linear(self.backbone.num_features, 10)
     ...     def forward(self, x):
     ...         return self.head(self.backbone(x))
+    >>> from peft_callbacks.core.models import defines_forward
     >>> defines_forward(Task()), defines_forward(nn.Module())
     (True, False)
     >>> feature_head_from(nn.Linear(96, 10)).weight.requires_grad
@@ -38,16 +39,6 @@ import torch.nn as nn
 
 from peft_callbacks.core.models import family_of
 from peft_callbacks.forgetting.heads import frozen_copy, head_paths, load_state_file
-
-_PLACEHOLDER_FORWARDS = ("lightning.", "pytorch_lightning.")
-
-
-def defines_forward(module: nn.Module) -> bool:
-    """Does ``module`` have a working ``forward`` (not ``nn.Module``'s or ``LightningModule``'s placeholder)?"""
-    forward = getattr(type(module), "forward", None)
-    if forward is None or forward is nn.Module.forward:
-        return False
-    return not getattr(forward, "__module__", "").startswith(_PLACEHOLDER_FORWARDS)
 
 
 def feature_head_from(base_head: nn.Module | str) -> nn.Module:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from peft_callbacks.core.heads import headless_reason
-from peft_callbacks.core.models import family_of, find_models
+from peft_callbacks.core.models import defines_forward, family_of, find_models
 from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.forgetting.batches import (
     IGNORE_INDEX,
@@ -54,7 +54,6 @@ from peft_callbacks.forgetting.headless import (
     apply_feature_head,
     captured_output,
     check_scores_not_features,
-    defines_forward,
     feature_head_from,
     headless_error,
 )
