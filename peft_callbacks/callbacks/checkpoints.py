@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.slim import CHECKPOINT_KEY as SLIM_KEY
+from peft_callbacks.core import quantized
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
@@ -165,6 +166,17 @@ def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None
             log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
     if isinstance(checkpoint.get("state_dict"), dict):  # sharded strategies load the model state themselves
         restore_adapted_layout(pl_module, checkpoint)
+        restore_quantized_state(pl_module, checkpoint["state_dict"])
+
+
+def restore_quantized_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """Make a checkpoint's quantized layers load into ``module``: the 4-bit statistics (which their own
+    ``load_state_dict`` refuses as unexpected keys) loaded and removed from ``state``, the 8-bit scales given a place
+    to load into (:func:`peft_callbacks.core.quantized.load_quantized_states`)."""
+    if quantized.holds_quantized(module):
+        loaded = quantized.load_quantized_states(module, state)
+        if loaded:
+            log.debug("Loaded the 4-bit statistics of %d layer(s) from the checkpoint.", len(loaded))
 
 
 def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) -> list[str]:
@@ -180,6 +192,7 @@ def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) 
     if SLIM_KEY in checkpoint:
         fill_slim_state_dict(module, state, checkpoint[SLIM_KEY])
     restore_adapted_layout(module, checkpoint)
+    restore_quantized_state(module, state)
     methods = {r["method"] for records in recipes.values() for r in records}
     return sorted(m for m in methods if merged and get_method(m).mergeable)
 
