@@ -39,8 +39,7 @@ class HeadlessModule(L.LightningModule):
         return self.head(self.backbone(x))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        return F.cross_entropy(self(batch[0]), batch[1])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)

@@ -44,7 +44,7 @@ from peft_callbacks.core.recipe import drop_targets
 from peft_callbacks.engine.layers import AdaptedLayer
 from peft_callbacks.engine.method import replace_module
 
-__all__ = ["drop_adapters", "is_called", "reset_usage", "uncalled_layers"]
+__all__ = ["drop_adapters", "is_called", "reset_usage", "uncalled_layers", "warn_uncalled"]
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.models import family_of
-from peft_callbacks.forgetting.heads import frozen_copy, head_paths, load_state_file
+from peft_callbacks.forgetting.heads import frozen_copy, head_paths, hooked, load_state_file
 
 
 def feature_head_from(base_head: nn.Module | str) -> nn.Module:
@@ -130,14 +130,11 @@ def captured_output(module: nn.Module, store: list[torch.Tensor]) -> Iterator[No
 
     Example::
 
-        >>> model, store = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), []
-        >>> with captured_output(model[0], store):
-        ...     _ = model(torch.zeros(5, 3))
-        >>> store[0].shape
-        torch.Size([5, 4])
+        >>> backbone, store = nn.Linear(3, 4), []
+        >>> with captured_output(backbone, store):
+        ...     logits = nn.Linear(4, 2)(backbone(torch.zeros(5, 3)))
+        >>> [tuple(t.shape) for t in store]
+        [(5, 4)]
     """
-    handle = module.register_forward_hook(lambda m, args, output: store.append(_first_tensor(output)))
-    try:
+    with hooked(module.register_forward_hook(lambda m, args, output: store.append(_first_tensor(output)))):
         yield
-    finally:
-        handle.remove()

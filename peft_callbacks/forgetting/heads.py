@@ -247,7 +247,13 @@ def captured_input(module: nn.Module | None, store: list[torch.Tensor]) -> Itera
     if module is None:
         yield
         return
-    handle = module.register_forward_pre_hook(lambda m, args: store.append(args[0]) if args else None)
+    with hooked(module.register_forward_pre_hook(lambda m, args: store.append(args[0]) if args else None)):
+        yield
+
+
+@contextlib.contextmanager
+def hooked(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
+    """Keep a hook (``handle``, as ``register_forward_hook`` returns it) for the ``with`` block, then remove it."""
     try:
         yield
     finally:
