@@ -45,7 +45,7 @@ def test_generic_model_head_is_last_layer_with_log(caplog):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with caplog.at_level(logging.INFO):
         assert find_head(model).head == ["2"]
-    assert "last layer" in caplog.text
+    assert "output layer" in caplog.text
 
 
 def test_headless_timm_model_has_no_head():

@@ -84,6 +84,8 @@ class AdaLoRACallback(PEFTCallback):
         (8, True)
     """
 
+    drops_uncalled = False  # its rank allocator holds the layers it found at fit start
+
     def __init__(
         self,
         init_r: int = 12,

@@ -27,9 +27,11 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.slim import CHECKPOINT_KEY as SLIM_KEY
+from peft_callbacks.core import quantized
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
+from peft_callbacks.engine.usage import drop_adapters
 from peft_callbacks.io.checkpoint import (
     CheckpointLayoutError,
     check_recipes,
@@ -166,16 +168,47 @@ def replay_missing(module: nn.Module, recipes: dict[str, list], stored: dict[str
     return list(dict.fromkeys(added))
 
 
+def drop_as_recorded(module: nn.Module, recipes: dict[str, list]) -> list[str]:
+    """Leave out again the adapters the run that wrote the checkpoint dropped from layers its model never called (the
+    records' ``"dropped"`` paths, see :mod:`peft_callbacks.engine.usage`), so that the module as re-adapted at setup
+    fits the checkpoint's tensors and optimizer state. Return the paths dropped."""
+    dropped = []
+    for path, records in recipes.items():
+        for record in records if isinstance(records, list) else ():
+            paths = record.get("dropped") if isinstance(record, dict) else None
+            if paths is None:
+                continue
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise CheckpointLayoutError(f"A surgery record's 'dropped' must be a list of paths, got {paths!r}.")
+            full = [f"{path}.{p}" if path else p for p in paths]
+            dropped += drop_adapters(module, full, record.get("adapter_name", DEFAULT_ADAPTER))
+    if dropped:
+        log.info("Left out adapter(s) of %s again: the checkpoint's run found the model never calls them.", dropped)
+    return dropped
+
+
 def restore_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """The load-time half of :func:`write_checkpoint_layout`, for a module that carries the surgery again
     (resuming, testing): adapters of earlier fits re-created, the adapted layout restored."""
     record = read_record(checkpoint)
     if record is not None and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+        drop_as_recorded(pl_module, record["recipes"])
         added = replay_missing(pl_module, record["recipes"], stored_tensors(checkpoint))
         if added:
             log.info("Re-created adapter(s) %s from the checkpoint's recipe (frozen, as when it was written).", added)
     if isinstance(checkpoint.get("state_dict"), dict):  # sharded strategies load the model state themselves
         restore_adapted_layout(pl_module, checkpoint)
+        restore_quantized_state(pl_module, checkpoint["state_dict"])
+
+
+def restore_quantized_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """Make a checkpoint's quantized layers load into ``module``: the 4-bit statistics (which their own
+    ``load_state_dict`` refuses as unexpected keys) loaded and removed from ``state``, the 8-bit scales given a place
+    to load into (:func:`peft_callbacks.core.quantized.load_quantized_states`)."""
+    if quantized.holds_quantized(module):
+        loaded = quantized.load_quantized_states(module, state)
+        if loaded:
+            log.debug("Loaded the 4-bit statistics of %d layer(s) from the checkpoint.", len(loaded))
 
 
 def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) -> list[str]:
@@ -191,6 +224,7 @@ def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) 
     if SLIM_KEY in checkpoint:
         fill_slim_state_dict(module, state, checkpoint[SLIM_KEY])
     restore_adapted_layout(module, checkpoint)
+    restore_quantized_state(module, state)
     methods = {r["method"] for records in recipes.values() for r in records}
     return sorted(m for m in methods if merged and get_method(m).mergeable)
 

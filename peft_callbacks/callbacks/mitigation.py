@@ -158,8 +158,9 @@ class ForgettingTerm(Callback):
 
     # -- shared pieces ------------------------------------------------------------------------------------------
     def scorer(self, pl_module: pl.LightningModule, metric: str | None = None) -> BaseTaskScorer:
-        """A base-task scorer on ``pl_module`` through the original head (for its ``forward``/``loss``)."""
-        return BaseTaskScorer(
+        """A base-task scorer on ``pl_module`` through the original head (for its ``forward``/``loss``); refused for
+        a model without a head that nothing puts class scores on (:mod:`peft_callbacks.forgetting.headless`)."""
+        scorer = BaseTaskScorer(
             pl_module,
             metric=metric,
             base_head=self.base_head,
@@ -167,6 +168,8 @@ class ForgettingTerm(Callback):
             module=self.module,
             drift=False,
         )
+        scorer.check_class_scores()
+        return scorer
 
     def anchor(self, pl_module: pl.LightningModule, buffers: bool = False) -> UpdateAnchor:
         """The update space of the fine-tune (the found models; their heads left out when ``base_head`` is given)."""

@@ -37,6 +37,7 @@ from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inj
 from peft_callbacks.engine.adapters import adapter_names, set_adapter
 from peft_callbacks.engine.precision import check_dtype
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
+from peft_callbacks.engine.usage import drop_adapters, reset_usage, uncalled_layers
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.checkpoint import read_record
 
@@ -58,7 +59,9 @@ class PEFTCallback(SurgeryCallback):
 
     After the first optimizer step a rank-zero warning names every adapted module whose tensors got no gradient (a
     frozen BatchNorm with zero scale, a layer the model never calls), so an adapter that cannot train never goes
-    unnoticed.
+    unnoticed. Before that warning, layers whose weight the model reads directly but never calls (an MoE router
+    computing ``F.linear(h, gate.weight)``) lose this adapter, with a log line: it would never run, and merging it
+    would change the model (:mod:`peft_callbacks.engine.usage`); a resumed run leaves them out again.
 
     **Quantized bases** (bitsandbytes 4-/8-bit layers, QLoRA): the adapters train around the frozen quantized layers.
     At the end the adapter stays unmerged by default, because rounding a merged weight back into 4 or 8 bits would
@@ -212,6 +215,7 @@ class PEFTCallback(SurgeryCallback):
         if self._gradients_checked:
             return
         self._gradients_checked = True
+        self._drop_uncalled(trainer, pl_module)
         if strategy_kind(trainer) in ("fsdp", "deepspeed"):
             return  # their gradients live in flat buffers, not in `.grad` of each tensor
         silent = _modules_without_gradient(pl_module, self.method)
@@ -222,6 +226,37 @@ class PEFTCallback(SurgeryCallback):
                 f"calls the layer, or a frozen layer after it blocks the gradient (e.g. a BatchNorm with zero scale, "
                 f"as timm initialises ResNets). Leave them out with `exclude_modules`, or train those layers."
             )
+
+    # -- layers the model never calls ------------------------------------------------------------------------------
+    drops_uncalled = True  # AdaLoRA's rank allocator holds its layers from fit start: it keeps them (never merged)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reset_usage(pl_module)  # reads of `.weight` while the model was set up say nothing about its forward
+
+    def _drop_uncalled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the first step's forwards: drop this adapter from layers the model reads but never calls."""
+        paths = uncalled_layers(pl_module)
+        if not paths:
+            return
+        shown = ", ".join(paths[:8]) + (", …" if len(paths) > 8 else "")
+        if not self.drops_uncalled or strategy_kind(trainer) in ("fsdp", "deepspeed"):
+            rank_zero_warn(
+                f"{self.name}: the model reads the weight of {len(paths)} adapted layer(s) directly and never calls "
+                f"them ({shown}), so their adapters never run; they are kept but will not be merged. Leave them out "
+                f"with `exclude_modules`."
+            )
+            return
+        modules = dict(pl_module.named_modules())
+        adapters = [modules[p].adapters[self.adapter_name] for p in paths if self.adapter_name in modules[p].adapters]
+        removed = {id(t) for a in adapters for t in a.parameters()}
+        dropped = drop_adapters(pl_module, paths, self.adapter_name)
+        forget_parameters(trainer.optimizers, removed)
+        self.recipes = {path: surgery_records(model) for path, model in find_models(pl_module, self.module)}
+        rank_zero_info(
+            f"{self.name}: left out {len(dropped)} layer(s) the model never calls ({shown}): it reads their weight "
+            f"directly (e.g. F.linear(h, layer.weight)), so their {self.method.title} adapter would never run, and a "
+            f"merge would change what the model computes. Exclude them with `exclude_modules` to skip this step."
+        )
 
     # -- validate / test / predict ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -271,6 +306,15 @@ class PEFTCallback(SurgeryCallback):
         state["config"] = self.config.to_dict(all_fields=True)
         state["recipes"] = self.recipes
         return state
+
+
+def forget_parameters(optimizers: list[torch.optim.Optimizer], removed: set[int]) -> None:
+    """Take the tensors whose ``id`` is in ``removed`` out of every param group and state of ``optimizers``."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in removed]
+        for p in [p for p in optimizer.state if id(p) in removed]:
+            del optimizer.state[p]
 
 
 def _modules_without_gradient(pl_module: nn.Module, method) -> list[str]:

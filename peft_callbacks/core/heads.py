@@ -5,7 +5,13 @@
   (``model.base_model``) and has parameters, e.g. ``classifier``, ``score``, ``pre_classifier``,
   ``classification_head``, ``qa_outputs``. The vocabulary projection (``get_output_embeddings()``, usually tied to the
   input embeddings) is reported separately: it is not a new task head and is never adapted or trained by default.
-* anything else: the last Linear/Conv layer, with a log line saying this fallback was used.
+* anything else: the layer whose output is the model's output, found by tracing ``forward`` symbolically
+  (:func:`peft_callbacks.core.graph.output_layers`), with a log line; when the trace cannot tell (data-dependent
+  control flow, a residual around the last layer), no head at all, and a log line says so. The last registered
+  layer is never guessed: in a SwiGLU block ``w1, w2, w3`` it is the gate ``w3``, not the output ``w2``.
+
+A model with no task head by its family's contract (timm ``num_classes=0``, a transformers base model) returns
+features, not class scores: :func:`headless_reason` says so, for callers that need class scores.
 
 Example::
 
@@ -101,17 +107,50 @@ def _transformers_head(model: nn.Module) -> HeadInfo:
 
 
 def _generic_head(model: nn.Module) -> HeadInfo:
-    from peft_callbacks.core.targets import layer_kind
+    from peft_callbacks.core.graph import output_layers
 
-    last = None
-    for name, m in model.named_modules():
-        if name and layer_kind(m) is not None:
-            last = name
-    if last is None:
-        return HeadInfo(source=f"{type(model).__name__}: no timm/transformers contract and no Linear/Conv layer")
+    name = type(model).__name__
+    found = output_layers(model)
+    if isinstance(found, str):
+        log.info(
+            "%s follows no timm/transformers contract and its output layer cannot be told from its forward (%s); no "
+            "layer is taken as its task head, so none trains in full.",
+            name,
+            found,
+        )
+        return HeadInfo(source=f"{name}: no timm/transformers contract, no output layer found ({found})")
     log.info(
-        "%s follows no timm/transformers contract; treating its last layer %r as the task head.",
-        type(model).__name__,
-        last,
+        "%s follows no timm/transformers contract; its output layer %s, found by tracing its forward, is taken as "
+        "the task head.",
+        name,
+        ", ".join(repr(p) for p in found),
     )
-    return HeadInfo(head=[last], source=f"{type(model).__name__}: last Linear/Conv layer (generic fallback)")
+    return HeadInfo(head=found, source=f"{name}: output layer of its forward (generic model)")
+
+
+def headless_reason(model: nn.Module) -> str | None:
+    """Why ``model`` has no task head by its family's contract, or ``None`` when it has one or follows no contract.
+
+    A timm model built with ``num_classes=0`` (``get_classifier()`` is ``nn.Identity``) returns pooled features; a
+    transformers base model (no ``*For<Task>`` head, no output embeddings) returns hidden states. Neither gives class
+    scores: a LightningModule that adds its own head around them scores the task in its own ``forward``.
+
+    Example::
+
+        >>> import timm
+        >>> headless_reason(timm.create_model("test_resnet", pretrained=False, num_classes=0))
+        'ResNet has no classifier (timm num_classes=0: get_classifier() is Identity)'
+        >>> headless_reason(timm.create_model("test_resnet", pretrained=False, num_classes=3)) is None
+        True
+    """
+    family = family_of(model)
+    if family == "generic":
+        return None
+    info = find_head(model)
+    if info.all_paths:
+        return None
+    name = type(model).__name__
+    if family == "timm":
+        classifier = type(model.get_classifier()).__name__
+        return f"{name} has no classifier (timm num_classes=0: get_classifier() is {classifier})"
+    return f"{name} is a transformers base model without a task head (no *For<Task> head, no output embeddings)"

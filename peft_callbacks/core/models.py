@@ -45,6 +45,20 @@ def is_timm_model(module: nn.Module) -> bool:
     )
 
 
+def defines_forward(module: nn.Module) -> bool:
+    """Does ``module`` have a working ``forward`` (not ``nn.Module``'s or ``LightningModule``'s placeholder)?
+
+    Example::
+
+        >>> defines_forward(nn.Linear(2, 2)), defines_forward(nn.Module())
+        (True, False)
+    """
+    forward = getattr(type(module), "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return False
+    return not getattr(forward, "__module__", "").startswith(("lightning.", "pytorch_lightning."))
+
+
 def family_of(module: nn.Module) -> Family:
     """Which family's contract ``module`` follows: ``"timm"``, ``"transformers"`` or ``"generic"``."""
     if is_transformers_model(module):

@@ -46,6 +46,7 @@ __all__ = [
     "forget_quantization",
     "holds_quantized",
     "is_quantized",
+    "load_quantized_states",
     "plain_linear",
     "prepare_quantized_base",
     "quantization_label",
@@ -332,6 +333,57 @@ def requantized(layer: nn.Module, weight: torch.Tensor) -> None:
     else:  # LLM.int8() moves the row scales into the layer's state at the first forward; start afresh
         layer.state.CB = None
         layer.state.SCB = None
+
+
+def load_quantized_states(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Make ``state_dict``'s quantized layers loadable into ``model``: the 4-bit statistics taken out of it (in place)
+    and put into the layers, the 8-bit scales given a place to load into.
+
+    A ``Linear4bit`` writes its packed weight under ``<path>.weight`` and its statistics beside it
+    (``<path>.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.quant_state.bitsandbytes__nf4``, …), but its
+    ``load_state_dict`` reads back only the packed weight: a model's own state dict fails to load ("Unexpected
+    key(s) … absmax"). Here each such layer gets a weight rebuilt from the stored packed data and statistics
+    (bitsandbytes' ``Params4bit.from_prequantized``, on the layer's device), so what was saved is what is loaded,
+    scales included; the statistics' keys are removed and ``<path>.weight`` stays, for the load that follows to copy
+    onto the rebuilt weight (the same values). 8-bit layers load their row scales (``SCB``) themselves, but only
+    while the weight holds them: after a first forward they sit in the layer's state, and bitsandbytes refuses the
+    load ("Loading a quantized checkpoint into non-quantized Linear8bitLt"); they are handed back to the weight.
+
+    Args:
+        model: the module ``state_dict`` is for (the keys are relative to it).
+        state_dict: a state dict of ``model`` as ``model.state_dict()`` writes it.
+
+    Returns:
+        The paths of the 4-bit layers whose statistics were loaded.
+    """
+    loaded = []
+    for path, layer in quantized_layers(model).items():
+        if quantized_kind(layer) == "linear_8bit":
+            _scales_on_weight(layer)
+            continue
+        prefix = f"{path}.weight."
+        stats = {k[len(prefix) :]: state_dict[k] for k in list(state_dict) if k.startswith(prefix)}
+        data = state_dict.get(f"{path}.weight")
+        if not stats or not isinstance(data, torch.Tensor):
+            continue
+        bnb = require_bitsandbytes("load the statistics of 4-bit layers from a checkpoint")
+        old = layer.weight
+        device = old.device if old.device.type != "meta" else data.device
+        new = bnb.nn.Params4bit.from_prequantized(data, dict(stats), requires_grad=False, device=device, module=layer)
+        layer.weight = new
+        layer.quant_state = new.quant_state
+        for key in stats:
+            del state_dict[prefix + key]
+        loaded.append(path)
+    return loaded
+
+
+def _scales_on_weight(layer: nn.Module) -> None:
+    """Point an 8-bit weight at the row scales its first forward moved into the layer's state (the same tensor), so
+    that bitsandbytes' ``load_state_dict`` writes the stored scales into it."""
+    state = getattr(layer, "state", None)
+    if getattr(layer.weight, "SCB", None) is None and getattr(state, "SCB", None) is not None:
+        layer.weight.SCB = state.SCB
 
 
 def forget_quantization(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["clear_surgery", "record_surgery", "recorded_models", "surgery_records"]
+__all__ = ["clear_surgery", "drop_targets", "record_surgery", "recorded_models", "surgery_records"]
 
 _ATTR = "_peft_callbacks_recipe"
 
@@ -54,3 +54,27 @@ def clear_surgery(root: nn.Module, method: str, adapter_name: str | None = None)
             ]
             if not records:
                 del m.__dict__[_ATTR]
+
+
+def drop_targets(root: nn.Module, adapter_name: str, paths: list[str]) -> None:
+    """Take ``paths`` (relative to ``root``) out of the targets of the records of adapter ``adapter_name`` inside
+    ``root``, and list them under the record's ``"dropped"`` (so a resumed run can tell them from new targets).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> record_surgery(net, "lora", {"rank": 2, "targets": ["0", "1"]})
+        >>> drop_targets(net, "default", ["1"])
+        >>> [(r["config"]["targets"], r["dropped"]) for r in surgery_records(net)]
+        [(['0'], ['1'])]
+    """
+    for prefix, model in recorded_models(root).items():
+        inside = {p[len(prefix) + 1 :] if prefix else p for p in paths if not prefix or p.startswith(prefix + ".")}
+        for record in model.__dict__[_ATTR]:
+            targets = record.get("config", {}).get("targets")
+            if record.get("adapter_name", "default") != adapter_name or not isinstance(targets, list):
+                continue
+            gone = [t for t in targets if t in inside]
+            if gone:
+                record["config"]["targets"] = [t for t in targets if t not in inside]
+                record["dropped"] = sorted({*record.get("dropped", []), *gone})

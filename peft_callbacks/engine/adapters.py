@@ -50,6 +50,7 @@ from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer
 from peft_callbacks.engine.method import LayerMethod, get_method
 from peft_callbacks.engine.surgery import unload
+from peft_callbacks.engine.usage import uncalled_layers, warn_uncalled
 
 __all__ = [
     "active_adapters",
@@ -230,7 +231,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """Fold the active adapters (or ``adapter_names``) into the base weights in place; the wrappers stay, so
     :func:`unmerge_adapter` takes them out again (HF PEFT's ``merge_adapter``). Float32, cast back once, every
-    merged weight checked for NaN/Inf: on a refusal no layer stays merged.
+    merged weight checked for NaN/Inf: on a refusal no layer stays merged. Layers the model never calls are left
+    unmerged, with a warning (:mod:`peft_callbacks.engine.usage`).
 
     Raises:
         ValueError: an unknown name, adapters merged already, an adapter that cannot be merged, or a merged weight
@@ -238,9 +240,15 @@ def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None) -> N
     """
     check_module("model", model)
     names = None if adapter_names is None else _check_names(model, adapter_names, "adapter_names")
+    uncalled = uncalled_layers(model)  # their adapters never ran: never folded
+    if uncalled:
+        warn_uncalled(uncalled, "merging")
+    skipped = {id(model.get_submodule(p)) for p in uncalled}
     done = []
     try:
         for layer in _layers(model):
+            if id(layer) in skipped:
+                continue
             chosen = [n for n in (layer.active_adapters if names is None else names) if n in layer.adapters]
             unmergeable = [n for n in chosen if not layer.adapters[n].mergeable]
             if unmergeable:

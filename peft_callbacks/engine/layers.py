@@ -193,6 +193,8 @@ class AdaptedLayer(PEFTModule):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.__dict__.get("_called"):  # the model calls this layer (see engine.usage)
+            self.__dict__["_called"] = True
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         rows = self.__dict__.get("row_adapters")  # set by `adapters_per_row`: one adapter name per row of x
@@ -334,6 +336,8 @@ class AdaptedLayer(PEFTModule):
             base = self.__dict__.get("_modules", {}).get(_BASE)
             if base is None or name.startswith("__"):
                 raise
+            if name == "weight":  # read around the layer: if it is never called, its adapters never run
+                self.__dict__["_weight_read"] = True
             return getattr(base, name)
 
     def extra_repr(self) -> str:

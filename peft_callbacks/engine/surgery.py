@@ -77,6 +77,7 @@ from peft_callbacks.engine.precision import (
     write_merged,
 )
 from peft_callbacks.engine.transaction import transaction
+from peft_callbacks.engine.usage import uncalled_layers, warn_uncalled
 
 __all__ = ["adapt_layer", "disabled", "inject", "merge", "peft_layers", "replay", "unload"]
 
@@ -291,7 +292,8 @@ def merge(
     The merged weights are computed in float32 (on quantized bases from the dequantized weights) and cast back to
     each base weight's dtype, so bf16/fp16 models lose no more precision than one rounding. Every merged weight is
     checked for NaN/Inf before any layer changes; afterwards ``model.state_dict()`` has the original keys and module
-    types. Calling it again changes nothing.
+    types. Calling it again changes nothing. Layers the model never calls (it reads their weight directly, see
+    :mod:`peft_callbacks.engine.usage`) are not folded: their adapters never ran; a warning names them.
 
     A quantized (bitsandbytes) base is never re-rounded silently: merging into it needs ``dtype`` or ``requantize``
     (see :mod:`peft_callbacks.engine.precision`).
@@ -324,6 +326,10 @@ def merge(
         quantized.require_bitsandbytes("re-quantize merged weights (`requantize=True`)")
     methods = [m for m in _methods(model, method) if m.mergeable]
     layers = {p: layer for m in methods for p, layer in m.modules(model).items()}
+    uncalled = [p for p in uncalled_layers(model) if p in layers]  # their adapters never ran: never folded
+    if uncalled:
+        warn_uncalled(uncalled, "merging")
+    layers = {p: layer for p, layer in layers.items() if p not in uncalled}
     merged = {}
     for path, layer in layers.items():  # everything is checked before anything changes
         unmergeable = [n for n, a in layer.adapters.items() if not a.mergeable]
@@ -341,6 +347,8 @@ def merge(
         # a sharded base keeps only its own slice of the merged weight until everything is checked
         merged[path] = {key: shard_as(_base_tensor(layer.base_layer, key), t) for key, t in state.items()}
     errors = {}
+    for path in uncalled:
+        _restore_base(model, path)
     for path, layer in layers.items():
         state = merged.pop(path)
         if set(state) <= {"weight", "bias"} and (dtype is not None or quantized.stores_quantized(layer.base_layer)):
@@ -362,6 +370,13 @@ def merge(
     if layers:
         log.info("Merged %d layer(s) of %s.", len(layers), type(model).__name__)
     return model
+
+
+def _restore_base(model: nn.Module, path: str) -> None:
+    """Put the base layer of the adapted layer at ``path`` back, unchanged (its merged adapters taken out first)."""
+    layer = model.get_submodule(path)
+    layer.unmerge()
+    replace_module(model, path, layer.base_layer)
 
 
 def unload(model: nn.Module, method: str | None = None, adapter_name: str | None = None) -> nn.Module:

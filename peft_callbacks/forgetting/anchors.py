@@ -153,6 +153,9 @@ def update_scope(root: nn.Module, module: str | None, exclude_head: bool) -> tup
     """``(include, exclude)`` module paths of the update space inside ``root``: the models found in it (timm /
     transformers, or ``root`` itself; ``module`` narrows the search) and, when ``exclude_head``, their task heads.
 
+    A model without a head of its own (timm ``num_classes=0``) is scored through ``root``'s own head when no
+    original head is given, so the update space is then all of ``root`` (``[""]``): that head is part of it.
+
     Example::
 
         >>> import timm
@@ -163,10 +166,13 @@ def update_scope(root: nn.Module, module: str | None, exclude_head: bool) -> tup
         >>> update_scope(Task(), None, exclude_head=True)
         (['model'], ['model.fc'])
     """
+    from peft_callbacks.core.heads import headless_reason
     from peft_callbacks.core.models import find_models, join_path
     from peft_callbacks.forgetting.heads import head_paths
 
     models = find_models(root, module)
+    if not exclude_head and any(path and headless_reason(model) for path, model in models):
+        return [""], []
     include = [path for path, _ in models]
     exclude = [join_path(path, head) for path, model in models for head in head_paths(model)] if exclude_head else []
     return include, exclude

@@ -49,7 +49,8 @@ def head_paths(model: nn.Module) -> list[str]:
     return info.head or info.output_embeddings
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in eval mode with every parameter frozen."""
     module = copy.deepcopy(module)
     for p in module.parameters():
         p.requires_grad_(False)
@@ -78,16 +79,18 @@ def base_heads_from(base_head: nn.Module, model: nn.Module) -> dict[str, nn.Modu
                 f"`base_head` is a {type(base_head).__name__} whose head is at {found}, but the model's head is at "
                 f"{paths}; pass the original head module itself."
             )
-        return {p: _frozen_copy(base_head.get_submodule(p)) for p in paths}
+        return {p: frozen_copy(base_head.get_submodule(p)) for p in paths}
     if len(paths) != 1:
         raise ValueError(
             f"`base_head` is one {type(base_head).__name__} but {type(model).__name__}'s head has {len(paths)} "
             f"modules ({paths}); pass the whole original model, or a state-dict path holding every head module."
         )
-    return {paths[0]: _frozen_copy(base_head)}
+    return {paths[0]: frozen_copy(base_head)}
 
 
-def _load_state(path: str) -> dict[str, torch.Tensor]:
+def load_state_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a saved state dict (``.safetensors``, or ``torch.save``'d, loaded with ``weights_only=True``;
+    a Lightning checkpoint's ``state_dict``); refuse anything else with the ``base_head`` argument named."""
     if not os.path.isfile(path):
         raise ValueError(f"`base_head`={path!r} is not a file; pass a torch.save'd state dict or a .safetensors file.")
     if path.endswith(".safetensors"):
@@ -151,7 +154,7 @@ def base_heads_from_file(path: str, model: nn.Module) -> dict[str, nn.Module]:
         >>> base_heads_from_file(path, original)["fc"].out_features
         10
     """
-    state = _load_state(path)
+    state = load_state_file(path)
     heads = {}
     for head_path in head_paths(model):
         current = model.get_submodule(head_path)
@@ -163,7 +166,7 @@ def base_heads_from_file(path: str, model: nn.Module) -> dict[str, nn.Module]:
                 f"`base_head`={path!r} holds no tensors for the head {head_path!r} (expected keys {names} or "
                 f"'<prefix>{head_path}.{names[0]}', ...); the file has: {shown}."
             )
-        head = _frozen_copy(current)
+        head = frozen_copy(current)
         _assign(head, {n: state[prefix + n] for n in names})
         heads[head_path] = head
     return heads
@@ -244,7 +247,13 @@ def captured_input(module: nn.Module | None, store: list[torch.Tensor]) -> Itera
     if module is None:
         yield
         return
-    handle = module.register_forward_pre_hook(lambda m, args: store.append(args[0]) if args else None)
+    with hooked(module.register_forward_pre_hook(lambda m, args: store.append(args[0]) if args else None)):
+        yield
+
+
+@contextlib.contextmanager
+def hooked(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
+    """Keep a hook (``handle``, as ``register_forward_hook`` returns it) for the ``with`` block, then remove it."""
     try:
         yield
     finally:

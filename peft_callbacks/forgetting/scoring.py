@@ -2,8 +2,11 @@
 
 :class:`BaseTaskScorer` runs a held-out base-task loader through the current backbone (and the frozen original
 head, when one is given), under ``torch.no_grad()`` in eval mode, restoring every module's train/eval mode
-afterwards. The first call caches, per batch, the output distribution and the pooled features (the input of the
-head, averaged over token positions for token-level heads); later calls report the KL divergence
+afterwards. A model without a head of its own (timm ``num_classes=0``, a transformers base model) is scored through
+the wrapping module's ``forward``, ``forward_fn`` or ``base_head`` (:mod:`peft_callbacks.forgetting.headless`),
+never by taking its features as class scores. The first call caches, per batch, the output distribution and the
+pooled features (the input of the head, averaged over token positions for token-level heads; the output of a model
+without a head); later calls report the KL divergence
 ``KL(p_baseline || p_now)`` and the cosine similarity of the features to those cached at the first call, so drift is
 measured even without base labels.
 
@@ -37,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
-from peft_callbacks.core.models import family_of, find_models
+from peft_callbacks.core.heads import headless_reason
+from peft_callbacks.core.models import defines_forward, family_of, find_models
 from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.forgetting.batches import (
     IGNORE_INDEX,
@@ -45,6 +49,13 @@ from peft_callbacks.forgetting.batches import (
     language_model_labels,
     move_to_device,
     split_batch,
+)
+from peft_callbacks.forgetting.headless import (
+    apply_feature_head,
+    captured_output,
+    check_scores_not_features,
+    feature_head_from,
+    headless_error,
 )
 from peft_callbacks.forgetting.heads import (
     base_heads_from,
@@ -123,8 +134,9 @@ class BaseTaskScorer:
         metric: ``"accuracy"``, ``"f1"``, ``"loss"``, ``"perplexity"``, a ``torchmetrics.Metric`` or ``None``
             (label-free drift only).
         base_head: the original head (module, whole original model, or path to a saved state dict); ``None``
-            scores the model's current head.
-        forward_fn: ``forward_fn(root, batch) -> logits`` for models or batches the defaults cannot handle.
+            scores the model's current head. For a model without a head: the head applied to its pooled features.
+        forward_fn: ``forward_fn(root, batch) -> logits`` for models or batches the defaults cannot handle. For a
+            model without a head and no ``forward_fn``/``base_head``, ``root``'s own ``forward`` is used.
         module: dotted path of the model inside ``root`` when it holds several.
         num_classes: number of base-task classes for accuracy/F1; read from the head when ``None``.
         limit_batches: score only the first ``limit_batches`` batches.
@@ -163,30 +175,47 @@ class BaseTaskScorer:
         if features not in ("head_input", "output"):
             raise ValueError(f"`features` must be 'head_input' or 'output', got {features!r}.")
         self.root = root
-        self.model = self._single_model(root, module, forward_fn)
-        if isinstance(base_head, str):
+        self.model_path, self.model = self._single_model(root, module, forward_fn)
+        self.headless = headless_reason(self.model) if forward_fn is None else None
+        self.feature_head = feature_head_from(base_head) if self.headless and base_head is not None else None
+        self.through_root = bool(self.headless) and base_head is None and root is not self.model
+        self.through_root = self.through_root and defines_forward(root)
+        if isinstance(base_head, str) and not self.headless:
             self.heads = base_heads_from_file(base_head, self.model)
         else:
-            self.heads = base_heads_from(base_head, self.model) if base_head is not None else None
+            self.heads = base_heads_from(base_head, self.model) if base_head is not None and not self.headless else None
         self.metric_spec = check_metric(metric)
         self.forward_fn = forward_fn
-        self.num_classes = num_classes if num_classes is not None else output_size(self.heads, self.model)
+        heads = {"": self.feature_head} if self.feature_head is not None else self.heads
+        self.num_classes = num_classes if num_classes is not None else output_size(heads, self.model)
         self.limit_batches = limit_batches
         self.drift = drift
         self.features = features
         self.reference: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._causal = _is_causal_lm(self.model)
         self._head_paths = head_paths(self.model)  # the place stays the same when LoRA wraps or merges the head
+        if self.metric_spec is not None:
+            self.check_class_scores()
 
     @staticmethod
-    def _single_model(root: nn.Module, module: str | None, forward_fn: ForwardFn | None) -> nn.Module:
+    def _single_model(root: nn.Module, module: str | None, forward_fn: ForwardFn | None) -> tuple[str, nn.Module]:
         models = find_models(root, module)
         if len(models) > 1 and forward_fn is None:
             raise ValueError(
                 f"{type(root).__name__} holds several models ({[p for p, _ in models]}); pass `module=` to say which "
                 f"one scores the base task, or `forward_fn=`."
             )
-        return models[0][1]
+        return models[0]
+
+    def check_class_scores(self) -> None:
+        """Refuse to score a model without a head through its features (see the module docstring).
+
+        Raises:
+            ValueError: the model has no head, and neither ``forward_fn``, ``base_head`` nor the wrapping module's
+                own ``forward`` gives class scores; the message names what to pass.
+        """
+        if self.headless and self.feature_head is None and not self.through_root:
+            raise headless_error(self.headless, self.root, self.model_path)
 
     def score(self, loader: Iterable, *, rank: int = 0, world_size: int = 1) -> BaseTaskScore:
         """Score ``loader`` (the first ``limit_batches`` batches); this process takes batches ``rank::world_size``.
@@ -198,7 +227,7 @@ class BaseTaskScorer:
         device = _device_of(self.model, self.root)
         # the unwrapped model is called, never a DDP wrapper: ranks score different numbers of batches, and a
         # wrapper's forward would wait for the other ranks (buffer broadcast)
-        metric = build_metric(self.metric_spec, self.num_classes).to(device) if self.metric_spec is not None else None
+        metric = self._build_metric(loader, device) if self.metric_spec is not None else None
         kl, cosine = MeanMetric().to(device), MeanMetric().to(device)
         taking_reference = self.drift and self.reference is None
         reference = {} if taking_reference else self.reference
@@ -237,18 +266,19 @@ class BaseTaskScorer:
         backbone and the original head, with gradients if they are enabled. Language-model logits and labels are
         shifted for next-token prediction."""
         store: list[torch.Tensor] = []
-        with swapped_heads(self.model, self.heads):
-            paths = self._head_paths
-            feature_module = self.model.get_submodule(paths[0]) if paths else None
-            with captured_input(feature_module, store):
-                if self.forward_fn is not None:
-                    inputs, labels = None, _labels_of(batch)
-                    logits = self.forward_fn(self.root, batch)
-                else:
-                    inputs, labels = split_batch(batch)
-                    logits = call_model(self.model, inputs)
+        with swapped_heads(self.model, self.heads), self._captured_features(store):
+            if self.forward_fn is not None:
+                inputs, labels = None, _labels_of(batch)
+                logits = self.forward_fn(self.root, batch)
+            else:
+                inputs, labels = split_batch(batch)
+                logits = call_model(self.root if self.through_root else self.model, inputs)
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"`forward_fn` must return a logits tensor, got {type(logits).__name__}.")
+        if self.through_root:
+            check_scores_not_features(logits, store[0] if store else None, self.root)
+        elif self.feature_head is not None:
+            logits = apply_feature_head(self.feature_head, logits, self.model)
         if logits.ndim == 3:  # (B, T, V) language-model logits
             if inputs is not None:
                 labels = language_model_labels(inputs, labels)
@@ -258,7 +288,7 @@ class BaseTaskScorer:
         if self.features == "output":
             features = _pooled(logits)
         else:
-            features = _pooled(store[0]) if store else None
+            features = _pooled(store[0]) if store and store[0] is not None else None
         return logits, labels, features
 
     def loss(self, batch: Any) -> torch.Tensor:
@@ -268,6 +298,7 @@ class BaseTaskScorer:
         Raises:
             ValueError: the batch has no labels, or labels outside the head's classes.
         """
+        self.check_class_scores()
         logits, labels, _ = self.forward(batch)
         self._check_labels(logits, labels)
         flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -296,6 +327,20 @@ class BaseTaskScorer:
                 f"Base-task labels {shown} are outside the {classes} classes (0..{classes - 1}) of {head} the base "
                 f"task is scored through; {hint}, or map the labels to the head's classes."
             )
+
+    def _captured_features(self, store: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Capture the pooled features: the head's input, or the output of a model without a head."""
+        if self.headless:
+            return captured_output(self.model, store)
+        paths = self._head_paths
+        return captured_input(self.model.get_submodule(paths[0]) if paths else None, store)
+
+    def _build_metric(self, loader: Iterable, device: torch.device) -> Metric:
+        first = next(iter(loader), None) if self.num_classes is None and self.through_root else None
+        if first is not None:  # the wrapping module's own head: its class count is read off its logits, once
+            with evaluation_mode(self.root):
+                self.num_classes = int(self.forward(move_to_device(first, device))[0].shape[-1])
+        return build_metric(self.metric_spec, self.num_classes).to(device)
 
     def _update_metric(self, metric: Metric, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
         if isinstance(self.metric_spec, str) or labels is None:

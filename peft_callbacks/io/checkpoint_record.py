@@ -124,6 +124,9 @@ def check_recipes(recipes: dict) -> None:
                 )
             if "adapter_name" in r:
                 _name(r["adapter_name"], f"{field}[{i}].adapter_name")
+            dropped = r.get("dropped", [])
+            if not isinstance(dropped, list) or not all(isinstance(p, str) for p in dropped):
+                raise CheckpointLayoutError(f"{_WHERE} field '{field}[{i}].dropped' must be a list of module paths.")
 
 
 def _check_layers(layers: dict) -> None:

@@ -1,0 +1,252 @@
+"""Flat keyword arguments derived from settings dataclasses: every setting is declared once.
+
+A setting lives in one place: a field of a settings dataclass (a method's config, a callback's options), with its
+type, its default and one line in the class's ``Attributes`` section. Functions and callbacks that take settings as
+flat keywords (``inject_lora(model, rank=8)``, ``LoRACallback(rank=8)``, a LightningCLI YAML file) get their
+signature and the ``Args`` of their docstring from those dataclasses with :func:`takes_settings`. Nothing is written
+twice, so nothing drifts, and ``inspect.signature``, ``help()`` and jsonargparse (what LightningCLI uses) see every
+argument with its type, default and doc.
+
+The decorated function is written against the dataclasses: it receives one checked instance of each.
+
+Example::
+
+    >>> import dataclasses, inspect
+    >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class Blur:
+    ...     '''How to blur.
+    ...
+    ...     Attributes:
+    ...         radius: the radius in pixels (> 0).
+    ...         sigma: the Gaussian's standard deviation.
+    ...     '''
+    ...     radius: int = 3
+    ...     sigma: float = 1.0
+    >>> @takes_settings(Blur)
+    ... def blur(image, blur: Blur):
+    ...     '''Blur an image.'''
+    ...     return blur.radius
+    >>> inspect.signature(blur)
+    <Signature (image, *, radius: int = 3, sigma: float = 1.0)>
+    >>> blur("img", radius=5), blur("img")
+    (5, 3)
+    >>> print(blur.__doc__.split("Args:")[1].strip().splitlines()[0])
+    radius: the radius in pixels (> 0).
+    >>> blur("img", raduis=2)
+    Traceback (most recent call last):
+    ...
+    TypeError: blur() got an unexpected argument 'raduis'; did you mean 'radius'?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import inspect
+import re
+import textwrap
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["field_docs", "setting_names", "settings_parameters", "takes_settings"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SECTION = re.compile(r"^(\s*)(Attributes|Args):\s*$")
+_ENTRY = re.compile(r"^(\w+)(?: \(.*?\))?:\s*(.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: doc}`` from the ``Attributes:`` sections of ``cls`` and its bases (the nearest class wins).
+
+    Example::
+
+        >>> from peft_callbacks.methods.lora import LoRAConfig
+        >>> field_docs(LoRAConfig)["rank"]
+        'the rank ``r`` of the update (> 0; Hu et al. §4.1).'
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_section_entries(klass.__dict__.get("__doc__") or "", "Attributes"))
+    return docs
+
+
+def _section_entries(docstring: str, section: str) -> dict[str, str]:
+    """The entries of one Google-style section (``Attributes:``/``Args:``), continuation lines joined."""
+    entries: dict[str, str] = {}
+    lines = textwrap.dedent("\n".join(docstring.splitlines()[1:])).splitlines()
+    inside, indent, name = False, None, None
+    for line in lines:
+        header = _SECTION.match(line)
+        if header:
+            inside, indent, name = header.group(2) == section, None, None
+            continue
+        if not inside or not line.strip():
+            continue
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:  # the section ended
+            inside = False
+            continue
+        entry = _ENTRY.match(line.strip())
+        if width == indent and entry:
+            name = entry.group(1)
+            entries[name] = entry.group(2)
+        elif name is not None:
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def setting_names(cls: type) -> list[str]:
+    """The fields of a settings dataclass, its own first, then those of each base class (nearest first)."""
+    own_first: list[str] = []
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            annotations = klass.__dict__.get("__annotations__", {})
+            own_first += [f.name for f in dataclasses.fields(klass) if f.name in annotations and f.name not in own_first]
+    return [name for name in own_first if name in {f.name for f in dataclasses.fields(cls)}]
+
+
+def settings_parameters(*sources: type, positional: int = 0) -> list[inspect.Parameter]:
+    """The flat keyword parameters of ``sources`` (settings dataclasses), typed and with their defaults.
+
+    Args:
+        sources: the dataclasses, in the order their fields appear.
+        positional: how many of the first fields may also be passed by position (the others are keyword-only).
+
+    Raises:
+        TypeError: two sources declare a field of the same name (a setting must be declared once).
+    """
+    parameters: list[inspect.Parameter] = []
+    owner: dict[str, str] = {}
+    for source in sources:
+        hints = typing.get_type_hints(source)
+        fields = {f.name: f for f in dataclasses.fields(source)}
+        for name in setting_names(source):
+            if name in owner:
+                raise TypeError(f"`{name}` is declared by both {owner[name]} and {source.__name__}: declare it once.")
+            owner[name] = source.__name__
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if len(parameters) < positional else _KEYWORD
+            parameters.append(inspect.Parameter(name, kind, default=_default(fields[name]), annotation=hints[name]))
+    return parameters
+
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return inspect.Parameter.empty
+
+
+def takes_settings(*sources: type, positional: int = 0) -> Callable[[F], F]:
+    """Give a function (or a class's ``__init__``) the flat keyword arguments of the settings dataclasses
+    ``sources``; it is called with one checked instance of each, under the parameter names it declares for them.
+
+    The decorated callable keeps its leading parameters (``model``, ``self``) and declares one parameter per source,
+    annotated with that source (``def inject_lora(model, config: LoRAConfig, options: InjectOptions)``). Callers see
+    ``(model, rank=8, alpha=16.0, …)``; the docstring gains an ``Args`` entry per field, taken from the dataclasses'
+    ``Attributes`` sections, after any ``Args`` the callable documents itself.
+
+    Args:
+        sources: the settings dataclasses, in the order their fields appear in the signature.
+        positional: how many of the first fields may also be passed by position.
+
+    Raises:
+        TypeError: the callable does not declare one parameter per source.
+    """
+
+    def decorate(obj: F) -> F:
+        function = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
+        flat = _flatten(function, sources, positional)
+        if isinstance(obj, type):
+            obj.__init__ = flat  # type: ignore[misc]
+            obj.__doc__ = _with_args(obj.__doc__, sources)
+            return obj
+        flat.__doc__ = _with_args(function.__doc__, sources)
+        return flat  # type: ignore[return-value]
+
+    return decorate
+
+
+def _flatten(function: Callable[..., Any], sources: tuple[type, ...], positional: int) -> Callable[..., Any]:
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function)
+    slots = {source: [n for n, p in signature.parameters.items() if hints.get(n) is source] for source in sources}
+    missing = [source.__name__ for source, names in slots.items() if len(names) != 1]
+    if missing:
+        raise TypeError(f"{function.__qualname__} must declare one parameter annotated with each of {missing}.")
+    slot_of = {names[0]: source for source, names in slots.items()}
+    settings = {p.name: p for p in settings_parameters(*sources, positional=positional)}
+    names = {source: setting_names(source) for source in sources}
+    parameters: list[inspect.Parameter] = []
+    for name, parameter in signature.parameters.items():  # each slot is replaced by its fields, in place
+        parameters += [settings[n] for n in names[slot_of[name]]] if name in slot_of else [parameter]
+    flat_signature = signature.replace(parameters=_keyword_only_after_first(parameters))
+    others = [n for n in signature.parameters if n not in slot_of]
+
+    @functools.wraps(function)
+    def flat(*args: Any, **kwargs: Any) -> Any:
+        unknown = [k for k in kwargs if k not in flat_signature.parameters]
+        if unknown:
+            raise TypeError(_unexpected(function, unknown[0], list(flat_signature.parameters)))
+        bound = flat_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        built = {slot: source(**{n: values[n] for n in names[source]}) for slot, source in slot_of.items()}
+        return function(**{n: values[n] for n in others}, **built)
+
+    del flat.__wrapped__  # inspect.signature must show the flat form, not the wrapped one
+    flat.__signature__ = flat_signature  # type: ignore[attr-defined]
+    flat.__annotations__ = {
+        p.name: p.annotation for p in flat_signature.parameters.values() if p.annotation is not p.empty
+    }
+    if signature.return_annotation is not signature.empty:
+        flat.__annotations__["return"] = hints.get("return", signature.return_annotation)
+    return flat
+
+
+def _keyword_only_after_first(parameters: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """Every parameter after the first keyword-only one is keyword-only too (a valid signature order)."""
+    out: list[inspect.Parameter] = []
+    keyword_only = False
+    for parameter in parameters:
+        keyword_only = keyword_only or parameter.kind is _KEYWORD
+        out.append(parameter.replace(kind=_KEYWORD) if keyword_only and parameter.kind is not _KEYWORD else parameter)
+    return out
+
+
+def _unexpected(function: Callable[..., Any], name: str, known: list[str]) -> str:
+    owner = function.__qualname__.split(".")[0] if function.__name__ == "__init__" else function.__name__
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(k for k in known if k != 'self')}."
+    return f"{owner}() got an unexpected argument {name!r}{hint}"
+
+
+def _with_args(docstring: str | None, sources: tuple[type, ...]) -> str:
+    """``docstring`` with one ``Args`` entry per field of ``sources`` (entries it documents itself come first)."""
+    doc = inspect.cleandoc(docstring or "")
+    documented = _section_entries("\n" + doc, "Args")
+    lines = []
+    for source in sources:
+        docs = field_docs(source)
+        for name in setting_names(source):
+            if name not in documented:
+                lines += textwrap.wrap(f"{name}: {docs.get(name, '')}", 116, subsequent_indent="    ")
+    added = textwrap.indent("\n".join(lines), "    ")
+    if not lines:
+        return doc
+    if documented:  # append to the existing section, before whatever follows it
+        head, _, rest = doc.partition("\nArgs:\n")
+        match = re.search(r"\n\n(?=\S)", rest)
+        section, tail = (rest[: match.start()], rest[match.start() :]) if match else (rest, "")
+        return f"{head}\nArgs:\n{section}\n{added}{tail}"
+    parts = doc.split("\n\n")
+    insert_at = next((i for i, p in enumerate(parts) if re.match(r"(Example|Returns|Raises|Yields)", p)), len(parts))
+    return "\n\n".join([*parts[:insert_at], f"Args:\n{added}", *parts[insert_at:]])
