@@ -1,10 +1,11 @@
 """Models that change an adapted layer's output in place train, with the gradients of the plain path.
 
 Real models do this after a Linear: transformers longformer (``query /= sqrt(d)``), roc_bert (``embedding += …``),
-timm naflexvit (``x.add_(pos_embed)``) and swinv2 (``nn.ReLU(inplace=True)`` in its position-bias MLP). LoRA's fused
-autograd node must return a tensor autograd lets them change (not a view made inside the node), with gradients equal
-to the plain path's (the fused node switched off, as the ``plain`` variant of ``benchmarks/train_step.py`` does).
-The zoo's ``own-inplace`` model runs the same pattern for every registered method in ``tests/test_contract.py``.
+gemma4's audio conformer (``+= residual``), timm naflexvit (``x.add_(pos_embed)``) and swinv2
+(``nn.ReLU(inplace=True)`` in its position-bias MLP). LoRA's fused autograd node must return a tensor autograd lets
+them change (not a view made inside the node), with gradients equal to the plain path's (the fused node switched
+off, as the ``plain`` variant of ``benchmarks/train_step.py`` does). The zoo's ``own-inplace`` model runs the same
+pattern for every registered method in ``tests/test_contract.py``.
 """
 
 from __future__ import annotations
@@ -165,7 +166,30 @@ def _roc_bert():
     return hf.RoCBertModel(config), {"input_ids": torch.randint(3, VOCAB, (2, 8))}
 
 
-MODELS = {"timm-swinv2": _swinv2, "timm-naflexvit": _naflexvit, "hf-longformer": _longformer, "hf-roc_bert": _roc_bert}
+def _gemma4_audio():
+    """Gemma4's audio conformer: ``h = self.linear_end(h)`` (an ``nn.Linear`` inside ``Gemma4ClippableLinear``, used
+    as is without clipping), then ``h += residual``; the mel bins equal the first subsampling channel count."""
+    config = hf.Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        subsampling_conv_channels=[8, 4],
+        output_proj_dims=16,
+        use_clipped_linears=False,
+        attention_chunk_size=4,
+        attention_context_left=5,
+    )
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    return hf.Gemma4AudioModel(config), {"input_features": torch.randn(2, 32, 8), "attention_mask": mask}
+
+
+MODELS = {
+    "timm-swinv2": _swinv2,
+    "timm-naflexvit": _naflexvit,
+    "hf-longformer": _longformer,
+    "hf-roc_bert": _roc_bert,
+    "hf-gemma4_audio": _gemma4_audio,
+}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
