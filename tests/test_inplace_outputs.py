@@ -11,11 +11,10 @@ pattern for every registered method in ``tests/test_contract.py``.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import transformers as hf
-from zoo import OWN_MODELS, VOCAB
+from zoo import OWN_MODELS, VOCAB, _hf, _timm
 
 import peft_callbacks.methods.lora.layers as lora_layers_module
 from peft_callbacks import inject_lora
@@ -120,82 +119,58 @@ def _check_fused_equals_plain(model: nn.Module, inputs: dict, monkeypatch, dropo
         torch.testing.assert_close(fused[name], expected, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _swinv2():
-    """SwinV2's continuous position bias: ``cpb_mlp = Sequential(Linear(2, 512), ReLU(inplace=True), Linear)``."""
-    model = timm.create_model(
-        "swinv2_tiny_window8_256",
-        pretrained=False,
-        num_classes=3,
-        img_size=32,
-        window_size=4,
-        embed_dim=16,
-        depths=(1, 1),
-        num_heads=(1, 2),
-    )
-    return model, {"x": torch.randn(2, 3, 32, 32)}
-
-
-def _naflexvit():
-    """NaFlexViT's patch embedding: ``x = self.proj(x)`` (a Linear), then ``x.add_(pos_embed)``."""
-    model = timm.create_model(
-        "naflexvit_base_patch16_gap", pretrained=False, num_classes=3, img_size=32, embed_dim=32, depth=1, num_heads=2
-    )
-    return model, {"x": torch.randn(2, 3, 32, 32)}
-
-
 _TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
 
 
-def _longformer():
-    """Longformer's self-attention: ``query_vectors = self.query(h)``, then ``query_vectors /= sqrt(head_dim)``."""
-    config = hf.LongformerConfig(attention_window=4, max_position_embeddings=32, pad_token_id=1, **_TEXT)
-    return hf.LongformerModel(config), {"input_ids": torch.randint(3, VOCAB, (2, 8))}
+def _gemma4_audio_inputs() -> dict:
+    return {"input_features": torch.randn(2, 32, 8), "attention_mask": torch.ones(2, 32, dtype=torch.bool)}
 
 
-def _roc_bert():
-    """RoCBert's embeddings (``concat_input``): ``e = self.map_inputs_layer(…)`` (a Linear), then ``e += …``."""
-    config = hf.RoCBertConfig(
-        pronunciation_vocab_size=20,
-        shape_vocab_size=20,
-        pronunciation_embed_dim=8,
-        shape_embed_dim=8,
-        concat_input=True,
-        pad_token_id=0,
-        **_TEXT,
-    )
-    return hf.RoCBertModel(config), {"input_ids": torch.randint(3, VOCAB, (2, 8))}
-
-
-def _gemma4_audio():
-    """Gemma4's audio conformer: ``h = self.linear_end(h)`` (an ``nn.Linear`` inside ``Gemma4ClippableLinear``, used
-    as is without clipping), then ``h += residual``; the mel bins equal the first subsampling channel count."""
-    config = hf.Gemma4AudioConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        subsampling_conv_channels=[8, 4],
-        output_proj_dims=16,
-        use_clipped_linears=False,
-        attention_chunk_size=4,
-        attention_context_left=5,
-    )
-    mask = torch.ones(2, 32, dtype=torch.bool)
-    return hf.Gemma4AudioModel(config), {"input_features": torch.randn(2, 32, 8), "attention_mask": mask}
-
-
-MODELS = {
-    "timm-swinv2": _swinv2,
-    "timm-naflexvit": _naflexvit,
-    "hf-longformer": _longformer,
-    "hf-roc_bert": _roc_bert,
-    "hf-gemma4_audio": _gemma4_audio,
+MODELS = {  # where each one changes the output of an adapted Linear in place
+    # cpb_mlp = Sequential(Linear(2, 512), ReLU(inplace=True), Linear): the continuous position bias
+    "timm-swinv2": _timm(
+        "swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)
+    ),
+    # patch embedding: x = self.proj(x) (a Linear), then x.add_(pos_embed)
+    "timm-naflexvit": _timm("naflexvit_base_patch16_gap", img_size=32, embed_dim=32, depth=1, num_heads=2),
+    # self-attention: query_vectors = self.query(h), then query_vectors /= sqrt(head_dim)
+    "hf-longformer": _hf(
+        hf.LongformerModel, lambda: hf.LongformerConfig(attention_window=4, max_position_embeddings=32, **_TEXT)
+    ),
+    # embeddings with concat_input: e = self.map_inputs_layer(…) (a Linear), then e += token type and position
+    "hf-roc_bert": _hf(
+        hf.RoCBertModel,
+        lambda: hf.RoCBertConfig(
+            pronunciation_vocab_size=20,
+            shape_vocab_size=20,
+            pronunciation_embed_dim=8,
+            shape_embed_dim=8,
+            concat_input=True,
+            **_TEXT,
+        ),
+    ),
+    # audio conformer: h = self.linear_end(h) (the nn.Linear of Gemma4ClippableLinear, unclipped), then h += residual;
+    # the mel bins equal the first subsampling channel count
+    "hf-gemma4_audio": _hf(
+        hf.Gemma4AudioModel,
+        lambda: hf.Gemma4AudioConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            subsampling_conv_channels=[8, 4],
+            output_proj_dims=16,
+            use_clipped_linears=False,
+            attention_chunk_size=4,
+            attention_context_left=5,
+        ),
+        _gemma4_audio_inputs,
+    ),
 }
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_models_that_change_linear_outputs_in_place_train_as_on_the_plain_path(name, dropout, monkeypatch):
-    torch.manual_seed(0)
     model, inputs = MODELS[name]()
     _check_fused_equals_plain(model, inputs, monkeypatch, dropout)
 
