@@ -7,8 +7,11 @@ Call :func:`run` to get the main output tensor of a model on its inputs.
 
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
+import torch.nn as nn
 import transformers as hf
 from timm.models.mlp_mixer import MlpMixer
 
@@ -154,6 +157,52 @@ HF_MODELS = {
 }
 
 
+class InplaceOutputs(nn.Module):
+    """A model of our own (plain ``nn.Module``) that changes the outputs of its Linear and Conv layers in place, as
+    real models do: transformers longformer (``query /= sqrt(d)``), roc_bert (``+=``), timm naflexvit (``x.add_``)
+    and swinv2 (``nn.ReLU(inplace=True)`` right after a Linear). Any adapter whose output autograd cannot change in
+    place (a view made inside a custom autograd Function) fails its training step here.
+
+    ``x (B, 3, 8, 8) -> conv, ReLU(inplace) -> 64 tokens (B, 64, 8) -> query /= √d, key += tokens, attention
+    -> fc, ReLU(inplace) -> proj, .add_(residual) -> mean over tokens -> head (B, num_classes)``; ``head`` is the
+    last layer registered and the one that makes the output.
+    """
+
+    def __init__(self, num_classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.conv_act = nn.ReLU(inplace=True)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.fc = nn.Linear(width, 2 * width)
+        self.fc_act = nn.ReLU(inplace=True)
+        self.proj = nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_act(self.conv(x))  # ReLU(inplace=True) on a conv output
+        tokens = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        query = self.query(tokens)
+        query /= math.sqrt(query.shape[-1])  # longformer
+        key = self.key(tokens)
+        key += tokens  # roc_bert
+        mixed = (query @ key.transpose(1, 2)).softmax(-1) @ tokens  # (B, HW, C)
+        out = self.proj(self.fc_act(self.fc(mixed)))  # swinv2's ReLU(inplace=True) after a Linear
+        out.add_(mixed)  # naflexvit
+        return self.head(out.mean(1))
+
+
+def _own(model_cls, size: int = 8):
+    def build(num_classes: int = 3):
+        torch.manual_seed(0)
+        return model_cls(num_classes=num_classes), _img(size)
+
+    return build
+
+
+OWN_MODELS = {"inplace": _own(InplaceOutputs)}
+
+
 def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """The main output tensor (logits) of ``model`` on ``inputs``."""
     if "x" in inputs:
@@ -161,4 +210,8 @@ def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     return model(**inputs).logits
 
 
-MODELS = {**{f"timm-{k}": v for k, v in TIMM_MODELS.items()}, **{f"hf-{k}": v for k, v in HF_MODELS.items()}}
+MODELS = {
+    **{f"timm-{k}": v for k, v in TIMM_MODELS.items()},
+    **{f"hf-{k}": v for k, v in HF_MODELS.items()},
+    **{f"own-{k}": v for k, v in OWN_MODELS.items()},
+}

@@ -15,7 +15,9 @@ and the ``(N, r)`` activation ``x·Aᵀ`` (for ``B``'s gradient); the weights ar
 read transposed, which CPU BLAS runs 2–3× faster than the same products with r output columns. It is used for an
 ``nn.Linear`` or transformers ``Conv1D`` base with one active LoRA adapter, one dtype throughout, outside autocast and
 ``torch.compile`` (which fuses the plain path itself); everything else takes the plain path.
-Outputs and gradients equal the plain path's (tested at 1e-6 in float32).
+Outputs and gradients equal the plain path's (tested at 1e-6 in float32). The output is a tensor of its own, not a
+view made inside the node, so models may change it in place as they change an ``nn.Linear``'s (longformer's
+``query /= √d``, swinv2's ``ReLU(inplace=True)``, naflexvit's ``x.add_``).
 
 Example::
 
@@ -25,6 +27,9 @@ Example::
     >>> y = lora_linear(x, w, None, a, b, 0.5, transposed=False)
     >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
     True
+    >>> y.relu_().sum().backward()  # changed in place, as after an nn.Linear
+    >>> a.grad.shape
+    torch.Size([2, 8])
 """
 
 from __future__ import annotations
@@ -47,8 +52,15 @@ class LoRALinearFunction(torch.autograd.Function):
         lora_flat = flat if x_lora is None else x_lora.reshape(-1, shape[-1])
         h = lora_flat @ lora_a.t()  # (N, in) @ (in, r) -> (N, r)
         base = weight if transposed else weight.t()  # (in, out)
-        out = torch.addmm(bias, flat, base) if bias is not None else flat @ base  # (N, out)
-        out.addmm_(h, lora_b.t(), alpha=scaling)  # += s · (N, r) @ (r, out), scaled inside the GEMM
+        # the output is allocated in its final shape (…, out) and written through a flat view: what is returned is
+        # not a view, so the model may change it in place (`q /= √d`, `ReLU(inplace=True)`), as an nn.Linear's
+        out = x.new_empty((*shape[:-1], base.shape[1]))
+        rows = out.view(flat.shape[0], base.shape[1])  # (N, out)
+        if bias is not None:
+            torch.addmm(bias, flat, base, out=rows)
+        else:
+            torch.mm(flat, base, out=rows)
+        rows.addmm_(h, lora_b.t(), alpha=scaling)  # += s · (N, r) @ (r, out), scaled inside the GEMM
         ctx.save_for_backward(
             flat if ctx.needs_input_grad[1] else None,  # for W₀'s gradient, when it trains
             lora_flat if ctx.needs_input_grad[3] else None,  # for A's
@@ -59,7 +71,7 @@ class LoRALinearFunction(torch.autograd.Function):
         )
         ctx.scaling, ctx.transposed, ctx.shape = scaling, transposed, shape
         ctx.has_bias, ctx.separate = bias is not None, x_lora is not None
-        return out.view(*shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out):  # type: ignore[override]
