@@ -248,4 +248,4 @@ def _draw_front(ax, front: list[tuple[float, float]]) -> None:
     label = "Pareto front" if len(front) > 1 else "Pareto front: beats every other row"
     ax.scatter(xs, ys, s=260, facecolors="none", edgecolors="black", linewidths=1, alpha=0.6, label=label)
     if len(front) > 1:
-        ax.plot(xs, ys, linestyle="--", color="black", alpha=0.4, linewidth=1)
+        ax.plot(xs, ys, linestyle="--", color="black", alpha=0.6, linewidth=1.2)
