@@ -233,7 +233,7 @@ def plot_results(panels: list[tuple[str, list, str, str]], path: str) -> str:
         ax.set_ylabel(f"{score_name} (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
     fig.tight_layout()
     with atomic_file(path) as staging:
         fig.savefig(staging, format="png", bbox_inches="tight")
