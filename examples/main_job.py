@@ -16,21 +16,22 @@ pull-back, and the forgetting-aware finish (the update scaled back to the larges
 budget). They use the base task's *training* split (``base_train_dataloader``); forgetting is always measured on
 the held-out split. Their weights come from a small sweep on this job.
 
-Everything runs offline on data and weights that ship with packages. The output directory (printed at the end)
-holds Lightning's CSV logs per run, ``results.md``/``results.json`` and ``results.png``.
+Everything runs offline on data and weights that ship with packages. Each row is named as it starts
+(``row 4/28: LoRA r=4 (vision)``). The output directory holds Lightning's CSV logs per run, and
+``results.md``/``results.csv``/``results.json`` and ``results.png``, rewritten (atomically) as each row finishes: a job
+stopped at any row keeps the results of the rows before it.
 Adding a method is one row in a table below.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks import (
     AdapterCallback,
@@ -48,13 +49,14 @@ from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCall
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.demo import ChatTopicsDataModule, DigitsDataModule, ImageClassifier, TextClassifier
 from peft_callbacks.demo.data import BASE_DIGITS, NEW_DIGITS, OTHER_TOPICS
-from peft_callbacks.demo.job import Method, format_table, plot_results, quiet_repeated_tips, run_method
+from peft_callbacks.demo.job import Method, Result, Row, quiet_repeated_tips, run_method, run_rows
 from peft_callbacks.demo.probes import EmbeddingDrift, sentence_embedding
+from peft_callbacks.demo.report import JobReport, Panel
 
 
 class Base:
     """What the forgetting-control rows need from the base task: the base model's weights (its original 0-4 head
-    inside), set by ``run_vision`` once the base model is trained, and the base-task training data to use."""
+    inside), set by ``main`` once the base model is trained, and the base-task training data to use."""
 
     weights: str | None = None
     train_data = "base_train_dataloader"  # a DataModule method: the base task's training split
@@ -193,46 +195,46 @@ def train_base(args: argparse.Namespace, out: str) -> str:
     return path
 
 
-def run_vision(args: argparse.Namespace, out: str) -> list:
-    base_weights = train_base(args, os.path.join(out, "base"))
-    Base.weights, Base.limit = base_weights, quick_limit(args)
+def vision_rows(args: argparse.Namespace, out: str) -> list[Row]:
+    """The vision rows; they fine-tune the base model ``Base.weights`` (trained before the first row runs)."""
 
     def make_module(lr: float) -> ImageClassifier:
         pl.seed_everything(args.seed)
-        return ImageClassifier(VISION_MODEL, num_classes=len(NEW_DIGITS), lr=lr, init_from=base_weights)
+        return ImageClassifier(VISION_MODEL, num_classes=len(NEW_DIGITS), lr=lr, init_from=Base.weights)
 
-    results = []
-    for method in selected(VISION_METHODS, args.methods):
-        run_dir = os.path.join(out, slug(method.name))
+    def run(method: Method) -> Result:
+        Base.limit = quick_limit(args)
         data = DigitsDataModule(classes=NEW_DIGITS, base_classes=BASE_DIGITS)
         # digits 0-4 through the current backbone and the original 0-4 head (read from the base weights)
         monitor = ForgettingMonitor(
-            dataloader="base_dataloader", base_head=base_weights, val_metric="val/acc", limit_batches=quick_limit(args)
+            dataloader="base_dataloader", base_head=Base.weights, val_metric="val/acc", limit_batches=quick_limit(args)
         )
+        run_dir = os.path.join(out, slug(method.name))
         result, _ = run_method(method, make_module, data, run_dir, [monitor], trainer_kwargs(args, args.epochs))
         result.forgetting = monitor.latest["forgetting"]
         result.extra.update(base_acc_before=monitor.baseline, base_acc_after=monitor.latest["value"])
-        results.append(result)
-    return results
+        return result
+
+    return [Row("vision", method, run) for method in selected(VISION_METHODS, args.methods)]
 
 
 # -- text ------------------------------------------------------------------------------------------------------------
-def run_text(args: argparse.Namespace, out: str) -> list:
-    Base.limit = 1 if args.quick else 4  # the finish's drift: 128 general lines of its own, like the probe's
+def text_rows(args: argparse.Namespace, out: str) -> list[Row]:
     task = ChatTopicsDataModule(general_topics=OTHER_TOPICS, max_per_topic=8 if args.quick else 80, max_length=24)
 
     def make_module(lr: float) -> TextClassifier:
         pl.seed_everything(args.seed)
         return TextClassifier(num_classes=task.num_classes, lr=lr)
 
-    results = []
-    for method in selected(TEXT_METHODS, args.methods):
+    def run(method: Method) -> Result:
+        Base.limit = 1 if args.quick else 4  # the finish's drift: 128 general lines of its own, like the probe's
         drift = EmbeddingDrift("base_dataloader", limit_batches=1 if args.quick else 4)  # 128 lines of other topics
         run_dir = os.path.join(out, slug(method.name))
         result, _ = run_method(method, make_module, task, run_dir, [drift], trainer_kwargs(args, args.text_epochs))
         result.forgetting = drift.drift
-        results.append(result)
-    return results
+        return result
+
+    return [Row("text", method, run) for method in selected(TEXT_METHODS, args.methods)]
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
@@ -240,32 +242,31 @@ def slug(name: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def panels(args: argparse.Namespace) -> list[Panel]:
+    vision = Panel("vision", f"Vision: {VISION_MODEL} on digits 0-4, fine-tuned on 5-9", *VISION_NAMES)
+    text = Panel("text", "Text: all-MiniLM-L6-v2 on chatterbot-corpus topics", *TEXT_NAMES)
+    return [vision] if args.skip_text else [vision, text]
+
+
+VISION_NAMES = ("new task acc (5-9)", "forgetting (acc 0-4)")
+TEXT_NAMES = ("new task acc (topics)", "embedding drift")
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    start = time.perf_counter()
-    sections, panels, dump = [], [], {}
+    report = JobReport(out, panels(args))
     with quiet_repeated_tips():  # Lightning prints its tips once per Trainer; once per job is enough
-        vision = run_vision(args, os.path.join(out, "vision"))
-        text = None if args.skip_text else run_text(args, os.path.join(out, "text"))
-    names = ("new task acc (5-9)", "forgetting (acc 0-4)")
-    sections.append(f"## Vision: {VISION_MODEL} on digits 0-4, fine-tuned on 5-9\n\n{format_table(vision, *names)}")
-    panels.append((f"Vision: {VISION_MODEL}, digits 0-4 -> 5-9", vision, *names))
-    dump["vision"] = [r.as_dict() for r in vision]
-    if text is not None:
-        names = ("new task acc (topics)", "embedding drift")
-        sections.append(f"## Text: all-MiniLM-L6-v2 on chatterbot-corpus topics\n\n{format_table(text, *names)}")
-        panels.append(("Text: all-MiniLM-L6-v2, chatterbot-corpus topics", text, *names))
-        dump["text"] = [r.as_dict() for r in text]
-    report = "\n\n".join(sections) + f"\n\nTotal time: {time.perf_counter() - start:.0f} s\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dump, f, indent=2)
-    plot_results(panels, os.path.join(out, "results.png"))
-    sys.stdout.write(f"\n{report}\nPlot: {os.path.join(out, 'results.png')}\nOutput directory: {out}\n")
+        rows = vision_rows(args, os.path.join(out, "vision"))
+        if rows:
+            rank_zero_info(f"base model: {VISION_MODEL} on digits 0-4, before the vision rows")
+            Base.weights = train_base(args, os.path.join(out, "vision", "base"))
+        rows += [] if args.skip_text else text_rows(args, os.path.join(out, "text"))
+        run_rows(rows, report)
+    plot = os.path.join(out, "results.png")
+    sys.stdout.write(f"\n{report.markdown()}\nPlot: {plot}\nOutput directory: {out}\n")
     return out
 
 

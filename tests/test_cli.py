@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ from peft_callbacks import (
     freeze_layers,
     inject_lora,
 )
-from peft_callbacks.cli import PEFTCLI, main
+from peft_callbacks.cli import PEFTCLI, PROG, command_line, main
 from peft_callbacks.demo import DigitsDataModule, ImageClassifier
 from peft_callbacks.demo.probes import EmbeddingDrift
 
@@ -169,3 +171,75 @@ def test_every_config_parses(base_weights, monkeypatch):
             assert ForgettingMonitor in kinds, name
         if "text" in name:
             assert EmbeddingDrift in kinds, name
+
+
+# -- errors a new user meets: the line to read is the last one -----------------------------------------------------
+def docs_console_examples() -> list[tuple[list[str], list[str]]]:
+    """``(arguments, last lines printed)`` of every ``console`` block in docs/cli.md."""
+    with open(os.path.join(ROOT, "docs", "cli.md")) as f:
+        blocks = re.findall(r"```console\n(.*?)```", f.read(), re.S)
+    examples = []
+    for block in blocks:
+        command, *printed = block.strip().splitlines()
+        assert command.startswith(f"$ {PROG} "), command
+        examples.append((shlex.split(command[2 + len(PROG) :]), printed))
+    return examples
+
+
+def run_command_line(args: list[str], monkeypatch, capsys) -> tuple[int | str, list[str]]:
+    """``python -m peft_callbacks.cli ARGS`` in-process: the exit code and the non-empty lines of stderr."""
+    monkeypatch.setattr(sys, "argv", [PROG, *args])
+    with pytest.raises(SystemExit) as exit_:
+        command_line()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    code = exit_.value.code
+    if isinstance(code, str):  # sys.exit("error: ...") prints its message last
+        lines.append(code)
+    return code, lines
+
+
+EXAMPLES = docs_console_examples()
+
+
+@pytest.mark.parametrize("args, printed", EXAMPLES, ids=[" ".join(a[-1:]) for a, _ in EXAMPLES])
+def test_the_docs_error_examples_end_as_the_docs_show(args, printed, monkeypatch, capsys, tmp_path):
+    assert len(EXAMPLES) >= 3
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("examples/configs/", f"{CONFIGS}/") for a in args]
+    code, lines = run_command_line(args, monkeypatch, capsys)
+    assert code != 0
+    assert lines[-len(printed) :] == printed, "\n".join(lines[-20:])
+    assert not any(line.startswith("usage:") for line in lines)  # no 50-line usage block before it
+
+
+def test_an_unknown_key_in_yaml_is_the_last_line_with_the_closest_name(monkeypatch, capsys, tmp_path):
+    """``rnak: 4`` in a YAML file (tests/test_hardening_models.py runs the same entry point in a subprocess)."""
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(CONFIGS, "digits_base.yaml")) as f:
+        config = f.read()
+    config += "  callbacks:\n    - class_path: peft_callbacks.LoRACallback\n      init_args: {rnak: 4, alpha: 8}\n"
+    (tmp_path / "typo.yaml").write_text(config)
+    code, lines = run_command_line(["fit", "--config=typo.yaml"], monkeypatch, capsys)
+    assert code == 2
+    assert lines[-1] == "error: Option 'rnak' is not accepted by peft_callbacks.LoRACallback; did you mean 'rank'?"
+    assert lines[-2] == f"tip: For details of accepted options run: {PROG} fit --help"
+    assert len(lines) < 25, lines  # jsonargparse's account of the types it tried, no usage block
+
+
+def test_a_typo_in_a_trainer_option_names_the_closest_one(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_epoch: 1\n")
+    base = f"--config={CONFIGS}/digits_base.yaml"
+    _, lines = run_command_line(["fit", base, "--config=typo.yaml"], monkeypatch, capsys)
+    assert lines[-1] == (
+        "error: Subcommand 'fit' does not accept option 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"
+    )
+    _, lines = run_command_line(["fit", base, "--trainer.max_epochz=1"], monkeypatch, capsys)
+    assert lines[-1] == "error: unrecognized arguments: --trainer.max_epochz=1; did you mean '--trainer.max_epochs'?"
+
+
+def test_help_names_the_command_a_user_types(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {PROG} [options] fit ")

@@ -4,8 +4,11 @@ mkdocstrings cannot render or an API object that no longer exists fail the test 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +36,22 @@ def test_docs_build_strict(tmp_path):
     assert len(callbacks) >= 8
     for name in callbacks:
         assert f'id="peft_callbacks.{name}"' in pages, f"{name} has no reference section on a callback page"
+
+
+def test_the_docs_extra_installs_what_the_site_needs():
+    """``pip install -e ".[docs]"`` brings mkdocs and the plugins mkdocs.yml uses; ``.[test]`` keeps them (the build
+    above runs in the suite)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=~ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert names(extras["docs"]) == {"mkdocs", "mkdocstrings", "pymdown-extensions"}
+    assert set(extras["docs"]) <= set(extras["test"])
+    with open(os.path.join(ROOT, "mkdocs.yml")) as f:
+        config = f.read()
+    assert "mkdocstrings" in config and "pymdownx." in config  # the plugins the extra provides
+    assert "mkdocstrings[python]" in " ".join(extras["docs"])  # the Python handler the API pages use

@@ -20,7 +20,7 @@ import torch.nn as nn
 import transformers as hf
 from torch.utils.data import DataLoader, TensorDataset
 
-from peft_callbacks import LoRACallback, inject_lora, lora_layers, merge_lora
+from peft_callbacks import LoRACallback, LoRAConfig, PEFTCallback, inject_lora, lora_layers, merge_lora
 from peft_callbacks.core.params import has_frozen_batchnorm_stats
 from peft_callbacks.demo import ImageClassifier
 from peft_callbacks.methods.lora.method import lora_adapters
@@ -190,6 +190,47 @@ def test_lora_behind_zero_scale_batchnorm_is_named_after_the_first_step():
     module = ImageClassifier("test_resnet", num_classes=3)  # timm zeroes the last BatchNorm scale of each block
     with pytest.warns(UserWarning, match=r"got no gradient and will not train: model\.layer1\.0\.conv1"):
         _trainer([LoRACallback(rank=2)], steps=2).fit(module, _image_data())
+
+
+def _no_gradient_warnings(callback, module=None, steps: int = 2) -> list[str]:
+    import warnings
+
+    # from scratch: timm zeroes the last BatchNorm scale of each residual block
+    module = module or ImageClassifier("resnet10t", num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([callback], steps=steps).fit(module, _image_data())
+    return [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+
+
+def test_the_no_gradient_warning_names_train_bn_when_a_frozen_zero_batchnorm_blocks_the_adapters():
+    (message,) = _no_gradient_warnings(LoRACallback(rank=2))
+    assert "model.layer1.0.conv1" in message and "all-zero, frozen scale" in message
+    assert "LoRACallback(train_bn=True)" in message
+    (message,) = _no_gradient_warnings(PEFTCallback(LoRAConfig(rank=2)))  # no train_bn argument: the config has it
+    assert "PEFTCallback(LoRAConfig(..., train_bn=True))" in message
+
+
+def test_with_train_bn_the_adapters_behind_zero_scale_batchnorm_train_and_no_warning():
+    module = ImageClassifier("resnet10t", num_classes=3)
+    # the zero scale moves at the first step, so the adapters get gradients from the second: nothing to warn about
+    assert _no_gradient_warnings(LoRACallback(rank=2, train_bn=True, merge_on_train_end=False), module) == []
+    blocked = lora_adapters(module.model)["layer1.0.conv1.adapters.default"]
+    assert blocked.lora_B.weight.abs().max() > 0  # it trained (B starts at zero)
+    assert _no_gradient_warnings(LoRACallback(rank=2, train_bn=True), steps=1) == []  # nothing said before it could
+
+
+def test_an_adapter_the_model_never_calls_gets_the_usual_causes_not_train_bn():
+    module = ImageClassifier("resnet10t", num_classes=3)
+    module.model.spare = nn.Linear(4, 4)  # adapted, never called
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([LoRACallback(rank=2, train_bn=True)], steps=2).fit(module, _image_data())
+    (message,) = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+    assert "after the first step, 1 adapted module(s) got no gradient and will not train: model.spare." in message
+    assert "the model never calls the layer" in message and "train_bn=True" not in message
 
 
 # -- 16. one BatchNorm rule with or without a Trainer -----------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from peft_callbacks import AdaLoRACallback, LoRACallback, VeRACallback
+from peft_callbacks import AdaLoRACallback, IA3Config, LoRACallback, PEFTCallback, VeRACallback
 from peft_callbacks.cli import PEFTCLI, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -52,3 +52,30 @@ def test_yaml_values_are_checked_with_the_argument_named(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", CONFIG, f"--trainer.callbacks={json.dumps(bad)}", "--help"])
     assert "rank" in capsys.readouterr().err
+
+
+def test_any_method_config_comes_from_yaml_through_peftcallback():
+    """``PEFTCallback(config={class_path: peft_callbacks.IA3Config, ...})``, as docs/callbacks/peft.md shows it."""
+    config = {"class_path": "peft_callbacks.IA3Config", "init_args": {"target_modules": ["fc1"], "train_bn": True}}
+    (callback,) = _cli(
+        [{"class_path": "peft_callbacks.PEFTCallback", "init_args": {"config": config}}]
+    ).trainer.callbacks[:1]
+    assert isinstance(callback, PEFTCallback) and isinstance(callback.config, IA3Config)
+    assert callback.config.target_modules == ["fc1"] and callback.config.train_bn is True
+
+
+@pytest.mark.parametrize(
+    "class_path, typo, meant",
+    [
+        ("VeRACallback", "rnak", "rank"),
+        ("AdaLoRACallback", "target_rr", "target_r"),
+        ("LoRACallback", "alpah", "alpha"),
+    ],
+)
+def test_an_unknown_key_ends_the_error_with_the_closest_name(class_path, typo, meant, capsys):
+    bad = [{"class_path": f"peft_callbacks.{class_path}", "init_args": {typo: 4}}]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, f"--trainer.callbacks={json.dumps(bad)}"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: Option '{typo}' is not accepted by peft_callbacks.{class_path}; did you mean '{meant}'?"

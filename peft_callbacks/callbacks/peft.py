@@ -14,6 +14,7 @@ or YAML through its config::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from typing import Any
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback, run_after_conversion, run_after_hook
@@ -59,7 +61,9 @@ class PEFTCallback(SurgeryCallback):
 
     After the first optimizer step a rank-zero warning names every adapted module whose tensors got no gradient (a
     frozen BatchNorm with zero scale, a layer the model never calls), so an adapter that cannot train never goes
-    unnoticed. Before that warning, layers whose weight the model reads directly but never calls (an MoE router
+    unnoticed; where a frozen all-zero BatchNorm scale in its block is the cause, it names the fix (``train_bn=True``).
+    Adapters behind a *trainable* zero scale get no gradient at the first step only, so they are looked at again
+    after the second. Before that warning, layers whose weight the model reads directly but never calls (an MoE router
     computing ``F.linear(h, gate.weight)``) lose this adapter, with a log line: it would never run, and merging it
     would change the model (:mod:`peft_callbacks.engine.usage`); a resumed run leaves them out again.
 
@@ -114,6 +118,7 @@ class PEFTCallback(SurgeryCallback):
         self.recipes: dict[str, list[dict[str, Any]]] = {}
         self._reinjected = False
         self._gradients_checked = False
+        self._waiting: list[str] | None = None  # adapters looked at again at the second step
 
     def __getattr__(self, name: str) -> Any:
         config = self.__dict__.get("config")
@@ -214,18 +219,31 @@ class PEFTCallback(SurgeryCallback):
     ) -> None:
         if self._gradients_checked:
             return
-        self._gradients_checked = True
-        self._drop_uncalled(trainer, pl_module)
+        if self._waiting is None:  # the first step
+            self._drop_uncalled(trainer, pl_module)
         if strategy_kind(trainer) in ("fsdp", "deepspeed"):
+            self._gradients_checked = True
             return  # their gradients live in flat buffers, not in `.grad` of each tensor
         silent = _modules_without_gradient(pl_module, self.method)
+        if self._waiting is not None:  # second step: the adapters that waited for a BatchNorm scale to leave zero
+            silent, self._gradients_checked = [p for p in silent if p in self._waiting], True
+            if silent:
+                rank_zero_warn(_no_gradient_message(self.name, silent, "second", {}, ""))
+            return
+        roots = {path for path, _ in find_models(pl_module, self.module)} | {""}
+        blocked = _behind_zero_scale_batchnorm(pl_module, silent, roots)
+        # a trainable BatchNorm scale at zero passes no gradient at the first step but moves then: look again after it
+        self._waiting = [p for p in silent if blocked.get(p) is False]
+        self._gradients_checked = not self._waiting
+        silent = [p for p in silent if p not in self._waiting]
         if silent:
-            rank_zero_warn(
-                f"{self.name}: after the first step, {len(silent)} adapted module(s) got no gradient and will not "
-                f"train: {', '.join(silent[:8])}{', …' if len(silent) > 8 else ''}. Usual causes: the model never "
-                f"calls the layer, or a frozen layer after it blocks the gradient (e.g. a BatchNorm with zero scale, "
-                f"as timm initialises ResNets). Leave them out with `exclude_modules`, or train those layers."
-            )
+            rank_zero_warn(_no_gradient_message(self.name, silent, "first", blocked, self._train_bn_fix()))
+
+    def _train_bn_fix(self) -> str:
+        """How this callback is written to let BatchNorm layers train: ``LoRACallback(train_bn=True)``."""
+        if "train_bn" in inspect.signature(type(self).__init__).parameters:
+            return f"{self.name}(train_bn=True)"
+        return f"PEFTCallback({type(self.config).__name__}(..., train_bn=True))"
 
     # -- layers the model never calls ------------------------------------------------------------------------------
     drops_uncalled = True  # AdaLoRA's rank allocator holds its layers from fit start: it keeps them (never merged)
@@ -261,7 +279,7 @@ class PEFTCallback(SurgeryCallback):
     # -- validate / test / predict ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._gradients_checked = False
+        self._gradients_checked, self._waiting = False, None
         if stage == "fit":
             install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see callbacks/checkpoints.py)
         elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
@@ -337,3 +355,57 @@ def _is_quantized(layer: nn.Module) -> bool:
 def _is_base(module: nn.Module, param: torch.Tensor) -> bool:
     base = module._modules.get("base_layer")
     return base is not None and any(param is p for p in base.parameters())
+
+
+def _behind_zero_scale_batchnorm(pl_module: nn.Module, paths: list[str], roots: set[str]) -> dict[str, bool]:
+    """``{path: frozen}`` for the modules of ``paths`` whose block holds a BatchNorm with an all-zero scale.
+
+    The block is the nearest enclosing module that holds a BatchNorm (a ResNet block for a conv inside it), below the
+    model itself (``roots``: the adapted models' paths; a whole ResNet holds such BatchNorms everywhere). Such a
+    scale (timm zero-initialises the last BatchNorm of each residual block of a model trained from scratch) passes no
+    gradient back; ``frozen`` says whether the scale stays (a trainable one leaves zero after the first step).
+    """
+    found = {}
+    for path in paths:
+        parts = path.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            if ".".join(parts[:depth]) in roots:
+                break
+            block = pl_module.get_submodule(".".join(parts[:depth]))
+            norms = [m for m in block.modules() if isinstance(m, _BatchNorm)]
+            if not norms:
+                continue
+            # an FSDP2 weight is a shard: gathered (every rank looks at the same blocks, in the same order)
+            zero = [m.weight for m in norms if m.weight is not None and not bool(full_tensor(m.weight.detach()).any())]
+            if zero:
+                found[path] = not any(w.requires_grad for w in zero)
+            break
+    return found
+
+
+def _no_gradient_message(name: str, silent: list[str], step: str, blocked: dict[str, bool], fix: str) -> str:
+    """The warning: the silent modules, then the fix where a frozen zero BatchNorm scale is the cause, else the usual
+    causes."""
+    listed = ", ".join(silent[:8]) + (f" and {len(silent) - 8} more" if len(silent) > 8 else "")
+    message = f"{name}: after the {step} step, {len(silent)} adapted module(s) got no gradient and will not train: "
+    message += f"{listed}."
+    frozen = [p for p in silent if blocked.get(p) is True]
+    if frozen:
+        message += (
+            f" {_how_many(len(frozen), len(silent))} in blocks whose BatchNorm has an all-zero, frozen scale (timm "
+            f"zero-initialises the last BatchNorm of each residual block of a model built from scratch), which blocks "
+            f"their gradient: let BatchNorm layers train so those scales can move, with {fix}."
+        )
+    if len(frozen) < len(silent):
+        message += (
+            f" Usual causes{' for the others' if frozen else ''}: the model never calls the layer, or a frozen layer "
+            f"after it blocks the gradient (e.g. a BatchNorm with zero scale, as timm initialises ResNets)."
+        )
+    others = ", or train those layers" if len(frozen) < len(silent) else ""
+    return f"{message} Otherwise leave them out with `exclude_modules`{others}."
+
+
+def _how_many(part: int, whole: int) -> str:
+    if part == whole:
+        return "All of them sit" if whole > 1 else "It sits"
+    return f"{part} of them sit" if part > 1 else "One of them sits"

@@ -3,8 +3,8 @@
 A method is one :class:`Method` row (a name, the callbacks that implement it, a learning rate). :func:`run_method`
 fine-tunes a fresh LightningModule with those callbacks plus the caller's monitors, and returns a :class:`Result`:
 new-task score, base-task forgetting, trainable parameters, the size of what must be stored for the task, and wall
-time. :func:`format_table` and :func:`plot_results` turn results into the table and the figure (new-task score
-against forgetting, one marker per method, the Pareto front drawn). :func:`quiet_repeated_tips` lets each of
+time. :func:`run_rows` runs a job's rows one after the other, naming each as it starts and rewriting the tables and
+the figure (:mod:`peft_callbacks.demo.report`) as each finishes. :func:`quiet_repeated_tips` lets each of
 Lightning's tips through once per job instead of once per ``Trainer``.
 
 Example::
@@ -27,9 +27,25 @@ from dataclasses import asdict, dataclass, field
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.core.params import count_parameters, unique_parameters
+from peft_callbacks.demo.report import JobReport, format_table, pareto_front, plot_results, row_styles
+
+__all__ = [
+    "Method",
+    "Result",
+    "Row",
+    "RunStats",
+    "format_table",
+    "pareto_front",
+    "plot_results",
+    "quiet_repeated_tips",
+    "row_styles",
+    "run_method",
+    "run_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,103 +177,49 @@ def run_method(
     return result, trainer
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+@dataclass(frozen=True)
+class Row:
+    """One row of a job: a method, the panel its result goes to, and how to run it.
+
+    Attributes:
+        panel: the :class:`~peft_callbacks.demo.report.Panel` key (``"vision"``).
+        method: the row's method.
+        run: fine-tunes and measures the method, returning its :class:`Result`.
+    """
+
+    panel: str
+    method: Method
+    run: Callable[[Method], Result]
 
 
-def format_table(results: list[Result], score_name: str, forgetting_name: str) -> str:
-    """A Markdown table of results: one row per method."""
-    header = f"| method | {score_name} | {forgetting_name} | trainable params | stored per task | time |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        forgetting = "n/a" if r.forgetting is None else f"{r.forgetting:+.3f}"
-        share = 100.0 * r.trainable_params / r.total_params if r.total_params else 0.0
-        lines.append(
-            f"| {r.method} | {r.new_task_score:.3f} | {forgetting} | {r.trainable_params:,} ({share:.1f}%) "
-            f"| {_size(r.stored_bytes)} | {r.seconds:.0f} s |"
+def run_rows(rows: list[Row], report: JobReport) -> JobReport:
+    """Run ``rows`` in order, naming each as it starts (``row 3/28: LoRA r=4 (vision)``) and rewriting the report's
+    files (``results.md``/``.csv``/``.json``/``.png``, each atomically) as each finishes: a job stopped at any row
+    keeps the complete results of the rows before it.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from peft_callbacks.demo.report import JobReport, Panel
+        >>> report = JobReport(tempfile.mkdtemp(), [Panel("toy", "Toy", "acc", "forgetting")])
+        >>> measured = lambda m: Result(m.name, 0.9, 0.1, 10, 100, 400, 1.0)
+        >>> rows = [Row("toy", Method(name, lambda out: []), measured) for name in ("a", "b")]
+        >>> [r.method for r in run_rows(rows, report).panels["toy"].results]
+        ['a', 'b']
+        >>> sorted(os.listdir(report.out))
+        ['results.csv', 'results.json', 'results.md', 'results.png']
+    """
+    report.total_rows = len(rows)
+    for i, row in enumerate(rows, 1):
+        rank_zero_info(f"row {i}/{len(rows)}: {row.method.name} ({row.panel})")
+        result = row.run(row.method)
+        report.add(row.panel, result)
+        forgetting = "n/a" if result.forgetting is None else f"{result.forgetting:+.3f}"
+        rank_zero_info(
+            f"row {i}/{len(rows)} done: {row.method.name}: new task {result.new_task_score:.3f}, forgetting "
+            f"{forgetting}, {result.seconds:.0f} s; results so far in {report.out}"
         )
-    return "\n".join(lines)
-
-
-MARKERS = "osD^vP*XhpH<>d8"
-COLOURS = ["tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
-
-
-def row_styles(names: list[str]) -> dict[str, tuple[str, str]]:
-    """``{method name: (marker, colour)}``: one marker per base method (the name before ``" + "``), one colour per
-    forgetting control (after it; grey for none), the same in every panel, so no two rows share a style.
-
-    Example::
-
-        >>> styles = row_styles(["full fine-tuning", "LoRA r=4", "LoRA r=4 + replay 40%"])
-        >>> styles["LoRA r=4"][0] == styles["LoRA r=4 + replay 40%"][0], styles["full fine-tuning"][0]
-        (True, 'o')
-    """
-    bases, controls, styles = [], [""], {}
-    for name in names:
-        base, _, control = name.partition(" + ")
-        control = control.split(" ")[0] if control else ""
-        bases += [base] if base not in bases else []
-        controls += [control] if control not in controls else []
-        styles[name] = (MARKERS[bases.index(base) % len(MARKERS)], COLOURS[controls.index(control) % len(COLOURS)])
-    return styles
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both counts (less forgetting ``x``, higher score ``y``), by ``x``.
-
-    Example::
-
-        >>> pareto_front([(0.6, 0.9), (0.1, 0.8), (0.3, 0.7), (0.0, 0.5)])
-        [(0.0, 0.5), (0.1, 0.8), (0.6, 0.9)]
-    """
-    front, best = [], float("-inf")
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
-
-
-def plot_results(panels: list[tuple[str, list[Result], str, str]], path: str) -> str:
-    """One scatter panel per experiment: forgetting (x) against new-task score (y), with the Pareto front (the rows
-    no other row beats on both) as a dashed line. Markers follow :func:`row_styles`; the legend gives each row's
-    trainable parameters and what it stores per task.
-
-    Args:
-        panels: ``(title, results, score label, forgetting label)`` per panel.
-        path: the PNG to write.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = row_styles([r.method for _, results, *_ in panels for r in results])
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
-    for ax, (title, results, score_name, forgetting_name) in zip(axes[0], panels):
-        for r in results:
-            x = r.forgetting if r.forgetting is not None else float("nan")
-            marker, colour = styles[r.method]
-            label = f"{r.method}: {r.trainable_params:,} trainable, {_size(r.stored_bytes)}"
-            ax.scatter(x, r.new_task_score, s=90, marker=marker, color=colour, alpha=0.85, label=label)
-        front = pareto_front([(r.forgetting, r.new_task_score) for r in results if r.forgetting is not None])
-        if len(front) > 1:
-            ax.plot(*zip(*front), linestyle="--", color="black", alpha=0.4, linewidth=1, label="Pareto front")
-        ax.set_xlabel(f"{forgetting_name} (lower is better)")
-        ax.set_ylabel(f"{score_name} (higher is better)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return report
 
 
 class _OncePerJob(logging.Filter):
