@@ -330,7 +330,8 @@ def _child(rank: int, scenarios: list[str], out: str, world_size: int, port: int
     )
     torch.set_num_threads(1)
     for name in scenarios:
-        importlib.import_module(registry).SCENARIOS[name](out, world_size)
+        module, _, scenario = name.rpartition(":")  # "registry:scenario", or a scenario of `registry`
+        importlib.import_module(module or registry).SCENARIOS[scenario](out, world_size)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -338,8 +339,8 @@ def _child(rank: int, scenarios: list[str], out: str, world_size: int, port: int
 def spawn(
     scenarios: list[str], out: str, world_size: int = 2, timeout: float = 900, registry: str = "fsdp2_jobs"
 ) -> None:
-    """Run ``scenarios`` (of the module ``registry``'s ``SCENARIOS``) in ``world_size`` fresh processes (gloo);
-    raise if one fails or all take over ``timeout`` s."""
+    """Run ``scenarios`` (names in the module ``registry``'s ``SCENARIOS``, or ``"module:name"``) in order in
+    ``world_size`` fresh processes (gloo); raise if one fails or all take over ``timeout`` s."""
     context = torch.multiprocessing.spawn(
         _child, args=(scenarios, out, world_size, _free_port(), registry), nprocs=world_size, join=False
     )
@@ -349,3 +350,7 @@ def spawn(
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{scenarios} did not finish in {timeout} s on {world_size} processes.")
+
+
+# the scenarios `spawned_runs.py` runs on two processes: the last two are refusals that only sharding raises
+SPAWNED = {2: ["lora", "dora", "unfreezing", "slim", *METHODS, "mixed_dtypes", "adalora"]}

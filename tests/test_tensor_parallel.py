@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp2_jobs import spawn
 from safetensors.torch import load_file
 from tp_jobs import METHODS, SCENARIOS
 from tp_model import SEQ, VOCAB, tiny_transformer
@@ -24,13 +23,11 @@ MESHES = {"tp2": (2, 1), "tp2_dp2": (4, 2)}  # name: (processes, data-parallel s
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tp")
+def runs(four_process_runs) -> Path:
+    """The meshes' runs (``spawned_runs.py``) and, beside them, the one-process references."""
     for name in METHODS:
-        SCENARIOS[name](str(out), 1)
-    spawn([*METHODS, "loha_refused"], str(out), world_size=2, registry="tp_jobs")
-    spawn([f"{name}_2d" for name in METHODS], str(out), world_size=4, registry="tp_jobs")
-    return out
+        SCENARIOS[name](str(four_process_runs), 1)
+    return four_process_runs
 
 
 def folders(runs: Path, method: str, mesh: str) -> tuple[Path, Path]:

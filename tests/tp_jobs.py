@@ -110,3 +110,4 @@ SCENARIOS = {
     **{f"{name}_2d": functools.partial(fit, name, 2) for name in METHODS},
     "loha_refused": fit_refused,
 }
+SPAWNED = {2: [*METHODS, "loha_refused"], 4: [f"{name}_2d" for name in METHODS]}

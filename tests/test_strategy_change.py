@@ -1,0 +1,38 @@
+"""A ``SlimCheckpoint`` written under one strategy resumes under another, and the resumed steps equal the
+uninterrupted run's: FSDP2×2 → DDP×2, FSDP2×2 → one process, DDP×2 → FSDP2×2 (two CPU processes, gloo), for LoRA on
+a float32 Llama and on the same Llama loaded 4-bit (QLoRA under FSDP2). The scenarios are in :mod:`reshard_jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from reshard_jobs import BASES
+from safetensors.torch import load_file
+
+LEGS = {"fsdp2_to_ddp": 2, "ddp_to_fsdp2": 2, "fsdp2_to_single": 1}  # leg: processes of the resumed fit
+
+
+def figures(runs: Path, name: str, devices: int) -> dict:
+    return json.loads((runs / name / f"devices{devices}" / "figures.json").read_text())
+
+
+@pytest.mark.parametrize("leg", list(LEGS))
+@pytest.mark.parametrize("base", BASES)
+def test_slim_checkpoint_resumes_under_another_strategy_as_if_uninterrupted(two_process_runs, base, leg):
+    runs = two_process_runs
+    reference = figures(runs, f"{base}_uninterrupted", 1)
+    resumed = figures(runs, f"{base}_{leg}", LEGS[leg])
+    assert resumed["global_step"] == 4 and len(resumed["losses"]) == 2
+    # steps 3 and 4: the weights after step 2 and the optimizer's momentum came back, whatever the layout
+    assert resumed["losses"] == pytest.approx(reference["losses"][2:], abs=1e-5 * max(reference["losses"]))
+    adapters = [
+        load_file(str(runs / n / f"devices{d}" / "adapter" / "adapter_model.safetensors"))
+        for n, d in ((f"{base}_uninterrupted", 1), (f"{base}_{leg}", LEGS[leg]))
+    ]
+    assert sorted(adapters[1]) == sorted(adapters[0])
+    for key, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][key], value, atol=1e-5 * float(value.abs().max()), rtol=0, msg=key)
