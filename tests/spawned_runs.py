@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import check_jobs
 import fsdp2_jobs
 import reshard_jobs
 import tp_jobs

@@ -209,6 +209,7 @@ class PEFTCallback(SurgeryCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # the distributed run-time check
         if self._gradients_checked:
             return
         self._gradients_checked = True
