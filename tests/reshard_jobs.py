@@ -3,6 +3,7 @@ after 2 steps (2 epochs of one step) under one strategy, and a new fit resumes i
 
 * ``first_fsdp2`` / ``first_ddp``: the first 2 steps on two processes, FSDP2 (a distributed folder) or DDP (a file);
 * ``fsdp2_to_ddp`` / ``ddp_to_fsdp2``: the last 2 steps on two processes under the other strategy;
+* ``llama_fsdp2_to_fsdp2``: the FSDP2 folder of two ranks resumed on four;
 * :func:`resume` on one process (the test process) resumes the FSDP2 folder; :func:`uninterrupted` is the reference.
 
 Each comes for a float32 Llama (``llama``) and for the same Llama loaded 4-bit (``qlora``, bitsandbytes NF4 with its
@@ -116,5 +117,9 @@ for _base in BASES:
     SCENARIOS[f"{_base}_first_ddp"] = functools.partial(first, _base, "ddp")
     SCENARIOS[f"{_base}_fsdp2_to_ddp"] = functools.partial(resume, _base, "fsdp2", "ddp")
     SCENARIOS[f"{_base}_ddp_to_fsdp2"] = functools.partial(resume, _base, "ddp", "fsdp2")
-# first the checkpoints, then the resumes that read them (same processes, in this order)
-SPAWNED = {2: [f"{b}_{name}" for b in BASES for name in ("first_fsdp2", "first_ddp", "fsdp2_to_ddp", "ddp_to_fsdp2")]}
+SCENARIOS["llama_fsdp2_to_fsdp2"] = functools.partial(resume, "llama", "fsdp2", "fsdp2")  # 2 ranks' folder on 4
+# first the checkpoints, then the resumes that read them (same processes, in this order; four after two)
+SPAWNED = {
+    2: [f"{b}_{name}" for b in BASES for name in ("first_fsdp2", "first_ddp", "fsdp2_to_ddp", "ddp_to_fsdp2")],
+    4: ["llama_fsdp2_to_fsdp2"],
+}
