@@ -18,6 +18,8 @@ from tp_jobs import METHODS, SCENARIOS
 from tp_model import SEQ, VOCAB, tiny_transformer
 
 from peft_callbacks import load_adapter
+from peft_callbacks.io.checkpoint import strip_loader_key
+from peft_callbacks.io.slim_reshard import read_distributed_checkpoint
 
 MESHES = {"tp2": (2, 1), "tp2_dp2": (4, 2)}  # name: (processes, data-parallel size)
 
@@ -70,6 +72,26 @@ def test_tensor_parallel_fit_equals_one_process(runs, method, mesh):
         close(merged[1][key], value, key)
 
 
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_a_slim_checkpoint_under_tensor_parallelism_holds_the_trained_tensors_whole(runs, mesh):
+    """Written as a distributed folder (the adapters' slices, their optimizer state in their layout: a partial-sum
+    momentum would not save), it reads back whole as the adapter file's values."""
+    one, many = folders(runs, "lora", mesh)
+    for folder in (one, many):
+        (path,) = (folder / "checkpoints").iterdir()
+        adapter = load_file(str(folder / "adapter" / "adapter_model.safetensors"))  # the adapters and the head
+        if folder is one:
+            state = torch.load(path, weights_only=True)["state_dict"]
+        else:
+            saved = read_distributed_checkpoint(path)
+            state = saved["state_dict"]
+            assert len(saved["optimizer_0"]["state"]) == len(adapter)  # a momentum buffer per trained tensor
+        strip_loader_key(state)  # (the key that names the loader in a plain load's error)
+        assert sorted(state) == sorted(adapter)  # only the trained tensors: the base stays out
+        for key, value in adapter.items():
+            close(state[key], value, key)
+
+
 def test_merged_weights_written_under_tensor_parallelism_equal_one_process(runs):
     for mesh in MESHES:
         one, many = folders(runs, "lora", mesh)
@@ -85,3 +107,9 @@ def test_a_method_that_cannot_follow_the_split_is_refused_naming_the_layer(runs)
         "LoHa cannot follow the tensor-parallel split of 'layers.0.attention.wq' (column-parallel"
     )
     assert "Methods that can: LoRA, DoRA and IA3" in message
+
+
+def test_modules_that_would_train_on_slices_of_activations_are_refused(runs):
+    message = (runs / "bottleneck_refused" / "devices2" / "error.txt").read_text()
+    assert message.startswith("Bottleneck adapters cannot go into Transformer, which is split by tensor parallelism")
+    assert "Methods that follow a tensor-parallel split: LoRA, DoRA and IA3" in message

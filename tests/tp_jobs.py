@@ -18,11 +18,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from fsdp2_jobs import Record, _folder, _write, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 from tp_model import SEQ, VOCAB, parallelize, tiny_transformer
 
-from peft_callbacks import IA3Config, LoHaConfig, LoRACallback, PEFTCallback
+from peft_callbacks import AdapterCallback, IA3Config, LoHaConfig, LoRACallback, PEFTCallback, SlimCheckpoint
 
 GLOBAL_BATCH, STEPS = 4, 3
 
@@ -73,24 +74,35 @@ def _strategy(devices: int, data_parallel: int) -> dict:
 
 
 def fit(method: str, data_parallel: int, out: str, devices: int) -> None:
-    """``method`` with an adapter file (and merged weights for LoRA), merged at the end; on one process the
-    reference every mesh is compared with."""
+    """``method`` with an adapter file (and for LoRA merged weights and a slim checkpoint), merged at the end; on one
+    process the reference every mesh is compared with."""
     data_parallel = 1 if devices == 1 else data_parallel
     folder = _folder(out, method if devices == 1 else f"{method}_dp{data_parallel}", devices)
     record = Record()
     merged = {"save_merged_to": str(folder / "merged")} if method == "lora" else {}
-    callback = METHODS[method](save_adapter_to=str(folder / "adapter"), **merged)
+    callbacks = [record, METHODS[method](save_adapter_to=str(folder / "adapter"), **merged)]
+    if method == "lora":  # and a slim checkpoint after the last step (optimizer state in the adapters' layout)
+        callbacks += [SlimCheckpoint(), ModelCheckpoint(str(folder / "checkpoints"), every_n_train_steps=STEPS)]
     module = TransformerModule()
-    trainer = make_trainer(devices, [record, callback], folder, max_steps=STEPS, **_strategy(devices, data_parallel))
+    trainer = make_trainer(
+        devices, callbacks, folder, max_steps=STEPS, enable_checkpointing=True, **_strategy(devices, data_parallel)
+    )
     trainer.fit(module, data(data_parallel))
     _write(folder, record, module)
 
 
-def fit_refused(out: str, devices: int) -> None:
-    """LoHa's Hadamard product of two low-rank factors has no split that follows a column- or row-parallel base:
-    refused, naming the layer and the method."""
-    folder = _folder(out, "loha_refused", devices)
-    callback = PEFTCallback(LoHaConfig(rank=4, alpha=4), module="model")
+REFUSED = {  # methods that cannot follow a tensor-parallel split
+    # LoHa's Hadamard product of two low-rank factors: no split follows a column- or row-parallel base
+    "loha_refused": lambda: PEFTCallback(LoHaConfig(rank=4, alpha=4), module="model"),
+    # bottleneck adapters would train on each rank's slice of the activations, with no reduction of their gradients
+    "bottleneck_refused": lambda: AdapterCallback(bottleneck=4, modules=["feed_forward"], module="model"),
+}
+
+
+def fit_refused(name: str, out: str, devices: int) -> None:
+    """A method of :data:`REFUSED`: refused before the first step, naming the layer and the method."""
+    folder = _folder(out, name, devices)
+    callback = REFUSED[name]()
     trainer = make_trainer(devices, [callback], folder, max_steps=1, **_strategy(devices, 1))
     try:
         trainer.fit(TransformerModule(), data(1))
@@ -108,6 +120,6 @@ def _write_refusal_text(folder: Path, message: str) -> None:
 SCENARIOS = {
     **{name: functools.partial(fit, name, 1) for name in METHODS},
     **{f"{name}_2d": functools.partial(fit, name, 2) for name in METHODS},
-    "loha_refused": fit_refused,
+    **{name: functools.partial(fit_refused, name) for name in REFUSED},
 }
-SPAWNED = {2: [*METHODS, "loha_refused"], 4: [f"{name}_2d" for name in METHODS]}
+SPAWNED = {2: [*METHODS, *REFUSED], 4: [f"{name}_2d" for name in METHODS]}

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from peft_callbacks.core.kinds import base_weight
 from peft_callbacks.core.sharding import is_dtensor
 
 __all__ = [
@@ -205,20 +206,21 @@ def move_parallel_hooks(old: nn.Module, new: nn.Module) -> int:
     return moved
 
 
-def forward_weight(layer: nn.Module, x: torch.Tensor, read: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+def forward_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base weight a forward pass computes with: the tensor-parallel ``DTensor`` itself when ``x`` is one (inside
-    a split layer, where the maths runs on ``DTensor`` s), else ``read(layer)`` (the full weight).
+    a split layer, where the maths runs on ``DTensor`` s), else :func:`~peft_callbacks.core.kinds.base_weight` (the
+    full weight: dequantized, or gathered when sharded).
 
     Example::
 
         >>> layer = nn.Linear(2, 2)
-        >>> forward_weight(layer, torch.ones(2), lambda m: m.weight) is layer.weight
+        >>> forward_weight(layer, torch.ones(2)) is layer.weight
         True
     """
     weight = getattr(layer, "weight", None)
     if is_dtensor(x) and is_dtensor(weight):
         return weight
-    return read(layer)
+    return base_weight(layer)
 
 
 def _gradient_in_layout(grad: torch.Tensor) -> torch.Tensor:
@@ -228,6 +230,19 @@ def _gradient_in_layout(grad: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import Replicate
 
     return grad.redistribute(grad.device_mesh, [Replicate() if p.is_partial() else p for p in grad.placements])
+
+
+_HOOKED = "_peft_callbacks_gradient_layout"
+
+
+def _keep_gradients_in_layout(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a split adapter: every trainable ``DTensor`` it computes with gets the gradient hook once.
+    At forward time rather than when the adapter is split: ``module.to(...)`` may replace a ``DTensor`` parameter by a
+    new object (and FSDP2 computes with parameters of its own), which would not carry a hook registered earlier."""
+    for param in module.parameters():
+        if param.requires_grad and is_dtensor(param) and not getattr(param, _HOOKED, False):
+            param.register_hook(_gradient_in_layout)
+            setattr(param, _HOOKED, True)
 
 
 def _placement(split: TensorParallelSplit, dims: tuple[int | None, int | None]) -> Any:
@@ -268,9 +283,8 @@ def distribute_adapter(adapter: nn.Module, split: TensorParallelSplit, where: st
         owner_path, _, leaf = name.rpartition(".")
         owner = adapter.get_submodule(owner_path)
         value = distribute_tensor(param.detach(), split.mesh, [_placement(split, dims[name])], src_data_rank=None)
-        owner._parameters[leaf] = new = nn.Parameter(value, requires_grad=param.requires_grad)
-        if new.requires_grad:
-            new.register_hook(_gradient_in_layout)
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
+    adapter.register_forward_pre_hook(_keep_gradients_in_layout)
 
 
 def distribute_adapters(

@@ -174,7 +174,7 @@ def inject(
         freeze(model)
         method.insert(model, targets, config, adapter_name)
         if sharded:  # split as tensor parallelism splits their bases; under FSDP2, units of their own, same mesh
-            split_new_adapters(model, before)
+            split_new_adapters(model, before, method.title)
             shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
         if config.train_head:

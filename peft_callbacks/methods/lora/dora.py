@@ -107,7 +107,7 @@ class DoRAAdapter(LoRAAdapter):
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x.to(self.lora_A.weight.dtype)
         bias = layer.base_layer.bias
-        weight = forward_weight(layer.base_layer, x, base_weight)  # a tensor-parallel split stays split
+        weight = forward_weight(layer.base_layer, x)  # a tensor-parallel split stays split
         scale = self._channels(self.magnitude_scale(weight.float()), result.ndim)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             # dropout on the LoRA input: the rescaled base term sees the same dropped input, as in HF PEFT
@@ -154,7 +154,7 @@ class DoRALinear(DoRAAdapter, LoRALinear):
     """DoRA on an ``nn.Linear``."""
 
     def base_forward(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, forward_weight(layer.base_layer, x, base_weight).to(x.dtype))
+        return F.linear(x, forward_weight(layer.base_layer, x).to(x.dtype))
 
 
 class DoRAConv(DoRAAdapter, LoRAConv):
