@@ -99,6 +99,7 @@ def make_module(strategy: str, base: str):
             self.model = load_quantized(base) if strategy.startswith("qlora") else build_model()
 
         def configure_model(self):
+            torch.manual_seed(1)  # LoRA's A is drawn right after this: the same numbers in every run and rank
             if self.device_mesh is None:
                 return
             sizes = self.device_mesh.shape  # (data_parallel, tensor_parallel)

@@ -59,16 +59,21 @@ def _strategy(strategy: str, devices: int) -> dict:
     return {"strategy": "ddp"} if strategy == "ddp" and devices > 1 else {}
 
 
-def _lora(folder: Path | None = None) -> LoRACallback:
-    saved = {"save_adapter_to": str(folder / "adapter")} if folder is not None else {}
-    return LoRACallback(rank=8, merge_on_train_end=False, **saved)
+def _lora(base: str, folder: Path | None = None) -> LoRACallback:
+    """LoRA r = 8; with a ``folder``, the adapter saved and the model merged (a 4-bit base into a float32 model) and
+    saved at the end."""
+    if folder is None:
+        return LoRACallback(rank=8, merge_on_train_end=False)
+    merged = {"merged_dtype": "float32"} if base == "qlora" else {}
+    saved = {"save_adapter_to": str(folder / "adapter"), "save_merged_to": str(folder / "merged")}
+    return LoRACallback(rank=8, **saved, **merged)
 
 
 def first(base: str, strategy: str, out: str, devices: int) -> None:
     """Two steps and a slim checkpoint after the second."""
     folder = _folder(out, f"{base}_first_{strategy}", devices)
     checkpoints = ModelCheckpoint(dirpath=str(folder / "checkpoints"), every_n_epochs=1, save_on_train_epoch_end=True)
-    callbacks = [Record(), _lora(), SlimCheckpoint(), checkpoints]
+    callbacks = [Record(), _lora(base), SlimCheckpoint(), checkpoints]
     trainer = make_trainer(
         devices, callbacks, folder, max_steps=2, enable_checkpointing=True, **_strategy(strategy, devices)
     )
@@ -92,7 +97,7 @@ def resume(base: str, source: str, strategy: str, out: str, devices: int) -> Non
     folder = _folder(out, f"{base}_{source}_to_{strategy}", devices)
     record = Record()
     trainer = make_trainer(
-        devices, [record, _lora(folder), SlimCheckpoint()], folder, max_steps=4, **_strategy(strategy, devices)
+        devices, [record, _lora(base, folder), SlimCheckpoint()], folder, max_steps=4, **_strategy(strategy, devices)
     )
     trainer.fit(module(base, out), data(devices), ckpt_path=str(checkpoint_of(out, base, source)))
     _figures(folder, record, global_step=trainer.global_step)
@@ -102,7 +107,7 @@ def uninterrupted(base: str, out: str) -> None:
     """The reference: four steps on one process, no checkpoint."""
     folder = _folder(out, f"{base}_uninterrupted", 1)
     record = Record()
-    make_trainer(1, [record, _lora(folder)], folder, max_steps=4).fit(module(base, out), data(1))
+    make_trainer(1, [record, _lora(base, folder)], folder, max_steps=4).fit(module(base, out), data(1))
     _figures(folder, record, global_step=4)
 
 

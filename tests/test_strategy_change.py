@@ -32,10 +32,11 @@ def test_slim_checkpoint_resumes_under_another_strategy_as_if_uninterrupted(four
     assert resumed["global_step"] == 4 and len(resumed["losses"]) == 2
     # steps 3 and 4: the weights after step 2 and the optimizer's momentum came back, whatever the layout
     assert resumed["losses"] == pytest.approx(reference["losses"][2:], abs=1e-5 * max(reference["losses"]))
-    adapters = [
-        load_file(str(runs / n / f"devices{d}" / "adapter" / "adapter_model.safetensors"))
-        for n, d in ((f"{base}_uninterrupted", 1), (f"{base}_{leg}", LEGS[leg]))
-    ]
-    assert sorted(adapters[1]) == sorted(adapters[0])
-    for key, value in adapters[0].items():
-        torch.testing.assert_close(adapters[1][key], value, atol=1e-5 * float(value.abs().max()), rtol=0, msg=key)
+    runs_of = ((f"{base}_uninterrupted", 1), (f"{base}_{leg}", LEGS[leg]))
+    adapters = [load_file(str(runs / n / f"devices{d}" / "adapter" / "adapter_model.safetensors")) for n, d in runs_of]
+    # the merged model (a 4-bit base merged into float32), gathered and written by rank 0
+    merged = [load_file(str(runs / n / f"devices{d}" / "merged" / "model.safetensors")) for n, d in runs_of]
+    for one, other in (adapters, merged):
+        assert sorted(other) == sorted(one)
+        for key, value in one.items():
+            torch.testing.assert_close(other[key], value, atol=1e-5 * float(value.abs().max()), rtol=0, msg=key)

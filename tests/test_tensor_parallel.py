@@ -70,6 +70,8 @@ def test_tensor_parallel_fit_equals_one_process(runs, method, mesh):
     assert sorted(merged[1]) == sorted(merged[0]) and not any("adapters" in k for k in merged[1])
     for key, value in merged[0].items():
         close(merged[1][key], value, key)
+    # and it runs as the user's plan split it: each base layer has its parallel style's hooks back
+    close(torch.tensor(b["merged_outputs"]), torch.tensor(a["merged_outputs"]), "merged outputs")
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -88,7 +88,9 @@ def fit(method: str, data_parallel: int, out: str, devices: int) -> None:
         devices, callbacks, folder, max_steps=STEPS, enable_checkpointing=True, **_strategy(devices, data_parallel)
     )
     trainer.fit(module, data(data_parallel))
-    _write(folder, record, module)
+    with torch.no_grad():  # the merged model, its parallel styles' hooks back on the base layers
+        outputs = module.model(torch.arange(2 * SEQ).reshape(2, SEQ) % VOCAB)
+    _write(folder, record, module, merged_outputs=outputs.tolist())
 
 
 REFUSED = {  # methods that cannot follow a tensor-parallel split

@@ -135,8 +135,9 @@ def sharded_statistics(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _sharded_4bit(layer: nn.Module) -> bool:
-    """Is this 4-bit layer's packed weight sharded by FSDP2 (a ``DTensor``; its quantization state on the layer)?"""
-    return is_dtensor(layer.weight) and getattr(layer, "quant_state", None) is not None
+    """Is this 4-bit layer's packed weight held outside bitsandbytes' ``Params4bit`` with its quantization state on
+    the layer: sharded by FSDP2 (a ``DTensor``), or gathered from such shards (``full_parameters``)?"""
+    return not hasattr(layer.weight, "bnb_quantized") and getattr(layer, "quant_state", None) is not None
 
 
 def quantization_label(layer: nn.Module) -> str:
@@ -188,8 +189,9 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         return weight.detach()
     functional = sys.modules["bitsandbytes.functional"]
     with torch.no_grad():
-        if _sharded_4bit(layer):  # the packed bits gathered from every rank (a collective)
-            return functional.dequantize_4bit(weight.full_tensor(), layer.quant_state)
+        if _sharded_4bit(layer):  # the packed bits, gathered from every rank if still sharded (a collective)
+            packed = weight.full_tensor() if is_dtensor(weight) else weight
+            return functional.dequantize_4bit(packed, layer.quant_state)
         if quantized_kind(layer) == "linear_4bit":
             _unpack_cpu_layout(layer)
             return functional.dequantize_4bit(weight.data, weight.quant_state)
