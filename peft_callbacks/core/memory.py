@@ -38,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from peft_callbacks._validation import check_bool, check_positive_int
+
 __all__ = ["LLAMA_SHAPES", "LlamaShape", "MemoryEstimate", "STRATEGIES", "estimate_memory", "memory_table"]
 
 Strategy = Literal["ddp", "fsdp2", "tp_fsdp2", "qlora_fsdp2"]
@@ -147,6 +149,14 @@ def _activations(shape: LlamaShape, tokens: int, rank: int, nbytes: int, checkpo
     return shape.num_hidden_layers * per_layer + loss
 
 
+def _check_shape(name: str, shape: object) -> LlamaShape:
+    if not isinstance(shape, LlamaShape):
+        raise TypeError(
+            f"`{name}` must be a LlamaShape (e.g. LLAMA_SHAPES['8B']), got {type(shape).__name__} {shape!r}."
+        )
+    return shape
+
+
 def estimate_memory(
     shape: LlamaShape,
     strategy: Strategy,
@@ -184,7 +194,8 @@ def estimate_memory(
             example); ``False``: the output layer replicates them and every rank computes the whole loss.
 
     Raises:
-        ValueError: an unknown strategy, or a tensor-parallel size that does not divide ``ranks``.
+        TypeError/ValueError: an argument of the wrong kind or out of range (named), an unknown strategy, or a
+            tensor-parallel size that does not divide ``ranks``.
 
     Example::
 
@@ -192,11 +203,19 @@ def estimate_memory(
         >>> round(ddp.frozen_base / 2**30, 2)
         2.3
     """
-    if strategy not in STRATEGIES:
+    _check_shape("shape", shape)
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
-    t = tensor_parallel if strategy == "tp_fsdp2" else 1
-    if t < 1 or ranks % t:
+    sizes = {"ranks": ranks, "tensor_parallel": tensor_parallel, "rank": rank, "micro_batch": micro_batch}
+    sizes |= {"sequence": sequence, "base_bytes": base_bytes, "adapter_bytes": adapter_bytes}
+    for name, value in {**sizes, "activation_bytes": activation_bytes}.items():
+        check_positive_int(name, value)
+    for name, flag in (("checkpointing", checkpointing), ("sequence_parallel", sequence_parallel)):
+        check_bool(name, flag)
+    check_bool("loss_parallel", loss_parallel)
+    if ranks % tensor_parallel:
         raise ValueError(f"`tensor_parallel` must divide `ranks` ({ranks}), got {tensor_parallel}.")
+    t = tensor_parallel if strategy == "tp_fsdp2" else 1
     n = 1 if strategy == "ddp" else ranks // t  # ranks each tensor is sharded over by FSDP2
     layers, layer = shape.num_hidden_layers, shape.layer_linear_parameters() + 2 * shape.hidden_size
     root = shape.root_parameters()
@@ -226,7 +245,14 @@ def memory_table(
         >>> print(memory_table({"1B": LLAMA_SHAPES["1B"]}, ranks=2).splitlines()[2])
         | 1B | DDP ×2 | 2.30 | 0.00 | 0.04 | 0.04 | 0.08 | 7.60 | 10.07 |
     """
-    shapes = LLAMA_SHAPES if shapes is None else shapes
+    if shapes is None:
+        shapes = LLAMA_SHAPES
+    if not isinstance(shapes, dict) or not shapes:
+        raise TypeError(f"`shapes` must be None or a non-empty dict of name: LlamaShape, got {shapes!r}.")
+    for name, shape in shapes.items():
+        _check_shape(f"shapes[{name!r}]", shape)
+    check_positive_int("ranks", ranks)
+    check_positive_int("tensor_parallel", tensor_parallel)
     titles = {
         "ddp": f"DDP ×{ranks}",
         "fsdp2": f"FSDP2 ×{ranks}",
