@@ -1,8 +1,13 @@
-"""Check LoRACallback under Lightning's sharding strategies on a CUDA machine: FSDP1, FSDP2 and DeepSpeed ZeRO-3.
+"""Check LoRACallback under Lightning's sharding strategies on a CUDA machine: FSDP1, FSDP2, DeepSpeed ZeRO-3,
+tensor parallelism (TP, and TP × FSDP2), and QLoRA under FSDP2.
 
 ``FSDPStrategy`` and ``DeepSpeedStrategy`` need CUDA in Lightning, so the test suite (CPU) cannot run them; this
-script does, on every GPU of the machine (one is enough: the sharded code paths run with one rank too). For each
-strategy it runs, each step in fresh processes (Lightning launches the ranks):
+script does, on every GPU of the machine (one is enough: the sharded code paths run with one rank too; TP × FSDP2
+needs four). TP and QLoRA + FSDP2 run on CPU in the test suite; here they run with NCCL and bitsandbytes' CUDA
+kernels. TP applies transformers' tensor-parallel plan for Llama in ``configure_model``
+(``benchmarks/scale_out.py``); QLoRA loads the same Llama 4-bit (NF4, float32 storage and compute, as PEFT's FSDP +
+QLoRA guide sets ``bnb_4bit_quant_storage`` to the model's dtype) and is compared with a single-GPU QLoRA run. For
+each strategy it runs, each step in fresh processes (Lightning launches the ranks):
 
 1. **fit**: a Llama-shaped model (transformers ``LlamaForCausalLM``) + ``LoRACallback(rank=8, save_adapter_to=...,
    save_merged_to=...)``, 4 steps, a checkpoint after each epoch (2 steps); the losses must equal a single-GPU fit
@@ -13,14 +18,15 @@ strategy it runs, each step in fresh processes (Lightning launches the ranks):
    (losses and the final adapter).
 
 It ends with a PASS/FAIL/SKIP table and exits non-zero if a check failed. DeepSpeed is installed with pip when
-missing (SKIP if that fails). ``--accelerator cpu --strategies fsdp2`` runs the FSDP2 part on CPU (gloo), which is
-how the script itself is tested where no GPU is at hand.
+missing (SKIP if that fails). ``--accelerator cpu --strategies fsdp2 tp qlora_fsdp2`` runs those parts on CPU
+(gloo), which is how the script itself is tested where no GPU is at hand.
 
 Usage::
 
-    python benchmarks/check_cuda_strategies.py                          # all three, every GPU
+    python benchmarks/check_cuda_strategies.py                          # all six, every GPU
     python benchmarks/check_cuda_strategies.py --strategies fsdp1 --devices 2
-    python benchmarks/check_cuda_strategies.py --accelerator cpu --strategies fsdp2 --devices 2
+    python benchmarks/check_cuda_strategies.py --strategies tp tp_fsdp2 qlora_fsdp2 --devices 4
+    python benchmarks/check_cuda_strategies.py --accelerator cpu --strategies fsdp2 tp qlora_fsdp2 --devices 2
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-STRATEGIES = ["fsdp1", "fsdp2", "deepspeed"]
+STRATEGIES = ["fsdp1", "fsdp2", "deepspeed", "tp", "tp_fsdp2", "qlora_fsdp2"]
+CPU_STRATEGIES = ("fsdp2", "tp", "tp_fsdp2", "qlora_fsdp2")  # what Lightning also runs on CPU
 VOCAB, SEQ, HIDDEN, LAYERS = 512, 32, 256, 4
 GLOBAL_BATCH, STEPS_PER_EPOCH = 8, 2
 TOLERANCE = 2e-4  # float32 on GPU, TF32 off: sharded and single-GPU reductions differ in order only
@@ -62,26 +69,41 @@ def build_model():
     return hf.LlamaForCausalLM(config)
 
 
-def make_module(strategy: str):
+def load_quantized(base: str):
+    """The Llama saved in ``base``, loaded 4-bit (NF4, double quantization; storage and compute in float32)."""
+    import torch
+    import transformers as hf
+
+    config = hf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+    return hf.AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32)
+
+
+def make_module(strategy: str, base: str):
     import lightning as L
     import torch
 
+    from benchmarks.scale_out import parallelize
+
     class LanguageModel(L.LightningModule):
-        """Built in __init__ (as DeepSpeed ZeRO-3 with surgery needs); FSDP2 shards in configure_model."""
+        """Built in __init__ (as DeepSpeed ZeRO-3 with surgery needs); ModelParallelStrategy's plans are applied in
+        configure_model (FSDP2, TP, both)."""
 
         def __init__(self):
             super().__init__()
-            self.model = build_model()
+            self.model = load_quantized(base) if strategy.startswith("qlora") else build_model()
 
         def configure_model(self):
-            if strategy != "fsdp2":
+            torch.manual_seed(1)  # LoRA's A is drawn right after this: the same numbers in every run and rank
+            if self.device_mesh is None:
                 return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+            sizes = self.device_mesh.shape  # (data_parallel, tensor_parallel)
+            parallelize(self.model, self.device_mesh, sizes[0], sizes[1])
 
         def training_step(self, batch, batch_idx):
             (ids,) = batch
@@ -99,21 +121,30 @@ def make_strategy(strategy: str, devices: int):
 
     if strategy == "fsdp1":
         return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})  # use_orig_params=True, Lightning's default
-    if strategy == "fsdp2":
+    if strategy in ("fsdp2", "qlora_fsdp2"):
         return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    if strategy == "tp":
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=devices)
+    if strategy == "tp_fsdp2":
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2)
     if strategy == "deepspeed":
         return DeepSpeedStrategy(stage=3)
     return "auto"
 
 
-def data(devices: int):
+def data(devices: int, data_parallel: int):
+    """The same samples on any mesh: a tensor-parallel group reads one batch, data-parallel groups split it."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH * STEPS_PER_EPOCH, SEQ), generator=g)
-    rank = int(os.environ.get("LOCAL_RANK", 0)) if devices > 1 else 0
-    return DataLoader(TensorDataset(ids[rank::devices]), batch_size=GLOBAL_BATCH // devices)
+    group = int(os.environ.get("LOCAL_RANK", 0)) // (devices // data_parallel) if devices > 1 else 0
+    return DataLoader(TensorDataset(ids[group::data_parallel]), batch_size=GLOBAL_BATCH // data_parallel)
+
+
+def data_parallel_size(strategy: str, devices: int) -> int:
+    return {"tp": 1, "tp_fsdp2": 2}.get(strategy, devices)
 
 
 def worker(args) -> None:
@@ -122,12 +153,12 @@ def worker(args) -> None:
     import torch
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-    from peft_callbacks import LoRACallback
+    from peft_callbacks import LoRACallback, SlimCheckpoint
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     out = Path(args.out)
-    devices = 1 if args.worker == "reference" else args.devices
+    devices = 1 if args.worker.endswith("reference") else args.devices
     losses: list[float] = []
 
     class Losses(Callback):
@@ -140,8 +171,11 @@ def worker(args) -> None:
         save_adapter_to=str(out / ("adapter_resumed" if resume else "adapter")),
         save_merged_to=None if resume else str(out / "merged"),
         merge_on_train_end=not resume,
+        merged_dtype="float32" if args.worker.startswith("qlora") else None,  # a plain model from the 4-bit base
     )
     callbacks = [Losses(), lora]
+    if args.worker.startswith("qlora"):  # a 4-bit base resumes from slim checkpoints (its statistics stay out)
+        callbacks.append(SlimCheckpoint())
     if not resume:
         callbacks.append(ModelCheckpoint(str(out / "checkpoints"), every_n_epochs=1, save_top_k=-1))
     else:
@@ -162,7 +196,8 @@ def worker(args) -> None:
     checkpoint = None
     if resume:
         (checkpoint,) = [str(p) for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch=0-")]
-    trainer.fit(make_module(args.worker), data(devices), ckpt_path=checkpoint)
+    loader = data(devices, data_parallel_size(args.worker, devices))
+    trainer.fit(make_module(args.worker, args.base), loader, ckpt_path=checkpoint)
     if trainer.is_global_zero:
         (out / f"{args.phase}.json").write_text(
             json.dumps({"losses": losses, "trainable": lora.parameter_count.trainable})
@@ -172,6 +207,7 @@ def worker(args) -> None:
 def run_worker(strategy: str, phase: str, out: Path, args) -> tuple[bool, str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", strategy, "--phase", phase]
     command += ["--out", str(out), "--devices", str(args.devices), "--accelerator", args.accelerator]
+    command += ["--base", args.base]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     (out / f"{phase}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -181,12 +217,13 @@ def run_worker(strategy: str, phase: str, out: Path, args) -> tuple[bool, str]:
     return True, ""
 
 
-def adapter_outputs(folder: Path):
+def adapter_outputs(folder: Path, base: str | None = None):
+    """Outputs of the adapter in ``folder`` loaded onto a plain CPU model (``base``: onto the 4-bit Llama)."""
     import torch
 
     from peft_callbacks import load_adapter
 
-    model = load_adapter(build_model(), folder).eval()
+    model = load_adapter(load_quantized(base) if base else build_model(), folder).eval()
     ids = torch.arange(2 * SEQ).reshape(2, SEQ) % VOCAB
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -212,61 +249,93 @@ def ensure_deepspeed() -> str | None:
     return None
 
 
-def check(args) -> int:
+def run_reference(name: str, root: Path, args) -> dict | None:
+    """The single-device fit and resume every strategy is compared with (``None`` if they failed)."""
     from safetensors.torch import load_file
 
-    root = Path(args.out or tempfile.mkdtemp(prefix="check_strategies_"))
-    rows: list[tuple[str, str, str, str]] = []
-    reference = root / "reference"
-    shutil.rmtree(reference, ignore_errors=True)
-    reference.mkdir(parents=True)
+    folder = root / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     for phase in ("fit", "resume"):
-        ok, why = run_worker("reference", phase, reference, args)
+        ok, why = run_worker(name, phase, folder, args)
         if not ok:
-            print(f"The single-device reference {phase} failed ({why}); see {reference}/{phase}.log.")
-            return 2
-    ref = json.loads((reference / "fit.json").read_text())
-    ref_resume = json.loads((reference / "resume.json").read_text())
-    ref_outputs = adapter_outputs(reference / "adapter")
-    ref_resumed_outputs = adapter_outputs(reference / "adapter_resumed")
-    ref_merged = load_file(str(reference / "merged" / "model.safetensors"))
+            print(f"The single-device {name} {phase} failed ({why}); see {folder}/{phase}.log.")
+            return None
+    quantized = name.startswith("qlora")
+    return {
+        "fit": json.loads((folder / "fit.json").read_text()),
+        "resume": json.loads((folder / "resume.json").read_text()),
+        "outputs": adapter_outputs(folder / "adapter", args.base if quantized else None),
+        "resumed_outputs": adapter_outputs(folder / "adapter_resumed", args.base if quantized else None),
+        "merged": load_file(str(folder / "merged" / "model.safetensors")),
+    }
+
+
+def skipped(strategy: str, args) -> str | None:
+    """Why ``strategy`` cannot run here, or ``None``."""
+    if args.accelerator == "cpu" and strategy not in CPU_STRATEGIES:
+        return "needs CUDA in Lightning"
+    if strategy == "tp_fsdp2" and (args.devices < 4 or args.devices % 2):
+        return f"needs an even number of devices, at least 4 (got {args.devices})"
+    return ensure_deepspeed() if strategy == "deepspeed" else None
+
+
+def check_strategy(strategy: str, out: Path, ref: dict, args) -> list[tuple[str, str, str, str]]:
+    from safetensors.torch import load_file
+
+    base = args.base if strategy.startswith("qlora") else None
+    ok, why = run_worker(strategy, "fit", out, args)
+    if not ok:
+        return [(strategy, "fit", "FAIL", why)] + [
+            (strategy, name, "SKIP", "the fit failed") for name in ("adapter file", "merge", "resume")
+        ]
+    fit = json.loads((out / "fit.json").read_text())
+    gap = max(abs(a - b) for a, b in zip(fit["losses"], ref["fit"]["losses"]))
+    same = len(fit["losses"]) == len(ref["fit"]["losses"]) and gap <= TOLERANCE
+    same = same and fit["trainable"] == ref["fit"]["trainable"]
+    rows = [(strategy, "fit", "PASS" if same else "FAIL", f"losses {fit['losses']} vs {ref['fit']['losses']}")]
+    rows.append(_compare(strategy, "adapter file", lambda: adapter_outputs(out / "adapter", base), ref["outputs"]))
+    merged = lambda: load_file(str(out / "merged" / "model.safetensors"))  # noqa: E731
+    rows.append(_compare_dicts(strategy, "merge", merged, ref["merged"]))
+    ok, why = run_worker(strategy, "resume", out, args)
+    if not ok:
+        return [*rows, (strategy, "resume", "FAIL", why)]
+    resume = json.loads((out / "resume.json").read_text())
+    row = _compare(strategy, "resume", lambda: adapter_outputs(out / "adapter_resumed", base), ref["resumed_outputs"])
+    expected = ref["resume"]["losses"]
+    gap = max(abs(a - b) for a, b in zip(resume["losses"], expected))
+    if row[2] == "PASS" and (len(resume["losses"]) != len(expected) or gap > TOLERANCE):
+        row = (strategy, "resume", "FAIL", f"losses {resume['losses']} vs {expected}")
+    return [*rows, row]
+
+
+def check(args) -> int:
+    root = Path(args.out or tempfile.mkdtemp(prefix="check_strategies_"))
+    args.base = str(root / "base")  # the Llama's weights, for the quantized runs (loaded 4-bit)
+    build_model().save_pretrained(args.base)
+    rows: list[tuple[str, str, str, str]] = []
+    references: dict[str, dict] = {}
     for strategy in args.strategies:
+        why = skipped(strategy, args)
+        if why:
+            rows += [(strategy, name, "SKIP", why) for name in ("fit", "adapter file", "merge", "resume")]
+            continue
+        name = "qlora_reference" if strategy.startswith("qlora") else "reference"
+        if name not in references:
+            ref = run_reference(name, root, args)
+            if ref is None:
+                return 2
+            references[name] = ref
         out = root / strategy
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        missing = ensure_deepspeed() if strategy == "deepspeed" else None
-        if missing or (args.accelerator == "cpu" and strategy != "fsdp2"):
-            why = missing or "needs CUDA in Lightning"
-            rows += [(strategy, name, "SKIP", why) for name in ("fit", "adapter file", "merge", "resume")]
-            continue
-        ok, why = run_worker(strategy, "fit", out, args)
-        if not ok:
-            rows.append((strategy, "fit", "FAIL", why))
-            rows += [(strategy, name, "SKIP", "the fit failed") for name in ("adapter file", "merge", "resume")]
-            continue
-        fit = json.loads((out / "fit.json").read_text())
-        gap = max(abs(a - b) for a, b in zip(fit["losses"], ref["losses"]))
-        same = len(fit["losses"]) == len(ref["losses"]) and gap <= TOLERANCE and fit["trainable"] == ref["trainable"]
-        rows.append((strategy, "fit", "PASS" if same else "FAIL", f"losses {fit['losses']} vs {ref['losses']}"))
-        rows.append(_compare(strategy, "adapter file", lambda o=out: adapter_outputs(o / "adapter"), ref_outputs))
-        merged = lambda o=out: load_file(str(o / "merged" / "model.safetensors"))  # noqa: E731
-        rows.append(_compare_dicts(strategy, "merge", merged, ref_merged))
-        ok, why = run_worker(strategy, "resume", out, args)
-        if not ok:
-            rows.append((strategy, "resume", "FAIL", why))
-            continue
-        resume = json.loads((out / "resume.json").read_text())
-        row = _compare(strategy, "resume", lambda o=out: adapter_outputs(o / "adapter_resumed"), ref_resumed_outputs)
-        gap = max(abs(a - b) for a, b in zip(resume["losses"], ref_resume["losses"]))
-        if row[2] == "PASS" and (len(resume["losses"]) != len(ref_resume["losses"]) or gap > TOLERANCE):
-            row = (strategy, "resume", "FAIL", f"losses {resume['losses']} vs {ref_resume['losses']}")
-        rows.append(row)
+        rows += check_strategy(strategy, out, references[name], args)
     width = max(len(r[3].splitlines()[0]) for r in rows) if rows else 0
-    print(f"\n{'strategy':10s} {'check':13s} result  detail")
+    print(f"\n{'strategy':12s} {'check':13s} result  detail")
     for strategy, name, result, detail in rows:
-        print(f"{strategy:10s} {name:13s} {result:6s}  {detail.splitlines()[0][:width]}")
+        print(f"{strategy:12s} {name:13s} {result:6s}  {detail.splitlines()[0][:width]}")
         for line in detail.splitlines()[1:]:
-            print(f"{'':32s}{line}")
+            print(f"{'':34s}{line}")
     failed = [r for r in rows if r[2] == "FAIL"]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed or skipped; {len(failed)} failed. Logs: {root}")
     return 1 if failed else 0
@@ -297,7 +366,8 @@ def main() -> int:
     parser.add_argument("--accelerator", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", help="folder for checkpoints, files and logs (default: a new temporary folder)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per fit")
-    parser.add_argument("--worker", choices=[*STRATEGIES, "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*STRATEGIES, "reference", "qlora_reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=["fit", "resume"], default="fit", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.devices == 0:
@@ -311,7 +381,7 @@ def main() -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("No CUDA device here: run with `--accelerator cpu --strategies fsdp2` to check the FSDP2 part.")
+            print("No CUDA device here: `--accelerator cpu --strategies fsdp2 tp qlora_fsdp2` checks those on CPU.")
             return 2
     return check(args)
 

@@ -39,6 +39,7 @@ __all__ = [
     "BottleneckAdapter",
     "BottleneckConfig",
     "DistillationCallback",
+    "DistributedCheckError",
     "DoRAAdapter",
     "DoRAConv",
     "DoRAConv1D",
@@ -105,6 +106,7 @@ __all__ = [
     "delete_adapter",
     "describe_layers",
     "disabled",
+    "estimate_memory",
     "export_peft",
     "find_models",
     "freeze_batchnorm_stats",
@@ -122,6 +124,7 @@ __all__ = [
     "lora_disabled",
     "lora_layers",
     "loraplus_param_groups",
+    "memory_table",
     "merge",
     "merge_adapter",
     "merge_lora",
@@ -169,6 +172,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
     from peft_callbacks.callbacks.slim import SlimCheckpoint
     from peft_callbacks.callbacks.vera import VeRACallback
+    from peft_callbacks.core.distributed_checks import DistributedCheckError
+    from peft_callbacks.core.memory import estimate_memory, memory_table
     from peft_callbacks.core.models import find_models
     from peft_callbacks.core.params import ParameterCount, count_parameters, freeze_batchnorm_stats
     from peft_callbacks.core.quantized import prepare_quantized_base

@@ -23,3 +23,28 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the environment, so OpenMP reads it)
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spawned_folder(tmp_path_factory):
+    """One folder for every multi-process scenario of the session and the one-process references beside them."""
+    return tmp_path_factory.mktemp("spawned")
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(spawned_folder):
+    """``spawned_folder`` once every two-process scenario of the suite wrote its results (``spawned_runs.py``)."""
+    from spawned_runs import run_two
+
+    return run_two(spawned_folder)
+
+
+@pytest.fixture(scope="session")
+def four_process_runs(two_process_runs):
+    """``spawned_folder`` once every four-process scenario wrote its results too (some read two-process ones)."""
+    from spawned_runs import run_four
+
+    return run_four(two_process_runs)

@@ -10,6 +10,7 @@ test pays the start-up once. Imports stay light: each spawned process imports th
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import socket
@@ -61,9 +62,9 @@ def tiny_llama() -> hf.LlamaForCausalLM:
 class LanguageModel(L.LightningModule):
     """A plain FSDP2 module: nothing in it knows about PEFT."""
 
-    def __init__(self, build_in: str = "init", tensor_parallel: bool = False, head_dtype=None) -> None:
+    def __init__(self, build_in: str = "init", head_dtype=None) -> None:
         super().__init__()
-        self.build_in, self.tensor_parallel, self.head_dtype = build_in, tensor_parallel, head_dtype
+        self.build_in, self.head_dtype = build_in, head_dtype
         self.model = tiny_llama() if build_in == "init" else None
 
     def configure_model(self) -> None:
@@ -78,12 +79,6 @@ class LanguageModel(L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        if self.tensor_parallel:
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-            plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
-            for layer in self.model.model.layers:
-                parallelize_module(layer, self.device_mesh["tensor_parallel"], plan)
         mesh = self.device_mesh["data_parallel"]
         for layer in self.model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -267,14 +262,6 @@ class Loaded(Callback):
         self.values = _trained_values(pl_module)
 
 
-def fit_tensor_parallel(out: str, devices: int) -> None:
-    """LoRA on a model whose attention is split by tensor parallelism: refused with a clear error."""
-    folder = _folder(out, "tensor_parallel", devices)
-    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=devices)
-    trainer = make_trainer(devices, [LoRACallback(rank=4)], folder, max_steps=1, strategy=strategy)
-    _write_refusal(folder, trainer, LanguageModel(tensor_parallel=True), devices)
-
-
 def _write_refusal(folder: Path, trainer: L.Trainer, module: L.LightningModule, devices: int) -> None:
     """Fit, expecting a ValueError; rank 0 writes its message (empty: nothing was refused) to ``error.txt``."""
     try:
@@ -326,7 +313,6 @@ SCENARIOS = {
     "dora": fit_dora_frozen,
     "unfreezing": fit_unfreezing,
     "slim": fit_bottleneck_slim,
-    "tensor_parallel": fit_tensor_parallel,
     "adalora": fit_adalora,
     "mixed_dtypes": fit_mixed_dtypes,
 }
@@ -338,21 +324,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, scenarios: list[str], out: str, world_size: int, port: int) -> None:
+def _child(rank: int, scenarios: list[str], out: str, world_size: int, port: int, registry: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size)
     )
     torch.set_num_threads(1)
     for name in scenarios:
-        SCENARIOS[name](out, world_size)
+        module, _, scenario = name.rpartition(":")  # "registry:scenario", or a scenario of `registry`
+        importlib.import_module(module or registry).SCENARIOS[scenario](out, world_size)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def spawn(scenarios: list[str], out: str, world_size: int = 2, timeout: float = 900) -> None:
-    """Run ``scenarios`` in ``world_size`` fresh processes (gloo); raise if one fails or all take over ``timeout`` s."""
+def spawn(
+    scenarios: list[str], out: str, world_size: int = 2, timeout: float = 900, registry: str = "fsdp2_jobs"
+) -> None:
+    """Run ``scenarios`` (names in the module ``registry``'s ``SCENARIOS``, or ``"module:name"``) in order in
+    ``world_size`` fresh processes (gloo); raise if one fails or all take over ``timeout`` s."""
     context = torch.multiprocessing.spawn(
-        _child, args=(scenarios, out, world_size, _free_port()), nprocs=world_size, join=False
+        _child, args=(scenarios, out, world_size, _free_port(), registry), nprocs=world_size, join=False
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=5):
@@ -360,3 +350,7 @@ def spawn(scenarios: list[str], out: str, world_size: int = 2, timeout: float = 
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{scenarios} did not finish in {timeout} s on {world_size} processes.")
+
+
+# the scenarios `spawned_runs.py` runs on two processes: the last two are refusals that only sharding raises
+SPAWNED = {2: ["lora", "dora", "unfreezing", "slim", *METHODS, "mixed_dtypes", "adalora"]}

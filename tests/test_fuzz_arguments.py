@@ -88,6 +88,12 @@ def _checkpoint() -> str:
     return str(path)
 
 
+def _llama_shape():
+    from peft_callbacks.core.memory import LLAMA_SHAPES
+
+    return LLAMA_SHAPES["1B"]
+
+
 def _bn_net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
 
@@ -360,6 +366,11 @@ CASES: dict[str, Case] = {
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
+    "estimate_memory": Case(
+        valid=lambda: {"shape": _llama_shape(), "strategy": "tp_fsdp2", "tensor_parallel": 2},
+        accepts={"checkpointing": _BOOL_OK, "sequence_parallel": _BOOL_OK, "loss_parallel": _BOOL_OK},
+    ),
+    "memory_table": Case(valid=lambda: {"shapes": {"1B": _llama_shape()}}, accepts={"shapes": [None]}),
     "full_parameters": Case(valid=lambda: {"module": _lora_net()}, enter=True, accepts={"writeback": _BOOL_OK}),
     "gather_state_dict": _model_case(_net),
     "find_models": Case(valid=lambda: {"root": _net()}, accepts={"module": [None, ""]}),

@@ -1,8 +1,8 @@
 """The callbacks under FSDP2 (``ModelParallelStrategy``, two CPU processes, gloo) give what one process gives.
 
-The scenarios live in :mod:`fsdp2_jobs`; one fixture runs all of them once in one process and once in two spawned
-processes (one start-up for every test here), and each test compares one scenario. The module is written as
-Lightning's FSDP2 docs show and knows nothing about PEFT.
+The scenarios live in :mod:`fsdp2_jobs`; the session's two processes run them (``spawned_runs.py``, one start-up for
+the whole suite), a fixture here runs them in one process, and each test compares one scenario. The module is
+written as Lightning's FSDP2 docs show and knows nothing about PEFT.
 """
 
 from __future__ import annotations
@@ -12,22 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp2_jobs import METHODS, SCENARIOS, spawn, tiny_llama
+from fsdp2_jobs import METHODS, SCENARIOS, SPAWNED, tiny_llama
 from safetensors.torch import load_file
 
 from peft_callbacks import load_adapter
 
-TWO_PROCESS = ["lora", "dora", "unfreezing", "slim", *METHODS, "tensor_parallel", "mixed_dtypes", "adalora"]
-ONE_PROCESS = TWO_PROCESS[:-3]  # the last three are refusals that only sharding raises
+ONE_PROCESS = SPAWNED[2][:-2]  # the two-process scenarios (spawned_runs.py) but the refusals only sharding raises
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp2")
+def runs(two_process_runs) -> Path:
     for name in ONE_PROCESS:
-        SCENARIOS[name](str(out), 1)
-    spawn(TWO_PROCESS, str(out))
-    return out
+        SCENARIOS[name](str(two_process_runs), 1)
+    return two_process_runs
 
 
 def figures(runs: Path, scenario: str) -> tuple[dict, dict]:
@@ -115,12 +112,6 @@ def test_slim_checkpoint_under_fsdp2_holds_trained_shards_and_resumes(runs):
     metadata = dcp.FileSystemReader(two["checkpoint"]).read_metadata()
     model_keys = [k for k in metadata.state_dict_metadata if k.startswith("state_dict.")]
     assert model_keys and all(".adapter." in k for k in model_keys)  # bottleneck adapters only, no base tensor
-
-
-def test_tensor_parallel_is_refused_with_a_clear_error(runs):
-    message = (runs / "tensor_parallel" / "devices2" / "error.txt").read_text()
-    assert "q_proj.weight' is split by tensor parallelism" in message
-    assert "ModelParallelStrategy(tensor_parallel_size=1)" in message
 
 
 def test_adalora_under_fsdp2_is_refused_naming_what_works(runs):

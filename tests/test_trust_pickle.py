@@ -23,7 +23,7 @@ from user_modules import TwoLayerNet, feature_batches
 import peft_callbacks
 from peft_callbacks import LayerwiseUnfreezing, LoRACallback, load_checkpoint
 from peft_callbacks.callbacks.freezing import saved_callback_state
-from peft_callbacks.callbacks.slim import _load_slim_shards
+from peft_callbacks.callbacks.slim_loading import install_slim_loader
 
 PACKAGE = Path(peft_callbacks.__file__).resolve().parent
 
@@ -157,7 +157,7 @@ def test_slim_checkpoint_loader_reads_safely_when_lightning_passes_none(tmp_path
     folder.mkdir()
     os.replace(path, folder / "meta.pt")
     strategy = SingleDeviceStrategy("cpu")
-    _load_slim_shards(strategy)
+    install_slim_loader(strategy, "fsdp2", "peft_callbacks_slim")
     with pytest.raises(pickle.UnpicklingError):
         strategy.load_checkpoint(folder)  # weights_only=None, Lightning's default
     assert not marker.exists()
@@ -165,7 +165,7 @@ def test_slim_checkpoint_loader_reads_safely_when_lightning_passes_none(tmp_path
 
 # -- nothing in the package can unpickle ----------------------------------------------------------------------------
 # Where a caller's own explicit choice of ``weights_only`` is passed on (a variable, never a literal False or None).
-CALLERS_CHOICE = {("callbacks/checkpoints.py", "load_checkpoint"), ("callbacks/slim.py", "load")}
+CALLERS_CHOICE = {("callbacks/checkpoints.py", "load_checkpoint"), ("callbacks/slim_loading.py", "load")}
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib"}
 
 

@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.precision import BitsandbytesPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks._validation import check_optional_str
+from peft_callbacks.callbacks.distributed_checks import check_first_step, check_saved_tensors, runs_checks
 from peft_callbacks.callbacks.strategies import (
     check_sharded_setup,
     full_weights,
@@ -125,6 +126,7 @@ class SurgeryCallback(Callback):
     """
 
     creates_tensors = True  # inserts new tensors (not only freezing): refused on a base sharding left without values
+    check_distributed = True  # the run-time checks of a distributed run (callbacks/distributed_checks.py)
 
     def __init__(
         self, module: str | None = None, save_adapter_to: str | None = None, save_merged_to: str | None = None
@@ -135,6 +137,7 @@ class SurgeryCallback(Callback):
         self.parameter_count: ParameterCount | None = None
         self.adapted_models: list[str] = []
         self._applied = False
+        self._first_step_checked = False
 
     # -- to implement -------------------------------------------------------------------------------------------
     def apply(self, model: nn.Module, path: str) -> None:
@@ -152,6 +155,7 @@ class SurgeryCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._applied = False
+            self._first_step_checked = False
             run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
             if replaces_layers(trainer):
                 run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._refuse_early_restore())
@@ -201,8 +205,17 @@ class SurgeryCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(count.as_dict("peft/"), step=0)
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._first_step_checked:
+            self._first_step_checked = True
+            if runs_checks(trainer, self, SurgeryCallback):  # every rank got every gradient
+                check_first_step(trainer, pl_module, self.name)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        saves = self.save_adapter_to or self.save_merged_to
         with full_weights(trainer):  # FSDP1: the whole model summoned; FSDP2/ZeRO-3 gather layer by layer
+            if saves and runs_checks(trainer, self, SurgeryCallback):  # every rank gathered whole, equal tensors
+                check_saved_tensors(trainer, pl_module, self.name)
             if self.save_adapter_to and (has_sharded_parameters(pl_module) or trainer.is_global_zero):
                 save_adapter(pl_module, self.save_adapter_to)  # sharded: every rank gathers, rank 0 writes
                 rank_zero_info(f"{self.name}: adapter saved to {self.save_adapter_to}")

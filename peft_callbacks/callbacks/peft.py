@@ -217,6 +217,7 @@ class PEFTCallback(SurgeryCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # the distributed run-time check
         if self._gradients_checked:
             return
         if self._waiting is None:  # the first step

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.callbacks.atomic_io import use_atomic_checkpoint_io
 from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
-from peft_callbacks.callbacks.strategies import remove_load_hooks, set_checkpoint_loader, strategy_kind
+from peft_callbacks.callbacks.slim_loading import install_slim_loader
+from peft_callbacks.callbacks.strategies import remove_load_hooks, strategy_kind
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
-from peft_callbacks.io.slim import fill_slim_state_dict, load_distributed_slim, slim_state_dict
+from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +36,9 @@ class SlimCheckpoint(Callback):
 
     Under ``ModelParallelStrategy`` (FSDP2) checkpoints are distributed (one shard per rank, Lightning's default
     ``save_distributed_checkpoint=True``) and hold only the trained tensors' shards; resuming loads those into the
-    sharded module and leaves its base as built. ``FSDPStrategy`` and DeepSpeed write checkpoints in their own
-    formats and are refused: use their full checkpoints, or ``ModelParallelStrategy``.
+    sharded module and leaves its base as built. A slim checkpoint resumes under another strategy or number of ranks
+    too (FSDP2 ↔ DDP ↔ one process, :mod:`peft_callbacks.callbacks.slim_loading`). ``FSDPStrategy`` and DeepSpeed
+    write checkpoints in their own formats and are refused: use their full checkpoints, or ``ModelParallelStrategy``.
 
     Example::
 
@@ -88,8 +87,7 @@ class SlimCheckpoint(Callback):
         self._fingerprint = None
         use_atomic_checkpoint_io(trainer.strategy)  # a checkpoint killed mid-write never replaces the last good one
         run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
-        if kind == "fsdp2":
-            _load_slim_shards(trainer.strategy)
+        install_slim_loader(trainer.strategy, kind, CHECKPOINT_KEY)  # a checkpoint of another strategy's layout too
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_scheduled_hooks(pl_module)
@@ -113,23 +111,3 @@ class SlimCheckpoint(Callback):
         if record is not None and "state_dict" in checkpoint:
             fill_slim_state_dict(pl_module, checkpoint["state_dict"], record)
             log.info("SlimCheckpoint: restored %d base tensor(s) from the module.", len(record["omitted"]))
-
-
-def _load_slim_shards(strategy: pl.strategies.Strategy) -> None:
-    """Let ``ModelParallelStrategy`` resume from a slim distributed checkpoint: it loads the model's and optimizers'
-    shards itself, before ``on_load_checkpoint``, and would ask the checkpoint for every base tensor too."""
-
-    def load(checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any] | None:
-        path = Path(strategy.broadcast(checkpoint_path))
-        if not (path / _METADATA_FILENAME).is_file():
-            return None
-        safe = weights_only is not False  # None (Lightning's default) means safe: nothing is unpickled
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=safe)
-        record = metadata.pop(CHECKPOINT_KEY, None)
-        if record is None:  # a full checkpoint
-            return None
-        load_distributed_slim(path, strategy.model, strategy.optimizers, record)
-        log.info("SlimCheckpoint: loaded the trained shards from %s; the base stays as built.", path)
-        return metadata
-
-    set_checkpoint_loader(strategy, load)

@@ -40,6 +40,8 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
+from peft_callbacks.core.sharding import is_dtensor
+
 __all__ = [
     "INSTALL_HINT",
     "dequantize",
@@ -55,6 +57,7 @@ __all__ = [
     "require_bitsandbytes",
     "requantized",
     "round_trip",
+    "sharded_statistics",
     "stores_quantized",
     "weight_shape",
 ]
@@ -111,9 +114,31 @@ def is_quantized(module: nn.Module) -> bool:
 def stores_quantized(layer: nn.Module) -> bool:
     """Is the weight of ``layer`` held in 4 or 8 bits now? (Lightning's plugin quantizes on the first ``.to()``.)"""
     kind = quantized_kind(layer)
-    if kind == "linear_4bit":
-        return bool(getattr(layer.weight, "bnb_quantized", False))
+    if kind == "linear_4bit":  # FSDP2 shards the packed bits as a DTensor; the state stays on the layer
+        return bool(getattr(layer.weight, "bnb_quantized", False)) or _sharded_4bit(layer)
     return kind == "linear_8bit" and layer.weight.dtype == torch.int8
+
+
+def sharded_statistics(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantization statistics a 4-bit layer's ``state_dict`` holds beside its weight (``absmax``, …, keyed as
+    after ``"weight."``) when FSDP2 shards its weight: the sharded layer's own ``state_dict`` leaves them out (its
+    weight no longer carries them), so a sharded model can describe itself as the same model on one process does.
+    Empty for any other layer.
+
+    Example::
+
+        >>> sharded_statistics(nn.Linear(2, 2))
+        {}
+    """
+    if not _sharded_4bit(layer):
+        return {}
+    return layer.quant_state.as_dict(packed=True)
+
+
+def _sharded_4bit(layer: nn.Module) -> bool:
+    """Is this 4-bit layer's packed weight held outside bitsandbytes' ``Params4bit`` with its quantization state on
+    the layer: sharded by FSDP2 (a ``DTensor``), or gathered from such shards (``full_parameters``)?"""
+    return not hasattr(layer.weight, "bnb_quantized") and getattr(layer, "quant_state", None) is not None
 
 
 def quantization_label(layer: nn.Module) -> str:
@@ -156,7 +181,7 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
 
     4-bit layers give the dtype their weight was quantized from (``quant_state.dtype``), 8-bit layers float32. A
     weight not quantized yet (Lightning's plugin before its first ``.to()``) is returned as it is; on ``meta`` an
-    empty tensor of the logical shape.
+    empty tensor of the logical shape. A 4-bit weight sharded by FSDP2 is gathered first: every rank must call it.
     """
     weight = layer.weight
     if weight.device.type == "meta":
@@ -165,6 +190,9 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         return weight.detach()
     functional = sys.modules["bitsandbytes.functional"]
     with torch.no_grad():
+        if _sharded_4bit(layer):  # the packed bits, gathered from every rank if still sharded (a collective)
+            packed = weight.full_tensor() if is_dtensor(weight) else weight
+            return functional.dequantize_4bit(packed, layer.quant_state)
         if quantized_kind(layer) == "linear_4bit":
             _unpack_cpu_layout(layer)
             return functional.dequantize_4bit(weight.data, weight.quant_state)
@@ -263,6 +291,8 @@ def prepare_quantized_base(model: nn.Module) -> list[str]:
             layer.support_avx512bf16_for_cpu = False
     upcast = []
     for name, p in _own_parameters(model).items():
+        if is_dtensor(p):
+            continue  # sharded already (FSDP2): its dtype is the sharding's (FSDP2's MixedPrecisionPolicy sets it)
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
             upcast.append(name)

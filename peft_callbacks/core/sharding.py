@@ -49,6 +49,7 @@ __all__ = [
     "full_tensor",
     "gather_state_dict",
     "has_sharded_parameters",
+    "inside_fsdp_unit",
     "is_dtensor",
     "is_sharded",
     "is_writer",
@@ -324,51 +325,16 @@ def unsharded_class(module: nn.Module) -> type:
     return cls
 
 
-def _placement_summary(tensor: torch.Tensor) -> str:
-    names = getattr(tensor.device_mesh, "mesh_dim_names", None)
-    return f"placements {tuple(tensor.placements)} on a mesh of shape {tuple(tensor.device_mesh.shape)}" + (
-        f" {tuple(names)}" if names else ""
-    )
-
-
-def _is_data_parallel(tensor: torch.Tensor) -> bool:
-    """FSDP/HSDP placements: one ``Shard(0)``, every other mesh dimension ``Replicate()``."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    shards = [p for p in tensor.placements if isinstance(p, Shard)]
-    others = [p for p in tensor.placements if not isinstance(p, (Shard, Replicate))]
-    return len(shards) == 1 and type(shards[0]) is Shard and shards[0].dim == 0 and not others
-
-
-def check_data_parallel(model: nn.Module, what: str) -> None:
-    """Refuse a model whose weights are split by tensor parallelism (or any layout other than FSDP/HSDP's).
-
-    Args:
-        model: the model about to receive new modules.
-        what: the method's title, for the message.
-
-    Raises:
-        ValueError: naming the first such parameter and its placements.
+def inside_fsdp_unit(model: nn.Module, path: str) -> bool:
+    """Does the module at ``path`` lie inside an FSDP2 unit (a module ``fully_shard`` was called on, itself included)?
 
     Example::
 
-        >>> check_data_parallel(nn.Linear(2, 2), "LoRA")  # plain tensors: nothing to refuse
+        >>> inside_fsdp_unit(nn.Sequential(nn.Linear(2, 2)), "0")
+        False
     """
     fsdp_module = _fsdp_module_class()
-    inside_units: set[int] = set()
-    if fsdp_module is not None:
-        for m in model.modules():
-            if isinstance(m, fsdp_module):
-                inside_units.update(id(p) for p in m.parameters())
-    for name, param in model.named_parameters():
-        if is_dtensor(param) and (not _is_data_parallel(param) or id(param) not in inside_units):
-            raise ValueError(
-                f"{what} cannot go into {unsharded_class(model).__name__}: its parameter {name!r} is split by tensor "
-                f"parallelism or a custom layout ({_placement_summary(param)}), and the new layers cannot follow a "
-                f"tensor-parallel plan. Use FSDP2 alone (ModelParallelStrategy(tensor_parallel_size=1), "
-                f"`fully_shard` on the blocks and the model in configure_model), or apply the method before "
-                f"parallelising the model yourself."
-            )
+    return fsdp_module is not None and _enclosing_unit(model, path, fsdp_module) is not None
 
 
 def _enclosing_unit(model: nn.Module, path: str, fsdp_module: type) -> nn.Module | None:
@@ -388,21 +354,40 @@ def _copy_view_output(module: nn.Module, args: Any, output: Any) -> Any:
     return output
 
 
+class _DropMaterializedZeros(torch.autograd.Function):
+    """Identity on a ``DTensor`` input of an adapter unit. FSDP2 passes a unit's inputs through an autograd function
+    of its own; when the adapter does not use one of them (IA3 never reads ``x``), autograd materialises its
+    gradient as a plain zero tensor, which cannot be added to the ``DTensor`` gradient from the base layer. Dropped
+    here: an unused input gets no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor | None:
+        return grad if is_dtensor(grad) else None
+
+
+def _guard_dtensor_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(_DropMaterializedZeros.apply(a) if is_dtensor(a) and a.requires_grad else a for a in args)
+
+
 def shard_new_modules(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> int:
     """Give the inserted ``modules`` of an FSDP2-sharded ``model`` their own FSDP2 units; return how many units.
 
     The new modules inside one user unit (say a transformer block) form one unit together, on that unit's mesh
     (FSDP or HSDP alike): one small all-gather per block, trainable tensors apart from the frozen base, one dtype
-    per unit. A model with no ``DTensor`` parameter is left alone. Modules whose parameters are all sharded already
-    are skipped, so calling it twice changes nothing.
+    per unit. A model without FSDP2 units is left alone. Modules that are FSDP2 units already are skipped, so calling
+    it twice changes nothing. New tensors that tensor parallelism splits (``DTensor`` s on its mesh) become 2-D: FSDP2
+    shards them on the data-parallel dimensions of the unit around them.
 
     Args:
         model: the model the modules were inserted into.
         modules: ``(path, module)`` of the inserted modules that own parameters.
 
     Raises:
-        ValueError: the model is split by tensor parallelism, a new module lies outside every FSDP2 unit, or its
-            trainable parameters have several dtypes.
+        ValueError: a new module lies outside every FSDP2 unit, or its trainable parameters have several dtypes.
 
     Example::
 
@@ -410,13 +395,13 @@ def shard_new_modules(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]
         0
     """
     check_module("model", model)
-    if not any(is_dtensor(p) for p in model.parameters()):
-        return 0
     fsdp_module = _fsdp_module_class()
+    if fsdp_module is None or not any(isinstance(m, fsdp_module) for m in model.modules()):
+        return 0  # not sharded by FSDP2 (tensor parallelism alone splits tensors without units)
     groups: dict[int, tuple[nn.Module, list[nn.Module]]] = {}
     for path, module in modules:
         params = list(module.parameters())
-        if not params or all(is_dtensor(p) for p in params):
+        if not params or isinstance(module, fsdp_module):
             continue
         unit = _enclosing_unit(model, path, fsdp_module)
         if unit is None:
@@ -436,10 +421,15 @@ def shard_new_modules(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]
         return 0
     from torch.distributed.fsdp import fully_shard
 
+    from peft_callbacks.core.tensor_parallel import data_parallel_mesh
+
     for unit, members in groups.values():
-        mesh = next(p.device_mesh for p in unit.parameters() if is_dtensor(p))
+        # the unit's FSDP2 mesh: with tensor parallelism underneath, only the leading (data-parallel) dimensions
+        mesh = data_parallel_mesh(next(p for p in unit.parameters() if is_dtensor(p)))
         for member in members:
             member.register_forward_hook(_copy_view_output)
         fully_shard(members if len(members) > 1 else members[0], mesh=mesh)
+        for member in members:
+            member.register_forward_pre_hook(_guard_dtensor_inputs, prepend=True)  # before FSDP2's own pre-hook
     log.info("Sharded the inserted modules as %d FSDP2 unit(s).", len(groups))
     return len(groups)

@@ -106,7 +106,9 @@ def setting_names(cls: type) -> list[str]:
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
             annotations = klass.__dict__.get("__annotations__", {})
-            own_first += [f.name for f in dataclasses.fields(klass) if f.name in annotations and f.name not in own_first]
+            own_first += [
+                f.name for f in dataclasses.fields(klass) if f.name in annotations and f.name not in own_first
+            ]
     return [name for name in own_first if name in {f.name for f in dataclasses.fields(cls)}]
 
 

@@ -114,6 +114,13 @@ class Adapter(PEFTModule):
         """The layer's output with this adapter applied, given its input ``x`` and the output so far."""
         raise NotImplementedError
 
+    def tensor_parallel_dims(self) -> dict[str, tuple[int | None, int | None]] | None:
+        """For each of this adapter's tensors (by ``named_parameters`` name): which of its dimensions runs along the
+        base layer's outputs and which along its inputs (``None``: neither). Tensor parallelism splits each tensor
+        the way its base is split (:mod:`peft_callbacks.core.tensor_parallel`); ``None`` (the default): this method
+        cannot follow a split base, and surgery on one is refused."""
+        return None
+
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """The base weight (float32, shaped as stored) with this adapter folded in."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer.")

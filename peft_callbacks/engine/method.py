@@ -38,6 +38,7 @@ from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.core.kinds import kinds_description, layer_kind
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree, resolve_targets
+from peft_callbacks.core.tensor_parallel import move_parallel_hooks
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
 from peft_callbacks.engine.hooks import remove_hooks_of
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
@@ -340,9 +341,12 @@ def cast_adapter(adapter: Adapter, base: nn.Module, config: MethodConfig) -> Ada
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` inside ``model``."""
+    """Put ``new`` at ``path`` inside ``model``; it takes over the tensor-parallel layout hooks of the module it
+    replaces (:func:`~peft_callbacks.core.tensor_parallel.move_parallel_hooks`)."""
     parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, new)
+    owner = model.get_submodule(parent)
+    move_parallel_hooks(getattr(owner, name), new)
+    setattr(owner, name, new)
 
 
 def _device_of(base: nn.Module) -> torch.device:

@@ -51,13 +51,7 @@ from peft_callbacks.core.params import (
     unfreeze_batchnorm_stats,
 )
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_models
-from peft_callbacks.core.sharding import (
-    check_data_parallel,
-    full_parameters,
-    has_sharded_parameters,
-    shard_as,
-    shard_new_modules,
-)
+from peft_callbacks.core.sharding import full_parameters, has_sharded_parameters, shard_as, shard_new_modules
 from peft_callbacks.core.targets import in_subtree
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
@@ -69,6 +63,7 @@ from peft_callbacks.engine.method import (
     registered_methods,
     replace_module,
 )
+from peft_callbacks.engine.parallel import split_new_adapters
 from peft_callbacks.engine.precision import (
     check_dtype,
     dequantize_model,
@@ -169,12 +164,11 @@ def inject(
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
         sharded = has_sharded_parameters(model)
-        if sharded:
-            check_data_parallel(model, method.title)
         before = {id(m) for m in model.modules()} if sharded else set()
         freeze(model)
         method.insert(model, targets, config, adapter_name)
-        if sharded:  # an FSDP2-sharded model: the new tensors get units of their own, on the same mesh
+        if sharded:  # split as tensor parallelism splits their bases; under FSDP2, units of their own, same mesh
+            split_new_adapters(model, before, method.title)
             shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
         if config.train_head:

@@ -132,9 +132,13 @@ def base_fingerprint(model: nn.Module, hash_names: Iterable[str] | None = None, 
         tensor = by_name[name]
         return {"sha256": tensor_digest(full_tensor(tensor)), "dtype": str(tensor.dtype).removeprefix("torch.")}
 
+    shapes = {name: shape(name) for name in by_name}
+    for name, layer in layers.items():  # a 4-bit weight sharded by FSDP2: its statistics, as one process lists them
+        for stat, value in quantized.sharded_statistics(layer).items():
+            shapes.setdefault(f"{name}.{stat}", list(value.shape))
     return {
         "architecture": architecture(model),
-        "shapes": {name: shape(name) for name in by_name},
+        "shapes": shapes,
         "hashes": {n: digest(n) for n in names if by_name[n].device.type != "meta"},
     }
 

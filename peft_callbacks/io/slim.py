@@ -33,11 +33,13 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
+from peft_callbacks.io.slim_reshard import complete_state
 from peft_callbacks.io.state import base_keys, base_state, loaded_keys, trained_state
 
 __all__ = [
     "SLIM_FORMAT_VERSION",
     "SlimCheckpointError",
+    "check_slim_record",
     "fill_slim_state_dict",
     "load_distributed_slim",
     "slim_state_dict",
@@ -112,7 +114,7 @@ def fill_slim_state_dict(
         >>> sorted(fill_slim_state_dict(net, state, record))
         ['0.bias', '0.weight', '1.bias', '1.weight']
     """
-    omitted = _check_record(model, record)
+    omitted = check_slim_record(model, record)
     base = base_state(model)
     unknown = [name for name in omitted.values() if name not in base]
     if unknown:
@@ -127,9 +129,15 @@ def fill_slim_state_dict(
     return state_dict
 
 
-def _check_record(model: nn.Module, record: Any) -> dict[str, str]:
+def check_slim_record(model: nn.Module, record: Any) -> dict[str, str]:
     """Refuse a malformed record, a newer format, or one trained on another base than ``model``'s; return its
     ``omitted`` map (every rank calls it when ``model`` is sharded: the fingerprint gathers).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 2))
+        >>> check_slim_record(net, slim_state_dict(net, net.state_dict()))
+        {'0.weight': '0.weight', '0.bias': '0.bias'}
 
     Raises:
         SlimCheckpointError: naming what is wrong.
@@ -163,8 +171,10 @@ def load_distributed_slim(
     """Load a distributed checkpoint (``torch.distributed.checkpoint``, one shard per rank) that holds only the
     trained tensors into the sharded ``model``, and the optimizers' states; the base stays as built.
 
-    Every rank calls it. The checkpoint is laid out as Lightning's ``ModelParallelStrategy`` writes it: the model
-    under ``"state_dict"``, optimizer ``i`` under ``"optimizer_{i}"``.
+    Every rank calls it; the checkpoint may have been written by another number of ranks (``torch.distributed.
+    checkpoint`` reshards). The checkpoint is laid out as Lightning's ``ModelParallelStrategy`` writes it: the model
+    under ``"state_dict"``, optimizer ``i`` under ``"optimizer_{i}"``. The model loads strictly: its trained tensors
+    from the checkpoint, its base keys (as recorded) from itself.
 
     Args:
         path: the checkpoint directory.
@@ -173,7 +183,8 @@ def load_distributed_slim(
         record: what :func:`slim_state_dict` returned when the checkpoint was written.
 
     Raises:
-        SlimCheckpointError: another format version, or another base (see :func:`fill_slim_state_dict`).
+        SlimCheckpointError: another format version, another base (see :func:`fill_slim_state_dict`), or trained
+            tensors the model does not have.
 
     Example::
 
@@ -202,10 +213,21 @@ def load_distributed_slim(
         set_optimizer_state_dict,
     )
 
-    omitted = _check_record(model, record)
-    kept = {k: v for k, v in get_model_state_dict(model).items() if k not in omitted}
-    dcp.load({"state_dict": kept}, checkpoint_id=path)
-    set_model_state_dict(model, kept, options=StateDictOptions(strict=False))
+    omitted = check_slim_record(model, record)
+    loaded = loaded_keys(model)
+    kept = {k: v for k, v in get_model_state_dict(model).items() if k in loaded and k not in omitted}
+    saved = {
+        k.removeprefix("state_dict.")
+        for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if k.startswith("state_dict.")
+    }
+    if saved - set(kept):
+        raise SlimCheckpointError(
+            f"The slim checkpoint holds trained tensors {sorted(saved - set(kept))[:5]} that "
+            f"{type(model).__name__} does not train; redo the same surgery as when it was written."
+        )
+    dcp.load({"state_dict": kept}, checkpoint_id=path)  # resharded onto this run's ranks; a key it lacks raises
+    set_model_state_dict(model, complete_state(model, kept, omitted, loaded))  # strict: the base as built
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
         state = {key: get_optimizer_state_dict(model, optimizer)}

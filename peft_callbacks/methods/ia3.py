@@ -110,6 +110,11 @@ class IA3(Adapter):
             return scale if self.feedforward else scale.transpose(0, 1)  # (1, in, 1, …) or (out, 1, 1, …)
         return scale.T if self.kind == "hf_conv1d" else scale  # Conv1D stores (in, out)
 
+    def tensor_parallel_dims(self) -> dict[str, tuple[int | None, int | None]] | None:
+        if self.kind not in ("linear", "linear_4bit", "linear_8bit"):
+            return None
+        return {"ia3_l": (None, 1) if self.feedforward else (0, None)}  # (1, in) or (out, 1)
+
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         return weight * self._weight_scale()
 

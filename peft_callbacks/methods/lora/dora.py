@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peft_callbacks.core.kinds import base_weight
+from peft_callbacks.core.tensor_parallel import forward_weight
 from peft_callbacks.engine.layers import AdaptedLayer
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 
@@ -106,7 +107,8 @@ class DoRAAdapter(LoRAAdapter):
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x.to(self.lora_A.weight.dtype)
         bias = layer.base_layer.bias
-        scale = self._channels(self.magnitude_scale(base_weight(layer.base_layer).float()), result.ndim)
+        weight = forward_weight(layer.base_layer, x)  # a tensor-parallel split stays split
+        scale = self._channels(self.magnitude_scale(weight.float()), result.ndim)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             # dropout on the LoRA input: the rescaled base term sees the same dropped input, as in HF PEFT
             x = self.lora_dropout(x)
@@ -121,6 +123,10 @@ class DoRAAdapter(LoRAAdapter):
             return (total * scale).to(result.dtype)
         shift = (1 - scale) * self._channels(bias.to(total.dtype), result.ndim)
         return torch.addcmul(shift, total, scale).to(result.dtype)
+
+    def tensor_parallel_dims(self) -> dict[str, tuple[int | None, int | None]] | None:
+        dims = super().tensor_parallel_dims()
+        return None if dims is None else {**dims, "lora_magnitude_vector": (0, None)}  # m: (out,)
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """``m · (W + s·B·A) / ‖W + s·B·A‖_c`` in float32 (``m`` too, whatever the model's dtype); differentiable in
@@ -148,7 +154,7 @@ class DoRALinear(DoRAAdapter, LoRALinear):
     """DoRA on an ``nn.Linear``."""
 
     def base_forward(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, base_weight(layer.base_layer).to(x.dtype))
+        return F.linear(x, forward_weight(layer.base_layer, x).to(x.dtype))
 
 
 class DoRAConv(DoRAAdapter, LoRAConv):

@@ -150,6 +150,11 @@ class LoRALinear(LoRAAdapter):
     def make_factors(self, base_layer: nn.Linear, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(base_layer.in_features, r, bias=False), nn.Linear(r, base_layer.out_features, bias=False)
 
+    def tensor_parallel_dims(self) -> dict[str, tuple[int | None, int | None]] | None:
+        if self.transposed:
+            return None  # Conv1D stores (in, out): no parallel style splits it
+        return {"lora_A.weight": (None, 1), "lora_B.weight": (0, None)}  # A: (r, in), B: (out, r)
+
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (…, r)
         if h.dtype != result.dtype:  # e.g. float32 factors around a bf16 base layer
