@@ -141,3 +141,14 @@ def test_an_adapted_output_layer_is_still_found():
 
     model = inject_lora(FeedForward(), rank=2, train_head=False, target_modules=["w2"])
     assert "w2" in lora_layers(model) and output_layers(model) == ["w2"]
+
+
+def test_finding_the_head_runs_no_module_hook():
+    """The trace reads the forward without calling the modules' hooks: FSDP2 (lazy init, all-gathers) and tensor
+    parallel plans (redistributions) hang theirs on the blocks, and must not see symbolic inputs."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 3))
+    calls = []
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda m, args: calls.append(type(m).__name__))
+    assert find_head(model).head == ["1"]
+    assert calls == []

@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
@@ -69,6 +70,11 @@ class _LayerTracer(fx.Tracer):
         return (
             _is_weight_layer(module) or isinstance(module, PEFTModule) or super().is_leaf_module(module, qualified_name)
         )
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        # trace into ``m.forward`` itself, not ``m(...)``: the module's hooks (FSDP2's all-gathers and lazy init, a
+        # tensor-parallel plan's redistributions) must never run on symbolic inputs
+        return super().call_module(m, m.forward, args, kwargs)
 
 
 def _traced_root(model: nn.Module) -> tuple[nn.Module, str]:
