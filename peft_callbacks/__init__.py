@@ -160,7 +160,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from peft_callbacks.callbacks.adalora import AdaLoRACallback
     from peft_callbacks.callbacks.adapters import AdapterCallback
-    from peft_callbacks.callbacks.checkpoints import load_checkpoint
     from peft_callbacks.callbacks.finish import ForgettingAwareFinish
     from peft_callbacks.callbacks.forgetting import ForgettingMonitor
     from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
@@ -170,7 +169,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from peft_callbacks.callbacks.peft import PEFTCallback
     from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
     from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
-    from peft_callbacks.callbacks.slim import SlimCheckpoint
+    from peft_callbacks.callbacks.slim_checkpoint import SlimCheckpoint
     from peft_callbacks.callbacks.vera import VeRACallback
     from peft_callbacks.core.distributed_checks import DistributedCheckError
     from peft_callbacks.core.memory import estimate_memory, memory_table
@@ -245,3 +244,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         remove_visual_prompts,
     )
     from peft_callbacks.methods.vera import VeRA, VeRAConfig
+    from peft_callbacks.plumbing.checkpoint_hooks import load_checkpoint

@@ -20,7 +20,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
 from user_modules import CausalLM, GLUETransformer, ImageClassifier, glue_batches, gpt2, image_batches, text_batches
 
-import peft_callbacks.callbacks.checkpoints as checkpoints
+import peft_callbacks.plumbing.checkpoint_hooks as checkpoints
 from peft_callbacks import (
     AdaLoRACallback,
     AdapterCallback,

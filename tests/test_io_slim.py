@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import LoRACallback, SlimCheckpoint
-from peft_callbacks.callbacks.slim import CHECKPOINT_KEY
+from peft_callbacks.callbacks.slim_checkpoint import CHECKPOINT_KEY
 from peft_callbacks.io import load_adapter, trained_state
 from peft_callbacks.io.checkpoint import loader_key
 from peft_callbacks.io.slim import SlimCheckpointError

@@ -26,7 +26,7 @@ from peft_callbacks import (
     gather_state_dict,
     inject,
 )
-from peft_callbacks.callbacks.strategies import check_sharded_setup, refuse_unbuilt_base, strategy_kind
+from peft_callbacks.plumbing.strategies import check_sharded_setup, refuse_unbuilt_base, strategy_kind
 
 
 def fake_trainer(strategy) -> SimpleNamespace:

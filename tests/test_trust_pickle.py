@@ -23,7 +23,7 @@ from user_modules import TwoLayerNet, feature_batches
 import peft_callbacks
 from peft_callbacks import LayerwiseUnfreezing, LoRACallback, load_checkpoint
 from peft_callbacks.callbacks.freezing import saved_callback_state
-from peft_callbacks.callbacks.slim_loading import install_slim_loader
+from peft_callbacks.plumbing.slim_loading import install_slim_loader
 
 PACKAGE = Path(peft_callbacks.__file__).resolve().parent
 
@@ -165,7 +165,7 @@ def test_slim_checkpoint_loader_reads_safely_when_lightning_passes_none(tmp_path
 
 # -- nothing in the package can unpickle ----------------------------------------------------------------------------
 # Where a caller's own explicit choice of ``weights_only`` is passed on (a variable, never a literal False or None).
-CALLERS_CHOICE = {("callbacks/checkpoints.py", "load_checkpoint"), ("callbacks/slim_loading.py", "load")}
+CALLERS_CHOICE = {("plumbing/checkpoint_hooks.py", "load_checkpoint"), ("plumbing/slim_loading.py", "load")}
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib"}
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from user_modules import TwoLayerNet, feature_batches
 
-import peft_callbacks.callbacks.checkpoints as checkpoints
+import peft_callbacks.plumbing.checkpoint_hooks as checkpoints
 from peft_callbacks import AdaptedLayer, LoRACallback, add_weighted_adapter, inject_lora, load_checkpoint
 from peft_callbacks.io.checkpoint import CHECKPOINT_KEY, CheckpointLayoutError, check_replay, read_record
 

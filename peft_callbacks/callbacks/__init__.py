@@ -2,12 +2,7 @@
 
 from peft_callbacks.callbacks.adalora import AdaLoRACallback
 from peft_callbacks.callbacks.adapters import AdapterCallback
-from peft_callbacks.callbacks.base import (
-    SurgeryCallback,
-    remove_scheduled_hooks,
-    run_after_configure_model,
-    run_after_hook,
-)
+from peft_callbacks.callbacks.base import SurgeryCallback
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
@@ -17,7 +12,7 @@ from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCall
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
-from peft_callbacks.callbacks.slim import SlimCheckpoint
+from peft_callbacks.callbacks.slim_checkpoint import SlimCheckpoint
 from peft_callbacks.callbacks.vera import VeRACallback
 
 __all__ = [
@@ -43,7 +38,4 @@ __all__ = [
     "SurgeryCallback",
     "VeRACallback",
     "VisualPromptCallback",
-    "remove_scheduled_hooks",
-    "run_after_configure_model",
-    "run_after_hook",
 ]

@@ -11,7 +11,7 @@ strategy right before it moves the model to its device, where bitsandbytes quant
 ``torch.nn.Linear`` while ``configure_model`` runs. With that plugin the surgery runs right after ``convert_module``
 instead: it then adapts the plugin's quantized layers, and its own layers are neither replaced nor quantized.
 
-Under sharding strategies (:mod:`peft_callbacks.callbacks.strategies`) the same moment holds: with
+Under sharding strategies (:mod:`peft_callbacks.plumbing.strategies`) the same moment holds: with
 ``ModelParallelStrategy`` the user's ``configure_model`` has sharded the model, and the engine shards the new tensors
 alike; ``FSDPStrategy`` and DeepSpeed wrap the model after it. When training ends every rank joins the gathers that
 saving and merging need, and global rank 0 writes the files.
@@ -20,91 +20,31 @@ saving and merging need, and global rank 0 writes the files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import BitsandbytesPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_callbacks._validation import check_optional_str
-from peft_callbacks.callbacks.distributed_checks import check_first_step, check_saved_tensors, runs_checks
-from peft_callbacks.callbacks.strategies import (
-    check_sharded_setup,
-    full_weights,
-    is_sharding,
-    outside_zero_init,
-    refuse_unbuilt_base,
-)
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.params import ParameterCount, count_parameters
 from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.atomic import path_inside
 from peft_callbacks.io.weights import save_weights
+from peft_callbacks.plumbing.hooks import remove_scheduled_hooks, replaces_layers, run_after_conversion, run_after_hook
+from peft_callbacks.plumbing.rank_checks import check_first_step, check_saved_tensors, runs_checks
+from peft_callbacks.plumbing.strategies import (
+    check_sharded_setup,
+    full_weights,
+    is_sharding,
+    outside_zero_init,
+    refuse_unbuilt_base,
+)
 
 log = logging.getLogger(__name__)
-
-_PENDING = "_peft_callbacks_pending_{}"
-
-
-def run_after_hook(pl_module: Any, hook: str, surgery: Callable[..., None]) -> None:
-    """Run ``surgery(*args)`` right after Lightning calls ``pl_module.<hook>(*args)`` (once).
-
-    An instance-level hook is installed that calls the class's own hook first, then every scheduled surgery in
-    order, and then removes itself, so the module pickles and behaves as before. Several callbacks can schedule
-    surgery on the same hook. :func:`remove_scheduled_hooks` drops whatever did not run. ``pl_module`` may be any
-    object whose method Lightning calls (the precision plugin's ``convert_module``).
-    """
-    key = _PENDING.format(hook)
-    pending = pl_module.__dict__.get(key)
-    if pending is None:
-        pending = []
-        pl_module.__dict__[key] = pending
-
-        def run_hook(*args, **kwargs):  # no functools.wraps: Lightning must see an overridden hook
-            try:
-                result = getattr(type(pl_module), hook)(pl_module, *args, **kwargs)
-                for scheduled in pending:
-                    scheduled(*args, **kwargs)
-                return result
-            finally:
-                pl_module.__dict__.pop(hook, None)
-                pl_module.__dict__.pop(key, None)
-
-        pl_module.__dict__[hook] = run_hook
-    pending.append(surgery)
-
-
-def run_after_configure_model(pl_module: pl.LightningModule, surgery: Callable[[], None]) -> None:
-    """Run ``surgery()`` right after ``pl_module.configure_model()``: the network exists, nothing is restored yet."""
-    run_after_hook(pl_module, "configure_model", surgery)
-
-
-def run_after_conversion(trainer: pl.Trainer, pl_module: pl.LightningModule, surgery: Callable[[], None]) -> None:
-    """Run ``surgery()`` once the network exists and the precision plugin has converted its layers.
-
-    Right after ``configure_model`` (see the module docstring), or, with a plugin that replaces layers
-    (``BitsandbytesPrecision``), right after its ``convert_module``.
-    """
-    if replaces_layers(trainer):
-        run_after_hook(trainer.precision_plugin, "convert_module", lambda module: surgery())
-    else:
-        run_after_configure_model(pl_module, surgery)
-
-
-def replaces_layers(trainer: pl.Trainer) -> bool:
-    """Does the trainer's precision plugin replace the model's layers in ``convert_module`` (bitsandbytes)?"""
-    return isinstance(getattr(trainer, "precision_plugin", None), BitsandbytesPrecision)
-
-
-def remove_scheduled_hooks(pl_module: Any) -> None:
-    """Drop instance-level hooks installed by :func:`run_after_hook` that never ran."""
-    for hook in ("configure_model", "on_load_checkpoint", "convert_module"):
-        if pl_module.__dict__.pop(_PENDING.format(hook), None) is not None:
-            pl_module.__dict__.pop(hook, None)
 
 
 class SurgeryCallback(Callback):
@@ -126,7 +66,7 @@ class SurgeryCallback(Callback):
     """
 
     creates_tensors = True  # inserts new tensors (not only freezing): refused on a base sharding left without values
-    check_distributed = True  # the run-time checks of a distributed run (callbacks/distributed_checks.py)
+    check_distributed = True  # the run-time checks of a distributed run (plumbing/rank_checks.py)
 
     def __init__(
         self, module: str | None = None, save_adapter_to: str | None = None, save_merged_to: str | None = None

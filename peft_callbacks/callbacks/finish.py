@@ -16,12 +16,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
 from peft_callbacks.callbacks.base import SurgeryCallback
-from peft_callbacks.callbacks.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import call_model, move_to_device, split_batch
 from peft_callbacks.forgetting.plot import write_finish_plot
 from peft_callbacks.forgetting.scaling import UpdateScaler, check_grid, choose_scale
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
+from peft_callbacks.plumbing.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 

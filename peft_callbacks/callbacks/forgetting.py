@@ -15,13 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
-from peft_callbacks.callbacks.base_task import BaseLoader, check_heads, check_sources, resolve_loader
-from peft_callbacks.callbacks.base_task import named_source as _named_source  # noqa: F401 - kept importable here
 from peft_callbacks.forgetting.continual import TaskMatrix
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
 from peft_callbacks.forgetting.plot import write_forgetting_plot, write_tasks_plot
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, weights_version
 from peft_callbacks.forgetting.tracker import ForgettingTracker
+from peft_callbacks.plumbing.base_task import BaseLoader, check_heads, check_sources, resolve_loader
+from peft_callbacks.plumbing.base_task import named_source as _named_source  # noqa: F401 - kept importable here
 
 log = logging.getLogger(__name__)
 

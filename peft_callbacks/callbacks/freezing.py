@@ -31,13 +31,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_patterns
-from peft_callbacks.callbacks.base import SurgeryCallback, run_after_configure_model
-from peft_callbacks.callbacks.strategies import remove_load_hooks, run_before_checkpoint_load, strategy_kind
+from peft_callbacks.callbacks.base import SurgeryCallback
 from peft_callbacks.core.modules import peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.freezing.freeze import FreezeSpec, LayerFreezer, freeze_layers, resolve_freeze
 from peft_callbacks.freezing.layers import split_layers
 from peft_callbacks.freezing.optim import add_param_group, extend_schedulers, remove_parameters
+from peft_callbacks.plumbing.hooks import run_after_configure_model
+from peft_callbacks.plumbing.strategies import remove_load_hooks, run_before_checkpoint_load, strategy_kind
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.peft import PEFTCallback
-from peft_callbacks.callbacks.strategies import is_sharding, strategy_kind
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
+from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks._validation import check_float, check_optional_str, check_positive_float
-from peft_callbacks.callbacks.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.penalties import distillation_loss
 from peft_callbacks.forgetting.replay import ReplayStream, batch_size_of
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
+from peft_callbacks.plumbing.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 

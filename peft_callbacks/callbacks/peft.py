@@ -26,9 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from peft_callbacks._validation import check_bool
-from peft_callbacks.callbacks.base import SurgeryCallback, run_after_conversion, run_after_hook
-from peft_callbacks.callbacks.checkpoints import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
-from peft_callbacks.callbacks.strategies import strategy_kind
+from peft_callbacks.callbacks.base import SurgeryCallback
 from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
@@ -42,6 +40,9 @@ from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_na
 from peft_callbacks.engine.usage import drop_adapters, reset_usage, uncalled_layers
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.checkpoint import read_record
+from peft_callbacks.plumbing.checkpoint_hooks import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
+from peft_callbacks.plumbing.hooks import run_after_conversion, run_after_hook
+from peft_callbacks.plumbing.strategies import strategy_kind
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class PEFTCallback(SurgeryCallback):
         super().setup(trainer, pl_module, stage)
         self._gradients_checked, self._waiting = False, None
         if stage == "fit":
-            install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see callbacks/checkpoints.py)
+            install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see plumbing/checkpoint_hooks.py)
         elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
             run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
         else:

@@ -24,13 +24,13 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float, check_positive_int
-from peft_callbacks.callbacks.base_task import BaseLoader, check_dataloader, resolve_loader
 from peft_callbacks.callbacks.mitigation import ForgettingTerm
 from peft_callbacks.forgetting.anchors import UpdateAnchor
 from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.penalties import diagonal_fisher, ewc_penalty, l2sp_penalty
 from peft_callbacks.forgetting.replay import batch_size_of
 from peft_callbacks.forgetting.scoring import evaluation_mode
+from peft_callbacks.plumbing.base_task import BaseLoader, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ Lightning hooks.
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import split_batch
 from peft_callbacks.forgetting.continual import TaskMatrix
-from peft_callbacks.forgetting.heads import base_heads_from, base_heads_from_file, swapped_heads
 from peft_callbacks.forgetting.metrics import MeanCrossEntropy, build_metric
+from peft_callbacks.forgetting.original_heads import base_heads_from, base_heads_from_file, swapped_heads
 from peft_callbacks.forgetting.penalties import diagonal_fisher, distillation_loss, ewc_penalty, l2sp_penalty
 from peft_callbacks.forgetting.plot import write_finish_plot, write_forgetting_plot, write_tasks_plot
 from peft_callbacks.forgetting.replay import ReplayStream

@@ -168,7 +168,7 @@ def update_scope(root: nn.Module, module: str | None, exclude_head: bool) -> tup
     """
     from peft_callbacks.core.heads import headless_reason
     from peft_callbacks.core.models import find_models, join_path
-    from peft_callbacks.forgetting.heads import head_paths
+    from peft_callbacks.forgetting.original_heads import head_paths
 
     models = find_models(root, module)
     if not exclude_head and any(path and headless_reason(model) for path, model in models):

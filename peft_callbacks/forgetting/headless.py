@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.models import family_of
-from peft_callbacks.forgetting.heads import frozen_copy, head_paths, hooked, load_state_file
+from peft_callbacks.forgetting.original_heads import frozen_copy, head_paths, hooked, load_state_file
 
 
 def feature_head_from(base_head: nn.Module | str) -> nn.Module:

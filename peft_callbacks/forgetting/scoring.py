@@ -57,7 +57,8 @@ from peft_callbacks.forgetting.headless import (
     feature_head_from,
     headless_error,
 )
-from peft_callbacks.forgetting.heads import (
+from peft_callbacks.forgetting.metrics import build_metric, check_metric
+from peft_callbacks.forgetting.original_heads import (
     base_heads_from,
     base_heads_from_file,
     captured_input,
@@ -65,7 +66,6 @@ from peft_callbacks.forgetting.heads import (
     output_size,
     swapped_heads,
 )
-from peft_callbacks.forgetting.metrics import build_metric, check_metric
 
 ForwardFn = Callable[[Any, Any], Any]
 

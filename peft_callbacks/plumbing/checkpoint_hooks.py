@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
-from peft_callbacks.callbacks.slim import CHECKPOINT_KEY as SLIM_KEY
+from peft_callbacks.callbacks.slim_checkpoint import CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.core import quantized
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import surgery_records

@@ -25,11 +25,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-from peft_callbacks.callbacks.strategies import set_checkpoint_loader
 from peft_callbacks.io.checkpoint import strip_loader_key
 from peft_callbacks.io.slim import check_slim_record, load_distributed_slim
 from peft_callbacks.io.slim_reshard import load_full_slim, optimizer_state_by_index, read_distributed_checkpoint
 from peft_callbacks.io.state import loaded_keys
+from peft_callbacks.plumbing.strategies import set_checkpoint_loader
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ __all__ = ["install_slim_loader"]
 
 
 def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key: str) -> None:
-    """Let ``strategy`` (of :func:`~peft_callbacks.callbacks.strategies.strategy_kind` ``kind``) resume from slim
+    """Let ``strategy`` (of :func:`~peft_callbacks.plumbing.strategies.strategy_kind` ``kind``) resume from slim
     checkpoints of any layout; full checkpoints (no ``record_key`` record) load as Lightning loads them.
 
     Example::

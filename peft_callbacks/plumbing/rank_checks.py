@@ -16,7 +16,6 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
-from peft_callbacks.callbacks.strategies import strategy_kind
 from peft_callbacks.core.distributed_checks import (
     DistributedCheckError,
     gradient_problems,
@@ -24,6 +23,7 @@ from peft_callbacks.core.distributed_checks import (
 )
 from peft_callbacks.core.sharding import full_tensor
 from peft_callbacks.io.state import trained_state
+from peft_callbacks.plumbing.strategies import strategy_kind
 
 __all__ = ["check_first_step", "check_saved_tensors", "runs_checks"]
 

@@ -8,12 +8,12 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from peft_callbacks.callbacks.atomic_io import use_atomic_checkpoint_io
-from peft_callbacks.callbacks.base import remove_scheduled_hooks, run_after_hook
-from peft_callbacks.callbacks.slim_loading import install_slim_loader
-from peft_callbacks.callbacks.strategies import remove_load_hooks, strategy_kind
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
+from peft_callbacks.plumbing.checkpoint_io import use_atomic_checkpoint_io
+from peft_callbacks.plumbing.hooks import remove_scheduled_hooks, run_after_hook
+from peft_callbacks.plumbing.slim_loading import install_slim_loader
+from peft_callbacks.plumbing.strategies import remove_load_hooks, strategy_kind
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class SlimCheckpoint(Callback):
     Under ``ModelParallelStrategy`` (FSDP2) checkpoints are distributed (one shard per rank, Lightning's default
     ``save_distributed_checkpoint=True``) and hold only the trained tensors' shards; resuming loads those into the
     sharded module and leaves its base as built. A slim checkpoint resumes under another strategy or number of ranks
-    too (FSDP2 ↔ DDP ↔ one process, :mod:`peft_callbacks.callbacks.slim_loading`). ``FSDPStrategy`` and DeepSpeed
+    too (FSDP2 ↔ DDP ↔ one process, :mod:`peft_callbacks.plumbing.slim_loading`). ``FSDPStrategy`` and DeepSpeed
     write checkpoints in their own formats and are refused: use their full checkpoints, or ``ModelParallelStrategy``.
 
     Example::
