@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 __all__ = ["install_slim_loader"]
 
 
-def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key: str) -> None:
+def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key: str, *, owner: Any = None) -> None:
     """Let ``strategy`` (of :func:`~peft_callbacks.plumbing.strategies.strategy_kind` ``kind``) resume from slim
-    checkpoints of any layout; full checkpoints (no ``record_key`` record) load as Lightning loads them.
+    checkpoints of any layout; full checkpoints (no ``record_key`` record) load as Lightning loads them. The loader
+    stays until ``owner``'s :func:`~peft_callbacks.plumbing.seam.undo` (the strategy's own, without an owner).
 
     Example::
 
@@ -67,7 +68,7 @@ def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key:
             return _load_file_sharded(strategy, path, record_key)
         return None
 
-    set_checkpoint_loader(strategy, load)
+    set_checkpoint_loader(strategy, load, owner=strategy if owner is None else owner)
 
 
 def _as_single_file(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
