@@ -209,6 +209,12 @@ def leftovers(obj, before: dict) -> list[str]:
     return found
 
 
+def methods(obj) -> dict:
+    """``obj``'s hooks and steps as its users call them (bound methods compare equal when function and object match)."""
+    names = (*HOOK_NAMES, "forward", "validation_step", "test_step", "predict_step", "save_checkpoint", "teardown")
+    return {name: getattr(obj, name) for name in names if callable(getattr(type(obj), name, None))}
+
+
 def lightning_objects(trainer: L.Trainer, module: L.LightningModule) -> dict:
     return {
         "LightningModule": module,
@@ -247,6 +253,7 @@ def run_and_check(zoo, make_callbacks, stage: str, outcome: str | None) -> None:
     trainer = trainer_for([*make_callbacks(data(zoo, seed=1)), Failing(outcome == "hook")])
     objects = lightning_objects(trainer, module)
     before = {label: dict(vars(obj)) for label, obj in objects.items()}
+    bound = {label: methods(obj) for label, obj in objects.items()}
     handler = signal.getsignal(signal.SIGINT)
     try:
         if outcome is None:
@@ -260,6 +267,8 @@ def run_and_check(zoo, make_callbacks, stage: str, outcome: str | None) -> None:
         found = leftovers(obj, before.get(label, {}))
         assert not found, f"after {stage} ({outcome or 'finished'}) the {label} still carries: {found}"
         assert not seam.patches(obj), f"the seam still lists patches on the {label}: {seam.patches(obj)}"
+        changed = {name for name, method in methods(obj).items() if method != bound[label][name]}
+        assert not changed, f"after {stage} ({outcome or 'finished'}) the {label}'s {sorted(changed)} changed"
     pickle.loads(pickle.dumps(module))
 
 
