@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
-from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
+from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY, fill_slim_state_dict, slim_state_dict
 from peft_callbacks.plumbing.checkpoint_io import use_atomic_checkpoint_io
 from peft_callbacks.plumbing.hooks import remove_scheduled_hooks, run_after_hook
 from peft_callbacks.plumbing.slim_loading import install_slim_loader
@@ -17,7 +17,7 @@ from peft_callbacks.plumbing.strategies import remove_load_hooks, strategy_kind
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "peft_callbacks_slim"
+CHECKPOINT_KEY = SLIM_CHECKPOINT_KEY
 
 
 class SlimCheckpoint(Callback):

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
-from peft_callbacks.callbacks.slim_checkpoint import CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.core import quantized
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.recipe import surgery_records
@@ -43,6 +42,7 @@ from peft_callbacks.io.checkpoint import (
     write_plain_layout,
 )
 from peft_callbacks.io.plain_copy import plain_hyperparameters
+from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.io.slim import fill_slim_state_dict
 
 __all__ = [
