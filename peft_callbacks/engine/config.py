@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from peft_callbacks._validation import check_bool, check_choice, check_patterns
+from peft_callbacks.engine.arguments import shared_settings
 
 __all__ = ["ADAPTER_DTYPES", "LayerConfig", "MethodConfig", "not_recorded"]
 
@@ -35,9 +36,12 @@ def not_recorded(default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"recorded": False}, compare=False)
 
 
+@shared_settings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    """Settings every PEFT method shares. Subclasses add their own fields and extend :meth:`validate`.
+    """Settings every PEFT method shares. Subclasses add their own fields and extend :meth:`validate`, and name
+    their method where they are declared (``class LoRAConfig(LayerConfig, method="lora")``): the name
+    :func:`~peft_callbacks.engine.register_method` checks and :func:`~peft_callbacks.engine.get_method` looks up.
 
     Attributes:
         train_head: keep the model's task head (``get_classifier()``, the transformers task head) fully trainable.
@@ -45,10 +49,17 @@ class MethodConfig:
             frozen, running statistics included, so the frozen base really is unchanged.
     """
 
-    method: ClassVar[str] = ""  # the registered method's name, set by ``register_method``
+    method: ClassVar[str] = ""  # the method's registry name, declared with the class (``method="lora"``)
 
     train_head: bool = True
     train_bn: bool = False
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            if not isinstance(method, str) or not method:
+                raise ValueError(f"{cls.__name__}: `method` must be a method's name (a non-empty str), got {method!r}.")
+            cls.method = method
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +125,7 @@ class MethodConfig:
         return dataclasses.replace(self, **changes)
 
 
+@shared_settings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LayerConfig(MethodConfig):
     """Settings of methods that wrap weight layers (LoRA and its relatives): which layers to adapt.
