@@ -1,8 +1,9 @@
 """``PEFTCallback``: any registered PEFT method, applied to an unchanged LightningModule by one callback.
 
 The typed callbacks (``LoRACallback``, ``AdapterCallback``, …) are this callback with their method's settings as
-``__init__`` arguments, which is what LightningCLI needs to check a YAML file; every other method is usable from code
-or YAML through its config::
+``__init__`` arguments, which is what LightningCLI needs to check a YAML file
+(:func:`~peft_callbacks.callbacks.options.typed_callback`); any registered method, one of your own included, is
+usable from code or YAML through its config::
 
     trainer:
       callbacks:

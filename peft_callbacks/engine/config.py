@@ -105,21 +105,6 @@ class MethodConfig:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
 
-    @classmethod
-    def from_arguments(cls, arguments: dict[str, Any]) -> MethodConfig:
-        """The config from a function's arguments (``locals()``): every entry named like a field; others ignored.
-
-        Example::
-
-            >>> from peft_callbacks.methods.lora import LoRAConfig
-            >>> def inject_lora_like(model, rank=8, alpha=16.0):
-            ...     return LoRAConfig.from_arguments(locals())
-            >>> inject_lora_like(None, rank=4).rank
-            4
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in arguments.items() if k in names})
-
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
