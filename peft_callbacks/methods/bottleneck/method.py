@@ -30,17 +30,9 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_choice, check_module, check_patterns, check_positive_int
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.engine import (
-    DEFAULT_ADAPTER,
-    MethodConfig,
-    ModuleMethod,
-    get_method,
-    inject,
-    not_recorded,
-    register_method,
-    unload,
-)
+from peft_callbacks.engine import MethodConfig, ModuleMethod, get_method, inject, not_recorded, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.layers import DEFAULT_ADAPTER
 from peft_callbacks.methods.bottleneck.layers import ACTIVATIONS, BottleneckAdapter
 from peft_callbacks.methods.bottleneck.points import PLACEMENTS, find_insertion_points, match_modules, output_width
 
