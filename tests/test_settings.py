@@ -51,6 +51,7 @@ from peft_callbacks import (
 from peft_callbacks.callbacks import CallbackOptions, LoRATrainingOptions
 from peft_callbacks.cli import main
 from peft_callbacks.engine import LayerConfig, LayerMethod, get_method, register_method, registered_methods
+from peft_callbacks.engine.arguments import takes_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -167,6 +168,50 @@ def test_inject_lora_takes_rank_alpha_and_dropout_by_position_and_passes_every_v
         inject_lora(nn.Linear(4, 4), 3, 6.0, 0.25, ["0"])
     with pytest.raises(TypeError, match=r"inject_lora\(\) got an unexpected argument 'rnak'; did you mean 'rank'\?"):
         inject_lora(nn.Linear(4, 4), rnak=3)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shape:
+    """How to build.
+
+    Attributes:
+        depth: how many blocks.
+        sizes: the width of each.
+    """
+
+    depth: int = 2
+    sizes: list = dataclasses.field(default_factory=list)
+
+
+def test_flat_arguments_build_the_dataclass_with_what_was_given_and_fresh_defaults():
+    @takes_settings(Shape, positional=1)
+    def build(model, shape: Shape, *, name: str = "net"):
+        """Build."""
+        return shape, name
+
+    (first, name), (second, _) = build(None), build(None, 3, sizes=[4])
+    assert (first, name) == (Shape(), "net") and second == Shape(depth=3, sizes=[4])
+    assert build(None)[0].sizes is not first.sizes  # a default_factory runs for each call
+    assert str(inspect.signature(build)) == "(model, depth: int = 2, *, sizes: list = [], name: str = 'net')"
+    with pytest.raises(TypeError, match="positional"):
+        build(None, 3, [4])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Deeper:
+    depth: int = 4
+
+
+def test_a_setting_declared_twice_or_a_missing_slot_is_refused():
+    with pytest.raises(TypeError, match=r"`depth` is declared by both Shape and Deeper: declare it once"):
+
+        @takes_settings(Shape, Deeper)
+        def twice(shape: Shape, deeper: Deeper) -> None: ...
+
+    with pytest.raises(TypeError, match=r"must declare one parameter annotated with each of \['Deeper'\]"):
+
+        @takes_settings(Shape, Deeper)
+        def slotless(shape: Shape) -> None: ...
 
 
 # -- LightningCLI sees every argument, typed and documented -----------------------------------------------------------

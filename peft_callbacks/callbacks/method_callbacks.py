@@ -40,8 +40,10 @@ __all__ = [
 # -- layer methods: merged into a plain model at the end --------------------------------------------------------------
 @typed_callback(IA3Config)
 class IA3Callback(PEFTCallback):
-    """Fine-tune with IA3 (Liu et al. 2022): one learned vector per adapted layer rescales its output (its input for
-    feed-forward layers); only the vectors (+ the task head) train, and they fold into the base weights at the end.
+    """Fine-tune with IA3: learned vectors rescale each adapted layer, merged into a plain model at the end.
+
+    IA3 (Liu et al. 2022): one learned vector per adapted layer rescales its output (its input for feed-forward
+    layers); only the vectors (+ the task head) train, and they fold into the base weights when training ends.
 
     See :mod:`peft_callbacks.methods.ia3` for the method and :class:`~peft_callbacks.PEFTCallback` for what happens
     when.
@@ -58,8 +60,9 @@ class IA3Callback(PEFTCallback):
 
 @typed_callback(LoHaConfig)
 class LoHaCallback(PEFTCallback):
-    """Fine-tune with LoHa (a Hadamard product of two low-rank updates): inject at ``setup``, train only its tensors
-    (+ the task head), merge into a plain model at the end.
+    """Fine-tune with LoHa: a Hadamard product of two low-rank updates, merged into a plain model at the end.
+
+    Only its tensors (+ the task head) train.
 
     See :mod:`peft_callbacks.methods.loha` for the method and :class:`~peft_callbacks.PEFTCallback` for what happens
     when.
@@ -77,8 +80,9 @@ class LoHaCallback(PEFTCallback):
 
 @typed_callback(LoKrConfig)
 class LoKrCallback(PEFTCallback):
-    """Fine-tune with LoKr (a Kronecker product of a small and a low-rank matrix): inject at ``setup``, train only
-    its tensors (+ the task head), merge into a plain model at the end.
+    """Fine-tune with LoKr: a Kronecker product of a small and a low-rank matrix, merged at the end.
+
+    Only its tensors (+ the task head) train.
 
     See :mod:`peft_callbacks.methods.lokr` for the method and :class:`~peft_callbacks.PEFTCallback` for what happens
     when.
@@ -96,8 +100,10 @@ class LoKrCallback(PEFTCallback):
 
 @typed_callback(OFTConfig)
 class OFTCallback(PEFTCallback):
-    """Fine-tune with OFT (a learned block-diagonal orthogonal rotation of each adapted layer's input): inject at
-    ``setup``, train only the rotations (+ the task head), merge into a plain model at the end.
+    """Fine-tune with OFT: a learned orthogonal rotation of each adapted layer's input, merged at the end.
+
+    The rotation is block-diagonal, each block the Cayley transform of a skew-symmetric matrix; only the rotations
+    (+ the task head) train.
 
     See :mod:`peft_callbacks.methods.oft` for the method and :class:`~peft_callbacks.PEFTCallback` for what happens
     when.
@@ -112,8 +118,10 @@ class OFTCallback(PEFTCallback):
 
 @typed_callback(VeRAConfig)
 class VeRACallback(PEFTCallback):
-    """Fine-tune with VeRA: two trained vectors per Linear / ``Conv1D`` layer around frozen random projections that
-    all adapted layers share (:mod:`peft_callbacks.methods.vera`); merged into the base weights at the end.
+    """Fine-tune with VeRA: two trained vectors per layer around shared frozen random projections, merged at the end.
+
+    Each Linear / ``Conv1D`` layer gets the vectors; the random projections are shared by all adapted layers
+    (:mod:`peft_callbacks.methods.vera`).
 
     The projections are drawn from ``projection_prng_key`` and never stored: the adapter file holds the vectors and
     the seed (a reload draws the same projections). Layers are chosen as by :class:`~peft_callbacks.LoRACallback`,

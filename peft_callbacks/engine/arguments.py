@@ -178,9 +178,12 @@ def takes_settings(*sources: type, positional: int = 0) -> Callable[[F], F]:
     ``sources``; it is called with one checked instance of each, under the parameter names it declares for them.
 
     The decorated callable keeps its leading parameters (``model``, ``self``) and declares one parameter per source,
-    annotated with that source (``def inject_lora(model, config: LoRAConfig, options: InjectOptions)``). Callers see
-    ``(model, rank=8, alpha=16.0, …)``; the docstring gains an ``Args`` entry per field, taken from the dataclasses'
-    ``Attributes`` sections, after any ``Args`` the callable documents itself.
+    annotated with that source (``def inject_lora(model, config: LoRAConfig, *, adapter_name="default")``). Callers
+    see ``(model, rank=8, alpha=16.0, …, adapter_name="default")``: each source's fields in its place, in the order of
+    :func:`setting_names`, with the field's type and default; a field the caller leaves out keeps the dataclass's
+    default (a ``default_factory`` runs per call). The docstring's ``Args`` lists every parameter in that order: the
+    entries the callable documents itself, and for each field the line of its dataclass's ``Attributes``. The
+    function's ``__settings__`` names the sources (for documentation tools and tests).
 
     Args:
         sources: the settings dataclasses, in the order their fields appear in the signature.
