@@ -47,7 +47,7 @@ __all__ = ["IA3", "IA3Config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IA3Config(LayerConfig):
+class IA3Config(LayerConfig, method="ia3"):
     """IA3: one learned scaling vector per adapted layer (on its output, or on its input for feed-forward layers).
 
     Attributes:

@@ -55,7 +55,7 @@ __all__ = ["LoHaAdapter", "LoHaConfig", "LoHaConv", "LoHaConv1D", "LoHaLinear"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoHaConfig(LycorisConfig):
+class LoHaConfig(LycorisConfig, method="loha"):
     """LoHa: a Hadamard product of two rank-``r`` updates, scaled by ``alpha / rank`` (HF PEFT's ``LoHaConfig``).
 
     Attributes:

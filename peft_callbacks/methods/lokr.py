@@ -59,7 +59,7 @@ __all__ = ["LoKrAdapter", "LoKrConfig", "LoKrConv", "LoKrConv1D", "LoKrLinear", 
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKrConfig(LycorisConfig):
+class LoKrConfig(LycorisConfig, method="lokr"):
     """LoKr: a Kronecker product ``W1 ⊗ W2`` scaled by ``alpha / rank`` (HF PEFT's ``LoKrConfig``).
 
     Attributes:

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OFTConfig(LayerConfig):
+class OFTConfig(LayerConfig, method="oft"):
     """OFT: a block-diagonal orthogonal rotation of each adapted layer's input (HF PEFT's ``OFTConfig``).
 
     Give the size of the blocks (``oft_block_size``) or their number per layer (``rank``), not both: the other is

@@ -50,7 +50,7 @@ __all__ = ["VeRA", "VeRAConfig", "VeRAProjections"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VeRAConfig(LayerConfig):
+class VeRAConfig(LayerConfig, method="vera"):
     """VeRA: shared frozen random projections, a trained scaling vector on each side per layer.
 
     Attributes:

@@ -52,7 +52,7 @@ RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaLoRAConfig(LayerConfig):
+class AdaLoRAConfig(LayerConfig, method="adalora"):
     """AdaLoRA: SVD-form low-rank updates whose ranks a budget schedule allocates across layers.
 
     The schedule (PEFT's, Zhang et al. §3.3): for the first ``tinit`` steps every layer keeps ``init_r``; then the
