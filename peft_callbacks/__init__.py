@@ -136,6 +136,7 @@ __all__ = [
     "remove_visual_prompts",
     "requantization_error",
     "save_adapter",
+    "scaled",
     "set_adapter",
     "split_layers",
     "unload",
@@ -198,6 +199,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         merge,
         registered_methods,
         requantization_error,
+        scaled,
         unload,
     )
     from peft_callbacks.engine.adapters import (

@@ -48,6 +48,7 @@ from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, not_recorded, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.scaling import FixedScale
 
 __all__ = [
     "PromptTuningConfig",
@@ -83,7 +84,7 @@ def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
     return torch.cat([pad, tensor], dim=1)
 
 
-class SoftPrompt(PEFTModule):
+class SoftPrompt(FixedScale, PEFTModule):
     """``n`` learned embeddings put in front of every input of a transformers model (see the module docstring).
 
     Args:

@@ -38,6 +38,7 @@ from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.scaling import FixedScale
 
 __all__ = [
     "VisualPromptConfig",
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 PROMPT_NAME = "visual_prompts"
 
 
-class VisualPrompts(PEFTModule):
+class VisualPrompts(FixedScale, PEFTModule):
     """Prompt tokens for a ViT's blocks: ``weight`` has shape ``(L or 1, n, d)``.
 
     Args:
