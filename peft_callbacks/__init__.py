@@ -51,6 +51,7 @@ __all__ = [
     "HeadOnly",
     "HeadThenFull",
     "IA3",
+    "IA3Callback",
     "IA3Config",
     "L2SPCallback",
     "LayerFreezer",
@@ -135,6 +136,7 @@ __all__ = [
     "remove_visual_prompts",
     "requantization_error",
     "save_adapter",
+    "scaled",
     "set_adapter",
     "split_layers",
     "unload",
@@ -158,19 +160,30 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from peft_callbacks.callbacks.adalora import AdaLoRACallback
-    from peft_callbacks.callbacks.adapters import AdapterCallback
-    from peft_callbacks.callbacks.finish import ForgettingAwareFinish
-    from peft_callbacks.callbacks.forgetting import ForgettingMonitor
-    from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
-    from peft_callbacks.callbacks.lora import LoRACallback
-    from peft_callbacks.callbacks.methods import LoHaCallback, LoKrCallback, OFTCallback
-    from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
-    from peft_callbacks.callbacks.peft import PEFTCallback
-    from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
-    from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
-    from peft_callbacks.callbacks.slim_checkpoint import SlimCheckpoint
-    from peft_callbacks.callbacks.vera import VeRACallback
+    from peft_callbacks.callbacks import (  # importing one callback imports the package: all of them
+        AdaLoRACallback,
+        AdapterCallback,
+        DistillationCallback,
+        EWCCallback,
+        ForgettingAwareFinish,
+        ForgettingMonitor,
+        FreezeBackbone,
+        HeadOnly,
+        HeadThenFull,
+        IA3Callback,
+        L2SPCallback,
+        LayerwiseUnfreezing,
+        LoHaCallback,
+        LoKrCallback,
+        LoRACallback,
+        OFTCallback,
+        PEFTCallback,
+        PromptTuningCallback,
+        ReplayCallback,
+        SlimCheckpoint,
+        VeRACallback,
+        VisualPromptCallback,
+    )
     from peft_callbacks.core.distributed_checks import DistributedCheckError
     from peft_callbacks.core.memory import estimate_memory, memory_table
     from peft_callbacks.core.models import find_models
@@ -186,6 +199,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         merge,
         registered_methods,
         requantization_error,
+        scaled,
         unload,
     )
     from peft_callbacks.engine.adapters import (

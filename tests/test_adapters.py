@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import HF_MODELS, TIMM_MODELS, run
 
-from peft_callbacks.callbacks.adapters import AdapterCallback
+from peft_callbacks.callbacks.method_callbacks import AdapterCallback
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.core.recipe import surgery_records

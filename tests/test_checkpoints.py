@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
+from process_group import ReleaseProcessGroup
 from user_modules import CausalLM, GLUETransformer, ImageClassifier, glue_batches, gpt2, image_batches, text_batches
 
 import peft_callbacks.plumbing.checkpoint_hooks as checkpoints
@@ -329,7 +330,7 @@ class OutputsAfterRestore(L.Callback):
 def test_ddp_ranks_each_load_the_checkpoint(patterns, tmp_path):
     path, reference, _ = patterns["timm"]  # written by one process; under DDP rank zero writes the same
     callbacks = [LoRACallback(rank=4, merge_on_train_end=False), OutputsAfterRestore(reference, tmp_path)]
-    fit = trainer(callbacks, strategy="ddp_spawn", devices=2, max_steps=2)
+    fit = trainer([*callbacks, ReleaseProcessGroup()], strategy="ddp_spawn", devices=2, max_steps=2)
     fit.fit(ImageClassifier(), image_batches(), ckpt_path=path)
     diffs = [float((tmp_path / f"rank{rank}.txt").read_text()) for rank in range(2)]
     assert max(diffs) < 1e-5, diffs

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from process_group import ReleaseProcessGroup
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
@@ -68,7 +69,7 @@ def run(tmp_path, devices: int) -> list[dict[str, float]]:
         devices=devices,
         strategy=STRATEGY if devices > 1 else "auto",
         max_epochs=2,
-        callbacks=[monitor],
+        callbacks=[monitor, ReleaseProcessGroup()],
         logger=CSVLogger(str(tmp_path), name=f"devices{devices}"),
         enable_checkpointing=False,
         enable_progress_bar=False,

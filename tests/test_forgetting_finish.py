@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.method_callbacks import AdapterCallback
 from peft_callbacks.forgetting.scaling import choose_scale
 
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]

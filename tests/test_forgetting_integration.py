@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from peft_callbacks.callbacks.adapters import AdapterCallback
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.freezing import FreezeBackbone, LayerwiseUnfreezing
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.method_callbacks import AdapterCallback
 from peft_callbacks.callbacks.mitigation import DistillationCallback, ReplayCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from process_group import ReleaseProcessGroup
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
@@ -98,7 +99,7 @@ def run(tmp_path, devices: int) -> tuple[list[dict[str, float]], dict[str, torch
         devices=devices,
         strategy=STRATEGY if devices > 1 else "auto",
         max_epochs=2,
-        callbacks=callbacks,
+        callbacks=[*callbacks, ReleaseProcessGroup()],
         logger=CSVLogger(str(tmp_path), name=f"devices{devices}"),
         enable_checkpointing=False,
         enable_progress_bar=False,

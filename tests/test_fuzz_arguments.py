@@ -134,7 +134,7 @@ _PATH_OK = [None, "bogus"]  # any path names a place to write; the fuzz never wr
 _DIRECTORY_OK = [None, "bogus", ""]  # "" is the working directory: never tried, the fuzz writes only to temp folders
 _NAME_OK = ["bogus"]  # any non-empty name without dots names an adapter
 # arguments every layer method's config (and a callback or function building one) shares, accepted in every row
-SHARED_ACCEPTS = {"adapter_dtype": _NONE_OK}
+SHARED_ACCEPTS = {"adapter_dtype": _NONE_OK, "train_bn": _BOOL_OK, "merged_dtype": _NONE_OK}
 _LORA_CONFIG_ARGS = {
     "alpha": _NUMBER_OK,
     "dropout": [0],
@@ -173,6 +173,7 @@ _LAYER_CONFIG_ARGS = {
     "train_head": _BOOL_OK,
     "train_bn": _BOOL_OK,
 }
+_FEEDFORWARD_OK = [*_PATTERN_OK, []]  # []: no layer is feed-forward
 _VERA_ARGS = {
     "projection_prng_key": [0],
     "save_projection": _BOOL_OK,
@@ -189,14 +190,15 @@ _ADALORA_ARGS = {
     "total_step": [None],
     **_LAYER_CONFIG_ARGS,
 }
-_CALLBACK_ARGS = {
-    **_LAYER_CONFIG_ARGS,
+_OPTIONS = {  # CallbackOptions, which every PEFT callback takes
     "module": _MODULE_OK,
     "merge_on_train_end": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,
 }
+_ONE_PER_MODEL = {**_OPTIONS, "adapter_name": []}  # prompts: one set per model, only the default name
+_CALLBACK_ARGS = {**_LAYER_CONFIG_ARGS, **_OPTIONS}
 
 
 def _adalora_net() -> nn.Module:
@@ -285,16 +287,8 @@ CASES: dict[str, Case] = {
         valid=lambda: {"base_layer": nn.Linear(4, 3), "config": peft_callbacks.IA3Config()},
         accepts={"feedforward": _BOOL_OK},
     ),
-    "IA3Config": Case(
-        valid=dict,
-        accepts={
-            "feedforward_modules": [*_PATTERN_OK, []],  # []: no layer is feed-forward
-            "target_modules": _PATTERN_OK,
-            "exclude_modules": _PATTERN_OK,
-            "train_head": _BOOL_OK,
-            "train_bn": _BOOL_OK,
-        },
-    ),
+    "IA3Config": Case(valid=dict, accepts={"feedforward_modules": _FEEDFORWARD_OK, **_LAYER_CONFIG_ARGS}),
+    "IA3Callback": Case(valid=dict, accepts={"feedforward_modules": _FEEDFORWARD_OK, **_CALLBACK_ARGS}),
     "VeRA": Case(
         valid=lambda: {
             "base_layer": nn.Linear(4, 3),
@@ -407,16 +401,7 @@ CASES: dict[str, Case] = {
     ),
     "AdapterCallback": Case(
         valid=dict,
-        accepts={
-            "bottleneck": [],
-            "modules": _PATTERN_OK,
-            "train_head": _BOOL_OK,
-            "train_norms": _BOOL_OK,
-            "module": _MODULE_OK,
-            "save_adapter_to": _PATH_OK,
-            "save_merged_to": _PATH_OK,
-            "adapter_name": _NAME_OK,
-        },
+        accepts={"bottleneck": [], "modules": _PATTERN_OK, "train_head": _BOOL_OK, "train_norms": _BOOL_OK, **_OPTIONS},
     ),
     "BottleneckAdapter": Case(valid=lambda: {"dim": 8, "bottleneck": 2}),
     "inject_adapters": Case(
@@ -427,25 +412,10 @@ CASES: dict[str, Case] = {
     "remove_adapters": _model_case(_vit),
     "PromptTuningCallback": Case(
         valid=dict,
-        accepts={
-            "init_token_ids": [None, [1]],
-            "tokenizer": [None],
-            "train_head": _BOOL_OK,
-            "module": _MODULE_OK,
-            "save_adapter_to": _PATH_OK,
-            "save_merged_to": _PATH_OK,
-        },
+        accepts={"init_token_ids": [None, [1]], "tokenizer": [None], "train_head": _BOOL_OK, **_ONE_PER_MODEL},
     ),
     "VisualPromptCallback": Case(
-        valid=dict,
-        accepts={
-            "deep": _BOOL_OK,
-            "dropout": [0],
-            "train_head": _BOOL_OK,
-            "module": _MODULE_OK,
-            "save_adapter_to": _PATH_OK,
-            "save_merged_to": _PATH_OK,
-        },
+        valid=dict, accepts={"deep": _BOOL_OK, "dropout": [0], "train_head": _BOOL_OK, **_ONE_PER_MODEL}
     ),
     "SoftPrompt": Case(
         valid=lambda: {"num_virtual_tokens": 2, "dim": 8},

@@ -101,7 +101,7 @@ class Prompt(ScaleModule):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ScaleConfig(MethodConfig):
+class ScaleConfig(MethodConfig, method="test_scale"):
     """The tiny method's settings: which layers get a gain (patterns, as a user would name them)."""
 
     layers: list[str] = not_recorded()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from process_group import ReleaseProcessGroup
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import HF_MODELS
 
@@ -244,7 +245,14 @@ def test_ddp_two_processes_gloo(tmp_path):
     keys = list(module.state_dict())
     lora = LoRACallback(rank=2, save_adapter_to=str(tmp_path / "adapter"))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="ddp", every_n_train_steps=2)
-    t = trainer(tmp_path, [lora, checkpoint], strategy="ddp_spawn", devices=2, max_steps=2, enable_checkpointing=True)
+    t = trainer(
+        tmp_path,
+        [lora, checkpoint, ReleaseProcessGroup()],
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=2,
+        enable_checkpointing=True,
+    )
     t.fit(module, image_data())
     # no "unused parameters" error; each rank merged; rank zero alone wrote the adapter file and the checkpoint
     assert list(module.state_dict()) == keys and not lora_layers(module)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import HF_MODELS, TIMM_MODELS, run
 
-from peft_callbacks.callbacks.prompts import PromptTuningCallback, VisualPromptCallback
+from peft_callbacks.callbacks.method_callbacks import PromptTuningCallback, VisualPromptCallback
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.core.recipe import surgery_records

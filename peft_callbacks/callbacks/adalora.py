@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
+from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.methods.adalora import AdaLoRAConfig, RankAllocator, adalora_adapters, orthogonal_regularization
 from peft_callbacks.methods.adalora.method import check_schedule
@@ -36,34 +37,14 @@ from peft_callbacks.methods.adalora.method import check_schedule
 __all__ = ["AdaLoRACallback"]
 
 
+@typed_callback(AdaLoRAConfig)
 class AdaLoRACallback(PEFTCallback):
     """Fine-tune with AdaLoRA: SVD-form low-rank updates whose ranks move between layers during training
     (:mod:`peft_callbacks.methods.adalora`), with PEFT's schedule and regulariser applied from the callback's hooks
     (see the module docstring), no change to ``training_step``; merged into the base weights at the end.
 
-    Args:
-        init_r: the rank each layer starts with (> 0).
-        target_r: the average rank per layer at the end (> 0, <= ``init_r``).
-        alpha: ``lora_alpha`` (> 0); updates are scaled by ``alpha / init_r``.
-        dropout: dropout on the branch input, in ``[0, 1)``.
-        tinit: warm-up steps at the initial budget (>= 0).
-        tfinal: final steps at the target budget (>= 0).
-        deltaT: steps between two budget allocations (> 0).
-        beta1: EMA factor of the sensitivity, in ``(0, 1)``.
-        beta2: EMA factor of the uncertainty, in ``(0, 1)``.
-        orth_reg_weight: weight of the orthogonality regulariser (>= 0; 0 turns it off).
-        total_step: steps of the schedule (> ``tinit + tfinal``); ``None`` takes the Trainer's
-            ``estimated_stepping_batches``.
-        target_modules: ``None`` (every Linear/Conv/``Conv1D`` outside the head), ``"all-linear"``, names, regexes
-            or a list (see :mod:`peft_callbacks.core.targets`).
-        exclude_modules: patterns of modules to leave alone.
-        train_head: keep the task head fully trainable.
-        train_bn: let BatchNorm layers train (weights and running statistics).
-        module: dotted path of the submodule to adapt; by default every timm/transformers model found.
-        merge_on_train_end: fold AdaLoRA into the base weights when training ends.
-        save_adapter_to: directory for the adapter file, written before the merge.
-        save_merged_to: directory for the merged model's weights, written after the merge.
-        adapter_name: the name of the adapter.
+    Its arguments are the fields of :class:`~peft_callbacks.AdaLoRAConfig` and of
+    :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
 
     Raises:
         ValueError: at ``fit``: a strategy that shards parameters (FSDP, DeepSpeed; the allocator needs whole
@@ -86,31 +67,8 @@ class AdaLoRACallback(PEFTCallback):
 
     drops_uncalled = False  # its rank allocator holds the layers it found at fit start
 
-    def __init__(
-        self,
-        init_r: int = 12,
-        target_r: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        tinit: int = 0,
-        tfinal: int = 0,
-        deltaT: int = 1,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        orth_reg_weight: float = 0.5,
-        total_step: int | None = None,
-        target_modules: str | list[str] | None = None,
-        exclude_modules: str | list[str] | None = None,
-        train_head: bool = True,
-        train_bn: bool = False,
-        module: str | None = None,
-        merge_on_train_end: bool = True,
-        save_adapter_to: str | None = None,
-        save_merged_to: str | None = None,
-        adapter_name: str = "default",
-    ) -> None:
-        config = AdaLoRAConfig.from_arguments(locals())
-        super().__init__(config, adapter_name, module, merge_on_train_end, save_adapter_to, save_merged_to)
+    def __init__(self, config: AdaLoRAConfig, options: CallbackOptions) -> None:
+        self._configure(config, options)
         self.allocator: RankAllocator | None = None
         self._pending_state: dict[str, Any] | None = None
         self._fit_trainer: pl.Trainer | None = None

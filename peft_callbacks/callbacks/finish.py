@@ -38,13 +38,15 @@ class ForgettingAwareFinish(Callback):
     """Scale the learned update at the end of training to the ``s`` that learns most within a forgetting budget.
 
     At ``on_train_end`` the model is set to ``θ(s) = θ₀ + s·(θ₁ − θ₀)`` for every ``s`` of ``grid``
-    (:mod:`peft_callbacks.forgetting.scaling`): for LoRA/DoRA layers ``W₀ + s·(W_merged − W₀)`` (exactly ``s·ΔW`` for
-    LoRA), for bottleneck adapters their output times ``s``, and for every other trained tensor — full fine-tuning —
-    WiSE-FT's interpolation between start and end weights (BatchNorm statistics included). Each ``s`` is scored on
-    the new task's validation data and on the base-task set; the model is left at the ``s`` with the best new-task
-    score among those that forget at most ``max_forgetting`` (ties: less forgetting, then larger ``s``). LoRA layers
-    keep their form with ``B`` scaled by ``s`` — so the adapter file ``LoRACallback`` writes afterwards, and its merge,
-    hold the scaled update — while layers whose update does not scale through their own factors (DoRA) are merged at
+    (:mod:`peft_callbacks.forgetting.scaling`): for the adapted layers of every method the adapters' own ``scale``
+    (``W₀ + s·ΔW`` for most, exactly ``s·B·A`` added for LoRA; DoRA's effective weight interpolated; OFT's rotation
+    generator scaled), for bottleneck adapters their output times ``s``, and for every other trained tensor — full
+    fine-tuning — WiSE-FT's interpolation between start and end weights (BatchNorm statistics included). Each ``s``
+    is scored on the new task's validation data and on the base-task set; the model is left at the ``s`` with the
+    best new-task score among those that forget at most ``max_forgetting`` (ties: less forgetting, then larger
+    ``s``). Adapters that can hold the scale in their own tensors keep their form with it written in (LoRA's ``B``
+    times ``s``, IA3's vector, OFT's generator, …) — so the adapter file ``LoRACallback`` writes afterwards, and its
+    merge, hold the scaled update — while the layers of methods that cannot (DoRA, PiSSA/OLoRA) are merged at
     ``s``. The finish runs before the surgery callbacks' own end of training (it moves itself before them in
     ``trainer.callbacks``), and before a ``ForgettingMonitor`` listed after it, which then reports the final model.
 

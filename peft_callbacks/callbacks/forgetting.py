@@ -15,11 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
+from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.continual import TaskMatrix
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
 from peft_callbacks.forgetting.plot import write_forgetting_plot, write_tasks_plot
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, weights_version
 from peft_callbacks.forgetting.tracker import ForgettingTracker
+from peft_callbacks.forgetting.updates import update_figures
 from peft_callbacks.plumbing.base_task import BaseLoader, check_heads, check_sources, resolve_loader
 from peft_callbacks.plumbing.base_task import named_source as _named_source  # noqa: F401 - kept importable here
 
@@ -36,9 +38,12 @@ class ForgettingMonitor(Callback):
     and/or ``every_n_steps`` steps, and at the end of training. Logged under ``forgetting/…`` (``base_<metric>``,
     ``baseline``, ``forgetting`` = baseline − now as in Avalanche (now − baseline for loss and perplexity, so
     positive always means worse), ``relative_drop_percent``, ``max_forgetting``, ``kl_to_baseline``,
-    ``feature_cosine``); a summary table is logged at the end and a learn-vs-forget PNG (``forgetting.png``) is
-    written to the logger's directory. Baseline and history are saved in checkpoints, so a resumed run keeps its
-    baseline. With several processes each scores a share of the base batches and torchmetrics sums the states.
+    ``feature_cosine``, and, where the model holds adapted layers of any method, the size of the update:
+    ``update_norm`` = ``√Σ‖ΔW‖²_F`` over them and ``relative_update`` = that over ``√Σ‖W‖²_F``, each adapter
+    measuring its own, LoRA without forming ``ΔW``: :mod:`peft_callbacks.forgetting.updates`); a summary table is
+    logged at the end and a learn-vs-forget PNG (``forgetting.png``) is written to the logger's directory. Baseline
+    and history are saved in checkpoints, so a resumed run keeps its baseline. With several processes each scores a
+    share of the base batches and torchmetrics sums the states.
 
     **Several base tasks, sequential fine-tunes.** ``dataloader`` may be a dict ``{task name: loader or method
     name}``, listing the tasks in the order they are learned. Every task is scored at each evaluation (logged under
@@ -154,6 +159,7 @@ class ForgettingMonitor(Callback):
         self._scorers: dict[str | None, BaseTaskScorer] = {}
         self._loaders: dict[str | None, Iterable] = {}
         self._world_size = 1
+        self._update_scope: list[str] = [""]  # the models whose adapted layers the update figures cover
 
     # -- results ------------------------------------------------------------------------------------------------
     @property
@@ -205,6 +211,7 @@ class ForgettingMonitor(Callback):
         sources = self.dataloader if self.tasks is not None else {None: self.dataloader}
         heads = self.base_head if isinstance(self.base_head, dict) else {name: self.base_head for name in sources}
         self._loaders = {name: self._resolve_loader(trainer, pl_module, src, name) for name, src in sources.items()}
+        self._update_scope = update_scope(pl_module, self.module, exclude_head=False)[0]
         self._scorers = {
             name: BaseTaskScorer(
                 pl_module,
@@ -298,8 +305,9 @@ class ForgettingMonitor(Callback):
             for name, scorer in self._scorers.items()
         }
         self._references = {name: scorer.reference for name, scorer in self._scorers.items()}
+        updates = update_figures(UpdateAnchor(pl_module, include=self._update_scope).layers)
         if self.tasks is not None:
-            self._evaluate_tasks(trainer, scores, epoch)
+            self._evaluate_tasks(trainer, scores, epoch, updates)
             return
         score = scores[None]
         row = self.tracker.record(
@@ -309,19 +317,21 @@ class ForgettingMonitor(Callback):
             kl_to_baseline=score.kl_to_baseline,
             feature_cosine=score.feature_cosine,
             val_metric=self._val_metric(trainer),
+            **updates,
         )
         self._log(trainer, row)
         self._check_threshold(trainer, row)
 
-    def _evaluate_tasks(self, trainer: pl.Trainer, scores: dict, epoch: int) -> None:
+    def _evaluate_tasks(self, trainer: pl.Trainer, scores: dict, epoch: int, updates: dict[str, float]) -> None:
         if not self.matrix.rows:
             self.matrix.record({n: s.value for n, s in scores.items()}, trained=None)  # the start row
         row = self.matrix.evaluation({n: s.value for n, s in scores.items()}, training=self.task)
         for name, score in scores.items():
             row["tasks"][name].update(kl_to_baseline=score.kl_to_baseline, feature_cosine=score.feature_cosine)
         row.update(fit=self._fit_index, epoch=epoch, step=trainer.global_step, val_metric=self._val_metric(trainer))
+        row.update(updates)
         self._rows.append(row)
-        figures = {"average_" + self.metric_name: row["value"], "max_forgetting": row["forgetting"]}
+        figures = {"average_" + self.metric_name: row["value"], "max_forgetting": row["forgetting"], **updates}
         for name, task in row["tasks"].items():
             figures[f"{name}/base_{self.metric_name}"] = task["value"]
             figures.update({f"{name}/{k}": task[k] for k in ("forgetting", "kl_to_baseline", "feature_cosine")})
@@ -351,6 +361,8 @@ class ForgettingMonitor(Callback):
             "max_forgetting": row["max_forgetting"],
             "kl_to_baseline": row["kl_to_baseline"],
             "feature_cosine": row["feature_cosine"],
+            "update_norm": row.get("update_norm"),
+            "relative_update": row.get("relative_update"),
         }
         self._log_figures(trainer, figures)
 

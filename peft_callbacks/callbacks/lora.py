@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float
+from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
@@ -18,27 +19,64 @@ from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
 
-
-def _check_variants(use_dora: bool, loraplus_lr_ratio: float | None, lora_pro: bool, target_parameters: Any) -> None:
-    """Reject combinations of LoRA variants that contradict each other."""
-    if lora_pro and target_parameters:
-        raise ValueError(
-            f"`lora_pro=True` cannot be combined with `target_parameters={target_parameters!r}`: LoRA-Pro's gradients "
-            f"are derived for one B·A per layer, not for per-expert factors. Choose one of them."
-        )
-    if lora_pro and use_dora:
-        raise ValueError(
-            "`lora_pro=True` cannot be combined with `use_dora=True`: LoRA-Pro's gradients are derived for "
-            "W0 + s*B*A, not for DoRA's rescaled weight. Choose one of them."
-        )
-    if lora_pro and loraplus_lr_ratio is not None:
-        raise ValueError(
-            f"`lora_pro=True` cannot be combined with `loraplus_lr_ratio={loraplus_lr_ratio!r}`: LoRA-Pro already "
-            f"sets how A and B move, and a different learning rate for B would undo its equivalent gradient. "
-            f"Use `loraplus_lr_ratio=None` with LoRA-Pro."
-        )
+__all__ = ["LoRACallback", "LoRATrainingOptions"]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRATrainingOptions:
+    """How :class:`LoRACallback` trains the factors beyond plain LoRA: LoRA+ and LoRA-Pro act on the optimizers.
+
+    Attributes:
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``lora_B`` trains at this many times the learning rate of its
+            param group (the paper suggests 16); the configured optimizer's groups and schedulers are split at
+            ``on_fit_start``. ``None`` keeps one learning rate.
+        lora_pro: LoRA-Pro (Wang et al. 2024): before each optimizer step, replace the gradients of ``A`` and ``B`` by
+            those whose low-rank update best approximates the full fine-tuning gradient
+            (:mod:`peft_callbacks.methods.lora.pro`). Exact for SGD; for Adam-type training return
+            ``LoRAProAdamW(self, lr)`` from ``configure_optimizers`` instead (the paper's full-Adam variant) and leave
+            this ``False``.
+
+    Example::
+
+        >>> LoRATrainingOptions(loraplus_lr_ratio=16).loraplus_lr_ratio
+        16.0
+        >>> LoRATrainingOptions(loraplus_lr_ratio=16, lora_pro=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `lora_pro=True` cannot be combined with `loraplus_lr_ratio=16.0`: ...
+    """
+
+    loraplus_lr_ratio: float | None = None
+    lora_pro: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loraplus_lr_ratio is not None:
+            object.__setattr__(
+                self, "loraplus_lr_ratio", check_positive_float("loraplus_lr_ratio", self.loraplus_lr_ratio)
+            )
+        check_bool("lora_pro", self.lora_pro)
+        if self.lora_pro and self.loraplus_lr_ratio is not None:
+            raise ValueError(
+                f"`lora_pro=True` cannot be combined with `loraplus_lr_ratio={self.loraplus_lr_ratio!r}`: LoRA-Pro "
+                f"already sets how A and B move, and a different learning rate for B would undo its equivalent "
+                f"gradient. Use `loraplus_lr_ratio=None` with LoRA-Pro."
+            )
+
+    def check_for(self, config: LoRAConfig) -> None:
+        """Refuse LoRA variants that contradict these options."""
+        if self.lora_pro and config.target_parameters:
+            raise ValueError(
+                f"`lora_pro=True` cannot be combined with `target_parameters={config.target_parameters!r}`: LoRA-Pro's "
+                f"gradients are derived for one B·A per layer, not for per-expert factors. Choose one of them."
+            )
+        if self.lora_pro and config.use_dora:
+            raise ValueError(
+                "`lora_pro=True` cannot be combined with `use_dora=True`: LoRA-Pro's gradients are derived for "
+                "W0 + s*B*A, not for DoRA's rescaled weight. Choose one of them."
+            )
+
+
+@typed_callback(LoRAConfig, LoRATrainingOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -53,40 +91,8 @@ class LoRACallback(PEFTCallback):
     float32, and at the end LoRA stays unmerged and is saved, unless ``merged_dtype`` asks for a merged plain model
     (see :class:`~peft_callbacks.callbacks.peft.PEFTCallback` and the docs page "Quantized bases").
 
-    Args:
-        rank: LoRA rank ``r`` (> 0).
-        alpha: ``lora_alpha`` (> 0); ``scaling = alpha / rank``.
-        dropout: dropout on the LoRA branch input, in ``[0, 1)``.
-        target_modules: ``None`` (every Linear/Conv/``Conv1D`` outside the head, so CNNs work too),
-            ``"all-linear"``, a name, a regex or a list (see :mod:`peft_callbacks.core.targets`).
-        exclude_modules: patterns of modules to leave alone.
-        train_head: keep the task head fully trainable (a new task usually has a new head).
-        train_bn: let BatchNorm layers train (affine weights and running statistics). By default they stay frozen,
-            running statistics included, so the base model really is unchanged.
-        module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
-        merge_on_train_end: fold LoRA into the base weights when training ends.
-        use_rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA).
-        use_dora: DoRA layers (a trainable magnitude per output unit, :mod:`peft_callbacks.methods.lora.dora`).
-        init: how the factors start, as HF PEFT's ``init_lora_weights``: ``"default"``, ``"gaussian"``, or from the
-            base weight, which then acts as the residual: ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``
-            (:mod:`peft_callbacks.methods.lora.init`).
-        target_parameters: parameters to adapt directly, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` for
-            the fused expert weights of mixture-of-experts blocks (one ``A``, ``B`` per expert,
-            :mod:`peft_callbacks.methods.lora.params`); with ``target_modules=None`` only these are adapted.
-        loraplus_lr_ratio: LoRA+: ``lora_B`` trains at this many times the learning rate of its param group
-            (the paper suggests 16); the configured optimizer's groups and schedulers are split at ``on_fit_start``.
-            ``None`` keeps one learning rate.
-        lora_pro: LoRA-Pro: before each optimizer step, replace the gradients of ``A`` and ``B`` by those whose
-            low-rank update best approximates the full fine-tuning gradient (:mod:`peft_callbacks.methods.lora.pro`).
-            Exact for SGD; for Adam-type training return ``LoRAProAdamW(self, lr)`` from ``configure_optimizers``
-            instead (the paper's full-Adam variant) and leave this ``False``.
-        save_adapter_to: directory for the adapter file (LoRA factors + head + recipe), written before the merge.
-        save_merged_to: directory for the merged model's weights, written after the merge.
-        adapter_name: the name of the adapter (several can share a model).
-        adapter_dtype: dtype of the LoRA factors (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``: the base
-            weight's dtype, float32 on quantized layers.
-        merged_dtype: merge into a plain model of this dtype (``"bfloat16"``, …; quantized layers dequantized);
-            ``None`` keeps each weight's dtype, and LoRA unmerged on a quantized base.
+    Its arguments are the fields of :class:`~peft_callbacks.LoRAConfig`, of :class:`LoRATrainingOptions` and of
+    :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
 
     Example::
 
@@ -101,38 +107,11 @@ class LoRACallback(PEFTCallback):
         True
     """
 
-    def __init__(
-        self,
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        target_modules: str | list[str] | None = None,
-        exclude_modules: str | list[str] | None = None,
-        train_head: bool = True,
-        train_bn: bool = False,
-        module: str | None = None,
-        merge_on_train_end: bool = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: str = "default",
-        target_parameters: str | list[str] | None = None,
-        loraplus_lr_ratio: float | None = None,
-        lora_pro: bool = False,
-        save_adapter_to: str | None = None,
-        save_merged_to: str | None = None,
-        adapter_name: str = "default",
-        adapter_dtype: str | None = None,
-        merged_dtype: str | None = None,
-    ) -> None:
-        config = LoRAConfig.from_arguments(locals())
-        super().__init__(
-            config, adapter_name, module, merge_on_train_end, save_adapter_to, save_merged_to, merged_dtype
-        )
-        if loraplus_lr_ratio is not None:
-            loraplus_lr_ratio = check_positive_float("loraplus_lr_ratio", loraplus_lr_ratio)
-        self.loraplus_lr_ratio = loraplus_lr_ratio
-        self.lora_pro = check_bool("lora_pro", lora_pro)
-        _check_variants(use_dora, loraplus_lr_ratio, lora_pro, target_parameters)
+    def __init__(self, config: LoRAConfig, training: LoRATrainingOptions, options: CallbackOptions) -> None:
+        self._configure(config, options)
+        training.check_for(self.config)
+        self.loraplus_lr_ratio = training.loraplus_lr_ratio
+        self.lora_pro = training.lora_pro
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,8 +1,9 @@
 """``PEFTCallback``: any registered PEFT method, applied to an unchanged LightningModule by one callback.
 
 The typed callbacks (``LoRACallback``, ``AdapterCallback``, …) are this callback with their method's settings as
-``__init__`` arguments, which is what LightningCLI needs to check a YAML file; every other method is usable from code
-or YAML through its config::
+``__init__`` arguments, which is what LightningCLI needs to check a YAML file
+(:func:`~peft_callbacks.callbacks.options.typed_callback`); any registered method, one of your own included, is
+usable from code or YAML through its config::
 
     trainer:
       callbacks:
@@ -25,8 +26,8 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from peft_callbacks._validation import check_bool
 from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.callbacks.options import CallbackOptions
 from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
@@ -35,8 +36,8 @@ from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.core.sharding import full_tensor
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method, inject, merge, replay
 from peft_callbacks.engine.adapters import adapter_names, set_adapter
-from peft_callbacks.engine.precision import check_dtype
-from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_adapter_name, check_config
+from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_config
 from peft_callbacks.engine.usage import drop_adapters, reset_usage, uncalled_layers
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.checkpoint import read_record
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PEFTCallback"]
 
 
+@takes_settings(CallbackOptions)
 class PEFTCallback(SurgeryCallback):
     """Fine-tune with any PEFT method: inject at ``setup``, train only its tensors (+ the task head), and for
     mergeable methods merge at the end.
@@ -76,15 +78,6 @@ class PEFTCallback(SurgeryCallback):
 
     Args:
         config: the method and its settings, e.g. ``LoRAConfig(rank=8)`` or ``BottleneckConfig(bottleneck=16)``.
-        adapter_name: the name of the adapter this callback trains.
-        module: dotted path of the submodule to adapt (``"model"``); by default every timm/transformers model found.
-        merge_on_train_end: fold a mergeable method into the base weights when training ends (on a quantized base
-            only with ``merged_dtype``, see above).
-        save_adapter_to: directory for the adapter file (trained tensors + recipe), written before the merge.
-        save_merged_to: directory for the model's full weights, written after the merge.
-        merged_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: merge into a plain model of this dtype (every
-            tensor cast, quantized layers dequantized; e.g. a bfloat16 model merged in float32, or a 4-bit base
-            merged into bfloat16). ``None`` keeps each weight's dtype, and keeps adapters on quantized bases unmerged.
 
     Example::
 
@@ -100,22 +93,19 @@ class PEFTCallback(SurgeryCallback):
         True
     """
 
-    def __init__(
-        self,
-        config: MethodConfig,
-        adapter_name: str = DEFAULT_ADAPTER,
-        module: str | None = None,
-        merge_on_train_end: bool = True,
-        save_adapter_to: str | None = None,
-        save_merged_to: str | None = None,
-        merged_dtype: str | None = None,
-    ) -> None:
-        super().__init__(module=module, save_adapter_to=save_adapter_to, save_merged_to=save_merged_to)
+    def __init__(self, config: MethodConfig, options: CallbackOptions) -> None:
+        self._configure(config, options)
+
+    def _configure(self, config: MethodConfig, options: CallbackOptions) -> None:
+        """Take a method's config and the options (what the ``__init__`` of every typed callback calls)."""
+        super().__init__(
+            module=options.module, save_adapter_to=options.save_adapter_to, save_merged_to=options.save_merged_to
+        )
         self.config = check_config(config)
-        self.adapter_name = check_adapter_name(adapter_name)
-        self.merge_on_train_end = check_bool("merge_on_train_end", merge_on_train_end)
-        check_dtype("merged_dtype", merged_dtype)
-        self.merged_dtype = merged_dtype
+        options.check_for(self.config)
+        self.adapter_name = options.adapter_name
+        self.merge_on_train_end = options.merge_on_train_end
+        self.merged_dtype = options.merged_dtype
         self.recipes: dict[str, list[dict[str, Any]]] = {}
         self._reinjected = False
         self._gradients_checked = False

@@ -1,7 +1,8 @@
 """Callbacks that pull the fine-tune back toward its starting point: L2-SP and EWC.
 
-Both penalise the *update* (:mod:`peft_callbacks.forgetting.anchors`): for a mergeable PEFT layer (LoRA, DoRA) the
-weight-space update ``ΔW`` of the layer — for LoRA ``s·B·A``, the change the merged model will carry — and for every
+Both penalise the *update* (:mod:`peft_callbacks.forgetting.anchors`): for an adapted layer of any layer method (LoRA,
+DoRA, IA3, LoHa, LoKr, OFT, VeRA, AdaLoRA, …, each adapter saying what its update is) the weight-space update ``ΔW``
+of the layer — for LoRA ``s·B·A``, the change the merged model will carry — and for every
 other trained tensor (full fine-tuning, unfrozen layers, adapters, prompts, norms) ``θ − θ₀`` with ``θ₀`` its value
 at fit start. Penalising ``A`` and ``B`` themselves would pull ``A`` toward its random start, which says nothing
 about the model; ``ΔW`` is what changes the base task. When a ``base_head`` is given, the current head serves the new
@@ -91,8 +92,9 @@ class L2SPCallback(_AnchoredTerm):
     """L2-SP: add ``weight/2 · Σ ‖update‖²``, pulling the fine-tune toward its starting weights.
 
     Li et al. 2018 ("Explicit inductive bias for transfer learning with convolutional networks", eq. 2, the ``α``
-    term). The update is ``ΔW`` for LoRA/DoRA layers (for LoRA computed in rank space, ``‖s·B·A‖²`` without forming
-    ``B·A``) and ``θ − θ₀`` for every other trained tensor; see the module docstring. Logged: ``l2sp/loss``.
+    term). The update is ``ΔW`` for adapted layers of every layer method (each adapter measures its own: LoRA in rank
+    space, ``‖s·B·A‖²`` without forming ``B·A``) and ``θ − θ₀`` for every other trained tensor; see the module
+    docstring. Logged: ``l2sp/loss``.
 
     Args:
         weight: ``α`` (> 0).
@@ -144,7 +146,7 @@ class EWCCallback(_AnchoredTerm):
     Kirkpatrick et al. 2017 (eq. 3). At fit start, on the base-task set, ``F`` is computed at the starting weights
     as Avalanche's ``EWCPlugin`` does: the squared mini-batch gradient of the base-task cross-entropy (through the
     original head), averaged over batches, in eval mode (:func:`peft_callbacks.forgetting.penalties.diagonal_fisher`).
-    **Over what:** the update space of the module docstring. For a LoRA/DoRA layer ``F`` is over its weight ``W``
+    **Over what:** the update space of the module docstring. For an adapted layer ``F`` is over its weight ``W``
     (``out × in``: the gradient with respect to the merged weight) and the penalty is on ``ΔW``, so LoRA is held
     exactly where full fine-tuning of that layer would be; for full fine-tuning, adapters, prompts and unfrozen
     layers it is over the trained tensors themselves. With a freezing schedule among the callbacks

@@ -9,9 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
-from peft_callbacks.io.slim import fill_slim_state_dict, slim_state_dict
+from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY, fill_slim_state_dict, slim_state_dict
 from peft_callbacks.plumbing import seam
-from peft_callbacks.plumbing.checkpoint_hooks import SLIM_KEY as CHECKPOINT_KEY
 from peft_callbacks.plumbing.checkpoint_hooks import write_outside_fit
 from peft_callbacks.plumbing.checkpoint_io import use_atomic_checkpoint_io
 from peft_callbacks.plumbing.hooks import run_after_hook
@@ -19,6 +18,8 @@ from peft_callbacks.plumbing.slim_loading import install_slim_loader
 from peft_callbacks.plumbing.strategies import strategy_kind
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = SLIM_CHECKPOINT_KEY
 
 __all__ = ["CHECKPOINT_KEY", "SlimCheckpoint"]
 

@@ -10,6 +10,8 @@
   :func:`replay`;
 * :mod:`~peft_callbacks.engine.precision` — where a merged weight goes: in place, into plain layers of another
   dtype, or re-quantized (quantized bases);
+* :mod:`~peft_callbacks.engine.scaling` — every update's ``scale`` (``0``: the base model, ``1``: the trained one) and
+  :func:`scaled`;
 * :mod:`~peft_callbacks.engine.transaction` — a failed surgery leaves the model as it was.
 
 See the docs page "Adding a method" for a method written against it.
@@ -29,6 +31,7 @@ from peft_callbacks.engine.method import (
 )
 from peft_callbacks.engine.parameters import AdaptedParameters, ParameterAdapter
 from peft_callbacks.engine.precision import requantization_error
+from peft_callbacks.engine.scaling import scaled
 from peft_callbacks.engine.surgery import adapt_layer, disabled, inject, merge, peft_layers, replay, unload
 from peft_callbacks.engine.transaction import transaction
 
@@ -56,6 +59,7 @@ __all__ = [
     "replace_module",
     "replay",
     "requantization_error",
+    "scaled",
     "transaction",
     "unload",
 ]

@@ -50,9 +50,10 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["field_docs", "setting_names", "settings_parameters", "takes_settings"]
+__all__ = ["field_docs", "setting_names", "settings_parameters", "shared_settings", "takes_settings"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _SECTION = re.compile(r"^(\s*)(Attributes|Args):\s*$")
 _ENTRY = re.compile(r"^(\w+)(?: \(.*?\))?:\s*(.*)$")
@@ -100,16 +101,41 @@ def _section_entries(docstring: str, section: str) -> dict[str, str]:
     return entries
 
 
+def shared_settings(cls: type[T]) -> type[T]:
+    """Mark a settings base class whose fields its subclasses share (``MethodConfig``'s ``train_head``): in a flat
+    signature they come after the subclass's own fields, so each method's own settings lead.
+
+    Example::
+
+        >>> @shared_settings
+        ... @dataclasses.dataclass(frozen=True, kw_only=True)
+        ... class Common:
+        ...     verbose: bool = False
+        >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+        ... class Family(Common):
+        ...     rank: int = 8
+        >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+        ... class Member(Family):
+        ...     decompose: bool = False
+        >>> setting_names(Member)  # the family's fields, the member's, then the shared ones
+        ['rank', 'decompose', 'verbose']
+    """
+    cls.__shared_settings__ = True  # type: ignore[attr-defined]
+    return cls
+
+
 def setting_names(cls: type) -> list[str]:
-    """The fields of a settings dataclass, its own first, then those of each base class (nearest first)."""
-    own_first: list[str] = []
-    for klass in cls.__mro__:
-        if dataclasses.is_dataclass(klass):
-            annotations = klass.__dict__.get("__annotations__", {})
-            own_first += [
-                f.name for f in dataclasses.fields(klass) if f.name in annotations and f.name not in own_first
-            ]
-    return [name for name in own_first if name in {f.name for f in dataclasses.fields(cls)}]
+    """The fields of a settings dataclass in the order a flat signature lists them: those of its classes in the order
+    they were declared (a base's before a subclass's), then those of the :func:`shared_settings` bases, the nearest
+    first."""
+    declared = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    shared = [k for k in declared if "__shared_settings__" in k.__dict__]
+    ordered = [*reversed([k for k in declared if k not in shared]), *shared]
+    names: list[str] = []
+    for klass in ordered:
+        annotations = klass.__dict__.get("__annotations__", {})
+        names += [f.name for f in dataclasses.fields(klass) if f.name in annotations and f.name not in names]
+    return [name for name in names if name in {f.name for f in dataclasses.fields(cls)}]
 
 
 def settings_parameters(*sources: type, positional: int = 0) -> list[inspect.Parameter]:
@@ -152,9 +178,12 @@ def takes_settings(*sources: type, positional: int = 0) -> Callable[[F], F]:
     ``sources``; it is called with one checked instance of each, under the parameter names it declares for them.
 
     The decorated callable keeps its leading parameters (``model``, ``self``) and declares one parameter per source,
-    annotated with that source (``def inject_lora(model, config: LoRAConfig, options: InjectOptions)``). Callers see
-    ``(model, rank=8, alpha=16.0, …)``; the docstring gains an ``Args`` entry per field, taken from the dataclasses'
-    ``Attributes`` sections, after any ``Args`` the callable documents itself.
+    annotated with that source (``def inject_lora(model, config: LoRAConfig, *, adapter_name="default")``). Callers
+    see ``(model, rank=8, alpha=16.0, …, adapter_name="default")``: each source's fields in its place, in the order of
+    :func:`setting_names`, with the field's type and default; a field the caller leaves out keeps the dataclass's
+    default (a ``default_factory`` runs per call). The docstring's ``Args`` lists every parameter in that order: the
+    entries the callable documents itself, and for each field the line of its dataclass's ``Attributes``. The
+    function's ``__settings__`` names the sources (for documentation tools and tests).
 
     Args:
         sources: the settings dataclasses, in the order their fields appear in the signature.
@@ -167,11 +196,12 @@ def takes_settings(*sources: type, positional: int = 0) -> Callable[[F], F]:
     def decorate(obj: F) -> F:
         function = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
         flat = _flatten(function, sources, positional)
+        order = [n for n in inspect.signature(flat).parameters if n != "self"]
         if isinstance(obj, type):
             obj.__init__ = flat  # type: ignore[misc]
-            obj.__doc__ = _with_args(obj.__doc__, sources)
+            obj.__doc__ = _with_args(obj.__doc__, sources, order)
             return obj
-        flat.__doc__ = _with_args(function.__doc__, sources)
+        flat.__doc__ = _with_args(function.__doc__, sources, order)
         return flat  # type: ignore[return-value]
 
     return decorate
@@ -189,8 +219,13 @@ def _flatten(function: Callable[..., Any], sources: tuple[type, ...], positional
     names = {source: setting_names(source) for source in sources}
     parameters: list[inspect.Parameter] = []
     for name, parameter in signature.parameters.items():  # each slot is replaced by its fields, in place
-        parameters += [settings[n] for n in names[slot_of[name]]] if name in slot_of else [parameter]
-    flat_signature = signature.replace(parameters=_keyword_only_after_first(parameters))
+        if name in slot_of:
+            parameters += [settings[n] for n in names[slot_of[name]]]
+        else:  # its annotation resolved (a string under `from __future__ import annotations`)
+            parameters.append(parameter.replace(annotation=hints.get(name, parameter.annotation)))
+    returns = hints.get("return", signature.return_annotation)
+    returns = None if returns is type(None) else returns  # shown as `-> None`, as written
+    flat_signature = signature.replace(parameters=_keyword_only_after_first(parameters), return_annotation=returns)
     others = [n for n in signature.parameters if n not in slot_of]
 
     @functools.wraps(function)
@@ -198,19 +233,20 @@ def _flatten(function: Callable[..., Any], sources: tuple[type, ...], positional
         unknown = [k for k in kwargs if k not in flat_signature.parameters]
         if unknown:
             raise TypeError(_unexpected(function, unknown[0], list(flat_signature.parameters)))
-        bound = flat_signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = bound.arguments
-        built = {slot: source(**{n: values[n] for n in names[source]}) for slot, source in slot_of.items()}
-        return function(**{n: values[n] for n in others}, **built)
+        values = flat_signature.bind(*args, **kwargs).arguments  # what the caller gave; the rest keeps its default
+        built = {
+            slot: source(**{n: values[n] for n in names[source] if n in values}) for slot, source in slot_of.items()
+        }
+        return function(**{n: values[n] for n in others if n in values}, **built)
 
     del flat.__wrapped__  # inspect.signature must show the flat form, not the wrapped one
     flat.__signature__ = flat_signature  # type: ignore[attr-defined]
+    flat.__settings__ = sources  # type: ignore[attr-defined]  # what the arguments come from (docs, tests)
     flat.__annotations__ = {
         p.name: p.annotation for p in flat_signature.parameters.values() if p.annotation is not p.empty
     }
-    if signature.return_annotation is not signature.empty:
-        flat.__annotations__["return"] = hints.get("return", signature.return_annotation)
+    if returns is not signature.empty:
+        flat.__annotations__["return"] = returns
     return flat
 
 
@@ -231,24 +267,22 @@ def _unexpected(function: Callable[..., Any], name: str, known: list[str]) -> st
     return f"{owner}() got an unexpected argument {name!r}{hint}"
 
 
-def _with_args(docstring: str | None, sources: tuple[type, ...]) -> str:
-    """``docstring`` with one ``Args`` entry per field of ``sources`` (entries it documents itself come first)."""
+def _with_args(docstring: str | None, sources: tuple[type, ...], order: list[str]) -> str:
+    """``docstring`` whose ``Args`` section lists every parameter of ``order`` (the flat signature) in that order:
+    the entries it documents itself, and for each field of ``sources`` the line of its class's ``Attributes``."""
     doc = inspect.cleandoc(docstring or "")
     documented = _section_entries("\n" + doc, "Args")
+    docs = {name: text for source in sources for name, text in field_docs(source).items()}
+    docs.update(documented)
+    names = [n for n in order if n in docs] + [n for n in documented if n not in order]
     lines = []
-    for source in sources:
-        docs = field_docs(source)
-        for name in setting_names(source):
-            if name not in documented:
-                lines += textwrap.wrap(f"{name}: {docs.get(name, '')}", 116, subsequent_indent="    ")
-    added = textwrap.indent("\n".join(lines), "    ")
-    if not lines:
-        return doc
-    if documented:  # append to the existing section, before whatever follows it
+    for name in names:
+        lines += textwrap.wrap(f"{name}: {docs[name]}", 116, subsequent_indent="    ", break_on_hyphens=False)
+    section = "Args:\n" + textwrap.indent("\n".join(lines), "    ")
+    if documented:  # the section is written anew where it stood
         head, _, rest = doc.partition("\nArgs:\n")
         match = re.search(r"\n\n(?=\S)", rest)
-        section, tail = (rest[: match.start()], rest[match.start() :]) if match else (rest, "")
-        return f"{head}\nArgs:\n{section}\n{added}{tail}"
+        return f"{head}\n{section}{rest[match.start() :] if match else ''}"
     parts = doc.split("\n\n")
     insert_at = next((i for i, p in enumerate(parts) if re.match(r"(Example|Returns|Raises|Yields)", p)), len(parts))
-    return "\n\n".join([*parts[:insert_at], f"Args:\n{added}", *parts[insert_at:]])
+    return "\n\n".join([*parts[:insert_at], section, *parts[insert_at:]])

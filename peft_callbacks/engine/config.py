@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from peft_callbacks._validation import check_bool, check_choice, check_patterns
+from peft_callbacks.engine.arguments import shared_settings
 
 __all__ = ["ADAPTER_DTYPES", "LayerConfig", "MethodConfig", "not_recorded"]
 
@@ -35,9 +36,12 @@ def not_recorded(default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"recorded": False}, compare=False)
 
 
+@shared_settings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    """Settings every PEFT method shares. Subclasses add their own fields and extend :meth:`validate`.
+    """Settings every PEFT method shares. Subclasses add their own fields and extend :meth:`validate`, and name
+    their method where they are declared (``class LoRAConfig(LayerConfig, method="lora")``): the name
+    :func:`~peft_callbacks.engine.register_method` checks and :func:`~peft_callbacks.engine.get_method` looks up.
 
     Attributes:
         train_head: keep the model's task head (``get_classifier()``, the transformers task head) fully trainable.
@@ -45,10 +49,17 @@ class MethodConfig:
             frozen, running statistics included, so the frozen base really is unchanged.
     """
 
-    method: ClassVar[str] = ""  # the registered method's name, set by ``register_method``
+    method: ClassVar[str] = ""  # the method's registry name, declared with the class (``method="lora"``)
 
     train_head: bool = True
     train_bn: bool = False
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            if not isinstance(method, str) or not method:
+                raise ValueError(f"{cls.__name__}: `method` must be a method's name (a non-empty str), got {method!r}.")
+            cls.method = method
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,26 +105,12 @@ class MethodConfig:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
 
-    @classmethod
-    def from_arguments(cls, arguments: dict[str, Any]) -> MethodConfig:
-        """The config from a function's arguments (``locals()``): every entry named like a field; others ignored.
-
-        Example::
-
-            >>> from peft_callbacks.methods.lora import LoRAConfig
-            >>> def inject_lora_like(model, rank=8, alpha=16.0):
-            ...     return LoRAConfig.from_arguments(locals())
-            >>> inject_lora_like(None, rank=4).rank
-            4
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in arguments.items() if k in names})
-
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
 
+@shared_settings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LayerConfig(MethodConfig):
     """Settings of methods that wrap weight layers (LoRA and its relatives): which layers to adapt.

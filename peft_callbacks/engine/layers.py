@@ -13,8 +13,19 @@ r"""The two building blocks of every method that adapts weight layers: :class:`A
 A method writes only its :class:`Adapter` subclasses: what the update adds to the base output (``forward``), and
 how it folds into and out of the base weight (``merge_into`` / ``unmerge_from``, on float32 weights). Everything
 else (which adapters are active, disabling, merging in place or for good, key layout, the base layer's attributes)
-is shared here. The wrapper forwards attribute reads it does not know to the base layer, so model code that reads
-``layer.weight``, ``layer.in_features`` or ``layer.kernel_size`` keeps working.
+is shared here.
+
+Every adapter also answers two questions about its update, whatever the method (what forgetting control, L2-SP and
+the monitors ask, :mod:`peft_callbacks.forgetting.updates`):
+
+* **how big is it**: :meth:`Adapter.delta_weight` (``ΔW = W' − W₀``, float32, shaped like the stored base weight,
+  differentiable) and :meth:`Adapter.update_norm` (``‖ΔW‖_F``). Both have defaults built on ``merge_into``; methods
+  with a closed form override them (LoRA's norm comes from two ``r × r`` Gram matrices, ``ΔW`` is never formed);
+* **scale it**: :attr:`Adapter.scale` (:mod:`peft_callbacks.engine.scaling`), applied in ``forward`` and in the
+  merge: ``0`` is the base layer, ``1`` the trained one, and each method's docstring says what ``s`` between means.
+
+The wrapper forwards attribute reads it does not know to the base layer, so model code that reads ``layer.weight``,
+``layer.in_features`` or ``layer.kernel_size`` keeps working.
 
 Example::
 
@@ -51,6 +62,7 @@ from peft_callbacks.core.kinds import (
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.engine.config import MethodConfig
+from peft_callbacks.engine.scaling import Scalable
 
 __all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
 
@@ -58,11 +70,13 @@ DEFAULT_ADAPTER = "default"
 _BASE, _ADAPTERS = "base_layer", "adapters"
 
 
-class Adapter(PEFTModule):
+class Adapter(Scalable, PEFTModule):
     """One method's trainable update of one base layer, under one adapter name.
 
     Subclasses create their tensors in ``__init__(base_layer, config)`` and implement :meth:`forward`; mergeable
-    methods also implement :meth:`merge_into` and :meth:`unmerge_from`. Methods that change the layer's *input*
+    methods also implement :meth:`merge_into` and :meth:`unmerge_from`. Both apply :attr:`scale` (see
+    :mod:`peft_callbacks.engine.scaling`); :meth:`delta_weight` and :meth:`update_norm` then come for free, and a
+    method with a closed form for them overrides them. Methods that change the layer's *input*
     (IA3 on feed-forward layers, OFT) set ``changes_input = True`` and implement :meth:`transform_input`.
 
     A subclass for ``"linear"`` layers adapts quantized linear layers too (``"linear_4bit"``, ``"linear_8bit"``,
@@ -141,6 +155,35 @@ class Adapter(PEFTModule):
         """Inverse of :meth:`merge_bias_into`."""
         return bias
 
+    # -- the update: its size (the scale is in Scalable) -------------------------------------------------------------
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``ΔW = W' − W₀``: what this adapter changes in its base layer's weight at its current :attr:`scale`, in
+        float32, shaped like the stored base weight, differentiable in the adapter's tensors.
+
+        By default ``merge_into(layer, W₀) − W₀``, which needs the ``layer`` the adapter lives in; methods with a
+        closed form that does not depend on ``W₀`` (LoRA's ``s·B·A``) override it and need no layer.
+
+        Raises:
+            TypeError: no ``layer`` for a method whose update depends on the base weight.
+        """
+        if not isinstance(layer, AdaptedLayer):
+            raise TypeError(
+                f"`layer` of {type(self).__name__}.delta_weight must be the AdaptedLayer it lives in (its update "
+                f"depends on the base weight), got {type(layer).__name__}."
+            )
+        weight = base_weight(layer.base_layer).float()
+        return self.merge_into(layer, weight) - weight
+
+    def delta_weights(self, layer: AdaptedLayer) -> dict[str, torch.Tensor]:
+        """``{base tensor name: ΔW}`` of every weight this adapter changes: ``{"weight": delta_weight(layer)}`` for
+        a weight layer (a bias change, IA3's, is not a weight), one entry per parameter for parameter adapters."""
+        return {"weight": self.delta_weight(layer)}
+
+    def update_norm(self, layer: AdaptedLayer, *, squared: bool = False) -> torch.Tensor:
+        """``‖ΔW‖_F`` over :meth:`delta_weights` (float32 scalar, differentiable). ``squared=True`` gives ``‖ΔW‖²``,
+        whose gradient is defined at ``ΔW = 0`` too (use it in a penalty)."""
+        return norm_of(self.delta_weights(layer).values(), squared)
+
 
 class AdaptedLayer(PEFTModule):
     """A base weight layer plus its adapters (see the module docstring).
@@ -213,8 +256,9 @@ class AdaptedLayer(PEFTModule):
         return self.forward_with(x, names, *args, **kwargs)
 
     def forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The layer's output with exactly the adapters ``names`` applied (unmerged ones; none: the base layer)."""
-        adapters = [self.adapters[name] for name in names]
+        """The layer's output with exactly the adapters ``names`` applied (unmerged ones; none: the base layer). An
+        adapter at scale 0 changes nothing and is skipped, so the layer computes its base layer's output to the bit."""
+        adapters = [self.adapters[name] for name in names if self.adapters[name].scale != 0.0]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         # an adapter with hooks of its own (an FSDP2 unit: its hooks gather its shards) must be called as a module
@@ -282,6 +326,37 @@ class AdaptedLayer(PEFTModule):
         """``merged_weight(names) − W₀`` in float32: what the adapters change."""
         return self.merged_weight(names) - base_weight(self.base_layer).float()
 
+    # -- the update, as forgetting control reads it -------------------------------------------------------------
+    def applied_adapters(self) -> list[str]:
+        """The adapters the forward pass applies now: the active ones that are not merged into the base."""
+        return [name for name in self.active_adapters if name not in self.merged_adapters]
+
+    def weight_names(self, names: Iterable[str] | None = None) -> list[str]:
+        """The base tensors whose change is the update's size: ``["weight"]`` (parameter adapters: theirs)."""
+        return ["weight"]
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        """The base layer's tensor ``key`` as the adapters see it, float32 (a quantized weight dequantized)."""
+        return base_weight(self.base_layer).float() if key == "weight" else self.base_layer.get_parameter(key).float()
+
+    def delta_weights(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{weight name: ΔW}`` that the adapters ``names`` (default: :meth:`applied_adapters`) make, float32,
+        differentiable. One adapter answers itself (:meth:`Adapter.delta_weights`: closed forms where it has them);
+        several are composed as the merge composes them."""
+        names = self.applied_adapters() if names is None else list(names)
+        if len(names) == 1:
+            return self.adapters[names[0]].delta_weights(self)
+        merged = self.merged_state(names)
+        return {key: merged[key] - self.base_tensor(key) for key in self.weight_names(names)}
+
+    def update_norm(self, names: Iterable[str] | None = None, *, squared: bool = False) -> torch.Tensor:
+        """``‖ΔW‖_F`` of :meth:`delta_weights` (float32 scalar, differentiable; ``squared``: ``‖ΔW‖²``). One adapter
+        answers itself (LoRA without forming ``ΔW``)."""
+        names = self.applied_adapters() if names is None else list(names)
+        if len(names) == 1:
+            return self.adapters[names[0]].update_norm(self, squared=squared)
+        return norm_of(self.delta_weights(names).values(), squared)
+
     def merged_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """``{base tensor name: value}`` (float32) of every base tensor the adapters ``names`` (default: the active
         ones) change, with them folded in: ``weight`` (and ``bias`` where the layer has one) here."""
@@ -325,14 +400,23 @@ class AdaptedLayer(PEFTModule):
             self.tell_merged(names)
             self.write_state(state)
         self.merged_adapters = names
+        self.__dict__["_merged_scales"] = {name: self.adapters[name].scale for name in names}
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weight again (float32, cast back once)."""
         if not self.merged_adapters:
             return
-        with full_parameters(self, writeback=True), torch.no_grad():
-            state = self.unmerged_state()
-            self.write_state(state)
+        scales = self.__dict__.pop("_merged_scales", {})
+        current = {name: adapter.scale for name, adapter in self.adapters.items()}
+        try:  # take out what went in: each adapter at the scale it was merged with
+            for name, scale in scales.items():
+                self.adapters[name].scale = scale
+            with full_parameters(self, writeback=True), torch.no_grad():
+                state = self.unmerged_state()
+                self.write_state(state)
+        finally:
+            for name, scale in current.items():
+                self.adapters[name].scale = scale
         self.merged_adapters = []
 
     # -- the base layer's attributes pass through ---------------------------------------------------------------
@@ -350,6 +434,21 @@ class AdaptedLayer(PEFTModule):
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
         return f"active={self.active_adapters}{merged}" + (", disabled" if self.disabled else "")
+
+
+def norm_of(tensors: Iterable[torch.Tensor], squared: bool = False) -> torch.Tensor:
+    """``‖·‖_F`` of ``tensors`` taken together (float32 scalar; ``squared``: its square), differentiable.
+
+    Example::
+
+        >>> norm_of([torch.full((2,), 3.0), torch.full((1,), 4.0)], squared=True)
+        tensor(34.)
+    """
+    total = torch.zeros(())
+    for tensor in tensors:
+        value = tensor.float().pow(2).sum()
+        total = total.to(value.device) + value
+    return total if squared else total.sqrt()
 
 
 def check_finite(where: str, weight: torch.Tensor) -> None:

@@ -396,14 +396,50 @@ def _tied(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
 
 
 def register_method(method: Method) -> Method:
-    """Register ``method`` under ``method.name`` (its config and adapter classes learn the name)."""
+    """Register ``method`` under ``method.name``; its adapter classes learn the name.
+
+    The config class names its method where it is declared (``class LoRAConfig(LayerConfig, method="lora")``), and
+    that name must be ``method.name``. A name is taken once: registering another method under it is refused, as HF
+    PEFT refuses it. The same method class registered again (its module re-imported, ``importlib.reload``) replaces
+    the earlier object.
+
+    Raises:
+        ValueError: no name or title, a config class that names another method, or a name another method holds.
+
+    Example::
+
+        >>> from peft_callbacks.methods.lora.method import LoRAMethod
+        >>> class Impostor(LoRAMethod):
+        ...     pass
+        >>> register_method(Impostor())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the method name 'lora' is taken by peft_callbacks.methods.lora.method.LoRAMethod; cannot ...
+    """
     if not method.name or not method.title:
         raise ValueError(f"A method needs a name and a title, got {method.name!r} / {method.title!r}.")
+    declared = method.config_class.method
+    if declared != method.name:
+        config = method.config_class.__name__
+        raise ValueError(
+            f"{_qualified(method)} is named {method.name!r}, but its config class {config} names method "
+            f"{declared!r}; declare it as `class {config}(..., method={method.name!r})`."
+        )
+    taken = _METHODS.get(method.name)
+    if taken is not None and _qualified(taken) != _qualified(method):
+        raise ValueError(
+            f"the method name {method.name!r} is taken by {_qualified(taken)}; cannot register {_qualified(method)} "
+            f"under it: give it another name (and its config class method=...)."
+        )
     _METHODS[method.name] = method
-    method.config_class.method = method.name
     for adapter_class in method.all_adapter_classes() if isinstance(method, LayerMethod) else []:
         adapter_class.method = method.name
     return method
+
+
+def _qualified(method: Method) -> str:
+    """``module.Class`` of a method object: the same after its module is imported again."""
+    return f"{type(method).__module__}.{type(method).__qualname__}"
 
 
 def _load_methods() -> None:

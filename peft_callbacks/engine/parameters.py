@@ -106,6 +106,22 @@ class ParameterAdapter(Adapter):
         """Inverse of :meth:`merge_parameter_into`."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged from its base module.")
 
+    # -- the update ---------------------------------------------------------------------------------------------
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        raise TypeError(
+            f"{type(self).__name__} changes parameters {list(self.parameter_names)}, not one weight; use "
+            f"delta_weights(layer)."
+        )
+
+    def delta_weights(self, layer: AdaptedParameters) -> dict[str, torch.Tensor]:
+        """``{parameter name: ΔP}`` at the current :attr:`scale`, float32, shaped like each parameter; by default
+        ``merge_parameter_into(layer, name, P) − P``."""
+        out = {}
+        for name in self.parameter_names:
+            value = getattr(layer.base_layer, name).float()
+            out[name] = self.merge_parameter_into(layer, name, value) - value
+        return out
+
 
 class AdaptedParameters(AdaptedLayer):
     """A module plus adapters that change some of its parameters (see the module docstring).
@@ -139,7 +155,7 @@ class AdaptedParameters(AdaptedLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        adapters = [self.adapters[n] for n in active]
+        adapters = [self.adapters[n] for n in active if self.adapters[n].scale != 0.0]  # scale 0: no change
         if not adapters:
             return self.base_layer(*args, **kwargs)
         values = {}
@@ -190,3 +206,6 @@ class AdaptedParameters(AdaptedLayer):
 
     def merged_bias(self, names: Iterable[str] | None = None) -> torch.Tensor | None:
         return None
+
+    def weight_names(self, names: Iterable[str] | None = None) -> list[str]:
+        return self.adapted_names(names)

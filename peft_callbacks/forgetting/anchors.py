@@ -2,9 +2,10 @@ r"""The starting point of a fine-tune, and the update made since: what L2-SP, EW
 
 :class:`UpdateAnchor` describes the *update space* of a model:
 
-* every mergeable PEFT layer (LoRA, DoRA, …) contributes its weight-space update ``ΔW`` (one entry per layer, named
-  ``<layer path>.weight``: the name the merged weight will have), read through
-  :func:`~peft_callbacks.forgetting.updates.weight_update`. Its starting weight ``W₀`` is the frozen base weight, so
+* every adapted layer (any layer method: LoRA, DoRA, IA3, LoHa, LoKr, OFT, VeRA, AdaLoRA, LoRA on expert parameters)
+  contributes its weight-space update ``ΔW`` (one entry per adapted weight, named ``<layer path>.weight``, or
+  ``<layer path>.<parameter>`` for parameter adapters: the name the merged tensor will have), read through
+  :func:`~peft_callbacks.forgetting.updates.weight_updates`. Its starting weight ``W₀`` is the frozen base weight, so
   nothing is copied;
 * every other tensor that trains (full fine-tuning, unfrozen layers, adapters, prompts, norms) contributes
   ``θ − θ₀``, with ``θ₀`` copied the first time the tensor is seen trainable (:meth:`UpdateAnchor.capture`; call it
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.core.targets import in_subtree
-from peft_callbacks.forgetting.updates import disabled_layers, mergeable_layers, update_square_norm, weight_update
+from peft_callbacks.forgetting.updates import disabled_layers, mergeable_layers, update_square_norm, weight_updates
 
 
 class UpdateAnchor:
@@ -65,15 +66,16 @@ class UpdateAnchor:
         self.include = None if include is None else list(include)
         self.buffers = buffers
         self.start: dict[str, torch.Tensor] = {}
-        self.layers = {p: m for p, m in mergeable_layers(root).items() if self._in_scope(p)}
+        self.layers = {p: m for p, m in mergeable_layers(root).items() if self.in_scope(p)}
 
-    def _in_scope(self, path: str) -> bool:
+    def in_scope(self, path: str) -> bool:
+        """Is the module at ``path`` inside the update space (inside ``include``, outside ``exclude``)?"""
         inside = self.include is None or "" in self.include or in_subtree(path, self.include)
         return inside and not in_subtree(path, self.exclude)
 
     def _outside(self, name: str) -> bool:
         owner = name.rpartition(".")[0]
-        return self._in_scope(owner) and not in_subtree(owner, self.layers)
+        return self.in_scope(owner) and not in_subtree(owner, self.layers)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` of the live trainable tensors outside mergeable layers and excluded paths."""
@@ -94,21 +96,23 @@ class UpdateAnchor:
                 new.append(name)
         return new
 
-    def layer_name(self, path: str) -> str:
-        """The name of a mergeable layer's weight-space entry: ``<path>.weight``."""
-        return f"{path}.weight" if path else "weight"
+    def layer_name(self, path: str, key: str = "weight") -> str:
+        """The name of an adapted layer's weight-space entry for its weight ``key``: ``<path>.<key>``."""
+        return f"{path}.{key}" if path else key
 
     def updates(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, ΔW or θ − θ₀)`` for every entry of the update space, differentiable, float32."""
         for path, layer in self.layers.items():
-            yield self.layer_name(path), weight_update(layer)
+            for key, delta in weight_updates(layer).items():
+                yield self.layer_name(path, key), delta
         live = dict(self.tensors())
         for name, start in self.start.items():
             if name in live:
                 yield name, (live[name].float() - start.to(live[name].device).float())
 
     def square_norm(self) -> torch.Tensor:
-        """``Σ ‖update‖²`` over the whole update space (LoRA layers in rank space), differentiable."""
+        """``Σ ‖update‖²`` over the whole update space (each adapter computes its own: LoRA in rank space),
+        differentiable."""
         total = torch.zeros(())
         for layer in self.layers.values():
             value = update_square_norm(layer)
@@ -122,7 +126,7 @@ class UpdateAnchor:
 
     @contextlib.contextmanager
     def at_start(self) -> Iterator[None]:
-        """The model computes its starting point inside the ``with`` block: mergeable layers skip their update and
+        """The model computes its starting point inside the ``with`` block: adapted layers skip their update and
         every captured tensor holds ``θ₀`` (swapped in without a copy). Use it before building a graph: tensors
         saved for backward must not be swapped under it."""
         live = dict(self.tensors())

@@ -1,7 +1,7 @@
 r"""Loss terms that keep the base task: L2-SP, EWC's diagonal Fisher and penalty, and LwF distillation.
 
 All act on the update space of :class:`~peft_callbacks.forgetting.anchors.UpdateAnchor` (weight space ``ΔW`` for
-mergeable PEFT layers, ``θ − θ₀`` for every other trained tensor):
+adapted layers of every layer method, ``θ − θ₀`` for every other trained tensor):
 
 * **L2-SP** (Li et al. 2018, "Explicit inductive bias for transfer learning", eq. 2, the ``α`` term):
   ``α/2 · Σ ‖update‖²`` pulls the fine-tuned weights back to the starting point.
@@ -88,7 +88,7 @@ def diagonal_fisher(
     """Diagonal empirical Fisher of the base task over the anchor's update space, at the current weights.
 
     ``F = 1/N · Σ_b (∇ L_b)²`` with ``L_b = loss_fn(batch_b)`` (the mean base-task loss of mini-batch ``b``) and
-    ``N`` the number of batches. For a mergeable layer the gradient is taken in weight space: with respect to the
+    ``N`` the number of batches. For an adapted layer the gradient is taken in weight space: with respect to the
     merged weight ``W``, the layer run as a plain layer (:func:`~peft_callbacks.forgetting.updates.folded_weights`);
     for every other tensor of the anchor (frozen ones too, for an anchor that is not trainable-only) with respect to
     the tensor. With several processes batch ``b`` is taken by rank
@@ -101,11 +101,10 @@ def diagonal_fisher(
     Raises:
         ValueError: ``batches`` yields no batch.
     """
-    layer_names = {anchor.layer_name(path): layer for path, layer in anchor.layers.items()}
     tensors = dict(anchor.tensors())  # frozen ones too when the anchor is not trainable-only
     frozen = [t for t in tensors.values() if not t.requires_grad]
-    with folded_weights(anchor.layers, requires_grad=True), _requiring_grad(frozen):
-        targets = {name: layer.base_layer.weight for name, layer in layer_names.items()}
+    with folded_weights(anchor.layers, requires_grad=True) as folded, _requiring_grad(frozen):
+        targets = {anchor.layer_name(path, key): t for path, weights in folded.items() for key, t in weights.items()}
         targets.update(tensors)
         names, params = list(targets), list(targets.values())
         if not params:

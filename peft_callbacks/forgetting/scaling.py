@@ -1,9 +1,11 @@
 r"""Scale a fine-tune's update by ``s`` and pick the ``s`` that learns most within a forgetting budget.
 
-``θ(s) = θ₀ + s·(θ₁ − θ₀)``: ``s = 0`` is the model before fine-tuning, ``s = 1`` the trained one. For mergeable PEFT
-layers this is ``W₀ + s·ΔW`` (exactly ``s·B·A`` added for LoRA; HF PEFT's ``rescale_adapter_scale`` is the same
-knob), for bottleneck adapters the adapter's output times ``s``, and for every other trained tensor (full
-fine-tuning) the weight-space interpolation of WiSE-FT (Wortsman et al. 2022, eq. 1), BatchNorm statistics included.
+``θ(s) = θ₀ + s·(θ₁ − θ₀)``: ``s = 0`` is the model before fine-tuning, ``s = 1`` the trained one. For adapted layers
+of every method this is the adapters' own :attr:`~peft_callbacks.engine.scaling.Scalable.scale` (HF PEFT's
+``rescale_adapter_scale`` is the same knob): ``W₀ + s·ΔW`` for most (exactly ``s·B·A`` added for LoRA; DoRA's
+effective weight interpolated; IA3's vector ``1 + s·(l − 1)``), OFT's rotation generator times ``s``; for bottleneck
+adapters the adapter's output times ``s``; and for every other trained tensor (full fine-tuning) the weight-space
+interpolation of WiSE-FT (Wortsman et al. 2022, eq. 1), BatchNorm statistics included.
 
 :func:`choose_scale` takes the curve ``(s, new-task score, forgetting)`` and returns the ``s`` with the best
 new-task score among those that forget at most the budget (ties: less forgetting, then larger ``s``). ``s = 0``
@@ -30,13 +32,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.forgetting.anchors import UpdateAnchor
-from peft_callbacks.forgetting.updates import (
-    adapter_factors,
-    bottleneck_adapters,
-    commit_scaled_update,
-    folded_weights,
-    scale_adapters,
-)
+from peft_callbacks.forgetting.updates import commit_scaled_update, layer_adapters, output_adapters, scaled_updates
 
 
 def check_grid(grid: Any) -> list[float]:
@@ -84,17 +80,15 @@ class UpdateScaler:
     Built at the end of training, from the anchor whose ``θ₀`` was captured at the start.
 
     Args:
-        anchor: the update space of the model (mergeable layers, ``θ₀`` of other trained tensors, with buffers).
-        adapters: scale the output of bottleneck adapters found in ``anchor.root`` (their parameters are then left
-            out of the interpolated tensors).
+        anchor: the update space of the model (adapted layers, ``θ₀`` of other trained tensors, with buffers).
+        adapters: scale the output of output adapters (bottleneck adapters) inside the anchor's scope (their
+            parameters are then left out of the interpolated tensors).
     """
 
     def __init__(self, anchor: UpdateAnchor, adapters: bool = True) -> None:
         self.anchor = anchor
-        self.adapters = {
-            p: a for p, a in (bottleneck_adapters(anchor.root) if adapters else {}).items() if p not in anchor.exclude
-        }
-        self._adapter_factors = adapter_factors(self.adapters)
+        found = output_adapters(anchor.root) if adapters else {}
+        self.adapters = {p: a for p, a in found.items() if anchor.in_scope(p)}
         inside = {id(t) for a in self.adapters.values() for t in a.parameters()}  # adapters scale as a whole
         live = dict(anchor.tensors())
         self._tensors = {
@@ -105,7 +99,7 @@ class UpdateScaler:
 
     @property
     def tensor_names(self) -> list[str]:
-        """Names of the interpolated tensors (outside mergeable layers and adapters)."""
+        """Names of the interpolated tensors (outside adapted layers and output adapters)."""
         return list(self._tensors)
 
     def _set_tensors(self, s: float) -> None:
@@ -117,21 +111,20 @@ class UpdateScaler:
     @contextlib.contextmanager
     def scaled(self, s: float) -> Iterator[None]:
         """The model computes ``θ(s)`` inside the ``with`` block, and ``θ₁`` again afterwards."""
+        modules = [*layer_adapters(self.anchor.layers), *self.adapters.values()]
         try:
             self._set_tensors(s)
-            scale_adapters(self.adapters, self._adapter_factors, s)
-            with folded_weights(self.anchor.layers, scale=s):
+            with scaled_updates(modules, s):
                 yield
         finally:
             self._set_tensors(1.0)
-            scale_adapters(self.adapters, self._adapter_factors, 1.0)
 
     def commit(self, model: nn.Module, s: float) -> list[str]:
-        """Leave the model at ``θ(s)``: tensors interpolated, adapters scaled, mergeable layers set (LoRA's ``B``
-        scaled) or merged at ``s`` (returned paths, relative to ``anchor.root``).
+        """Leave the model at ``θ(s)``: tensors interpolated, the scale written into the adapters that can hold it
+        (LoRA's ``B``, the adapters' up-projections), the layers of the others merged at ``s`` (returned paths,
+        relative to ``anchor.root``).
 
         ``model`` must be ``anchor.root``.
         """
         self._set_tensors(s)
-        scale_adapters(self.adapters, self._adapter_factors, s)
-        return commit_scaled_update(model, self.anchor.layers, s)
+        return commit_scaled_update(model, self.anchor.layers, s, outputs=self.adapters.values())

@@ -74,6 +74,9 @@ class ForgettingTracker:
         columns = ["epoch", "step", "value", "forgetting", "relative_drop_percent", "kl_to_baseline"]
         columns += ["feature_cosine", "val_metric"]
         titles = ["epoch", "step", f"base {metric_name}", "forgetting", "drop %", "KL", "feat cos", "new-task val"]
+        if any(r.get("update_norm") is not None for r in self.history):
+            columns.append("update_norm")
+            titles.append("|dW|")
         rows = [[_cell(r.get(c)) for c in columns] for r in self.history]
         widths = [max(len(t), *(len(r[i]) for r in rows)) for i, t in enumerate(titles)]
         lines = ["  ".join(t.rjust(w) for t, w in zip(titles, widths))]

@@ -37,6 +37,7 @@ from peft_callbacks.io.slim_reshard import complete_state
 from peft_callbacks.io.state import base_keys, base_state, loaded_keys, trained_state
 
 __all__ = [
+    "SLIM_CHECKPOINT_KEY",
     "SLIM_FORMAT_VERSION",
     "SlimCheckpointError",
     "check_slim_record",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 SLIM_FORMAT_VERSION = 1
+SLIM_CHECKPOINT_KEY = "peft_callbacks_slim"  # the entry of a Lightning checkpoint that holds the slim record
 
 
 class SlimCheckpointError(ValueError):

@@ -5,7 +5,10 @@ r"""IA3 (Liu et al. 2022, "(IA)³", §3.3): learned vectors that rescale activat
     attention-type layer:   h = l ⊙ (W₀x + b)        l: (out,)   the output is rescaled
     feed-forward layer:     h = W₀(l ⊙ x) + b        l: (in,)    the input is rescaled
 
-``l`` starts at ones, so an adapted layer computes what the base did. The paper rescales keys, values and the
+``l`` starts at ones, so an adapted layer computes what the base did. The adapter's
+:attr:`~peft_callbacks.engine.scaling.Scalable.scale` ``s`` uses the vector ``1 + s·(l − 1)`` (forward and merge):
+the weight is then exactly ``W₀ + s·ΔW`` (and the bias ``b + s·Δb``), ``s = 0`` the base layer; absorbing the scale
+writes that vector into ``l``. The paper rescales keys, values and the
 intermediate activation of the feed-forward block (the input of its second projection); here every targeted layer
 gets one vector, and the layers named by ``feedforward_modules`` (by default: those whose input is wider than their
 output, i.e. the down-projections of MLP blocks) rescale their input. Both forms fold into the weight exactly
@@ -47,7 +50,7 @@ __all__ = ["IA3", "IA3Config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IA3Config(LayerConfig):
+class IA3Config(LayerConfig, method="ia3"):
     """IA3: one learned scaling vector per adapted layer (on its output, or on its input for feed-forward layers).
 
     Attributes:
@@ -92,8 +95,18 @@ class IA3(Adapter):
         dtype = weight.dtype if weight.is_floating_point() else None
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
 
+    absorbs_scale = True
+
+    def scaled_vector(self) -> torch.Tensor:
+        """``1 + scale·(l − 1)``: ``l`` itself at scale 1, ones at scale 0."""
+        return self.ia3_l if self.scale == 1.0 else 1 + self.scale * (self.ia3_l - 1)
+
+    def store_scale(self, scale: float) -> None:
+        self.ia3_l.copy_(1 + scale * (self.ia3_l - 1))
+
     def _vector(self, ndim: int) -> torch.Tensor:
-        return self.ia3_l if self.kind == "conv" else self.ia3_l.flatten()  # Linear: (in,) or (out,) on the last dim
+        vector = self.scaled_vector()
+        return vector if self.kind == "conv" else vector.flatten()  # Linear: (in,) or (out,) on the last dim
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         return (x.to(self.ia3_l.dtype) * self._vector(x.ndim)).to(x.dtype)
@@ -105,7 +118,7 @@ class IA3(Adapter):
 
     def _weight_scale(self) -> torch.Tensor:
         """``l`` shaped to multiply the stored base weight: rows (outputs) or columns (inputs)."""
-        scale = self.ia3_l.float()
+        scale = self.scaled_vector().float()
         if self.kind == "conv":
             return scale if self.feedforward else scale.transpose(0, 1)  # (1, in, 1, …) or (out, 1, 1, …)
         return scale.T if self.kind == "hf_conv1d" else scale  # Conv1D stores (in, out)
@@ -122,10 +135,10 @@ class IA3(Adapter):
         return weight / self._weight_scale()
 
     def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.feedforward else bias * self.ia3_l.float().reshape(bias.shape)
+        return bias if self.feedforward else bias * self.scaled_vector().float().reshape(bias.shape)
 
     def unmerge_bias_from(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.feedforward else bias / self.ia3_l.float().reshape(bias.shape)
+        return bias if self.feedforward else bias / self.scaled_vector().float().reshape(bias.shape)
 
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}"

@@ -55,7 +55,7 @@ __all__ = ["LoHaAdapter", "LoHaConfig", "LoHaConv", "LoHaConv1D", "LoHaLinear"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoHaConfig(LycorisConfig):
+class LoHaConfig(LycorisConfig, method="loha"):
     """LoHa: a Hadamard product of two rank-``r`` updates, scaled by ``alpha / rank`` (HF PEFT's ``LoHaConfig``).
 
     Attributes:
@@ -112,7 +112,10 @@ class LoHaAdapter(LycorisAdapter):
             kaiming_(getattr(self, name))
         nn.init.zeros_(self.hada_w2_b)
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def update_factor(self) -> torch.Tensor:
+        return self.hada_w2_b  # ΔW = c·(W1a·W1b) ⊙ (W2a·W2b): linear in W2b, also through a core tensor
+
+    def kernel_delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w1_a, w1_b = self._tensor("hada_w1_a", dtype), self._tensor("hada_w1_b", dtype)
         w2_a, w2_b = self._tensor("hada_w2_a", dtype), self._tensor("hada_w2_b", dtype)
         if self.effective_conv:

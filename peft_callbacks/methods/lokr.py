@@ -59,7 +59,7 @@ __all__ = ["LoKrAdapter", "LoKrConfig", "LoKrConv", "LoKrConv1D", "LoKrLinear", 
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKrConfig(LycorisConfig):
+class LoKrConfig(LycorisConfig, method="lokr"):
     """LoKr: a Kronecker product ``W1 ⊗ W2`` scaled by ``alpha / rank`` (HF PEFT's ``LoKrConfig``).
 
     Attributes:
@@ -161,7 +161,10 @@ class LoKrAdapter(LycorisAdapter):
         for name in names:
             kaiming_(getattr(self, name))
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def update_factor(self) -> torch.Tensor:
+        return self.lokr_w1 if self.full_w1 else self.lokr_w1_a  # ΔW = c·W1 ⊗ W2: linear in W1 (or W1a)
+
+    def kernel_delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = lambda name: self._tensor(name, dtype)  # noqa: E731
         w1 = t("lokr_w1") if self.full_w1 else t("lokr_w1_a") @ t("lokr_w1_b")  # (a, c)
         if self.full_w2:

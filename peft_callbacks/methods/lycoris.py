@@ -13,6 +13,10 @@ same order as PEFT does, so with the same seed both libraries drop the same rows
 
 ``ΔW`` is built in PEFT's layout (``(out, in, *kernel)``), so transformers ``Conv1D`` layers (stored ``(in, out)``)
 hold the same tensors as an ``nn.Linear`` of the same width; the merge transposes.
+
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` multiplies ``alpha / rank``: the layer computes
+``W₀ + scale·ΔW``, linear in ``scale``; absorbing it scales the one factor the update is linear in (LoHa's
+``hada_w2_b``, LoKr's ``W1``).
 """
 
 from __future__ import annotations
@@ -68,20 +72,21 @@ class LycorisAdapter(Adapter):
     """A LoHa or LoKr update of one layer: subclasses create their tensors and say how they make ``ΔW``.
 
     Attributes:
-        r, alpha, scaling: the rank, ``alpha`` and ``alpha / r``.
+        r, alpha, scaling: the rank, ``alpha`` and ``alpha / r`` times :attr:`scale`.
         out_features, in_features, kernel_size: the base layer's widths and kernel (``()`` for linear layers).
         effective_conv: the kernel is factored through a core tensor (``use_effective_conv2d`` on a conv whose
             kernel is larger than 1; PEFT ignores the option on 1×1 kernels, and so do we).
     """
 
     scale_rank_dropout: bool = True  # divide the kept rows by the kept fraction (LoKr: only with rank_dropout_scale)
+    absorbs_scale = True
 
     def __init__(self, base_layer: nn.Module, config: LycorisConfig) -> None:
         super().__init__(base_layer, config)
         weight = base_weight(base_layer)
         self.r = config.rank
         self.alpha = config.alpha
-        self.scaling = config.alpha / config.rank
+        self.lycoris_scaling = config.alpha / config.rank
         self.rank_dropout = config.rank_dropout
         self.module_dropout = config.module_dropout
         if self.kind == "hf_conv1d":
@@ -95,6 +100,11 @@ class LycorisAdapter(Adapter):
             setattr(self, name, nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype)))
         self.reset_parameters()
 
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` times :attr:`scale`: what the update is multiplied by."""
+        return self.lycoris_scaling * self.scale
+
     # -- what a method gives --------------------------------------------------------------------------------------
     def parameter_shapes(self, config: LycorisConfig) -> dict[str, tuple[int, ...]]:
         """``{tensor name: shape}`` in PEFT's names and shapes."""
@@ -104,8 +114,12 @@ class LycorisAdapter(Adapter):
         """PEFT's default initialisation: the update is zero at injection."""
         raise NotImplementedError
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def kernel_delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ΔW`` (scaled) in PEFT's layout ``(out, in, *kernel)``, computed in ``dtype`` (default: the tensors')."""
+        raise NotImplementedError
+
+    def update_factor(self) -> torch.Tensor:
+        """The tensor ``ΔW`` is linear in (scaled by :meth:`absorb_scale`)."""
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ class LycorisAdapter(Adapter):
         # of both libraries aligned (the model's own dropout layers then drop the same units).
         if self.training and not bool(torch.rand(1) > self.module_dropout):
             return result
-        delta = self.delta_weight()  # (out, in, *kernel)
+        delta = self.kernel_delta()  # (out, in, *kernel)
         if self.training and self.rank_dropout:
             delta = delta * self._rank_dropout_mask(delta)
         x = x.to(delta.dtype)
@@ -143,11 +157,18 @@ class LycorisAdapter(Adapter):
         """``ΔW`` shaped like the stored base weight (transformers ``Conv1D`` stores ``(in, out)``)."""
         return delta.t() if self.kind == "hf_conv1d" else delta.reshape(self.weight_shape)
 
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``ΔW`` in float32, shaped like the stored base weight (no ``layer`` needed)."""
+        return self._stored(self.kernel_delta(torch.float32))
+
+    def store_scale(self, scale: float) -> None:
+        self.update_factor().mul_(scale)
+
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self._stored(self.delta_weight(torch.float32))
+        return weight + self.delta_weight()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self._stored(self.delta_weight(torch.float32))
+        return weight - self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"

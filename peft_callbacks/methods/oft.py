@@ -17,6 +17,11 @@ The rotated width is the layer's input width (``in``, or ``in·k…`` for a conv
 its input channels). If ``oft_block_size`` (or ``rank``, the number of blocks) does not divide it, the nearest value
 that does is used, with a warning, exactly as PEFT does.
 
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` ``t`` scales the generator: ``R(t) =
+Cayley(t·Q)``, block by block, in the forward pass and in the merge. ``t = 0`` is the identity (the base layer) and
+``t = 1`` the trained rotation, exactly, and every ``R(t)`` is a rotation still (the angles between neurons stay
+kept), so the layer's weight is not ``W₀ + t·ΔW`` between the two; absorbing the scale multiplies ``oft_R`` by ``t``.
+
 Linear layers, transformers ``Conv1D`` and convolutions with a 1×1 kernel rotate their input (the base layer then
 runs as it is). For larger kernels the weight itself is rotated (``W₀·Rᵀ``, an extra convolution with
 ``W₀·Rᵀ − W₀``): PEFT's Conv2d rotates overlapping input patches and folds them back, which neither starts at the
@@ -63,7 +68,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OFTConfig(LayerConfig):
+class OFTConfig(LayerConfig, method="oft"):
     """OFT: a block-diagonal orthogonal rotation of each adapted layer's input (HF PEFT's ``OFTConfig``).
 
     Give the size of the blocks (``oft_block_size``) or their number per layer (``rank``), not both: the other is
@@ -166,6 +171,9 @@ class OFTAdapter(Adapter):
         rotates_input: the input is rotated (Linear, ``Conv1D``, 1×1 kernels) rather than the weight.
     """
 
+    absorbs_scale = True
+    linear_scale = False  # the scale multiplies the rotation's generator Q, not ΔW
+
     def __init__(self, base_layer: nn.Module, config: OFTConfig) -> None:
         super().__init__(base_layer, config)
         weight = base_weight(base_layer)
@@ -221,11 +229,11 @@ class OFTAdapter(Adapter):
         return rotation
 
     def rotation(self, *, dtype: torch.dtype | None = None, dropout: bool = False) -> torch.Tensor:
-        """The blocks ``(r, b, b)`` of ``R``, computed in ``dtype`` (default: ``oft_R``'s); ``dropout`` applies
-        ``module_dropout`` (training forward passes only)."""
+        """The blocks ``(r, b, b)`` of ``R`` at the current scale, computed in ``dtype`` (default: ``oft_R``'s);
+        ``dropout`` applies ``module_dropout`` (training forward passes only)."""
         if self.coft:
             self._project()
-        vector = self.oft_R if dtype is None else self.oft_R.to(dtype)
+        vector = self.times_scale(self.oft_R if dtype is None else self.oft_R.to(dtype))  # t·Q
         blocks = self._cayley(self._skew(vector))  # (1 or r, b, b)
         if dropout and self.module_dropout > 0 and blocks.shape[0] > 1:  # OFT's multiplicative dropout
             count = blocks.shape[0]
@@ -286,6 +294,9 @@ class OFTAdapter(Adapter):
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         return self._rotate_weight(weight, torch.linalg.inv(self.rotation(dtype=torch.float32)))
+
+    def store_scale(self, scale: float) -> None:
+        self.oft_R.mul_(scale)
 
     def extra_repr(self) -> str:
         share = ", block_share" if self.block_share else ""

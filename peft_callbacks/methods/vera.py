@@ -15,6 +15,8 @@ from which a reload draws exactly the same projections. ``save_projection`` says
 by :func:`~peft_callbacks.io.export_peft` carries them (``base_model.vera_A`` / ``vera_B``), as PEFT's flag does.
 
 With the same seed and vectors the outputs equal ``peft.VeraConfig``'s, and directories move between the two.
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` multiplies ``Λ_b`` (``W₀ + scale·ΔW``, linear;
+absorbed into ``vera_lambda_b``).
 
 Example::
 
@@ -50,7 +52,7 @@ __all__ = ["VeRA", "VeRAConfig", "VeRAProjections"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VeRAConfig(LayerConfig):
+class VeRAConfig(LayerConfig, method="vera"):
     """VeRA: shared frozen random projections, a trained scaling vector on each side per layer.
 
     Attributes:
@@ -173,6 +175,11 @@ class VeRA(Adapter):
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=dtype))
         self.vera_lambda_d = nn.Parameter(torch.full((self.r,), config.d_initial, device=weight.device, dtype=dtype))
 
+    absorbs_scale = True
+
+    def store_scale(self, scale: float) -> None:
+        self.vera_lambda_b.mul_(scale)
+
     def _sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
         projections = self.projections
         return projections.vera_A[:, : self.in_features], projections.vera_B[: self.out_features, :]
@@ -181,12 +188,16 @@ class VeRA(Adapter):
         vera_A, vera_B = self._sliced()
         x = x.to(self.vera_lambda_d.dtype)
         h = self.vera_lambda_d * F.linear(self.dropout(x), vera_A)  # (…, in) -> (…, r)
-        return result + (self.vera_lambda_b * F.linear(h, vera_B)).to(result.dtype)  # (…, r) -> (…, out)
+        lambda_b = self.times_scale(self.vera_lambda_b)
+        return result + (lambda_b * F.linear(h, vera_B)).to(result.dtype)  # (…, r) -> (…, out)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``Λ_b·B·Λ_d·A`` in float32, shaped like the stored base weight."""
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``Λ_b·B·Λ_d·A`` (times :attr:`scale`) in float32, shaped like the stored base weight (no ``layer``
+        needed)."""
         vera_A, vera_B = (t.float() for t in self._sliced())
-        delta = (self.vera_lambda_b.float()[:, None] * vera_B) @ (self.vera_lambda_d.float()[:, None] * vera_A)
+        delta = (self.times_scale(self.vera_lambda_b).float()[:, None] * vera_B) @ (
+            self.vera_lambda_d.float()[:, None] * vera_A
+        )
         return delta.T if self.kind == "hf_conv1d" else delta  # Conv1D stores (in, out)
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:

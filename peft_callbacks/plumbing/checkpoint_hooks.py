@@ -45,11 +45,11 @@ from peft_callbacks.io.checkpoint import (
     write_plain_layout,
 )
 from peft_callbacks.io.plain_copy import plain_hyperparameters
+from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.io.slim import fill_slim_state_dict
 from peft_callbacks.plumbing import seam
 
 __all__ = [
-    "SLIM_KEY",
     "install_checkpoint_hook",
     "load_checkpoint",
     "restore_checkpoint",
@@ -58,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SLIM_KEY = "peft_callbacks_slim"  # where SlimCheckpoint records what it left out of a checkpoint
 _HOOK, _LAYOUT = "on_save_checkpoint", "plain checkpoint layout"
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _LOADING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("peft_callbacks_loading", default=None)

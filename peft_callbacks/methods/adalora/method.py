@@ -8,6 +8,9 @@ in SVD form, so that rank can be moved between layers during training.
                                                  P = lora_B: (out, r₀)   left singular vectors
                                                  s = alpha,  r₀ = init_r (``ranknum``, fixed)
 
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` multiplies the factor ``s/(r₀ + 1e-5)``
+(``W₀ + scale·ΔW``, linear; absorbed into ``Λ``, which keeps masked triplets at zero).
+
 Each triplet ``(Pᵢ, λᵢ, Qᵢ)`` can be switched off by zeroing ``λᵢ``. The rank allocator
 (:class:`~peft_callbacks.methods.adalora.allocator.RankAllocator`) scores every triplet from the sensitivity of its
 tensors and zeroes the least important ones until the total rank meets a budget that shrinks from ``init_r`` to
@@ -52,7 +55,7 @@ RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaLoRAConfig(LayerConfig):
+class AdaLoRAConfig(LayerConfig, method="adalora"):
     """AdaLoRA: SVD-form low-rank updates whose ranks a budget schedule allocates across layers.
 
     The schedule (PEFT's, Zhang et al. §3.3): for the first ``tinit`` steps every layer keeps ``init_r``; then the
@@ -163,10 +166,15 @@ class AdaLoRA(Adapter):
         self.scaling = config.alpha
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    absorbs_scale = True
+
     @property
     def factor(self) -> float:
-        """``alpha / (init_r + 1e-5)``: what the product ``P·Λ·Q`` is multiplied by."""
-        return self.scaling / (self.ranknum + RANKNUM_EPS)
+        """``alpha / (init_r + 1e-5)`` times :attr:`scale`: what the product ``P·Λ·Q`` is multiplied by."""
+        return self.scaling / (self.ranknum + RANKNUM_EPS) * self.scale
+
+    def store_scale(self, scale: float) -> None:
+        self.lora_E.mul_(scale)
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = self.lora_dropout(x.to(self.lora_A.dtype))
@@ -177,8 +185,8 @@ class AdaLoRA(Adapter):
             update = (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.factor  # (…, in) -> (…, out)
         return result + update.to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s/(r₀+1e-5) · P·Λ·Q`` in float32, shaped like the stored base weight."""
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``s/(r₀+1e-5) · P·Λ·Q`` in float32, shaped like the stored base weight (no ``layer`` needed)."""
         delta = self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()) * self.factor  # (out, in·k…)
         return delta.T if self.kind == "hf_conv1d" else delta.reshape(self.weight_shape)
 

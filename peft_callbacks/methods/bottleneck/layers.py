@@ -7,7 +7,9 @@ r"""Bottleneck adapters (Houlsby et al. 2019, §2.1; Pfeiffer et al. 2021): a sm
         └────────────────────────────────────────────────(+) ──► h + up(act(down(h)))
 
 ``up`` starts at zero, so an adapter is the identity until training moves it. One adapter holds
-``2·d·m + d + m`` parameters (two weight matrices and their biases).
+``2·d·m + d + m`` parameters (two weight matrices and their biases). Its
+:attr:`~peft_callbacks.engine.scaling.Scalable.scale` ``s`` scales what it adds, ``h + s·up(act(down(h)))`` (``s = 0``:
+the identity); absorbing it scales ``up``'s weight and bias.
 
 Example::
 
@@ -27,11 +29,12 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_choice, check_positive_int
 from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.engine.scaling import Scalable
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-class BottleneckAdapter(PEFTModule):
+class BottleneckAdapter(Scalable, PEFTModule):
     """``h + up(act(down(h)))`` on the last dimension of ``h``.
 
     Args:
@@ -64,10 +67,17 @@ class BottleneckAdapter(PEFTModule):
         nn.init.zeros_(self.up.bias)
         self.disabled = False
 
+    absorbs_scale = True
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
+        if self.disabled or self.scale == 0.0:
             return h
-        return h + self.up(self.act(self.down(h)))  # (..., d) -> (..., m) -> (..., d)
+        return h + self.times_scale(self.up(self.act(self.down(h))))  # (..., d) -> (..., m) -> (..., d)
+
+    def store_scale(self, scale: float) -> None:
+        self.up.weight.mul_(scale)
+        if self.up.bias is not None:
+            self.up.bias.mul_(scale)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bottleneck={self.bottleneck}"

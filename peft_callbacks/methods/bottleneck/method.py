@@ -31,6 +31,8 @@ import torch.nn as nn
 from peft_callbacks._validation import check_bool, check_choice, check_module, check_patterns, check_positive_int
 from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.engine import MethodConfig, ModuleMethod, get_method, inject, not_recorded, register_method, unload
+from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.layers import DEFAULT_ADAPTER
 from peft_callbacks.methods.bottleneck.layers import ACTIVATIONS, BottleneckAdapter
 from peft_callbacks.methods.bottleneck.points import PLACEMENTS, find_insertion_points, match_modules, output_width
 
@@ -40,7 +42,7 @@ ADAPTER_NAME = "adapter"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BottleneckConfig(MethodConfig):
+class BottleneckConfig(MethodConfig, method="adapters"):
     """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) after the sub-layers of transformer blocks.
 
     Attributes:
@@ -156,30 +158,16 @@ def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
     return get_method("adapters").modules(check_module("model", model))
 
 
-def inject_adapters(
-    model: nn.Module,
-    bottleneck: int = 64,
-    placement: str = "houlsby",
-    activation: str = "gelu",
-    modules: str | list[str] | None = None,
-    *,
-    train_head: bool = True,
-    train_norms: bool = False,
-    adapter_name: str = "default",
-) -> nn.Module:
+@takes_settings(BottleneckConfig, positional=4)
+def inject_adapters(model: nn.Module, config: BottleneckConfig, *, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Add bottleneck adapters after the sub-layers of each transformer block and freeze the rest (in place).
 
-    ``inject(model, BottleneckConfig(...))`` with the same arguments (see :class:`BottleneckConfig`).
+    ``inject(model, BottleneckConfig(...))`` with :class:`BottleneckConfig`'s fields as keywords (the first four also
+    by position).
 
     Args:
         model: a timm ViT-family model, a transformers model (see :mod:`peft_callbacks.methods.bottleneck.points`
             for the blocks found automatically) or any ``nn.Module`` together with ``modules``.
-        bottleneck: bottleneck width ``m`` (> 0).
-        placement: ``"houlsby"`` or ``"pfeiffer"``.
-        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
-        modules: the sub-layers to follow with an adapter, instead of the automatic choice.
-        train_head: keep the task head trainable.
-        train_norms: also train every LayerNorm/RMSNorm.
         adapter_name: the adapter's name (several adapters can share a model).
 
     Returns:
@@ -198,7 +186,7 @@ def inject_adapters(
         ValueError: bad hyper-parameters, no supported block (the message lists them), a ``modules`` entry that
             matches nothing, or a model that already has adapters.
     """
-    return inject(model, BottleneckConfig.from_arguments(locals()), adapter_name=adapter_name)
+    return inject(model, config, adapter_name=adapter_name)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ INITS = ("default", "gaussian", *RESIDUAL_INITS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig(LayerConfig):
+class LoRAConfig(LayerConfig, method="lora"):
     """LoRA (Hu et al. 2021) and its variants rsLoRA, DoRA, PiSSA/OLoRA initialisation, and LoRA on parameters.
 
     Attributes:

@@ -14,6 +14,16 @@ which is how HF PEFT computes it, so with the same ``A``, ``B`` and ``m`` the ou
 ``LoraConfig(use_dora=True)``. Each DoRA class subclasses its LoRA class, so everything that handles LoRA (LoRA+,
 merging, adapter files) handles DoRA too; merging folds ``W'`` into the base weight (float32, finite-checked).
 
+**Scale.** The renormalisation makes DoRA's update non-linear in ``s·B·A`` (HF PEFT's ``rescale_adapter_scale``
+scales ``s`` inside the norm, so its scale 0 is ``m·W₀/‖W₀‖_c``, not the base layer once ``m`` has trained). Here
+:attr:`~peft_callbacks.engine.scaling.Scalable.scale` interpolates the effective weight, in the forward pass and in
+the merge::
+
+    W(scale) = W₀ + scale·(W' − W₀)            h(scale) = h₀ + scale·(h' − h₀)
+
+so ``scale = 0`` is the base layer and ``1`` the DoRA layer, exactly; no DoRA tensors hold such a weight, so the scale
+cannot be absorbed (merge at that scale instead).
+
 Example::
 
     >>> import torch, torch.nn as nn
@@ -37,7 +47,7 @@ import torch.nn.functional as F
 
 from peft_callbacks.core.kinds import base_weight
 from peft_callbacks.core.tensor_parallel import forward_weight
-from peft_callbacks.engine.layers import AdaptedLayer
+from peft_callbacks.engine.layers import AdaptedLayer, Adapter
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 
 __all__ = ["DoRAAdapter", "DoRAConv", "DoRAConv1D", "DoRALinear"]
@@ -54,6 +64,12 @@ class DoRAAdapter(LoRAAdapter):
     """
 
     channel_dim = -1
+    absorbs_scale = False  # W₀ + s·(W' − W₀) is no DoRA weight: merge at s instead
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (or ``alpha / √r``) inside the norm: DoRA's scale interpolates the whole layer instead."""
+        return self.lora_scaling
 
     def __init__(self, base_layer: nn.Module, config) -> None:
         super().__init__(base_layer, config)
@@ -105,6 +121,13 @@ class DoRAAdapter(LoRAAdapter):
         return scale.view(shape)  # (1, out, 1, …)
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        adapted = self.dora_forward(layer, x, result)
+        if self.scale == 1.0:
+            return adapted
+        return torch.lerp(result, adapted.to(result.dtype), self.scale)  # h₀ + scale·(h' − h₀)
+
+    def dora_forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The DoRA layer's output at scale 1, given the output so far."""
         x = x.to(self.lora_A.weight.dtype)
         bias = layer.base_layer.bias
         weight = forward_weight(layer.base_layer, x)  # a tensor-parallel split stays split
@@ -130,21 +153,36 @@ class DoRAAdapter(LoRAAdapter):
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         """``m · (W + s·B·A) / ‖W + s·B·A‖_c`` in float32 (``m`` too, whatever the model's dtype); differentiable in
-        ``m``, ``A`` and ``B`` with the norm a constant, as in the forward pass."""
+        ``m``, ``A`` and ``B`` with the norm a constant, as in the forward pass. At a :attr:`scale` other than 1,
+        ``W + scale·(that − W)``."""
         scale = self.lora_magnitude_vector.float() / self.weight_norm(weight)
-        return self.weight_from_rows(self.weight_rows(weight + self.delta_weight()) * scale[:, None])
+        adapted = self.weight_from_rows(self.weight_rows(weight + self.low_rank_delta()) * scale[:, None])
+        return adapted if self.scale == 1.0 else torch.lerp(weight, adapted, self.scale)
 
     def merged(self, layer: AdaptedLayer, weight: torch.Tensor) -> None:
         """Keep the scale of this merge (from the weight it was merged into) for :meth:`unmerge_from`."""
         self._merged_scale = (self.lora_magnitude_vector.float() / self.weight_norm(weight)).detach()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        """``W'/scale − s·B·A``, with the scale taken when the adapter was merged (as HF PEFT does)."""
-        scale = self._merged_scale
-        if scale is None:
+        """``W'/c − s·B·A`` with ``c = m/‖·‖_c`` taken when the adapter was merged (as HF PEFT does); at a
+        :attr:`scale` ``t`` other than 1, row by row ``(W' − t·c·s·B·A) / (1 − t + t·c)``."""
+        c = self._merged_scale
+        if c is None:
             raise ValueError("This DoRA adapter was not merged here; there is nothing to unmerge.")
         self._merged_scale = None
-        return self.weight_from_rows(self.weight_rows(weight) / scale[:, None]) - self.delta_weight()
+        if self.scale == 1.0:
+            return self.weight_from_rows(self.weight_rows(weight) / c[:, None]) - self.low_rank_delta()
+        t, delta = self.scale, self.weight_rows(self.low_rank_delta())
+        rows = (self.weight_rows(weight) - t * c[:, None] * delta) / (1 - t + t * c)[:, None]
+        return self.weight_from_rows(rows)
+
+    # -- the update: W' − W₀ from the merge, not LoRA's closed forms ------------------------------------------------
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``W(scale) − W₀`` (module docstring), from :meth:`merge_into`: it needs the ``layer``."""
+        return Adapter.delta_weight(self, layer)
+
+    def update_norm(self, layer: AdaptedLayer | None = None, *, squared: bool = False) -> torch.Tensor:
+        return Adapter.update_norm(self, layer, squared=squared)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

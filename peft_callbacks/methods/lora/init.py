@@ -19,6 +19,10 @@ SVD's draw is kept. Merging folds ``s·(B·A − B₀·A₀)`` into ``W₀``: th
 
 The cost is one more rank-``r`` product per forward (the two products run as one of rank ``2r``).
 
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` multiplies the whole update, ``W₀ + scale·s·(B·A −
+B₀·A₀)`` (linear, as LoRA's); it cannot be absorbed into ``B`` alone (that would scale ``B·A`` but not ``B₀·A₀``), so a
+scale is made permanent by merging at it.
+
 Example::
 
     >>> import torch, torch.nn as nn
@@ -149,15 +153,22 @@ class ResidualLoRAAdapter(LoRAAdapter):
         self.register_buffer("lora_A_init", self.lora_A.weight.detach().clone())
         self.register_buffer("lora_B_init", self.lora_B.weight.detach().clone())
 
+    absorbs_scale = False  # B alone would scale B·A, not B·A − B₀·A₀
+
     def _merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[A; A₀]`` (2r, …) and ``[B, −B₀]`` (…, 2r): one rank-2r product for ``B·A − B₀·A₀``."""
         lora_A = torch.cat([self.lora_A.weight, self.lora_A_init.to(self.lora_A.weight.dtype)], dim=0)
         lora_B = torch.cat([self.lora_B.weight, -self.lora_B_init.to(self.lora_B.weight.dtype)], dim=1)
         return lora_A, lora_B
 
-    def delta_weight(self) -> torch.Tensor:
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([A; A₀], [B, −B₀])``: ``ΔW = s·(B·A − B₀·A₀)`` as one rank-``2r`` product."""
+        a, b = self._merged_factors()
+        return a.float().flatten(1), b.float().flatten(1)  # (2r, in·k…), (out, 2r)
+
+    def low_rank_delta(self) -> torch.Tensor:
         """``s·(B·A − B₀·A₀)`` in float32, shaped like the base weight."""
-        a, b = (t.float().flatten(1) for t in self._merged_factors())  # (2r, in·k…), (out, 2r)
+        a, b = self.update_factors()
         delta = (b @ a) * self.scaling
         return delta.T if self.kind == "hf_conv1d" else delta.view(self.weight_shape)
 

@@ -15,6 +15,10 @@ what the base layer did until training moves ``B``. For convolutions ``lora_A`` 
 layer's kernel, stride, padding and dilation, and ``lora_B`` a 1×1 convolution, so ``ΔW = B·A`` has the base
 kernel's shape. transformers' ``Conv1D`` stores its weight as ``(in, out)``, so its ``ΔW`` is transposed.
 
+The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale` multiplies ``s`` (HF PEFT's ``set_scale``): the
+layer computes ``W₀ + scale·s·B·A``, linear in ``scale``, and
+:meth:`~peft_callbacks.engine.scaling.Scalable.absorb_scale` multiplies ``B`` by it.
+
 Each class is one :class:`~peft_callbacks.engine.layers.Adapter`: it lives inside an
 :class:`~peft_callbacks.engine.layers.AdaptedLayer` beside the base layer it updates.
 
@@ -55,7 +59,10 @@ class LoRAAdapter(Adapter):
     """What every LoRA adapter holds: ``lora_A``, ``lora_B``, ``scaling`` and the dropout on the branch input.
 
     Subclasses build the two factors for their base layer kind (:meth:`make_factors`) and may say how ``B·A`` maps
-    onto the stored base weight (:meth:`delta_weight`).
+    onto the stored base weight (:meth:`low_rank_delta`).
+
+    ``scaling`` is ``alpha / r`` (``alpha / √r`` with rsLoRA) times :attr:`scale`; ``lora_scaling`` is the first
+    factor alone.
 
     Args:
         base_layer: the layer to adapt (read for its shape, device and dtype).
@@ -67,7 +74,7 @@ class LoRAAdapter(Adapter):
         self.r = config.rank
         self.lora_alpha = config.alpha
         self.use_rslora = config.use_rslora
-        self.scaling = config.alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
+        self.lora_scaling = config.alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         weight = base_layer.weight
         lora_A, lora_B = self.make_factors(base_layer, config.rank)
@@ -75,6 +82,13 @@ class LoRAAdapter(Adapter):
         self.lora_A = lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B = lora_B.to(device=weight.device, dtype=dtype)
         self.reset_parameters()
+
+    absorbs_scale = True
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r`` (or ``alpha / √r``) times :attr:`scale`: what ``B·A`` is multiplied by."""
+        return self.lora_scaling * self.scale
 
     def make_factors(self, base_layer: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:
         """``(lora_A, lora_B)`` for this kind of base layer."""
@@ -97,17 +111,34 @@ class LoRAAdapter(Adapter):
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return result + self.branch(x).to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
+    def low_rank_delta(self) -> torch.Tensor:
         """``s · B·A`` in float32, shaped like the base weight."""
         a = self.lora_A.weight.float().flatten(1)  # (r, in·k…)
         b = self.lora_B.weight.float().flatten(1)  # (out, r)
         return (b @ a).view(self.weight_shape) * self.scaling
 
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as float32 matrices ``(k, in·k…)`` and ``(out, k)`` with ``ΔW = s·B·A`` (up to layout)."""
+        return self.lora_A.weight.float().flatten(1), self.lora_B.weight.float().flatten(1)
+
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``ΔW = s · B·A`` in float32, shaped like the base weight (no ``layer`` needed)."""
+        return self.low_rank_delta()
+
+    def update_norm(self, layer: AdaptedLayer | None = None, *, squared: bool = False) -> torch.Tensor:
+        """``‖s·B·A‖_F`` from the ``r × r`` Gram matrices, ``s²·Σ (BᵀB) ⊙ (AAᵀ)``, without forming ``B·A``."""
+        a, b = self.update_factors()  # (r, in·k…), (out, r)
+        square = (b.t() @ b * (a @ a.t())).sum() * self.scaling**2  # (r, r) ⊙ (r, r)
+        return square if squared else square.clamp_min(0).sqrt()
+
+    def store_scale(self, scale: float) -> None:
+        self.lora_B.weight.mul_(scale)
+
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight()
+        return weight + self.low_rank_delta()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight()
+        return weight - self.low_rank_delta()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
@@ -198,5 +229,5 @@ class LoRAConv1D(LoRALinear):
         in_features, out_features = base_layer.weight.shape
         return nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=False)
 
-    def delta_weight(self) -> torch.Tensor:
+    def low_rank_delta(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()).T * self.scaling  # (in, out)

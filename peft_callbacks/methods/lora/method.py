@@ -28,6 +28,7 @@ from peft_callbacks._validation import check_module
 from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import (
+    DEFAULT_ADAPTER,
     AdaptedLayer,
     AdaptedParameters,
     LayerMethod,
@@ -40,6 +41,7 @@ from peft_callbacks.engine import (
     replace_module,
     unload,
 )
+from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import Adapter
 from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
@@ -162,47 +164,16 @@ class LoRAMethod(LayerMethod):
 register_method(LoRAMethod())
 
 
-def inject_lora(
-    model: nn.Module,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    target_modules: str | list[str] | None = None,
-    exclude_modules: str | list[str] | None = None,
-    *,
-    train_head: bool = True,
-    train_bn: bool = False,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    init: str = "default",
-    target_parameters: str | list[str] | None = None,
-    adapter_name: str = "default",
-    adapter_dtype: str | None = None,
-) -> nn.Module:
+@takes_settings(LoRAConfig, positional=3)
+def inject_lora(model: nn.Module, config: LoRAConfig, *, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap the selected layers of ``model`` with LoRA and freeze everything else (in place).
 
-    ``inject(model, LoRAConfig(...))`` with the same arguments; see :class:`LoRAConfig` for each of them and
-    :func:`peft_callbacks.engine.inject` for what happens.
+    ``inject(model, LoRAConfig(...))`` with :class:`LoRAConfig`'s fields as keywords (``rank``, ``alpha`` and
+    ``dropout`` also by position); see :func:`peft_callbacks.engine.inject` for what happens.
 
     Args:
         model: a timm model, a transformers model, or any ``nn.Module``.
-        rank: LoRA rank ``r`` (> 0).
-        alpha: ``lora_alpha`` (> 0).
-        dropout: dropout on the LoRA branch input, in ``[0, 1)``.
-        target_modules: which layers to adapt; ``None`` (every Linear/Conv/``Conv1D``, quantized ones too, outside
-            the head), ``"all-linear"``, names, regexes or a list (see :mod:`peft_callbacks.core.targets`).
-        exclude_modules: patterns of modules to leave alone.
-        train_head: keep the task head trainable.
-        train_bn: let BatchNorm layers outside the head train; by default their running statistics stay frozen.
-        use_rslora: scale by ``alpha / sqrt(rank)``.
-        use_dora: DoRA (:mod:`peft_callbacks.methods.lora.dora`).
-        init: ``"default"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<K>"`` or ``"olora"``
-            (:mod:`peft_callbacks.methods.lora.init`).
-        target_parameters: parameters to adapt directly, e.g. the fused expert weights of mixture-of-experts blocks
-            (:mod:`peft_callbacks.methods.lora.params`).
         adapter_name: the adapter's name (several adapters can share a model).
-        adapter_dtype: dtype of the factors (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``: the base
-            weight's dtype, float32 on quantized (bitsandbytes) layers.
 
     Returns:
         ``model`` itself, modified in place.
@@ -210,7 +181,7 @@ def inject_lora(
     Raises:
         ValueError: bad hyper-parameters, a pattern that selects nothing, or a model that already has this adapter.
     """
-    return inject(model, LoRAConfig.from_arguments(locals()), adapter_name=adapter_name)
+    return inject(model, config, adapter_name=adapter_name)
 
 
 def lora_layers(model: nn.Module) -> dict[str, AdaptedLayer]:

@@ -14,7 +14,8 @@ layout so that tensors move between the two unchanged::
 The module's own forward runs with ``W'`` in place of ``W`` (:class:`~peft_callbacks.engine.AdaptedParameters`), so
 routing, activation and the experts implementation are untouched; merging writes ``W'`` into the parameter. A 2-D
 parameter is one "expert" (a plain ``(out, in)`` weight). As in PEFT, dropout, DoRA and PiSSA/OLoRA are not defined
-here (dropout cannot be factored out of ``W'x``).
+here (dropout cannot be factored out of ``W'x``). The adapter's :attr:`~peft_callbacks.engine.scaling.Scalable.scale`
+multiplies ``s`` (``W + scale·s·B·A``, linear; absorbed into ``B``).
 
 Example::
 
@@ -79,7 +80,7 @@ class ParameterLoRA(ParameterAdapter):
         check_parameter_options(config)
         self.r = config.rank
         self.lora_alpha = config.alpha
-        self.scaling = config.alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
+        self.lora_scaling = config.alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
         self.is_transposed = bool(getattr(base_layer, "is_transposed", False))
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -103,6 +104,13 @@ class ParameterLoRA(ParameterAdapter):
             nn.init.zeros_(lora_B.weight)
             self.lora_A[name], self.lora_B[name] = lora_A, lora_B
             self.num_experts[name] = experts
+
+    absorbs_scale = True
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (or ``alpha / √r``) times :attr:`scale`."""
+        return self.lora_scaling * self.scale
 
     def features(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
         """``(experts, in_features, out_features)`` of a parameter of ``shape``."""
@@ -134,6 +142,23 @@ class ParameterLoRA(ParameterAdapter):
         """``s · lhs @ rhs`` in float32, shaped like the parameter."""
         lhs, rhs = (t.float() for t in self.factors(name))
         return (lhs @ rhs) * self.scaling
+
+    def delta_weights(self, layer: AdaptedParameters | None = None) -> dict[str, torch.Tensor]:
+        """``{parameter: s · lhs @ rhs}`` (no ``layer`` needed)."""
+        return {name: self.delta(name) for name in self.parameter_names}
+
+    def update_norm(self, layer: AdaptedParameters | None = None, *, squared: bool = False) -> torch.Tensor:
+        """``‖ΔW‖_F`` over every expert of every parameter from per-expert ``r × r`` Gram matrices."""
+        square = torch.zeros(())
+        for name in self.parameter_names:
+            lhs, rhs = (t.float() for t in self.factors(name))  # (…, out, r), (…, r, in)
+            gram = lhs.transpose(-2, -1) @ lhs * (rhs @ rhs.transpose(-2, -1))  # (…, r, r) ⊙ (…, r, r)
+            square = square.to(gram.device) + gram.sum() * self.scaling**2
+        return square if squared else square.clamp_min(0).sqrt()
+
+    def store_scale(self, scale: float) -> None:
+        for lora_B in self.lora_B.values():
+            lora_B.weight.mul_(scale)
 
     def merge_parameter_into(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
         return value + self.delta(name)

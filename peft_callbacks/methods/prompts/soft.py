@@ -47,6 +47,8 @@ from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, not_recorded, register_method, unload
+from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.scaling import FixedScale
 
 __all__ = [
     "PromptTuningConfig",
@@ -82,7 +84,7 @@ def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
     return torch.cat([pad, tensor], dim=1)
 
 
-class SoftPrompt(PEFTModule):
+class SoftPrompt(FixedScale, PEFTModule):
     """``n`` learned embeddings put in front of every input of a transformers model (see the module docstring).
 
     Args:
@@ -264,7 +266,7 @@ def _check_model(model: nn.Module) -> nn.Embedding:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PromptTuningConfig(MethodConfig):
+class PromptTuningConfig(MethodConfig, method="prompt_tuning"):
     """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` learned embeddings in front of every input.
 
     Attributes:
@@ -343,27 +345,16 @@ class PromptTuningMethod(ModuleMethod):
 register_method(PromptTuningMethod())
 
 
-def inject_prompt_tuning(
-    model: nn.Module,
-    num_virtual_tokens: int = 20,
-    init: str = "random",
-    *,
-    tokenizer: Any = None,
-    init_token_ids: list[int] | None = None,
-    train_head: bool = True,
-) -> nn.Module:
+@takes_settings(PromptTuningConfig, positional=2)
+def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
     """Give a transformers model a learned soft prompt and freeze everything else (in place).
 
-    ``inject(model, PromptTuningConfig(...))`` with the same arguments (see :class:`PromptTuningConfig`).
+    ``inject(model, PromptTuningConfig(...))`` with :class:`PromptTuningConfig`'s fields as keywords
+    (``num_virtual_tokens`` and ``init`` also by position). The task head (e.g. ``classifier``, ``score``) trains
+    with ``train_head``; a causal LM's ``lm_head`` never does.
 
     Args:
         model: an encoder-only or decoder-only transformers model (BERT-style classifiers, causal LMs, …).
-        num_virtual_tokens: prompt length ``n`` (> 0).
-        init: ``"random"``, ``"vocab"`` or a text to start the prompt from.
-        tokenizer: for a text ``init``.
-        init_token_ids: token ids to start the prompt from.
-        train_head: keep the task head (e.g. ``classifier``, ``score``) trainable; a causal LM's ``lm_head`` is
-            never trained.
 
     Returns:
         ``model`` itself, modified in place.
@@ -371,7 +362,7 @@ def inject_prompt_tuning(
     Raises:
         ValueError: ``num_virtual_tokens`` <= 0, a text ``init`` without a tokenizer, or an unsupported model.
     """
-    return inject(check_module("model", model), PromptTuningConfig.from_arguments(locals()))
+    return inject(check_module("model", model), config)
 
 
 def remove_prompt_tuning(model: nn.Module) -> nn.Module:

@@ -37,6 +37,8 @@ from peft_callbacks._validation import check_bool, check_float, check_int, check
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
+from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.engine.scaling import FixedScale
 
 __all__ = [
     "VisualPromptConfig",
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 PROMPT_NAME = "visual_prompts"
 
 
-class VisualPrompts(PEFTModule):
+class VisualPrompts(FixedScale, PEFTModule):
     """Prompt tokens for a ViT's blocks: ``weight`` has shape ``(L or 1, n, d)``.
 
     Args:
@@ -142,7 +144,7 @@ def _check_model(model: nn.Module) -> list[nn.Module]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VisualPromptConfig(MethodConfig):
+class VisualPromptConfig(MethodConfig, method="visual_prompts"):
     """Visual prompt tuning (VPT, Jia et al. 2022) for timm Vision Transformers.
 
     Attributes:
@@ -211,24 +213,15 @@ class VisualPromptMethod(ModuleMethod):
 register_method(VisualPromptMethod())
 
 
-def inject_visual_prompts(
-    model: nn.Module,
-    num_virtual_tokens: int = 10,
-    deep: bool = False,
-    dropout: float = 0.0,
-    *,
-    train_head: bool = True,
-) -> nn.Module:
+@takes_settings(VisualPromptConfig, positional=3)
+def inject_visual_prompts(model: nn.Module, config: VisualPromptConfig) -> nn.Module:
     """Give a timm ViT learned prompt tokens (VPT) and freeze everything else (in place).
 
-    ``inject(model, VisualPromptConfig(...))`` with the same arguments (see :class:`VisualPromptConfig`).
+    ``inject(model, VisualPromptConfig(...))`` with :class:`VisualPromptConfig`'s fields as keywords (the first three
+    also by position).
 
     Args:
         model: a timm ``VisionTransformer`` (or subclass).
-        num_virtual_tokens: prompts per block ``n`` (> 0).
-        deep: deep VPT instead of shallow.
-        dropout: dropout on the prompts, in ``[0, 1)``.
-        train_head: keep the classifier (``get_classifier()``) trainable.
 
     Returns:
         ``model`` itself, modified in place.
@@ -236,7 +229,7 @@ def inject_visual_prompts(
     Raises:
         ValueError: ``num_virtual_tokens`` <= 0, or a model that is not a timm VisionTransformer.
     """
-    return inject(check_module("model", model), VisualPromptConfig.from_arguments(locals()))
+    return inject(check_module("model", model), config)
 
 
 def remove_visual_prompts(model: nn.Module) -> nn.Module:
