@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
+from peft_callbacks.core.model_kinds import TIMM_VISION_TRANSFORMERS, ModelKind
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
@@ -177,6 +178,13 @@ class VisualPromptMethod(ModuleMethod):
     module_class = VisualPrompts
     existing_modules = "visual prompts"
     removal = "remove_visual_prompts(model)"
+    examples = {
+        "shallow": VisualPromptConfig(num_virtual_tokens=3),
+        "deep": VisualPromptConfig(num_virtual_tokens=3, deep=True, dropout=0.1),
+    }
+
+    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
+        return TIMM_VISION_TRANSFORMERS
 
     one_per_model = True
     starts_as_identity = False
