@@ -12,7 +12,7 @@ Example::
     >>> import torch.nn as nn
     >>> kind = layers_outside_head(("linear",))
     >>> kind.description
-    'models with a nn.Linear layer outside their task head'
+    'models with a layer it adapts outside their task head (one of: nn.Linear)'
     >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))  # its only Linear is the head
     >>> kind(mlp), kind(cnn), ANY_MODEL(cnn)
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from peft_callbacks.core.heads import find_head
-from peft_callbacks.core.kinds import kinds_description, layer_kind
+from peft_callbacks.core.kinds import KIND_NAMES, layer_kind
 from peft_callbacks.core.models import is_transformers_model
 from peft_callbacks.core.modules import PEFTModule
 from peft_callbacks.core.targets import in_subtree
@@ -65,7 +65,8 @@ def layers_outside_head(kinds: tuple[str, ...]) -> ModelKind:
             for path, m in model.named_modules()
         )
 
-    return ModelKind(f"models with a {kinds_description(kinds)} layer outside their task head", matches)
+    adapted = ", ".join(KIND_NAMES.get(kind, kind) for kind in kinds)
+    return ModelKind(f"models with a layer it adapts outside their task head (one of: {adapted})", matches)
 
 
 def _text_transformers(model: nn.Module) -> bool:

@@ -315,12 +315,12 @@ class PromptTuningMethod(ModuleMethod):
         "vocab": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
         "text": PromptTuningConfig(num_virtual_tokens=3, init="Classify:", init_token_ids=[5, 6]),
     }
-
-    def applies_to(self, config: PromptTuningConfig) -> ModelKind:
-        return TEXT_TRANSFORMERS
-
     one_per_model = True
     starts_as_identity = False
+
+    def applies_to(self, config: PromptTuningConfig) -> ModelKind:
+        """Text models whose input is token embeddings (the soft prompt goes before them); not encoder-decoders."""
+        return TEXT_TRANSFORMERS
 
     def check_model(self, model: nn.Module) -> None:
         _check_model(model)

@@ -182,12 +182,12 @@ class VisualPromptMethod(ModuleMethod):
         "shallow": VisualPromptConfig(num_virtual_tokens=3),
         "deep": VisualPromptConfig(num_virtual_tokens=3, deep=True, dropout=0.1),
     }
-
-    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
-        return TIMM_VISION_TRANSFORMERS
-
     one_per_model = True
     starts_as_identity = False
+
+    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
+        """timm VisionTransformer models (ViT, DeiT and their subclasses): the ones ``check_model`` accepts."""
+        return TIMM_VISION_TRANSFORMERS
 
     def check_model(self, model: nn.Module) -> None:
         _check_model(model)
