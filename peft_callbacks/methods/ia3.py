@@ -170,6 +170,10 @@ class IA3Method(LayerMethod):
     name = "ia3"
     title = "IA3"
     config_class = IA3Config
+    examples = {
+        "feedforward-by-shape": IA3Config(),  # the down-projections rescale their input, the others their output
+        "outputs-only": IA3Config(feedforward_modules=[]),
+    }
     adapter_classes = {"linear": IA3, "conv": IA3, "hf_conv1d": IA3, "linear_4bit": IA3, "linear_8bit": IA3}
     peft = PeftMapping("IA3", _to_peft, _from_peft)
 

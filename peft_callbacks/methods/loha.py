@@ -163,6 +163,10 @@ class LoHaMethod(LayerMethod):
     name = "loha"
     title = "LoHa"
     config_class = LoHaConfig
+    examples = {
+        "plain": LoHaConfig(rank=4, alpha=8),
+        "effective-conv2d": LoHaConfig(rank=4, alpha=8, use_effective_conv2d=True, rank_dropout=0.1),
+    }
     adapter_classes = {"linear": LoHaLinear, "conv": LoHaConv, "hf_conv1d": LoHaConv1D}
     peft = PeftMapping("LOHA", _to_peft, _from_peft)
 

@@ -230,6 +230,13 @@ class LoKrMethod(LayerMethod):
     name = "lokr"
     title = "LoKr"
     config_class = LoKrConfig
+    examples = {
+        "plain": LoKrConfig(rank=4, alpha=8),
+        "decompose-both": LoKrConfig(rank=2, alpha=8, decompose_both=True, decompose_factor=4),
+        "effective-conv2d": LoKrConfig(
+            rank=2, alpha=8, use_effective_conv2d=True, rank_dropout=0.1, rank_dropout_scale=True
+        ),
+    }
     adapter_classes = {"linear": LoKrLinear, "conv": LoKrConv, "hf_conv1d": LoKrConv1D}
     peft = PeftMapping("LOKR", _to_peft, _from_peft)
 

@@ -381,6 +381,11 @@ class OFTMethod(LayerMethod):
     name = "oft"
     title = "OFT"
     config_class = OFTConfig
+    examples = {
+        "block-size": OFTConfig(oft_block_size=8),
+        "rank-exact-cayley": OFTConfig(rank=2, oft_block_size=0, use_cayley_neumann=False),
+        "coft-block-share": OFTConfig(oft_block_size=4, coft=True, eps=1e-2, block_share=True, module_dropout=0.1),
+    }
     adapter_classes = {"linear": OFTLinear, "conv": OFTConv, "hf_conv1d": OFTConv1D}
     peft = PeftMapping("OFT", _to_peft, _from_peft, keys={"oft_R": "oft_R.weight"})
 

@@ -267,6 +267,10 @@ class VeRAMethod(LayerMethod):
     name = "vera"
     title = "VeRA"
     config_class = VeRAConfig
+    examples = {
+        "plain": VeRAConfig(rank=16),
+        "dropout": VeRAConfig(rank=16, dropout=0.1, d_initial=0.5, save_projection=False, projection_prng_key=3),
+    }
     adapter_classes = {"linear": VeRA, "hf_conv1d": VeRA}
     peft = PeftMapping("VERA", _to_peft, _from_peft, export_shared=_export_shared, import_shared=_import_shared)
 

@@ -273,6 +273,9 @@ class AdaLoRAMethod(LayerMethod):
     name = "adalora"
     title = "AdaLoRA"
     config_class = AdaLoRAConfig
+    # P and Q start at N(0, 0.02²) and Λ at 0: a larger alpha makes the first step's change measurable
+    examples = {"plain": AdaLoRAConfig(init_r=4, target_r=2, alpha=32.0, dropout=0.1)}
+    shardable = False  # its rank allocator reads every triplet and gradient whole
     adapter_classes = {
         "linear": AdaLoRA,
         "conv": AdaLoRA,

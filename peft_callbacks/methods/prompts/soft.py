@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_int, check_int_list, check_module, check_positive_int
+from peft_callbacks.core.model_kinds import TEXT_TRANSFORMERS, ModelKind
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
@@ -311,9 +312,17 @@ class PromptTuningMethod(ModuleMethod):
     module_class = SoftPrompt
     existing_modules = "a soft prompt"
     removal = "remove_prompt_tuning(model)"
-
+    examples = {
+        "random": PromptTuningConfig(num_virtual_tokens=3),
+        "vocab": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
+        "text": PromptTuningConfig(num_virtual_tokens=3, init="Classify:", init_token_ids=[5, 6]),
+    }
     one_per_model = True
     starts_as_identity = False
+
+    def applies_to(self, config: PromptTuningConfig) -> ModelKind:
+        """Text models whose input is token embeddings (the soft prompt goes before them); not encoder-decoders."""
+        return TEXT_TRANSFORMERS
 
     def check_model(self, model: nn.Module) -> None:
         _check_model(model)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
+from peft_callbacks.core.model_kinds import TIMM_VISION_TRANSFORMERS, ModelKind
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
@@ -179,9 +180,16 @@ class VisualPromptMethod(ModuleMethod):
     module_class = VisualPrompts
     existing_modules = "visual prompts"
     removal = "remove_visual_prompts(model)"
-
+    examples = {
+        "shallow": VisualPromptConfig(num_virtual_tokens=3),
+        "deep": VisualPromptConfig(num_virtual_tokens=3, deep=True, dropout=0.1),
+    }
     one_per_model = True
     starts_as_identity = False
+
+    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
+        """timm VisionTransformer models (ViT, DeiT and their subclasses): the ones ``check_model`` accepts."""
+        return TIMM_VISION_TRANSFORMERS
 
     def check_model(self, model: nn.Module) -> None:
         _check_model(model)
