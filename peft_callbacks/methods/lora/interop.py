@@ -24,10 +24,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks.engine import AdaptedLayer, AdaptedParameters
+from peft_callbacks.engine import AdaptedLayer
 from peft_callbacks.methods.lora.config import LoRAConfig
+from peft_callbacks.methods.lora.embedding import LoRAEmbedding, drop_saved_embedding
 from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAConv1D
+from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention, attention_from_peft, attention_to_peft
 from peft_callbacks.methods.lora.params import ParameterLoRA
 
 __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
@@ -70,13 +72,15 @@ def _our_init(value: Any) -> str:
 def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
     """The LoRA fields of ``adapter_config.json``."""
     adapters = [a for layer in layers.values() for a in layer.adapters.values() if a.config == config]
-    modules = [p for p, layer in layers.items() if not isinstance(layer, AdaptedParameters)]
+    modules = [
+        p for p, layer in layers.items() if not any(isinstance(a, ParameterLoRA) for a in layer.adapters.values())
+    ]
     parameters = [
         f"{p}.{n}"
         for p, layer in layers.items()
         for a in adapters
         if a in layer.adapters.values()
-        for n in getattr(a, "parameter_names", ())
+        for n in (a.parameter_names if isinstance(a, ParameterLoRA) else ())
     ]
     r, alpha, init = config.rank, config.alpha, _peft_init(config.init)
     if _converted(config):
@@ -132,6 +136,8 @@ def export_layer(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
             lora_B = torch.cat([adapter.lora_B.weight, -adapter.lora_B_init], dim=1)  # (out, 2r, …)
             return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
         return {"lora_A.weight": adapter.lora_A.weight, "lora_B.weight": adapter.lora_B.weight}
+    if isinstance(adapter, LoRAMultiheadAttention):
+        return attention_to_peft(adapter)
     return {KEYS.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
 
 
@@ -148,6 +154,10 @@ def import_layer(
                     out[f"{factor}.{name}.weight"] = tensors[key]
                     used.add(key)
         return {**out, **{k: t for k, t in tensors.items() if k not in used}}
+    if isinstance(adapter, LoRAEmbedding):
+        tensors = drop_saved_embedding(adapter, tensors)
+    if isinstance(adapter, LoRAMultiheadAttention):
+        return attention_from_peft(tensors)
     inverse = {theirs: ours for ours, theirs in KEYS.items()}
     out = {inverse.get(k, k): t for k, t in tensors.items()}
     if isinstance(adapter, ResidualLoRAAdapter):  # B₀, A₀ of the fresh base, decomposed at injection as PEFT does
