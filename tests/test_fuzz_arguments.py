@@ -145,6 +145,7 @@ _LORA_CONFIG_ARGS = {
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
     "target_parameters": _PATTERN_OK,
+    "trainable_token_indices": [None, [1]],  # ids beyond the vocabulary are refused when the model is known
 }
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -159,6 +160,7 @@ _LORA_CALLBACK_ARGS = {
     "use_dora": _BOOL_OK,
     "merged_dtype": _NONE_OK,
     "target_parameters": _PATTERN_OK,
+    "trainable_token_indices": [None, [1]],
     "loraplus_lr_ratio": [None, 1.5],
     "lora_pro": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
@@ -381,6 +383,7 @@ CASES: dict[str, Case] = {
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
             "target_parameters": [None],
+            "trainable_token_indices": [None],
             "adapter_name": _NAME_OK,
         },
     ),

@@ -7,6 +7,7 @@ import dataclasses
 from peft_callbacks._validation import check_bool, check_float, check_patterns, check_positive_float, check_positive_int
 from peft_callbacks.engine import LayerConfig, not_recorded
 from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
+from peft_callbacks.methods.lora.tokens import check_token_indices
 
 __all__ = ["INITS", "LoRAConfig"]
 
@@ -32,6 +33,10 @@ class LoRAConfig(LayerConfig, method="lora"):
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
             these parameters are adapted. Recorded as the exact parameter paths it selected.
+        trainable_token_indices: rows of the input embedding to train beside LoRA (new tokens added with
+            ``resize_token_embeddings``), HF PEFT's option of the same name: a list of token ids (the input embedding;
+            a tied output embedding reads the same rows), or ``{module name: ids}``; only those rows are trained and
+            saved (:mod:`peft_callbacks.methods.lora.tokens`). Recorded with exact module paths.
 
     Example::
 
@@ -51,6 +56,7 @@ class LoRAConfig(LayerConfig, method="lora"):
     use_dora: bool = False
     init: str = "default"
     target_parameters: str | list[str] | None = not_recorded()
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +73,9 @@ class LoRAConfig(LayerConfig, method="lora"):
                 f"base weight, which {self.init} splits in two. Use one of them."
             )
         self._set("target_parameters", check_patterns("target_parameters", self.target_parameters))
+        self._set(
+            "trainable_token_indices", check_token_indices("trainable_token_indices", self.trainable_token_indices)
+        )
         if self.target_parameters:
             check_parameter_options(self)
 

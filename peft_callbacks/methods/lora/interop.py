@@ -31,6 +31,7 @@ from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_in
 from peft_callbacks.methods.lora.layers import LoRAConv1D
 from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention, attention_from_peft, attention_to_peft
 from peft_callbacks.methods.lora.params import ParameterLoRA
+from peft_callbacks.methods.lora.tokens import TrainableTokens, resolve_token_layers, tokens_from_peft, tokens_to_peft
 
 __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
 
@@ -43,7 +44,6 @@ _UNSUPPORTED_PEFT = (
     "alpha_pattern",
     "layer_replication",
     "lora_bias",
-    "trainable_token_indices",
     "use_qalora",
     "alora_invocation_tokens",
 )
@@ -72,9 +72,8 @@ def _our_init(value: Any) -> str:
 def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
     """The LoRA fields of ``adapter_config.json``."""
     adapters = [a for layer in layers.values() for a in layer.adapters.values() if a.config == config]
-    modules = [
-        p for p, layer in layers.items() if not any(isinstance(a, ParameterLoRA) for a in layer.adapters.values())
-    ]
+    not_modules = (ParameterLoRA, TrainableTokens)  # PEFT lists these under target_parameters / trainable_token_indices
+    modules = [p for p, layer in layers.items() if not any(isinstance(a, not_modules) for a in layer.adapters.values())]
     parameters = [
         f"{p}.{n}"
         for p, layer in layers.items()
@@ -96,6 +95,7 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "init_lora_weights": init,
         "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
         "target_parameters": parameters or None,
+        "trainable_token_indices": config.trainable_token_indices,
     }
 
 
@@ -113,6 +113,7 @@ def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
         use_rslora=bool(peft_config.get("use_rslora", False)),
         use_dora=bool(peft_config.get("use_dora", False)),
         init=_our_init(peft_config.get("init_lora_weights", True)),
+        trainable_token_indices=peft_config.get("trainable_token_indices"),
         train_head=False,
     )
 
@@ -138,6 +139,8 @@ def export_layer(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": adapter.lora_A.weight, "lora_B.weight": adapter.lora_B.weight}
     if isinstance(adapter, LoRAMultiheadAttention):
         return attention_to_peft(adapter)
+    if isinstance(adapter, TrainableTokens):
+        return tokens_to_peft(adapter)
     return {KEYS.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
 
 
@@ -158,6 +161,8 @@ def import_layer(
         tensors = drop_saved_embedding(adapter, tensors)
     if isinstance(adapter, LoRAMultiheadAttention):
         return attention_from_peft(tensors)
+    if isinstance(adapter, TrainableTokens):
+        return tokens_from_peft(tensors)
     inverse = {theirs: ours for ours, theirs in KEYS.items()}
     out = {inverse.get(k, k): t for k, t in tensors.items()}
     if isinstance(adapter, ResidualLoRAAdapter):  # B₀, A₀ of the fresh base, decomposed at injection as PEFT does
@@ -172,8 +177,10 @@ def peft_targets(model: nn.Module, peft_config: dict[str, Any], paths: list[str]
     names = peft_config.get("target_parameters") or []
     if isinstance(names, str):
         raise ValueError("target_parameters must be a list of parameter names (PEFT does not take a string).")
+    tokens = peft_config.get("trainable_token_indices")
+    tokens = resolve_token_layers(model, tokens) if tokens else {}  # their tensors are rows, not LoRA factors
     targets = []
-    for path in paths:
+    for path in [p for p in paths if p not in tokens]:
         module = model.get_submodule(path)
         own = [
             f"{path}.{n}"

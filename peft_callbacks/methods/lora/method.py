@@ -54,6 +54,7 @@ from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D
 from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.targets import group_parameters, parameter_at, select_parameters, split_targets
+from peft_callbacks.methods.lora.tokens import TrainableTokens, insert_trainable_tokens, resolve_token_layers
 
 __all__ = [
     "LoRAConfig",
@@ -149,6 +150,7 @@ class LoRAMethod(LayerMethod):
             *self.dora_classes.values(),
             *self.residual_classes.values(),
             ParameterLoRA,
+            TrainableTokens,
         ]
 
     # -- parameter targets beside module targets --------------------------------------------------------------
@@ -183,6 +185,8 @@ class LoRAMethod(LayerMethod):
                 replace_module(model, path, AdaptedParameters(model.get_submodule(path)))
         if modules:
             super().insert(model, modules, config, adapter_name)
+        if config.trainable_token_indices:
+            insert_trainable_tokens(model, config.trainable_token_indices, config, adapter_name)
         for path, names in group_parameters(model, parameters).items():
             module = model.get_submodule(path)
             layer = module if isinstance(module, AdaptedParameters) else AdaptedParameters(module)
@@ -191,6 +195,13 @@ class LoRAMethod(LayerMethod):
                 layer.add_adapter(adapter_name, ParameterLoRA(layer.base_layer, config, parameter_names=names))
             if layer is not module:
                 replace_module(model, path, layer)
+
+    def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
+        """``trainable_token_indices`` with exact module paths (checked against the model), for the recipe."""
+        if config.trainable_token_indices is None:
+            return config
+        tokens = resolve_token_layers(model, config.trainable_token_indices, targets)
+        return config.replace(trainable_token_indices=tokens)
 
     def describe(self, config: LoRAConfig) -> str:
         variant = "DoRA " if config.use_dora else ""
