@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from peft_callbacks.core.kinds import embed_scale
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
+from peft_callbacks.methods.lora.layers import factored_norm
 
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.config import LoRAConfig
@@ -106,9 +107,7 @@ class LoRAEmbedding(Adapter):
 
     def update_norm(self, layer: AdaptedLayer | None = None, *, squared: bool = False) -> torch.Tensor:
         """``‖ΔW‖_F`` from the ``r × r`` Gram matrices, without forming ``ΔW``."""
-        a, b = self.update_factors()  # (r, dim), (num, r)
-        square = (b.t() @ b * (a @ a.t())).sum() * self.scaling**2
-        return square if squared else square.clamp_min(0).sqrt()
+        return factored_norm(*self.update_factors(), self.scaling, squared=squared)
 
     def store_scale(self, scale: float) -> None:
         self.lora_embedding_B.mul_(scale)

@@ -52,7 +52,21 @@ from peft_callbacks.methods.lora.fused import lora_linear
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
 
-__all__ = ["LoRAAdapter", "LoRAConv", "LoRAConv1D", "LoRALinear"]
+__all__ = ["LoRAAdapter", "LoRAConv", "LoRAConv1D", "LoRALinear", "factored_norm"]
+
+
+def factored_norm(a: torch.Tensor, b: torch.Tensor, scaling: float, *, squared: bool = False) -> torch.Tensor:
+    """``‖s·B·A‖_F`` (``squared``: its square) from the ``r × r`` Gram matrices, ``s²·Σ (BᵀB) ⊙ (AAᵀ)``, without
+    forming ``B·A``; ``a`` is ``(r, in)``, ``b`` is ``(out, r)``.
+
+    Example::
+
+        >>> a, b = torch.randn(2, 5), torch.randn(4, 2)
+        >>> torch.allclose(factored_norm(a, b, 0.5), torch.linalg.norm(0.5 * b @ a), atol=1e-5)
+        True
+    """
+    square = (b.t() @ b * (a @ a.t())).sum() * scaling**2  # (r, r) ⊙ (r, r)
+    return square if squared else square.clamp_min(0).sqrt()
 
 
 class LoRAAdapter(Adapter):
@@ -127,9 +141,7 @@ class LoRAAdapter(Adapter):
 
     def update_norm(self, layer: AdaptedLayer | None = None, *, squared: bool = False) -> torch.Tensor:
         """``‖s·B·A‖_F`` from the ``r × r`` Gram matrices, ``s²·Σ (BᵀB) ⊙ (AAᵀ)``, without forming ``B·A``."""
-        a, b = self.update_factors()  # (r, in·k…), (out, r)
-        square = (b.t() @ b * (a @ a.t())).sum() * self.scaling**2  # (r, r) ⊙ (r, r)
-        return square if squared else square.clamp_min(0).sqrt()
+        return factored_norm(*self.update_factors(), self.scaling, squared=squared)
 
     def store_scale(self, scale: float) -> None:
         self.lora_B.weight.mul_(scale)

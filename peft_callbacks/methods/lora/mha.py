@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from peft_callbacks.engine.parameters import AdaptedParameters, ParameterAdapter
+from peft_callbacks.methods.lora.params import LowRankParameters
 
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.config import LoRAConfig
@@ -66,7 +66,7 @@ class _Factors(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=like.device, dtype=dtype)
 
 
-class LoRAMultiheadAttention(ParameterAdapter):
+class LoRAMultiheadAttention(LowRankParameters):
     """LoRA factors for ``in_proj_weight`` and ``out_proj.weight`` of one ``nn.MultiheadAttention`` (see the module
     docstring); it lives in an :class:`~peft_callbacks.engine.AdaptedParameters` around the attention.
 
@@ -75,69 +75,30 @@ class LoRAMultiheadAttention(ParameterAdapter):
         config: a :class:`~peft_callbacks.methods.lora.LoRAConfig` (rank, alpha, rsLoRA, ``init="gaussian"``).
     """
 
-    absorbs_scale = True
-
     def __init__(self, base_layer: nn.MultiheadAttention, config: LoRAConfig) -> None:
         super().__init__(base_layer, config, [IN_PROJ, OUT_PROJ])
         self.r = config.rank
         self.lora_alpha = config.alpha
         self.lora_scaling = config.alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
-        weight = base_layer.in_proj_weight
         embed = base_layer.embed_dim
-        in_proj = _Factors(embed, 3 * embed, self.r, weight)  # (3E, E) = (3E, r) @ (r, E)
+        in_proj = _Factors(embed, 3 * embed, self.r, base_layer.in_proj_weight)  # (3E, E) = (3E, r) @ (r, E)
         self.lora_A, self.lora_B = in_proj.lora_A, in_proj.lora_B
         out_features, in_features = base_layer.out_proj.weight.shape
         self.out_proj = _Factors(in_features, out_features, self.r, base_layer.out_proj.weight)
         for lora_A, lora_B in self.factor_pairs():
-            if config.init == "gaussian":
-                nn.init.normal_(lora_A.weight, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(lora_B.weight)
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r`` (or ``alpha / √r``) times :attr:`scale`."""
-        return self.lora_scaling * self.scale
+            self.reset_factors(lora_A, lora_B, config.init, self.r)
 
     def factor_pairs(self) -> list[tuple[nn.Linear, nn.Linear]]:
         """``[(lora_A, lora_B)]`` of ``in_proj`` then ``out_proj``."""
         return [(self.lora_A, self.lora_B), (self.out_proj.lora_A, self.out_proj.lora_B)]
 
-    def _pair(self, name: str) -> tuple[nn.Linear, nn.Linear]:
-        return self.factor_pairs()[0 if name == IN_PROJ else 1]
-
-    def adapted_parameter(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = self._pair(name)
-        a, b = lora_A.weight.to(value.dtype), lora_B.weight.to(value.dtype)
-        return torch.addmm(value, b, a, alpha=self.scaling)  # W + s · (out, r) @ (r, in)
-
-    def delta(self, name: str) -> torch.Tensor:
-        """``s · B·A`` of one weight in float32."""
-        lora_A, lora_B = self._pair(name)
-        return (lora_B.weight.float() @ lora_A.weight.float()) * self.scaling
-
-    def delta_weights(self, layer: AdaptedParameters | None = None) -> dict[str, torch.Tensor]:
-        """``{"in_proj_weight": s·B·A, "out_proj.weight": s·B_out·A_out}`` (no ``layer`` needed)."""
-        return {name: self.delta(name) for name in self.parameter_names}
-
-    def update_norm(self, layer: AdaptedParameters | None = None, *, squared: bool = False) -> torch.Tensor:
-        """``‖ΔW‖_F`` over both weights from their ``r × r`` Gram matrices, without forming ``ΔW``."""
-        square = torch.zeros(())
-        for lora_A, lora_B in self.factor_pairs():
-            a, b = lora_A.weight.float(), lora_B.weight.float()  # (r, in), (out, r)
-            square = square.to(a.device) + (b.t() @ b * (a @ a.t())).sum() * self.scaling**2
-        return square if squared else square.clamp_min(0).sqrt()
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_A, lora_B = self.factor_pairs()[0 if name == IN_PROJ else 1]
+        return lora_B.weight, lora_A.weight  # (out, r) @ (r, in)
 
     def store_scale(self, scale: float) -> None:
         for _, lora_B in self.factor_pairs():
             lora_B.weight.mul_(scale)
-
-    def merge_parameter_into(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        return value + self.delta(name)
-
-    def unmerge_parameter_from(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        return value - self.delta(name)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
