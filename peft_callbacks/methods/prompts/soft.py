@@ -262,8 +262,6 @@ def _check_model(model: nn.Module) -> nn.Embedding:
             f"{type(model).__name__}.get_input_embeddings() is {type(embeddings).__name__}, not a token embedding "
             f"(nn.Embedding); prompt tuning needs a text model."
         )
-    if soft_prompts(model):
-        raise ValueError(f"{type(model).__name__} already has a soft prompt; call remove_prompt_tuning(model) first.")
     return embeddings
 
 

@@ -141,8 +141,6 @@ def _check_model(model: nn.Module) -> list[nn.Module]:
     blocks = list(model.blocks)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no blocks to put visual prompts into.")
-    if visual_prompts(model):
-        raise ValueError(f"{type(model).__name__} already has visual prompts; call remove_visual_prompts() first.")
     return blocks
 
 
