@@ -37,7 +37,7 @@ from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.core.kinds import NAMED_ONLY_KINDS, kinds_description, layer_kind
 from peft_callbacks.core.model_kinds import ANY_MODEL, ModelKind, layers_outside_head
-from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.modules import PEFTModule, modules_at
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.core.tensor_parallel import move_parallel_hooks
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -157,13 +157,14 @@ class Method:
 
     def check_targets(self, model: nn.Module, targets: list[str]) -> list[str]:
         """Check recorded target paths (from a recipe) before replaying them: no pattern is evaluated."""
-        modules = dict(model.named_modules())
-        missing = [p for p in targets if p not in modules]
-        if missing:
-            raise ValueError(
+        modules_at(
+            model,
+            targets,
+            lambda missing: ValueError(
                 f"`targets` (from a recipe) names {len(missing)} module(s) that {type(model).__name__} does not "
                 f"have: {missing[:5]}."
-            )
+            ),
+        )
         return targets
 
     def resolve(self, model: nn.Module, config: MethodConfig, targets: list[str]) -> MethodConfig:

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.core import quantized
-from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.modules import PEFTModule, modules_at
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
 from peft_callbacks.engine.usage import drop_adapters
@@ -142,13 +142,14 @@ def replay_missing(module: nn.Module, recipes: dict[str, list], stored: dict[str
 
     What the replays would create is checked first against the checkpoint's tensors ``stored``
     (:func:`~peft_callbacks.io.checkpoint.check_replay`), before anything is allocated."""
-    modules = dict(module.named_modules())
-    missing = [p for p in recipes if p not in modules]
-    if missing:
-        raise CheckpointLayoutError(
+    modules = modules_at(
+        module,
+        recipes,
+        lambda missing: CheckpointLayoutError(
             f"The checkpoint's surgery was recorded on {missing[0] or '<root>'!r}, which {type(module).__name__} does "
             f"not have; build the module as for training."
-        )
+        ),
+    )
     carried = any(surgery_records(modules[path]) for path in recipes)
     flags = [(p, p.requires_grad) for p in module.parameters()]
     active = {id(m): list(m.active_adapters) for m in module.modules() if isinstance(m, AdaptedLayer)}

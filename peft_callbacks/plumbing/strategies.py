@@ -240,25 +240,22 @@ def outside_zero_init(trainer: pl.Trainer) -> Iterator[None]:
         restore_init_context()
 
 
-@contextlib.contextmanager
-def full_weights(trainer: pl.Trainer) -> Iterator[None]:
+def full_weights(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
     """Under ``FSDPStrategy`` (FSDP1), the full parameters of the whole model inside the block, written back after
     (``summon_full_params``; every rank holds the whole model meanwhile). Other strategies gather where needed, layer
-    by layer, so this does nothing for them.
+    by layer, so for them this is a context that does nothing.
 
     Example::
 
         >>> import lightning as L
-        >>> with full_weights(L.Trainer(accelerator="cpu", devices=1, logger=False)):
-        ...     pass
+        >>> full_weights(L.Trainer(accelerator="cpu", devices=1, logger=False))  # doctest: +ELLIPSIS
+        <contextlib.nullcontext object at ...>
     """
     if strategy_kind(trainer) != "fsdp":
-        yield
-        return
+        return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True):
-        yield
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
 
 
 # -- checkpoint loading --------------------------------------------------------------------------------------------
