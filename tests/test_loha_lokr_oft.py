@@ -198,7 +198,7 @@ def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(config_cl
 
 PEFT_FILES = {
     "LOHA": {"r": 2, "alpha": 2, "rank_pattern": {"0": 4}},
-    "LOKR": {"r": 2, "alpha": 2, "layers_to_transform": [0], "layers_pattern": "layers"},
+    "LOKR": {"r": 2, "alpha": 2, "alpha_pattern": {"0": 4}},
     "OFT": {"r": 0, "oft_block_size": 2, "bias": "all"},
 }
 

@@ -64,6 +64,7 @@ from peft_callbacks.engine.method import (
     replace_module,
 )
 from peft_callbacks.engine.parallel import split_new_adapters
+from peft_callbacks.engine.patterns import select_layers
 from peft_callbacks.engine.precision import (
     check_dtype,
     dequantize_model,
@@ -161,7 +162,11 @@ def inject(
     if config.train_head:
         _refuse_quantized_head(model, head.head)
     with transaction(model):
-        targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
+        if targets is None:  # the patterns, then `layers_to_transform` (a recipe's exact targets hold both)
+            layers = getattr(config, "layers_to_transform", None)
+            targets = select_layers(method.select(model, config, head), layers, getattr(config, "layers_pattern", None))
+        else:
+            targets = method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
         sharded = has_sharded_parameters(model)
         before = {id(m) for m in model.modules()} if sharded else set()

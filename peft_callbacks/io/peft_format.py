@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_adapter_name, check_module, check_path
 from peft_callbacks.core.params import unfreeze
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, LayerMethod, get_method, inject, registered_methods
+from peft_callbacks.engine.patterns import prune_patterns
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
@@ -310,6 +311,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | Non
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     inverse = {theirs: ours for ours, theirs in method.peft.keys.items()}
+    config = prune_patterns(config, owners)  # PEFT keeps keys its model never matched; they set nothing
     with transaction(model):
         inject(model, config, adapter_name=adapter_name, targets=targets)
         adapters = {path: model.get_submodule(path).adapters[adapter_name] for path in owners}

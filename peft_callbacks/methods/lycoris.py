@@ -197,7 +197,7 @@ def peft_layer_check(title: str, layers: dict[str, AdaptedLayer], conv_dims: tup
         )
 
 
-_UNSUPPORTED_PEFT = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+_UNSUPPORTED_PEFT = ("rank_pattern", "alpha_pattern")  # layers_to_transform: the tensors name their layers
 
 
 def to_peft_fields(config: LycorisConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import dataclasses
 
 from peft_callbacks._validation import check_bool, check_float, check_patterns, check_positive_float, check_positive_int
 from peft_callbacks.engine import LayerConfig, not_recorded
+from peft_callbacks.engine.patterns import check_pattern_dict, pattern_value
 from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
 
 __all__ = ["INITS", "LoRAConfig"]
@@ -32,6 +33,11 @@ class LoRAConfig(LayerConfig, method="lora"):
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
             these parameters are adapted. Recorded as the exact parameter paths it selected.
+        rank_pattern: per-layer ranks, ``{key: rank}`` with HF PEFT's key semantics: a key is a regex matched
+            against the end of a module's path (``"q_proj"``, ``"layers\\.0\\.self_attn\\.v_proj"``); the first
+            matching key wins, other layers keep ``rank`` (:mod:`peft_callbacks.engine.patterns`). A key that matches
+            no adapted layer is refused. Recorded as the exact paths it set.
+        alpha_pattern: per-layer ``alpha``, ``{key: alpha}``, keys as in ``rank_pattern``.
 
     Example::
 
@@ -51,6 +57,8 @@ class LoRAConfig(LayerConfig, method="lora"):
     use_dora: bool = False
     init: str = "default"
     target_parameters: str | list[str] | None = not_recorded()
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -67,8 +75,23 @@ class LoRAConfig(LayerConfig, method="lora"):
                 f"base weight, which {self.init} splits in two. Use one of them."
             )
         self._set("target_parameters", check_patterns("target_parameters", self.target_parameters))
+        self._set("rank_pattern", check_pattern_dict("rank_pattern", self.rank_pattern, integer=True))
+        self._set("alpha_pattern", check_pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         if self.target_parameters:
             check_parameter_options(self)
+
+    def for_layer(self, path: str) -> LoRAConfig:
+        """The settings of the layer at ``path``: ``rank`` and ``alpha`` from the (resolved) patterns.
+
+        Example::
+
+            >>> LoRAConfig(rank=8, rank_pattern={"v": 2}).for_layer("attn.v").rank
+            2
+        """
+        rank, alpha = pattern_value(self.rank_pattern, path), pattern_value(self.alpha_pattern, path)
+        if rank is None and alpha is None:
+            return self
+        return self.replace(rank=rank or self.rank, alpha=alpha or self.alpha, rank_pattern=None, alpha_pattern=None)
 
 
 def check_parameter_options(config: LoRAConfig) -> None:
@@ -77,6 +100,11 @@ def check_parameter_options(config: LoRAConfig) -> None:
         raise ValueError(
             f"`dropout`={config.dropout:g} cannot be used with `target_parameters`: a parameter's update W + s·B·A "
             f"has no input to drop (HF PEFT refuses it too). Use dropout=0."
+        )
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError(
+            "`rank_pattern`/`alpha_pattern` cannot be used with `target_parameters` here (per-layer settings apply to "
+            "adapted layers); give the parameters their own adapter with its own `rank`/`alpha`."
         )
     if config.use_dora:
         raise ValueError("`use_dora=True` cannot be used with `target_parameters` (DoRA is defined for layers).")

@@ -35,10 +35,6 @@ __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", 
 KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
 
 _UNSUPPORTED_PEFT = (
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
     "layer_replication",
     "lora_bias",
     "trainable_token_indices",
@@ -92,6 +88,8 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "init_lora_weights": init,
         "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
         "target_parameters": parameters or None,
+        "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first: PEFT reads them back
+        "alpha_pattern": dict(config.alpha_pattern or {}),
     }
 
 
@@ -109,6 +107,8 @@ def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
         use_rslora=bool(peft_config.get("use_rslora", False)),
         use_dora=bool(peft_config.get("use_dora", False)),
         init=_our_init(peft_config.get("init_lora_weights", True)),
+        rank_pattern=peft_config.get("rank_pattern") or None,
+        alpha_pattern=peft_config.get("alpha_pattern") or None,
         train_head=False,
     )
 

@@ -49,6 +49,7 @@ from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
 from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 from peft_callbacks.methods.lora.params import ParameterLoRA
+from peft_callbacks.methods.lora.patterns import resolve_lora_patterns
 from peft_callbacks.methods.lora.targets import group_parameters, parameter_at, select_parameters, split_targets
 
 __all__ = [
@@ -154,6 +155,14 @@ class LoRAMethod(LayerMethod):
                 layer.add_adapter(adapter_name, ParameterLoRA(layer.base_layer, config, parameter_names=names))
             if layer is not module:
                 replace_module(model, path, layer)
+
+    def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
+        return resolve_lora_patterns(model, config, split_targets(model, targets)[0])
+
+    def create_adapter(self, model: nn.Module, path: str, base: nn.Module, config: LoRAConfig, shared) -> Adapter:
+        adapter = super().create_adapter(model, path, base, config.for_layer(path), shared)
+        adapter.config = config  # the adapter's whole config; its own r / lora_alpha come from the patterns
+        return adapter
 
     def describe(self, config: LoRAConfig) -> str:
         variant = "DoRA " if config.use_dora else ""

@@ -1,0 +1,143 @@
+"""Per-layer LoRA settings as HF PEFT has them: ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform`` (+
+``layers_pattern``): the same layers and ranks as PEFT, PEFT's adapters import, ours export, merges are exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_io_adapter_file import outputs, train_a_little
+from zoo import HF_MODELS
+
+from peft_callbacks import LoRACallback
+from peft_callbacks.io import export_peft, import_peft, load_adapter, save_adapter
+from peft_callbacks.methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
+
+peft = pytest.importorskip("peft")
+
+# (model, our keywords = PEFT's LoraConfig keywords under our names)
+CASES = {
+    "llama-patterns": (
+        "llama",
+        dict(
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+            alpha_pattern={"up_proj": 5},
+        ),
+    ),
+    "llama-layers": ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    "bert-both": (
+        "bert",
+        dict(
+            target_modules=["query", "value"], rank_pattern={"value": 3}, layers_to_transform=0, layers_pattern="layer"
+        ),
+    ),
+}
+PEFT_NAMES = {"rank": "r", "alpha": "lora_alpha"}
+
+
+def peft_config(**ours) -> peft.LoraConfig:
+    return peft.LoraConfig(r=4, lora_alpha=8, **{PEFT_NAMES.get(k, k): v for k, v in ours.items()})
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def ranks(model) -> dict[str, tuple[int, float]]:
+    """``{path: (r, scaling)}`` of our LoRA layers."""
+    adapters = {path: layer.adapters["default"] for path, layer in lora_layers(model).items()}
+    return {path: (a.r, a.scaling) for path, a in adapters.items()}
+
+
+def peft_ranks(model) -> dict[str, tuple[int, float]]:
+    found = {}
+    for path, module in model.base_model.model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            found[path] = (module.r["default"], module.scaling["default"])
+    return found
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_layers_ranks_and_scalings_as_peft(case):
+    name, options = CASES[case]
+    ours = inject_lora(HF_MODELS[name]()[0], rank=4, alpha=8, train_head=False, **options)
+    theirs = peft.get_peft_model(HF_MODELS[name]()[0], peft_config(**options))
+    assert ranks(ours) == pytest.approx(peft_ranks(theirs))
+    assert len(set(r for r, _ in ranks(ours).values())) > 1 or "layers" in case  # the patterns really differ
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_imports_with_equal_outputs_and_merges_exactly(tmp_path, case):
+    name, options = CASES[case]
+    build = HF_MODELS[name]
+    base, inputs = build()
+    theirs = train_a_little(peft.get_peft_model(base, peft_config(**options)))  # A and B away from their start
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = import_peft(build()[0], tmp_path)
+    expected = outputs(theirs, inputs)
+    close(outputs(ours, inputs), expected)
+    assert ranks(ours) == pytest.approx(peft_ranks(theirs))
+    save_adapter(ours, tmp_path / "ours")  # the per-layer settings are recorded: replaying gives the same ranks
+    again = load_adapter(build()[0], tmp_path / "ours")
+    assert ranks(again) == ranks(ours)
+    close(outputs(again, inputs), expected)
+    close(outputs(merge_lora(ours), inputs), expected)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_our_export_loads_in_peft_with_equal_outputs(tmp_path, case):
+    name, options = CASES[case]
+    build = HF_MODELS[name]
+    tuned, inputs = build()
+    train_a_little(inject_lora(tuned, rank=4, alpha=8, train_head=False, **options))
+    export_peft(tuned, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = next(iter(lora_layers(tuned).values())).adapters["default"].config
+    assert written["rank_pattern"] == (config.rank_pattern or {})
+
+    theirs = peft.PeftModel.from_pretrained(build()[0], str(tmp_path))
+    assert peft_ranks(theirs) == pytest.approx(ranks(tuned))
+    close(outputs(theirs, inputs), outputs(tuned, inputs))
+
+
+def test_patterns_reach_the_callback_and_its_config():
+    callback = LoRACallback(rank=4, rank_pattern={"query": 2}, layers_to_transform=[1])
+    assert callback.config.rank_pattern == {"query": 2} and callback.config.layers_to_transform == [1]
+    assert LoRAConfig.from_dict(LoRAConfig(alpha_pattern={"q": 3}).to_dict()).alpha_pattern == {"q": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (dict(rank_pattern={"key_proj": 2}), ValueError, r"`rank_pattern` key 'key_proj' matches none of the 4"),
+        (dict(alpha_pattern={"nowhere": 2}), ValueError, r"`alpha_pattern` key 'nowhere' matches none"),
+        (dict(rank_pattern={"q_proj": 0}), ValueError, r"`rank_pattern` must map keys to ints >= 1, got 0 for key"),
+        (dict(rank_pattern={"q_proj": 2.5}), TypeError, r"`rank_pattern` must map keys to ints >= 1, got float 2.5"),
+        (dict(alpha_pattern={"q_proj": -1}), ValueError, r"`alpha_pattern` must map keys to numbers > 0, got -1"),
+        (dict(rank_pattern={"q_(": 2}), ValueError, r"`rank_pattern` key 'q_\(' is not a valid regex"),
+        (dict(layers_to_transform=[5]), ValueError, r"`layers_to_transform`=\[5\] names .* layers 0\.\.1"),
+        (dict(layers_to_transform=[-1]), ValueError, r"`layers_to_transform` must hold layer numbers .*, got -1"),
+        (dict(layers_pattern="layers"), ValueError, r"`layers_pattern`='?\['layers'\]'? needs `layers_to_transform`"),
+        (dict(layers_to_transform=[0], layers_pattern="blocks"), ValueError, r"no numbered layer.*layers_pattern"),
+    ],
+)
+def test_bad_per_layer_settings_are_refused_clearly(options, error, message):
+    model = HF_MODELS["llama"]()[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        inject_lora(model, rank=4, target_modules=["q_proj", "v_proj"], train_head=False, **options)
+    assert not lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_keys_that_match_no_layer_are_left_out_on_import(tmp_path):
+    build = HF_MODELS["llama"]
+    base, inputs = build()
+    config = peft_config(target_modules=["q_proj"], rank_pattern={"q_proj": 2, "k_proj": 6})  # PEFT keeps k_proj
+    theirs = train_a_little(peft.get_peft_model(base, config))
+    theirs.save_pretrained(str(tmp_path))
+    ours = import_peft(build()[0], tmp_path)
+    close(outputs(ours, inputs), outputs(theirs, inputs))
+    assert {r for r, _ in ranks(ours).values()} == {2}
