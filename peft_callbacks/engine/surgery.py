@@ -53,6 +53,7 @@ from peft_callbacks.core.params import (
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_models
 from peft_callbacks.core.sharding import full_parameters, has_sharded_parameters, shard_as, shard_new_modules
 from peft_callbacks.core.targets import in_subtree
+from peft_callbacks.engine.bias import bias_rule, trained_biases
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
 from peft_callbacks.engine.method import (
@@ -176,6 +177,8 @@ def inject(
             split_new_adapters(model, before, method.title)
             shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
+        for bias in trained_biases(model, bias_rule(config), method.modules(model, adapter_name)).values():
+            bias.requires_grad_(True)
         if config.train_head:
             unfreeze([model.get_submodule(p) for p in head.head])
         apply_batchnorm_rule(model, config, head.head if config.train_head else [])
@@ -333,7 +336,8 @@ def merge(
     for path, layer in layers.items():  # everything is checked before anything changes
         unmergeable = [n for n, a in layer.adapters.items() if not a.mergeable]
         if unmergeable:
-            raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight.")
+            why = "".join(f" ({r})" for n in unmergeable if (r := getattr(layer.adapters[n], "merge_refusal", None)))
+            raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight{why}.")
         if quantized.stores_quantized(layer.base_layer) and dtype is None and not requantize:
             refuse_quantized_merge(path, layer)
     for path, layer in layers.items():

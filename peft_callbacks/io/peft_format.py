@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_adapter_name, check_module, check_path
 from peft_callbacks.core.params import unfreeze
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, LayerMethod, get_method, inject, registered_methods
+from peft_callbacks.engine.bias import bias_rule, trained_biases
 from peft_callbacks.engine.patterns import prune_patterns
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
@@ -80,9 +81,10 @@ def _layer_method(model: nn.Module, adapter_name: str) -> tuple[LayerMethod, dic
     return method, method.modules(model, adapter_name)
 
 
-def _modules_to_save(model: nn.Module) -> list[str]:
-    """Paths of the modules that own a trainable parameter outside the PEFT modules (the trained head)."""
-    owned = peft_owned(model)
+def _modules_to_save(model: nn.Module, biases: dict[str, torch.Tensor]) -> list[str]:
+    """Paths of the modules that own a trainable parameter outside the PEFT modules (the trained head), the biases
+    the adapter's ``bias`` setting trains left out (PEFT saves those one by one)."""
+    owned = peft_owned(model) | {id(p) for p in biases.values()}
     paths: list[str] = []
     for key, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
@@ -157,10 +159,13 @@ def peft_files(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Ten
     if method.peft.export_shared is not None:
         for key, tensor in method.peft.export_shared(config, adapters).items():
             tensors[f"{SHARED_PREFIX}{key}"] = tensor
-    modules_to_save = _modules_to_save(model)
+    biases = trained_biases(model, bias_rule(config), layers)
+    modules_to_save = _modules_to_save(model, biases)
     for path in modules_to_save:
         for key, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{PREFIX}{path}.{key}"] = tensor
+    for key, tensor in biases.items():  # PEFT's keys: <path>.base_layer.bias inside a wrapped layer
+        tensors[f"{PREFIX}{key}"] = tensor
     peft_config = {
         "peft_type": method.peft.peft_type,
         "task_type": None,
@@ -242,7 +247,7 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     others: dict[str, torch.Tensor] = {}
     for full_key, tensor in tensors.items():
         key = full_key[len(PREFIX) :]
-        if key in state:
+        if key in state or _base_layer_bias(key, state):
             others[key] = tensor
             continue
         parts = key.split(".")
@@ -253,6 +258,13 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
             raise ValueError(f"{path}: tensor {full_key!r} names a module that {type(model).__name__} does not have.")
         adapted.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
     return list(adapted), adapted, others
+
+
+def _base_layer_bias(key: str, state: dict[str, torch.Tensor]) -> bool:
+    """Is ``key`` PEFT's name (``<path>.base_layer.bias``) of the bias of a layer it wraps (``bias="all"`` or
+    ``"lora_only"``), ``<path>.bias`` in ``model`` before injection?"""
+    suffix = ".base_layer.bias"
+    return key.endswith(suffix) and f"{key[: -len(suffix)]}.bias" in state
 
 
 def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
@@ -354,6 +366,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | Non
                 method.peft.import_shared(peft_config, adapters, shared)
             except ValueError as err:
                 raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
-        unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others])
+        biases = trained_biases(model, bias_rule(config), method.modules(model, adapter_name))  # trainable already
+        unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others if k not in biases])
     log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(owners), type(model).__name__)
     return model

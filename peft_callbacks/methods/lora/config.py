@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
-from peft_callbacks._validation import check_bool, check_float, check_patterns, check_positive_float, check_positive_int
+from peft_callbacks._validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_patterns,
+    check_positive_float,
+    check_positive_int,
+)
 from peft_callbacks.engine import LayerConfig, not_recorded
+from peft_callbacks.engine.bias import BIAS_CHOICES
 from peft_callbacks.engine.patterns import check_pattern_dict, pattern_value
 from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
 
@@ -38,6 +47,12 @@ class LoRAConfig(LayerConfig, method="lora"):
             matching key wins, other layers keep ``rank`` (:mod:`peft_callbacks.engine.patterns`). A key that matches
             no adapted layer is refused. Recorded as the exact paths it set.
         alpha_pattern: per-layer ``alpha``, ``{key: alpha}``, keys as in ``rank_pattern``.
+        bias: which base biases train with the adapter (HF PEFT's ``bias``): ``"none"``, ``"all"`` (every bias of
+            the model) or ``"lora_only"`` (those of the adapted layers); they are saved and exported with it
+            (:mod:`peft_callbacks.engine.bias`).
+        lora_bias: give ``lora_B`` a bias (HF PEFT's ``lora_bias``, zero at the start, scaled with the branch) that
+            merging adds to the base layer's bias; a layer without a bias cannot merge it. Only with
+            ``init="default"``, without DoRA or ``target_parameters``.
 
     Example::
 
@@ -59,6 +74,8 @@ class LoRAConfig(LayerConfig, method="lora"):
     target_parameters: str | list[str] | None = not_recorded()
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +94,13 @@ class LoRAConfig(LayerConfig, method="lora"):
         self._set("target_parameters", check_patterns("target_parameters", self.target_parameters))
         self._set("rank_pattern", check_pattern_dict("rank_pattern", self.rank_pattern, integer=True))
         self._set("alpha_pattern", check_pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
+        check_choice("bias", self.bias, BIAS_CHOICES)
+        check_bool("lora_bias", self.lora_bias)
+        if self.lora_bias and (self.use_dora or self.init != "default"):
+            raise ValueError(
+                f"`lora_bias=True` works with `init='default'` and without DoRA (as in HF PEFT), got "
+                f"init={self.init!r}, use_dora={self.use_dora}."
+            )
         if self.target_parameters:
             check_parameter_options(self)
 
@@ -106,6 +130,8 @@ def check_parameter_options(config: LoRAConfig) -> None:
             "`rank_pattern`/`alpha_pattern` cannot be used with `target_parameters` here (per-layer settings apply to "
             "adapted layers); give the parameters their own adapter with its own `rank`/`alpha`."
         )
+    if config.lora_bias:
+        raise ValueError("`lora_bias=True` cannot be used with `target_parameters` (HF PEFT refuses it too).")
     if config.use_dora:
         raise ValueError("`use_dora=True` cannot be used with `target_parameters` (DoRA is defined for layers).")
     if is_residual_init(config.init):
