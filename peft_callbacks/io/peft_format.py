@@ -48,6 +48,7 @@ from peft_callbacks.engine.patterns import prune_patterns
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
+from peft_callbacks.io.model_card import card_keep, write_card
 from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
 
@@ -99,8 +100,9 @@ def _modules_to_save(model: nn.Module, biases: dict[str, torch.Tensor]) -> list[
 def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
     """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    Only the adapter files are written (see :mod:`peft_callbacks.io.atomic`): anything else in ``directory`` stays,
-    and a killed export leaves the previous files or the new ones, never a mix.
+    Only the adapter files and a ``README.md`` model card are written (see :mod:`peft_callbacks.io.atomic` and
+    :mod:`peft_callbacks.io.model_card`; a README the user wrote is never overwritten): anything else in
+    ``directory`` stays, and a killed export leaves the previous files or the new ones, never a mix.
 
     Args:
         model: the model with the adapter injected (unmerged), the same object you would pass to PEFT as its base.
@@ -121,7 +123,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
         >>> sorted(f for f in os.listdir(export_peft(net, tempfile.mkdtemp())) if not f.startswith("."))
-        ['adapter_config.json', 'adapter_model.safetensors']
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
     check_module("model", model)
     check_path("directory", directory)
@@ -129,8 +131,11 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         return export_adapters(model, directory, _names("adapter_name", adapter_name))
     check_adapter_name(adapter_name)
     tensors, config = peft_files(model, adapter_name)
-    with file_set(directory, "peft") as staging:
+    keep = card_keep(directory)  # a README.md the user wrote there stays as it is
+    with file_set(directory, "peft", keep=keep) as staging:
         write_peft_files(staging, tensors, config)
+        if not keep:
+            write_card(staging, model, "peft", [adapter_name])
     log.info(
         "Exported %s on %d layer(s) of %s to %s (HF PEFT format).",
         config["peft_type"],
