@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -141,3 +142,33 @@ def test_peft_keys_that_match_no_layer_are_left_out_on_import(tmp_path):
     ours = import_peft(build()[0], tmp_path)
     close(outputs(ours, inputs), outputs(theirs, inputs))
     assert {r for r, _ in ranks(ours).values()} == {2}
+
+
+def test_patterns_and_bias_options_come_from_yaml(tmp_path):
+    from peft_callbacks.cli import PEFTCLI
+
+    yaml = tmp_path / "lora.yaml"
+    yaml.write_text(
+        "trainer:\n  logger: false\n  callbacks:\n  - class_path: peft_callbacks.LoRACallback\n    init_args:\n"
+        "      rank: 4\n      rank_pattern:\n        qkv: 2\n      alpha_pattern:\n        'blocks\\.0\\..*': 3\n"
+        "      layers_to_transform: [0, 1]\n      layers_pattern: blocks\n"
+        "      bias: lora_only\n      lora_bias: true\n"
+    )
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+    args = ["--config", f"{configs}/digits_lora.yaml", "--config", str(yaml), "--model.init_args.init_from=null"]
+    cli = PEFTCLI(args=args, run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]
+    config = callback.config
+    assert config.rank_pattern == {"qkv": 2} and config.alpha_pattern == {r"blocks\.0\..*": 3.0}
+    assert config.layers_to_transform == [0, 1] and config.layers_pattern == ["blocks"]
+    assert config.bias == "lora_only" and config.lora_bias is True
+
+
+def test_a_second_fit_with_the_same_patterns_continues_the_adapter():
+    model = HF_MODELS["llama"]()[0]
+    options = dict(rank=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, layers_to_transform=[1])
+    callback = LoRACallback(**options)
+    callback.apply(model, "")
+    assert LoRACallback(**options).is_applied(model)  # the recorded (resolved) patterns are the same settings
+    with pytest.raises(ValueError, match=r"with other settings \(rank_pattern: .*: 2\} there, .*: 3\} here\)"):
+        LoRACallback(**{**options, "rank_pattern": {"v_proj": 3}}).is_applied(model)
