@@ -172,3 +172,44 @@ def test_a_second_fit_with_the_same_patterns_continues_the_adapter():
     assert LoRACallback(**options).is_applied(model)  # the recorded (resolved) patterns are the same settings
     with pytest.raises(ValueError, match=r"with other settings \(rank_pattern: .*: 2\} there, .*: 3\} here\)"):
         LoRACallback(**{**options, "rank_pattern": {"v_proj": 3}}).is_applied(model)
+
+
+LYCORIS = {"loha": ("LoHaConfig", "LoHaConfig"), "lokr": ("LoKrConfig", "LoKrConfig")}
+LYCORIS_OPTIONS = dict(
+    target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\..*q_proj": 3}
+)
+
+
+def lycoris_config(method: str, **options):
+    from peft_callbacks import LoHaConfig, LoKrConfig
+
+    return (LoHaConfig if method == "loha" else LoKrConfig)(rank=4, alpha=8, train_head=False, **options)
+
+
+def lycoris_ranks(model) -> dict[str, tuple[int, float]]:
+    from peft_callbacks.engine import peft_layers
+
+    return {
+        p: (layer.adapters["default"].r, layer.adapters["default"].alpha) for p, layer in peft_layers(model).items()
+    }
+
+
+@pytest.mark.parametrize("method", sorted(LYCORIS))
+def test_loha_lokr_patterns_import_export_and_merge_like_peft(tmp_path, method):
+    from peft_callbacks.engine import inject, merge
+
+    build = HF_MODELS["llama"]
+    base, inputs = build()
+    peft_class = getattr(peft, "LoHaConfig" if method == "loha" else "LoKrConfig")
+    theirs = train_a_little(peft.get_peft_model(base, peft_class(r=4, alpha=8, **LYCORIS_OPTIONS)))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = import_peft(build()[0], tmp_path / "peft")
+    expected = outputs(theirs, inputs)
+    close(outputs(ours, inputs), expected)
+    assert sorted(set(lycoris_ranks(ours).values())) == [(2, 8.0), (4, 3.0), (4, 8.0)]
+
+    tuned = train_a_little(inject(build()[0], lycoris_config(method, **LYCORIS_OPTIONS)))
+    assert lycoris_ranks(tuned) == lycoris_ranks(ours)  # the same layers get the same rank and alpha
+    export_peft(tuned, tmp_path / "ours")
+    close(outputs(peft.PeftModel.from_pretrained(build()[0], str(tmp_path / "ours")), inputs), outputs(tuned, inputs))
+    close(outputs(merge(ours), inputs), expected)

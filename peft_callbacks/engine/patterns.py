@@ -27,12 +27,15 @@ import re
 from typing import Any
 
 __all__ = [
+    "PerLayerSettings",
     "check_layer_indices",
     "check_pattern_dict",
     "layer_index",
+    "layer_settings",
     "pattern_value",
     "prune_patterns",
     "resolve_patterns",
+    "resolve_rank_alpha",
     "select_layers",
 ]
 
@@ -206,3 +209,44 @@ def prune_patterns(config: Any, targets: list[str]) -> Any:
                 log.info("`%s`: left out key(s) that match no adapted module: %s", field.name, left_out)
                 changes[field.name] = kept or None
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def layer_settings(config: Any, path: str) -> Any:
+    """The settings of the layer at ``path``: ``rank`` and ``alpha`` of ``config`` from its (resolved)
+    ``rank_pattern`` / ``alpha_pattern``; ``config`` itself where no key sets the layer.
+
+    Example::
+
+        >>> from peft_callbacks.methods.lora import LoRAConfig
+        >>> layer_settings(LoRAConfig(rank=8, rank_pattern={"v": 2}), "attn.v").rank
+        2
+    """
+    rank, alpha = pattern_value(config.rank_pattern, path), pattern_value(config.alpha_pattern, path)
+    if rank is None and alpha is None:
+        return config
+    changes = dict(rank=rank or config.rank, alpha=alpha or config.alpha, rank_pattern=None, alpha_pattern=None)
+    return dataclasses.replace(config, **changes)
+
+
+def resolve_rank_alpha(config: Any, targets: list[str]) -> Any:
+    """``config`` with ``rank_pattern`` / ``alpha_pattern`` keyed by the exact ``targets`` they set (what recipes,
+    adapter files and exports hold; see :func:`resolve_patterns`)."""
+    if not config.rank_pattern and not config.alpha_pattern:
+        return config
+    patterns = {"rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern}
+    resolved = resolve_patterns(patterns, targets, {"rank_pattern": config.rank, "alpha_pattern": config.alpha})
+    return dataclasses.replace(config, **resolved)
+
+
+class PerLayerSettings:
+    """Mixin for a :class:`~peft_callbacks.engine.LayerMethod` whose config has ``rank``/``alpha`` and
+    ``rank_pattern``/``alpha_pattern``: the patterns are resolved at injection and each adapter is built with its
+    layer's rank and alpha, while its ``config`` stays the adapter's whole config (one per adapter, as PEFT's)."""
+
+    def resolve(self, model: Any, config: Any, targets: list[str]) -> Any:
+        return resolve_rank_alpha(config, targets)
+
+    def create_adapter(self, model: Any, path: str, base: Any, config: Any, shared: Any) -> Any:
+        adapter = super().create_adapter(model, path, base, layer_settings(config, path), shared)  # type: ignore[misc]
+        adapter.config = config
+        return adapter

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks.engine import AdaptedLayer, LayerMethod, PeftMapping, register_method
+from peft_callbacks.engine.patterns import PerLayerSettings
 from peft_callbacks.methods.lycoris import (
     LycorisAdapter,
     LycorisConfig,
@@ -157,7 +158,7 @@ def _from_peft(peft_config: dict[str, Any]) -> LoHaConfig:
     return LoHaConfig(**from_peft_fields(peft_config, "LoHa"))
 
 
-class LoHaMethod(LayerMethod):
+class LoHaMethod(PerLayerSettings, LayerMethod):
     """LoHa: ``W₀x + (alpha/r)·((W1a·W1b) ⊙ (W2a·W2b))·x`` on Linear, Conv and ``Conv1D`` layers."""
 
     name = "loha"

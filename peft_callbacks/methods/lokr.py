@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_int
 from peft_callbacks.engine import AdaptedLayer, LayerMethod, PeftMapping, register_method
+from peft_callbacks.engine.patterns import PerLayerSettings
 from peft_callbacks.methods.lycoris import (
     LycorisAdapter,
     LycorisConfig,
@@ -224,7 +225,7 @@ def _from_peft(peft_config: dict[str, Any]) -> LoKrConfig:
     )
 
 
-class LoKrMethod(LayerMethod):
+class LoKrMethod(PerLayerSettings, LayerMethod):
     """LoKr: ``W₀x + (alpha/r)·(W1 ⊗ W2)·x`` on Linear, Conv and ``Conv1D`` layers."""
 
     name = "lokr"

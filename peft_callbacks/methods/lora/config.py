@@ -15,7 +15,7 @@ from peft_callbacks._validation import (
 )
 from peft_callbacks.engine import LayerConfig, not_recorded
 from peft_callbacks.engine.bias import BIAS_CHOICES
-from peft_callbacks.engine.patterns import check_pattern_dict, pattern_value
+from peft_callbacks.engine.patterns import check_pattern_dict
 from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
 
 __all__ = ["INITS", "LoRAConfig"]
@@ -103,19 +103,6 @@ class LoRAConfig(LayerConfig, method="lora"):
             )
         if self.target_parameters:
             check_parameter_options(self)
-
-    def for_layer(self, path: str) -> LoRAConfig:
-        """The settings of the layer at ``path``: ``rank`` and ``alpha`` from the (resolved) patterns.
-
-        Example::
-
-            >>> LoRAConfig(rank=8, rank_pattern={"v": 2}).for_layer("attn.v").rank
-            2
-        """
-        rank, alpha = pattern_value(self.rank_pattern, path), pattern_value(self.alpha_pattern, path)
-        if rank is None and alpha is None:
-            return self
-        return self.replace(rank=rank or self.rank, alpha=alpha or self.alpha, rank_pattern=None, alpha_pattern=None)
 
 
 def check_parameter_options(config: LoRAConfig) -> None:

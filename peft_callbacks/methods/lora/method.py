@@ -43,13 +43,13 @@ from peft_callbacks.engine import (
 )
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.engine.patterns import PerLayerSettings, resolve_rank_alpha
 from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
 from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 from peft_callbacks.methods.lora.params import ParameterLoRA
-from peft_callbacks.methods.lora.patterns import resolve_lora_patterns
 from peft_callbacks.methods.lora.targets import group_parameters, parameter_at, select_parameters, split_targets
 
 __all__ = [
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 
-class LoRAMethod(LayerMethod):
+class LoRAMethod(PerLayerSettings, LayerMethod):
     """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers and on bitsandbytes 4-/8-bit Linear layers
     (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), and ``W + s·B·A`` on the parameters
     ``target_parameters`` names (per expert for 3-D stacks)."""
@@ -157,12 +157,7 @@ class LoRAMethod(LayerMethod):
                 replace_module(model, path, layer)
 
     def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
-        return resolve_lora_patterns(model, config, split_targets(model, targets)[0])
-
-    def create_adapter(self, model: nn.Module, path: str, base: nn.Module, config: LoRAConfig, shared) -> Adapter:
-        adapter = super().create_adapter(model, path, base, config.for_layer(path), shared)
-        adapter.config = config  # the adapter's whole config; its own r / lora_alpha come from the patterns
-        return adapter
+        return resolve_rank_alpha(config, split_targets(model, targets)[0])  # the patterns set layers only
 
     def describe(self, config: LoRAConfig) -> str:
         variant = "DoRA " if config.use_dora else ""
