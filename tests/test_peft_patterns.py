@@ -213,3 +213,40 @@ def test_loha_lokr_patterns_import_export_and_merge_like_peft(tmp_path, method):
     export_peft(tuned, tmp_path / "ours")
     close(outputs(peft.PeftModel.from_pretrained(build()[0], str(tmp_path / "ours")), inputs), outputs(tuned, inputs))
     close(outputs(merge(ours), inputs), expected)
+
+
+# method: (our config, PEFT's config), both with layers_to_transform=[1] on Llama (PEFT's IA3 has no such option)
+OTHER_METHODS = {
+    "loha": (
+        lambda: __import__("peft_callbacks").LoHaConfig(rank=2, target_modules=["v_proj", "down_proj"], **LAYER_1),
+        lambda: peft.LoHaConfig(r=2, target_modules=["v_proj", "down_proj"], **LAYER_1),
+    ),
+    "oft": (
+        lambda: __import__("peft_callbacks").OFTConfig(rank=0, oft_block_size=4, target_modules=["q_proj"], **LAYER_1),
+        lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj"], **LAYER_1),
+    ),
+    "vera": (
+        lambda: __import__("peft_callbacks").VeRAConfig(rank=4, target_modules=["q_proj", "o_proj"], **LAYER_1),
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj"], **LAYER_1),
+    ),
+}
+LAYER_1 = dict(layers_to_transform=[1], layers_pattern="layers")
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_layers_to_transform_selects_as_peft_for_every_layer_method(tmp_path, method):
+    from peft_callbacks.engine import inject, peft_layers
+
+    ours_config, peft_config_ = OTHER_METHODS[method]
+    build = HF_MODELS["llama"]
+    base, inputs = build()
+    theirs = train_a_little(peft.get_peft_model(base, peft_config_()))
+    theirs.save_pretrained(str(tmp_path))
+    ours = inject(build()[0], ours_config().replace(train_head=False))
+    adapted = {
+        p for p, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)
+    }
+    assert set(peft_layers(ours)) == adapted and all(".layers.1." in p for p in adapted)
+    imported = import_peft(build()[0], tmp_path)
+    assert set(peft_layers(imported)) == adapted
+    close(outputs(imported, inputs), outputs(theirs, inputs))
