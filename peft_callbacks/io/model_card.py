@@ -33,7 +33,7 @@ from peft_callbacks.core.params import count_parameters
 from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.engine.method import get_method
 
-__all__ = ["CARD_FILE", "MARKER", "card_is_ours", "card_keep", "model_card"]
+__all__ = ["CARD_FILE", "MARKER", "card_is_ours", "card_keep", "model_card", "write_card"]
 
 log = logging.getLogger(__name__)
 
