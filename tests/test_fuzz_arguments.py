@@ -366,6 +366,9 @@ CASES: dict[str, Case] = {
     "prepare_quantized_base": _model_case(_net),
     "unload": _model_case(_lora_net, accepts={"method": [None], "adapter_name": [None, "bogus"]}),
     "disabled": _model_case(_lora_net, enter=True),
+    "scaled": Case(  # any finite number scales the update: 0 is the base model, negative values reverse it
+        valid=lambda: {"model": _lora_net(), "scale": 0.5}, enter=True, accepts={"scale": [-1, 0, 1.5, -0.5]}
+    ),
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
