@@ -44,6 +44,7 @@ from peft_callbacks.engine import (
 )
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.engine.patterns import PerLayerSettings, resolve_rank_alpha
 from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 
-class LoRAMethod(LayerMethod):
+class LoRAMethod(PerLayerSettings, LayerMethod):
     """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers and on bitsandbytes 4-/8-bit Linear layers
     (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), and ``W + s·B·A`` on the parameters
     ``target_parameters`` names (per expert for 3-D stacks)."""
@@ -179,6 +180,9 @@ class LoRAMethod(LayerMethod):
                 layer.add_adapter(adapter_name, ParameterLoRA(layer.base_layer, config, parameter_names=names))
             if layer is not module:
                 replace_module(model, path, layer)
+
+    def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
+        return resolve_rank_alpha(config, split_targets(model, targets)[0])  # the patterns set layers only
 
     def describe(self, config: LoRAConfig) -> str:
         variant = "DoRA " if config.use_dora else ""
