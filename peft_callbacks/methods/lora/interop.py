@@ -38,12 +38,7 @@ __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", 
 KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
 
 _UNSUPPORTED_PEFT = (
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
     "layer_replication",
-    "lora_bias",
     "use_qalora",
     "alora_invocation_tokens",
 )
@@ -91,10 +86,13 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "fan_in_fan_out": any(isinstance(a, LoRAConv1D) for a in adapters),
-        "bias": "none",
+        "bias": config.bias,
+        "lora_bias": config.lora_bias,
         "init_lora_weights": init,
         "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
         "target_parameters": parameters or None,
+        "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first: PEFT reads them back
+        "alpha_pattern": dict(config.alpha_pattern or {}),
         "trainable_token_indices": config.trainable_token_indices,
     }
 
@@ -102,8 +100,6 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
 def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
     """Our config for a PEFT ``LoraConfig`` (``ValueError`` for options we do not support)."""
     used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
-    if peft_config.get("bias", "none") != "none":
-        used.append(f"bias={peft_config['bias']!r}")
     if used:
         raise ValueError(f"uses PEFT LoRA options that peft_callbacks does not support: {', '.join(used)}")
     return LoRAConfig(
@@ -113,6 +109,10 @@ def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
         use_rslora=bool(peft_config.get("use_rslora", False)),
         use_dora=bool(peft_config.get("use_dora", False)),
         init=_our_init(peft_config.get("init_lora_weights", True)),
+        rank_pattern=peft_config.get("rank_pattern") or None,
+        alpha_pattern=peft_config.get("alpha_pattern") or None,
+        bias=peft_config.get("bias", "none"),
+        lora_bias=bool(peft_config.get("lora_bias", False)),
         trainable_token_indices=peft_config.get("trainable_token_indices"),
         train_head=False,
     )

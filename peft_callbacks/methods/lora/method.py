@@ -45,6 +45,7 @@ from peft_callbacks.engine import (
 )
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.engine.patterns import PerLayerSettings, resolve_rank_alpha
 from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 
-class LoRAMethod(LayerMethod):
+class LoRAMethod(PerLayerSettings, LayerMethod):
     """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers and on bitsandbytes 4-/8-bit Linear layers
     (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), on embeddings that ``target_modules`` names and on
     ``nn.MultiheadAttention`` (``in_proj`` and ``out_proj``), and ``W + s·B·A`` on the parameters
@@ -197,7 +198,9 @@ class LoRAMethod(LayerMethod):
                 replace_module(model, path, layer)
 
     def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
-        """``trainable_token_indices`` with exact module paths (checked against the model), for the recipe."""
+        """The per-layer ranks and alphas, and ``trainable_token_indices``, with exact module paths (checked against
+        the model), for the recipe."""
+        config = resolve_rank_alpha(config, split_targets(model, targets)[0])  # the patterns set layers only
         if config.trainable_token_indices is None:
             return config
         tokens = resolve_token_layers(model, config.trainable_token_indices, targets)
