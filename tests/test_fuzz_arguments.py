@@ -521,11 +521,11 @@ CASES: dict[str, Case] = {
     ),
     "save_adapter": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None], "card_sections": [None, [], ["bogus"]]},
     ),
     "export_peft": Case(
         valid=lambda: {"model": _lora_net(), "directory": _tmpdir()},
-        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None]},
+        accepts={"directory": _DIRECTORY_OK, "adapter_name": [None], "card_sections": [None, [], ["bogus"]]},
     ),
     "load_adapter": Case(
         valid=lambda: {"model": _net(), "directory": _saved("save_adapter")},

@@ -74,3 +74,57 @@ def test_a_save_for_one_adapter_names_only_that_adapter(tmp_path):
     save_adapter(model, tmp_path, adapter_name="extra")
     text = (tmp_path / CARD_FILE).read_text()
     assert "| extra | LoRA |" in text and "| default |" not in text
+
+
+@pytest.mark.parametrize("kind", sorted(SAVES))
+def test_sections_given_to_a_save_are_in_its_card(tmp_path, kind):
+    SAVES[kind](tuned_bert(), tmp_path, card_sections=["## Data\n\nDigits 0-4.", "## Results\n\nAll good."])
+    text = (tmp_path / CARD_FILE).read_text()
+    assert "## Data\n\nDigits 0-4.\n\n## Results\n\nAll good.\n\n## How to load" in text
+
+
+@pytest.mark.parametrize("bad", ["## Data", [""], [1], ("## Data", None)])
+def test_bad_card_sections_are_refused_by_name(tmp_path, bad):
+    with pytest.raises(TypeError, match="`card_sections` must be None or a list of non-empty Markdown strings"):
+        save_adapter(tuned_bert(), tmp_path, card_sections=bad)
+    assert not (tmp_path / CARD_FILE).exists()
+
+
+def test_a_fit_with_a_forgetting_monitor_puts_its_table_in_the_card(tmp_path):
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from peft_callbacks import ForgettingMonitor, LoRACallback
+
+    class Task(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)), 8)
+    monitor = ForgettingMonitor(data, prefix="digits")
+    lora = LoRACallback(rank=2, target_modules=["0"], save_adapter_to=str(tmp_path / "adapter"))
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[lora, monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(Task(), data)
+    text = (tmp_path / "adapter" / CARD_FILE).read_text()
+    assert "## Forgetting of the base task (accuracy, ForgettingMonitor 'digits')" in text
+    table = text.split("```\n")[1]
+    assert table.splitlines()[0].split()[:4] == ["epoch", "step", "base", "accuracy"]
+    assert len(table.strip().splitlines()) == 1 + len(monitor.history) == 4  # before, and after each epoch
+    last = table.strip().splitlines()[-1].split()
+    assert float(last[2]) == pytest.approx(monitor.history[-1]["value"], abs=1e-4)

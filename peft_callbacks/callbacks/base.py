@@ -159,7 +159,7 @@ class SurgeryCallback(Callback):
             if saves and runs_checks(trainer, self, SurgeryCallback):  # every rank gathered whole, equal tensors
                 check_saved_tensors(trainer, pl_module, self.name)
             if self.save_adapter_to and (has_sharded_parameters(pl_module) or trainer.is_global_zero):
-                save_adapter(pl_module, self.save_adapter_to)  # sharded: every rank gathers, rank 0 writes
+                save_adapter(pl_module, self.save_adapter_to, card_sections=_card_sections(trainer))
                 rank_zero_info(f"{self.name}: adapter saved to {self.save_adapter_to}")
             self.finalize(trainer, pl_module)
             if self.save_merged_to and (has_sharded_parameters(pl_module) or trainer.is_global_zero):
@@ -202,3 +202,9 @@ class SurgeryCallback(Callback):
                 saved["trainable"],
                 self.parameter_count.trainable,
             )
+
+
+def _card_sections(trainer: pl.Trainer) -> list[str]:
+    """The model card sections the trainer's other callbacks offer (each ``ForgettingMonitor``'s table so far)."""
+    offers = (getattr(callback, "model_card_section", None) for callback in trainer.callbacks)
+    return [section for offer in offers if callable(offer) and (section := offer()) is not None]

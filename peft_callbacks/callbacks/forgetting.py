@@ -196,6 +196,26 @@ class ForgettingMonitor(Callback):
     def latest(self) -> dict[str, Any] | None:
         return self.history[-1] if self.history else None
 
+    def summary_table(self) -> str | None:
+        """The plain-text table of every evaluation so far (what training end logs), or ``None`` before the first."""
+        if not self.history:
+            return None
+        if self.tasks is not None:
+            return self.matrix.summary_table(self.metric_name)
+        return self.tracker.summary_table(self.metric_name)
+
+    def model_card_section(self) -> str | None:
+        """A Markdown section with :meth:`summary_table`, for the ``README.md`` model card of a saved adapter
+        (``LoRACallback(save_adapter_to=...)`` adds it; pass it to ``save_adapter(..., card_sections=[...])``
+        yourself otherwise), or ``None`` before the first evaluation."""
+        table = self.summary_table()
+        if table is None:
+            return None
+        return (
+            f"## Forgetting of the base task ({self.metric_name}, ForgettingMonitor {self.prefix!r})\n\n"
+            f"Measured on held-out base-task data during training (epoch 0, step 0: before it).\n\n```\n{table}\n```"
+        )
+
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.restore_checkpoint_after_setup:
@@ -275,9 +295,7 @@ class ForgettingMonitor(Callback):
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
         if self.tasks is not None:
             self._end_of_fit_row(trainer)
-            table = self.matrix.summary_table(self.metric_name)
-        else:
-            table = self.tracker.summary_table(self.metric_name)
+        table = self.summary_table()
         rank_zero_info(f"ForgettingMonitor {self.prefix!r} ({self.metric_name}):\n{table}")
         if self.plot:
             folder = self.plot_dir or trainer.log_dir or "."  # log_dir broadcasts: every rank asks

@@ -55,7 +55,7 @@ from peft_callbacks.engine.shadow import expected_shapes
 from peft_callbacks.io.atomic import file_set, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
-from peft_callbacks.io.model_card import card_keep, write_card
+from peft_callbacks.io.model_card import card_keep, check_card_sections, write_card
 from peft_callbacks.io.named import adapter_state, record_names, renamed_keys
 from peft_callbacks.io.recipe_file import (
     FORMAT,
@@ -89,7 +89,12 @@ def check_directory(directory: Any) -> Path:
     return Path(directory)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str | None = None,
+    card_sections: list[str] | None = None,
+) -> Path:
     """Write the trained PEFT tensors of ``model`` and the recipe to rebuild them (see the module docstring).
 
     Call it before merging (a merged model has no adapter left to save). When the model is sharded (FSDP2, ZeRO-3)
@@ -102,6 +107,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             written there; anything else in it is left as it is.
         adapter_name: save only this adapter (with what trains outside the adapters, e.g. the task head, which
             all adapters share); by default every adapter.
+        card_sections: Markdown sections to add to the model card (``LoRACallback(save_adapter_to=...)`` adds each
+            ``ForgettingMonitor``'s final table, :meth:`~peft_callbacks.ForgettingMonitor.model_card_section`).
 
     Returns:
         The path of the tensor file.
@@ -120,6 +127,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     check_module("model", model)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
+    sections = check_card_sections(card_sections)
     tensors = trained_state(model) if adapter_name is None else _one_adapter(model, adapter_name)
     tensors = {key: full_tensor(t) for key, t in tensors.items()}  # gathered on every rank if sharded
     if not tensors:
@@ -137,7 +145,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     keep = card_keep(folder)  # a README.md the user wrote there stays as it is
     with file_set(folder, "adapter", keep=keep) as staging:
         if not keep:
-            write_card(staging, model, "adapter", None if adapter_name is None else [adapter_name])
+            write_card(staging, model, "adapter", None if adapter_name is None else [adapter_name], sections)
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         )

@@ -2,7 +2,8 @@
 
 :func:`~peft_callbacks.io.save_adapter` and :func:`~peft_callbacks.io.export_peft` write it as one of the save's own
 files (:mod:`peft_callbacks.io.atomic`): YAML front matter the Hub reads (``base_model``, ``library_name``, ``tags``),
-then the base model, each adapter's method, settings and targets, the trainable share and how to load it.
+then the base model, each adapter's method, settings and targets, the trainable share, any sections the caller adds
+(``LoRACallback(save_adapter_to=...)`` adds each ``ForgettingMonitor``'s final table) and how to load it.
 
 A card is ours when it holds the :data:`MARKER` line. A ``README.md`` without it is the user's: it is never
 overwritten or removed (the save logs that it left it). Delete the marker line from our card to keep your edits.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -33,7 +36,7 @@ from peft_callbacks.core.params import count_parameters
 from peft_callbacks.core.recipe import recorded_models, surgery_records
 from peft_callbacks.engine.method import get_method
 
-__all__ = ["CARD_FILE", "MARKER", "card_is_ours", "card_keep", "model_card", "write_card"]
+__all__ = ["CARD_FILE", "MARKER", "card_is_ours", "card_keep", "check_card_sections", "model_card", "write_card"]
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +118,28 @@ def _changed(config: object) -> list[str]:
     return out
 
 
-def model_card(model: nn.Module, kind: str, names: list[str] | None = None) -> str:
+def check_card_sections(sections: Any) -> tuple[str, ...]:
+    """``sections`` (``None`` or a list of Markdown strings, each a section of the card) as a tuple.
+
+    Example::
+
+        >>> check_card_sections(None), check_card_sections(["## Data", "## Results"])
+        ((), ('## Data', '## Results'))
+    """
+    if sections is None:
+        return ()
+    if not isinstance(sections, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in sections):
+        raise TypeError(
+            f"`card_sections` must be None or a list of non-empty Markdown strings (sections of the README.md model "
+            f"card), got {type(sections).__name__} {sections!r}."
+        )
+    return tuple(sections)
+
+
+def model_card(model: nn.Module, kind: str, names: list[str] | None = None, sections: Sequence[str] = ()) -> str:
     """The card's text for the adapters ``names`` (default: all) of ``model``, saved as ``kind`` (``"adapter"``:
-    :func:`~peft_callbacks.io.save_adapter`'s format, ``"peft"``: HF PEFT's). Deterministic: saving the same model
-    twice gives the same card."""
+    :func:`~peft_callbacks.io.save_adapter`'s format, ``"peft"``: HF PEFT's), with the Markdown ``sections`` added
+    after the summary. Deterministic: saving the same model twice gives the same card."""
     library, use = _USE[kind]
     base = _base_name(model)
     methods = sorted(
@@ -146,6 +167,7 @@ def model_card(model: nn.Module, kind: str, names: list[str] | None = None) -> s
         "",
         f"Trainable parameters: {count.trainable:,} of {count.total:,} ({count.trainable / max(count.total, 1):.2%}).",
         "",
+        *(line for section in sections for line in (section.strip(), "")),
         "## How to load",
         "",
         "```python",
@@ -156,6 +178,8 @@ def model_card(model: nn.Module, kind: str, names: list[str] | None = None) -> s
     return "\n".join(front + body)
 
 
-def write_card(staging: Path, model: nn.Module, kind: str, names: list[str] | None = None) -> None:
+def write_card(
+    staging: Path, model: nn.Module, kind: str, names: list[str] | None = None, sections: Sequence[str] = ()
+) -> None:
     """Write the card into a save's staging folder (see :func:`~peft_callbacks.io.atomic.file_set`)."""
-    (staging / CARD_FILE).write_text(model_card(model, kind, names))
+    (staging / CARD_FILE).write_text(model_card(model, kind, names, sections))

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,8 +52,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def export_adapters(model: nn.Module, directory: str | Path, names: list[str] | None = None) -> Path:
-    """Write the adapters ``names`` (default: every adapter) of ``model`` in PEFT's multi-adapter layout.
+def export_adapters(
+    model: nn.Module, directory: str | Path, names: list[str] | None = None, card_sections: Sequence[str] = ()
+) -> Path:
+    """Write the adapters ``names`` (default: every adapter) of ``model`` in PEFT's multi-adapter layout, with a
+    model card holding ``card_sections``.
 
     Only these files change in ``directory``, together (:mod:`peft_callbacks.io.atomic`); the sub-folders of adapters
     an earlier export wrote and this one does not are removed, and nothing else.
@@ -76,7 +80,7 @@ def export_adapters(model: nn.Module, directory: str | Path, names: list[str] | 
         for name, (tensors, config) in files.items():
             write_peft_files(staging if name == DEFAULT_ADAPTER else path_inside(staging, name), tensors, config)
         if not keep:
-            write_card(staging, model, "peft", names)
+            write_card(staging, model, "peft", names, card_sections)
     return Path(directory)
 
 

@@ -48,7 +48,7 @@ from peft_callbacks.engine.patterns import prune_patterns
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
-from peft_callbacks.io.model_card import card_keep, write_card
+from peft_callbacks.io.model_card import card_keep, check_card_sections, write_card
 from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
 
@@ -97,7 +97,12 @@ def _modules_to_save(model: nn.Module, biases: dict[str, torch.Tensor]) -> list[
     return paths
 
 
-def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
+def export_peft(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str | list[str] | None = None,
+    card_sections: list[str] | None = None,
+) -> Path:
     """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
     Only the adapter files and a ``README.md`` model card are written (see :mod:`peft_callbacks.io.atomic` and
@@ -110,6 +115,8 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         adapter_name: one adapter's name: that adapter, at the top of ``directory``; ``None`` (every adapter) or a
             list of names: PEFT's ``save_pretrained`` layout, ``"default"`` at the top and each other adapter in
             ``directory/<name>`` (:mod:`peft_callbacks.io.peft_adapters`).
+        card_sections: Markdown sections to add to the model card (e.g. a ``ForgettingMonitor``'s
+            :meth:`~peft_callbacks.ForgettingMonitor.model_card_section`).
 
     Returns:
         The directory.
@@ -127,15 +134,16 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
     """
     check_module("model", model)
     check_path("directory", directory)
+    sections = check_card_sections(card_sections)
     if not isinstance(adapter_name, str):
-        return export_adapters(model, directory, _names("adapter_name", adapter_name))
+        return export_adapters(model, directory, _names("adapter_name", adapter_name), sections)
     check_adapter_name(adapter_name)
     tensors, config = peft_files(model, adapter_name)
     keep = card_keep(directory)  # a README.md the user wrote there stays as it is
     with file_set(directory, "peft", keep=keep) as staging:
         write_peft_files(staging, tensors, config)
         if not keep:
-            write_card(staging, model, "peft", [adapter_name])
+            write_card(staging, model, "peft", [adapter_name], sections)
     log.info(
         "Exported %s on %d layer(s) of %s to %s (HF PEFT format).",
         config["peft_type"],
