@@ -16,12 +16,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
 from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import call_model, move_to_device, split_batch
 from peft_callbacks.forgetting.plot import write_finish_plot
 from peft_callbacks.forgetting.scaling import UpdateScaler, check_grid, choose_scale
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
-from peft_callbacks.plumbing.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
+from peft_callbacks.plumbing.base_task import BaseLoader, BaseTaskOptions, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def module_forward(pl_module: nn.Module, batch: Any) -> torch.Tensor:
     return call_model(pl_module, inputs)
 
 
+@takes_settings(BaseTaskOptions)
 class ForgettingAwareFinish(Callback):
     """Scale the learned update at the end of training to the ``s`` that learns most within a forgetting budget.
 
@@ -68,10 +70,8 @@ class ForgettingAwareFinish(Callback):
         val_metric: the new-task metric, ``"accuracy"`` or ``"f1"``.
         base_head: the original head (module, whole original model, or state-dict path) when fine-tuning replaced
             it; the current head is then the new task's own and is kept as trained.
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for base-task batches the defaults cannot read.
-        val_forward_fn: the same for validation batches; by default the LightningModule's own ``forward`` when it
-            has one, else the found model.
-        module: dotted path of the model inside the LightningModule when it holds several.
+        val_forward_fn: ``forward_fn`` for the validation batches; by default the LightningModule's own ``forward``
+            when it has one, else the found model.
         features: with ``metric=None``: ``"head_input"`` (the pooled input of the head) or ``"output"`` (the pooled
             output of ``forward_fn``, e.g. a sentence embedding).
         limit_batches: score at most this many batches of each set per ``s``.
@@ -81,7 +81,6 @@ class ForgettingAwareFinish(Callback):
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
         >>> finish = ForgettingAwareFinish(old, max_forgetting=0.0, grid=[0, 0.5, 1], val_dataloader=new, plot=False)
@@ -99,10 +98,9 @@ class ForgettingAwareFinish(Callback):
         metric: Literal["accuracy", "f1"] | None = "accuracy",
         val_dataloader: BaseLoader | None = None,
         val_metric: Literal["accuracy", "f1"] = "accuracy",
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
+        *,
+        base_task: BaseTaskOptions,
         val_forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
         features: Literal["head_input", "output"] = "head_input",
         limit_batches: int | None = None,
         plot: bool = True,
@@ -115,12 +113,10 @@ class ForgettingAwareFinish(Callback):
         self.metric = None if metric is None else check_choice("metric", metric, ("accuracy", "f1"))
         self.val_dataloader = None if val_dataloader is None else check_dataloader(val_dataloader, "val_dataloader")
         self.val_metric = check_choice("val_metric", val_metric, ("accuracy", "f1"))
-        self.base_head = check_base_head(base_head)
-        for name, fn in (("forward_fn", forward_fn), ("val_forward_fn", val_forward_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"`{name}` must be a callable(pl_module, batch) or None, got {fn!r}.")
-        self.forward_fn, self.val_forward_fn = forward_fn, val_forward_fn
-        self.module = check_optional_str("module", module)
+        self.base_head, self.forward_fn, self.module = base_task.base_head, base_task.forward_fn, base_task.module
+        if val_forward_fn is not None and not callable(val_forward_fn):
+            raise TypeError(f"`val_forward_fn` must be a callable(pl_module, batch) or None, got {val_forward_fn!r}.")
+        self.val_forward_fn = val_forward_fn
         self.features = check_choice("features", features, ("head_input", "output"))
         self.limit_batches = None if limit_batches is None else check_positive_int("limit_batches", limit_batches)
         self.plot = check_bool("plot", plot)

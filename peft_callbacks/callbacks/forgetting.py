@@ -96,7 +96,6 @@ class ForgettingMonitor(Callback):
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> data = random_loader(8, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> monitor = ForgettingMonitor(dataloader=data, metric="accuracy", plot=False)

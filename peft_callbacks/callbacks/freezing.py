@@ -339,7 +339,6 @@ class FreezeBackbone(_FreezingCallback):
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> data = random_loader(4, shape=(3, 32, 32), classes=3, batch_size=4)
         >>> callback = FreezeBackbone(freeze=4)  # stem, layer1, layer2, layer3

@@ -96,7 +96,7 @@ class LoRACallback(PEFTCallback):
 
     Example::
 
-        >>> import lightning as L, torch
+        >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model
         >>> data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)

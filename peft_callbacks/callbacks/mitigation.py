@@ -25,15 +25,17 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from peft_callbacks._validation import check_float, check_optional_str, check_positive_float
+from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.penalties import distillation_loss
 from peft_callbacks.forgetting.replay import ReplayStream, batch_size_of
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
 from peft_callbacks.plumbing import seam
-from peft_callbacks.plumbing.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
+from peft_callbacks.plumbing.base_task import BaseLoader, BaseTaskOptions, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +108,8 @@ class ForgettingTerm(Callback):
     picklable.
 
     Args:
-        base_head: the original head when fine-tuning replaced it (a module, the whole original model, or a path to
-            a saved state dict), as for ``ForgettingMonitor``. The current head is then the new task's own: it is
-            not regularised. ``None``: the base task goes through the current head (one head for both tasks).
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
-        module: dotted path of the model inside the LightningModule when it holds several.
+        base_head: ``base_head``, ``forward_fn`` and ``module`` are those of
+            :class:`~peft_callbacks.plumbing.base_task.BaseTaskOptions`, checked there.
         prefix: logging namespace and checkpoint key.
     """
 
@@ -121,11 +120,8 @@ class ForgettingTerm(Callback):
         module: str | None = None,
         prefix: str = "term",
     ) -> None:
-        self.base_head = check_base_head(base_head)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be a callable(pl_module, batch) or None, got {forward_fn!r}.")
-        self.forward_fn = forward_fn
-        self.module = check_optional_str("module", module)
+        options = BaseTaskOptions(base_head=base_head, forward_fn=forward_fn, module=module)
+        self.base_head, self.forward_fn, self.module = options.base_head, options.forward_fn, options.module
         self.prefix = check_optional_str("prefix", prefix) or "term"
         self.last_term: float | None = None
         self._pl_module: pl.LightningModule | None = None
@@ -213,6 +209,56 @@ class ForgettingTerm(Callback):
         return state
 
 
+class _AnchoredTerm(ForgettingTerm):
+    """A term on the update space: keeps the anchor, captures tensors unfrozen later, saves ``θ₀``
+    (:attr:`anchor_buffers`: BatchNorm statistics too, for terms that run the starting model)."""
+
+    anchor_buffers = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._start: dict[str, torch.Tensor] = {}
+        self._anchor: UpdateAnchor | None = None
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._anchor = self.anchor(pl_module, buffers=self.anchor_buffers)
+        if self._start:
+            self._anchor.load_state_dict(self._start)
+        self._anchor.capture()
+        if not self._anchor.layers and not self._anchor.start:
+            rank_zero_warn(f"{self.name}: nothing trains inside the models it watches, so it adds nothing.")
+
+    def reset(self) -> None:
+        self._start = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._anchor is not None:
+            new = self._anchor.capture()  # tensors a schedule unfroze: their start value, before their first step
+            if new:
+                self.on_new_tensors(new)
+
+    def on_new_tensors(self, names: list[str]) -> None:
+        """Tensors that started training after fit start (a freezing schedule unfroze them)."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._anchor is not None:
+            self._start = self._anchor.state_dict()
+        super().teardown(trainer, pl_module, stage)
+        self._anchor = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self._anchor.state_dict() if self._anchor is not None else dict(self._start)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start = dict(state_dict.get("start") or {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_anchor"] = None
+        return state
+
+
+@takes_settings(BaseTaskOptions)
 class ReplayCallback(ForgettingTerm):
     """Experience replay: mix base-task examples into every training step, scored through the original head.
 
@@ -232,15 +278,10 @@ class ReplayCallback(ForgettingTerm):
             ``LightningDataModule``, a callable returning a loader, or the name of a LightningModule / DataModule
             method or attribute that returns one (YAML).
         fraction: share of base-task examples in each step, in ``(0, 1)``; ``0.5`` replays as many as are new.
-        base_head: the original head (module, whole original model, or state-dict path), when fine-tuning replaced
-            it; ``None`` scores the base task through the current head.
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
-        module: dotted path of the model inside the LightningModule when it holds several.
         prefix: logging namespace and checkpoint key.
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
         >>> replay = ReplayCallback(old, fraction=0.5)
@@ -254,12 +295,11 @@ class ReplayCallback(ForgettingTerm):
         self,
         dataloader: BaseLoader,
         fraction: float = 0.25,
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
+        *,
+        base_task: BaseTaskOptions,
         prefix: str = "replay",
     ) -> None:
-        super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
+        super().__init__(**base_task.arguments(), prefix=prefix)
         self.dataloader = check_dataloader(dataloader)
         self.fraction = check_float("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         self._state: dict[str, Any] = {}
@@ -330,7 +370,8 @@ class ReplayCallback(ForgettingTerm):
         return state
 
 
-class DistillationCallback(ForgettingTerm):
+@takes_settings(BaseTaskOptions)
+class DistillationCallback(_AnchoredTerm):
     """Learning without Forgetting: keep the base-head outputs of the new inputs close to the original model's.
 
     Adds ``weight · T² · KL(softmax(z_old/T) ‖ softmax(z_new/T))``, averaged over the examples of each training batch
@@ -346,13 +387,10 @@ class DistillationCallback(ForgettingTerm):
         temperature: ``T`` (> 0); LwF uses 2.
         base_head: the original head (module, whole original model, or state-dict path), when fine-tuning replaced
             it; ``None``: the current head, as it was at fit start for the original model.
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
-        module: dotted path of the model inside the LightningModule when it holds several.
         prefix: logging namespace and checkpoint key.
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> new = random_loader(8, batch_size=4)
         >>> lwf = DistillationCallback(weight=1.0)
@@ -366,32 +404,21 @@ class DistillationCallback(ForgettingTerm):
         self,
         weight: float = 1.0,
         temperature: float = 2.0,
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
+        *,
+        base_task: BaseTaskOptions,
         prefix: str = "distillation",
     ) -> None:
-        super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
+        super().__init__(**base_task.arguments(), prefix=prefix)
         self.weight = check_positive_float("weight", weight)
         self.temperature = check_positive_float("temperature", temperature)
-        self._start: dict[str, torch.Tensor] = {}
-        self._anchor: UpdateAnchor | None = None
         self._scorer: BaseTaskScorer | None = None
         self._teacher: torch.Tensor | None = None
 
+    anchor_buffers = True  # the teacher is the starting model, BatchNorm statistics included
+
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._scorer = self.scorer(pl_module)
-        self._anchor = self.anchor(pl_module, buffers=True)
-        if self._start:
-            self._anchor.load_state_dict(self._start)
-        self._anchor.capture()
-
-    def reset(self) -> None:
-        self._start = {}
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._anchor is not None:
-            self._anchor.capture()  # tensors a schedule unfroze: their start value, before their first step
+        super().prepare(trainer, pl_module)
 
     def before_step(self, pl_module: pl.LightningModule, batch: Any) -> None:
         inputs = move_to_device(batch, pl_module.device)
@@ -406,18 +433,10 @@ class DistillationCallback(ForgettingTerm):
         return loss + value.to(loss.dtype)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._anchor is not None:
-            self._start = self._anchor.state_dict()
         super().teardown(trainer, pl_module, stage)
-        self._anchor, self._scorer, self._teacher = None, None, None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"start": self._anchor.state_dict() if self._anchor is not None else dict(self._start)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._start = dict(state_dict.get("start") or {})
+        self._scorer, self._teacher = None, None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_anchor"], state["_scorer"], state["_teacher"] = None, None, None
+        state["_scorer"], state["_teacher"] = None, None
         return state

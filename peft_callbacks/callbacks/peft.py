@@ -81,7 +81,7 @@ class PEFTCallback(SurgeryCallback):
 
     Example::
 
-        >>> import lightning as L, torch
+        >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from peft_callbacks import LoRAConfig
         >>> from peft_callbacks.demo import ImageClassifier, quiet_trainer  # a LightningModule wrapping a timm model

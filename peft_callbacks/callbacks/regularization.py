@@ -16,7 +16,6 @@ tensors), so a resumed run keeps pulling toward the original model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,13 +25,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float, check_positive_int
 from peft_callbacks.callbacks.freezing import may_unfreeze
-from peft_callbacks.callbacks.mitigation import ForgettingTerm
-from peft_callbacks.forgetting.anchors import UpdateAnchor
+from peft_callbacks.callbacks.mitigation import _AnchoredTerm
+from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.penalties import diagonal_fisher, ewc_penalty, l2sp_penalty
 from peft_callbacks.forgetting.replay import batch_size_of
 from peft_callbacks.forgetting.scoring import evaluation_mode
-from peft_callbacks.plumbing.base_task import BaseLoader, check_dataloader, resolve_loader
+from peft_callbacks.plumbing.base_task import BaseLoader, BaseTaskOptions, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 
@@ -40,52 +39,6 @@ log = logging.getLogger(__name__)
 def _may_unfreeze(trainer: pl.Trainer) -> bool:
     """Is a freezing schedule among the callbacks (one that unfreezes layers while training)?"""
     return any(may_unfreeze(c) for c in trainer.callbacks)
-
-
-class _AnchoredTerm(ForgettingTerm):
-    """A term on the update space: keeps the anchor, captures tensors unfrozen later, saves ``θ₀``."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._start: dict[str, torch.Tensor] = {}
-        self._anchor: UpdateAnchor | None = None
-
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._anchor = self.anchor(pl_module)
-        if self._start:
-            self._anchor.load_state_dict(self._start)
-        self._anchor.capture()
-        if not self._anchor.layers and not self._anchor.start:
-            rank_zero_warn(f"{self.name}: nothing trains inside the models it watches, so it adds nothing.")
-
-    def reset(self) -> None:
-        self._start = {}
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._anchor is not None:
-            new = self._anchor.capture()  # tensors a schedule unfroze: their start value, before their first step
-            if new:
-                self.on_new_tensors(new)
-
-    def on_new_tensors(self, names: list[str]) -> None:
-        """Tensors that started training after fit start (a freezing schedule unfroze them)."""
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._anchor is not None:
-            self._start = self._anchor.state_dict()
-        super().teardown(trainer, pl_module, stage)
-        self._anchor = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"start": self._anchor.state_dict() if self._anchor is not None else dict(self._start)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._start = dict(state_dict.get("start") or {})
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_anchor"] = None
-        return state
 
 
 class L2SPCallback(_AnchoredTerm):
@@ -140,6 +93,7 @@ class L2SPCallback(_AnchoredTerm):
         return loss + value.to(loss.device, loss.dtype)
 
 
+@takes_settings(BaseTaskOptions)
 class EWCCallback(_AnchoredTerm):
     """Elastic weight consolidation: add ``weight/2 · Σ F ⊙ update²`` with ``F`` the base task's diagonal Fisher.
 
@@ -164,21 +118,16 @@ class EWCCallback(_AnchoredTerm):
         weight: ``λ`` (> 0).
         base_head: the original head (module, whole original model, or state-dict path), when fine-tuning replaced
             it; ``None`` scores the base task through the current head (and then penalises it too).
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
-        module: dotted path of the model inside the LightningModule when it holds several.
         fisher_batches: use only the first N base-task batches for the Fisher (``None``: all).
         normalize: divide the Fisher by its mean in the penalty.
         prefix: logging namespace and checkpoint key.
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
-        >>> new, old = random_loader(8, batch_size=4), random_loader(6, batch_size=3, seed=1)
-        >>> ewc = EWCCallback(old, weight=10.0)
-        >>> trainer = quiet_trainer(max_steps=2, callbacks=[ewc])
-        >>> trainer.fit(MLPClassifier(lr=0.1), new)
-        >>> sorted(ewc.fisher)[:2], ewc.last_term > 0
+        >>> ewc = EWCCallback(random_loader(6, batch_size=3, seed=1), weight=10.0, fisher_batches=1)  # base task
+        >>> quiet_trainer(max_steps=2, callbacks=[ewc]).fit(MLPClassifier(lr=0.1), random_loader(8, batch_size=4))
+        >>> sorted(ewc.fisher)[:2], ewc.last_term > 0  # the Fisher of one base batch; the penalty once weights moved
         (['net.0.bias', 'net.0.weight'], True)
     """
 
@@ -186,14 +135,13 @@ class EWCCallback(_AnchoredTerm):
         self,
         dataloader: BaseLoader,
         weight: float = 1.0,
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
+        *,
+        base_task: BaseTaskOptions,
         fisher_batches: int | None = None,
         normalize: bool = True,
         prefix: str = "ewc",
     ) -> None:
-        super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
+        super().__init__(**base_task.arguments(), prefix=prefix)
         self.dataloader = check_dataloader(dataloader)
         self.weight = check_positive_float("weight", weight)
         self.fisher_batches = None if fisher_batches is None else check_positive_int("fisher_batches", fisher_batches)

@@ -54,6 +54,7 @@ __all__ = [
     "base_weight",
     "dequantized_kind",
     "embed_scale",
+    "conv_like",
     "conv_with_weight",
     "is_custom_layer",
     "is_grouped_conv",
@@ -147,6 +148,30 @@ def is_custom_layer(module: nn.Module) -> bool:
     if module not in _PROBED:
         _PROBED[module] = _linear_in_weight(module)
     return not _PROBED[module]
+
+
+def conv_like(layer: nn.modules.conv._ConvNd, in_channels: int, out_channels: int) -> nn.modules.conv._ConvNd:
+    """A bias-free convolution from ``in_channels`` to ``out_channels`` with ``layer``'s kernel size, stride, padding,
+    dilation and padding mode, so that its output has ``layer``'s spatial size (LoRA's ``A`` on a convolution).
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        >>> conv_like(conv, 3, 2)(torch.randn(1, 3, 9, 9)).shape[2:] == conv(torch.randn(1, 3, 9, 9)).shape[2:]
+        True
+    """
+    kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]
+    return kind(
+        in_channels,
+        out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+        bias=False,
+    )
 
 
 def conv_with_weight(layer: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 
+Sign = Literal["total", "frequency"]  # how TIES elects each entry's sign (PEFT's ``majority_sign_method``)
+
+
 def _weighted(task_tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``weights[i] · task_tensors[i]`` (weights broadcast over the tensors' own dimensions)."""
     return task_tensors * weights.view(weights.shape + (1,) * (task_tensors.dim() - weights.dim()))
@@ -102,15 +105,10 @@ def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, den
 
 
 def ties(
-    task_tensors: list[torch.Tensor],
-    weights: torch.Tensor,
-    density: float,
-    majority_sign_method: Literal["total", "frequency"] = "total",
+    task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float, majority_sign_method: Sign = "total"
 ) -> torch.Tensor:
     """TIES: trim to the largest values, elect a sign per entry, average the weighted tasks that agree with it."""
-    stacked = torch.stack([prune(t, density, method="magnitude") for t in task_tensors], dim=0)
-    mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
-    return disjoint_merge(_weighted(stacked, weights), mask)
+    return _elected([prune(t, density, method="magnitude") for t in task_tensors], weights, majority_sign_method)
 
 
 def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
@@ -120,12 +118,16 @@ def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density
 
 
 def dare_ties(
-    task_tensors: list[torch.Tensor],
-    weights: torch.Tensor,
-    density: float,
-    majority_sign_method: Literal["total", "frequency"] = "total",
+    task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float, majority_sign_method: Sign = "total"
 ) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    stacked = torch.stack([prune(t, density, method="random", rescale=True) for t in task_tensors], dim=0)
-    mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
-    return disjoint_merge(_weighted(stacked, weights), mask)
+    pruned = [prune(t, density, method="random", rescale=True) for t in task_tensors]
+    return _elected(pruned, weights, majority_sign_method)
+
+
+def _elected(pruned: list[torch.Tensor], weights: torch.Tensor, majority_sign_method: Sign) -> torch.Tensor:
+    """TIES' second half: elect a sign per entry, then the weighted mean of the tasks that agree with it."""
+    stacked = torch.stack(pruned, dim=0)
+    return disjoint_merge(
+        _weighted(stacked, weights), calculate_majority_sign_mask(stacked, method=majority_sign_method)
+    )

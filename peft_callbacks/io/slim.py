@@ -8,17 +8,15 @@ is the one the checkpoint was trained on, so the model then loads the checkpoint
 
 Example::
 
-    >>> import torch, torch.nn as nn
+    >>> import copy, torch, torch.nn as nn
     >>> from peft_callbacks.methods.lora import inject_lora
-    >>> def base():
-    ...     _ = torch.manual_seed(0)
-    ...     return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    >>> tuned = inject_lora(base(), rank=2)
+    >>> base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # the model as the job builds it, each time the same
+    >>> tuned = inject_lora(copy.deepcopy(base), rank=2)
     >>> state = tuned.state_dict()
     >>> record = slim_state_dict(tuned, state)
     >>> sorted(state)
     ['0.adapters.default.lora_A.weight', '0.adapters.default.lora_B.weight', '1.bias', '1.weight']
-    >>> resumed = inject_lora(base(), rank=2)
+    >>> resumed = inject_lora(copy.deepcopy(base), rank=2)
     >>> _ = resumed.load_state_dict(fill_slim_state_dict(resumed, state, record))  # strict
     >>> torch.equal(resumed[0].adapters["default"].lora_A.weight, tuned[0].adapters["default"].lora_A.weight)
     True

@@ -9,16 +9,22 @@ Shared by :class:`~peft_callbacks.callbacks.forgetting.ForgettingMonitor`, the m
   (what YAML can say);
 * ``base_head``: the original head as a module, the whole original model, or a path to a saved state dict.
 
+:class:`BaseTaskOptions` declares how the base task is reached through the model (``base_head``, ``forward_fn``,
+``module``) once, for the callbacks that take those three as they are.
+
 Example::
 
     >>> check_dataloader("base_dataloader")
     'base_dataloader'
     >>> check_base_head(None) is None
     True
+    >>> BaseTaskOptions(module="model").arguments()
+    {'base_head': None, 'forward_fn': None, 'module': 'model'}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +38,33 @@ from torch.utils.data import DataLoader, RandomSampler
 from peft_callbacks._validation import check_optional_str
 
 BaseLoader = DataLoader | pl.LightningDataModule | Callable[[], Iterable] | str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseTaskOptions:
+    """How a forgetting callback reaches the base task through the model being fine-tuned.
+
+    Attributes:
+        base_head: the original head when fine-tuning replaced it (a module, the whole original model, or a path to
+            a saved state dict), as for ``ForgettingMonitor``: the current head is then the new task's own, and is
+            not regularised. ``None``: the base task goes through the current head (one head for both tasks).
+        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
+        module: dotted path of the model inside the LightningModule when it holds several.
+    """
+
+    base_head: nn.Module | str | None = None
+    forward_fn: Callable[[Any, Any], Any] | None = None
+    module: str | None = None
+
+    def __post_init__(self) -> None:
+        check_base_head(self.base_head)
+        if self.forward_fn is not None and not callable(self.forward_fn):
+            raise TypeError(f"`forward_fn` must be a callable(pl_module, batch) or None, got {self.forward_fn!r}.")
+        check_optional_str("module", self.module)
+
+    def arguments(self) -> dict[str, Any]:
+        """``{field: value}``, the values as given (no copies: a head module stays the same object)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 def check_dataloader(value: Any, argument: str = "dataloader") -> Any:

@@ -101,7 +101,6 @@ class BottleneckMethod(ModuleMethod):
     config_class = BottleneckConfig
     module_class = BottleneckAdapter
     existing_modules = "{count} bottleneck adapter(s)"
-    removal = "remove_adapters(model)"
     examples = {
         "houlsby": BottleneckConfig(bottleneck=4),
         "pfeiffer": BottleneckConfig(bottleneck=4, placement="pfeiffer", activation="relu", train_norms=True),

@@ -17,16 +17,14 @@ embedding's update (its input is token ids), and embeddings are adapted only whe
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from peft_callbacks.engine import AdaptedLayer
-    >>> from peft_callbacks.methods.lora import LoRAConfig
-    >>> base = nn.Embedding(10, 8)
-    >>> lora = LoRAEmbedding(base, LoRAConfig(rank=2, alpha=4))
+    >>> from peft_callbacks.methods.lora import inject_lora
+    >>> model = inject_lora(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2)), rank=2, alpha=4, target_modules=["0"])
+    >>> layer = model[0]
+    >>> lora = layer.adapters["default"]
     >>> tuple(lora.lora_embedding_A.shape), tuple(lora.lora_embedding_B.shape)
     ((2, 10), (8, 2))
-    >>> layer = AdaptedLayer(base)
-    >>> layer.add_adapter("default", lora)
     >>> ids = torch.tensor([[1, 5, 9]])
-    >>> torch.equal(layer(ids), base(ids))  # A = 0 at injection
+    >>> torch.equal(layer(ids), layer.base_layer(ids))  # A = 0 at injection
     True
     >>> _ = nn.init.normal_(lora.lora_embedding_A)
     >>> torch.allclose(nn.functional.embedding(ids, layer.merged_weight()), layer(ids), atol=1e-5)

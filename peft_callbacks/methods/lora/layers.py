@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from peft_callbacks.core.kinds import conv_like
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
 from peft_callbacks.methods.lora.fused import lora_linear
 
@@ -256,17 +257,8 @@ class LoRAConv(LoRAAdapter):
     def make_factors(self, base_layer: nn.modules.conv._ConvNd, r: int) -> tuple[nn.Module, nn.Module]:
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base_layer.kernel_size)]
         ones = (1,) * len(base_layer.kernel_size)
-        lora_A = conv(
-            base_layer.in_channels,
-            r,
-            base_layer.kernel_size,
-            stride=base_layer.stride,
-            padding=base_layer.padding,
-            dilation=base_layer.dilation,
-            padding_mode=base_layer.padding_mode,
-            bias=False,
-        )
-        return lora_A, conv(r, base_layer.out_channels, ones, stride=ones, bias=False)
+        lora_B = conv(r, base_layer.out_channels, ones, stride=ones, bias=False)
+        return conv_like(base_layer, base_layer.in_channels, r), lora_B
 
 
 class LoRAConv1D(LoRALinear):

@@ -14,17 +14,23 @@ from typing import Any
 
 import torch.nn as nn
 
-from peft_callbacks.engine import ModuleMethod
+from peft_callbacks.core.model_kinds import ANY_MODEL, ModelKind
+from peft_callbacks.engine import MethodConfig, ModuleMethod
 
 __all__ = ["PromptMethod"]
 
 
 class PromptMethod(ModuleMethod):
     """A method that adds learned tokens to a model's inputs: one set per model (the default adapter name only), and
-    the model does not compute what it did before (it sees more tokens). Subclasses give :meth:`places`."""
+    the model does not compute what it did before (it sees more tokens). Subclasses give :meth:`places` and
+    :attr:`models`, the models that have those places."""
 
     one_per_model = True
     starts_as_identity = False
+    models: ModelKind = ANY_MODEL
+
+    def applies_to(self, config: MethodConfig) -> ModelKind:
+        return self.models
 
     def places(self, model: nn.Module) -> Any:
         """Where the tokens go in ``model`` (the input embedding, the blocks, …); a ``ValueError`` naming the model

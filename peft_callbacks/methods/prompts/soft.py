@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_int, check_int_list, check_module, check_positive_int
-from peft_callbacks.core.model_kinds import TEXT_TRANSFORMERS, ModelKind
+from peft_callbacks.core.model_kinds import TEXT_TRANSFORMERS
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
@@ -309,17 +309,13 @@ class PromptTuningMethod(PromptMethod):
     title = "Prompt tuning"
     config_class = PromptTuningConfig
     module_class = SoftPrompt
+    models = TEXT_TRANSFORMERS  # token embeddings in front of the inputs (the soft prompt goes before them)
     existing_modules = "a soft prompt"
-    removal = "remove_prompt_tuning(model)"
     examples = {
         "random": PromptTuningConfig(num_virtual_tokens=3),
         "vocab": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
         "text": PromptTuningConfig(num_virtual_tokens=3, init="Classify:", init_token_ids=[5, 6]),
     }
-
-    def applies_to(self, config: PromptTuningConfig) -> ModelKind:
-        """Text models whose input is token embeddings (the soft prompt goes before them); not encoder-decoders."""
-        return TEXT_TRANSFORMERS
 
     def places(self, model: nn.Module) -> Any:
         return _check_model(model)

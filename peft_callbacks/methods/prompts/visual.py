@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
-from peft_callbacks.core.model_kinds import TIMM_VISION_TRANSFORMERS, ModelKind
+from peft_callbacks.core.model_kinds import TIMM_VISION_TRANSFORMERS
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import MethodConfig, inject, register_method, unload
@@ -178,16 +178,12 @@ class VisualPromptMethod(PromptMethod):
     title = "Visual prompt tuning"
     config_class = VisualPromptConfig
     module_class = VisualPrompts
+    models = TIMM_VISION_TRANSFORMERS  # ViT, DeiT and their subclasses: the ones ``_check_model`` accepts
     existing_modules = "visual prompts"
-    removal = "remove_visual_prompts(model)"
     examples = {
         "shallow": VisualPromptConfig(num_virtual_tokens=3),
         "deep": VisualPromptConfig(num_virtual_tokens=3, deep=True, dropout=0.1),
     }
-
-    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
-        """timm VisionTransformer models (ViT, DeiT and their subclasses): the ones ``check_model`` accepts."""
-        return TIMM_VISION_TRANSFORMERS
 
     def places(self, model: nn.Module) -> Any:
         return _check_model(model)
