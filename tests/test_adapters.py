@@ -193,8 +193,10 @@ def test_unsupported_model_and_double_injection():
         inject_adapters(build("resnet")[0])
     model, _ = build("deit")
     inject_adapters(model, 4)
-    with pytest.raises(ValueError, match="already has 4 bottleneck adapter"):
+    with pytest.raises(ValueError, match="already has 4 bottleneck adapter") as refused:
         inject_adapters(model, 4)
+    assert str(refused.value).endswith("Call unload(model) first, or give the new one another `adapter_name`.")
+    inject_adapters(model, 4, adapter_name="second")  # as it says
 
 
 def test_remove_copy_pickle_and_replay():

@@ -294,8 +294,9 @@ def test_twice_is_an_error():
         inject_prompt_tuning(model, N)
     vit, _ = build("deit")
     inject_visual_prompts(vit, N)
-    with pytest.raises(ValueError, match="already has visual prompts"):
+    with pytest.raises(ValueError, match="already has visual prompts") as refused:
         inject_visual_prompts(vit, N)
+    assert str(refused.value).endswith("Call unload(model) first.")  # one set per model: no other adapter_name
 
 
 # -- visual prompts (timm ViTs) -------------------------------------------------------------------------------------

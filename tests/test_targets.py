@@ -151,7 +151,11 @@ def test_invalid_regex_is_named():
 
 def test_injecting_twice_is_refused():
     model = inject_lora(vit(), rank=2)
-    with pytest.raises(ValueError, match=r"already has LoRA.*merge_lora\(model\) or unload_lora\(model\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"already has LoRA.*merge_lora\(model\) or unload_lora\(model\) first, or "
+        r"give the new one another `adapter_name`",
+    ):
         inject_lora(model, rank=2)
 
 

@@ -59,7 +59,6 @@ from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_fi
 from peft_callbacks.engine.method import (
     LayerMethod,
     Method,
-    ModuleMethod,
     cast_adapter,
     get_method,
     registered_methods,
@@ -154,12 +153,12 @@ def inject(
     method = get_method(config)
     existing = method.modules(model, adapter_name)
     if existing:
-        another = ", or give the new one another `adapter_name`"  # inserted modules stack whatever their name
+        another = ", or give the new one another `adapter_name`"  # prompts: one set per model, whatever its name
         named = "" if adapter_name == DEFAULT_ADAPTER else f" named {adapter_name!r}"
         raise ValueError(
             f"{type(model).__name__} already has {method.existing(len(existing))}{named} "
             f"({', '.join(list(existing)[:3])}{', …' if len(existing) > 3 else ''}); injecting it twice would stack "
-            f"updates. Call {method.removal} first{'' if isinstance(method, ModuleMethod) else another}."
+            f"updates. Call {method.removal} first{'' if getattr(method, 'one_per_model', False) else another}."
         )
     head = find_head(model)
     if config.train_head:
