@@ -9,7 +9,8 @@ intermediate 688, untied embeddings; batch 8 × 128 tokens, causal-LM loss, Adam
 Speed: one process holds all four models and alternates single training steps between them (the order rotates every
 round), so machine load hits all alike; the figure is the median step time, and the ratio ours / peft. Memory: one
 fresh process per (set-up, library) builds the model, adapts it and trains ``--steps`` steps; it reports its peak
-resident memory (``ru_maxrss``) and the peak minus the peak before adapting (what adapting and training added).
+resident memory (``ru_maxrss``) and what stays resident after the steps beyond the built model (adapter, gradients,
+optimizer state: current RSS after minus before adapting).
 
 Usage::
 
@@ -102,16 +103,26 @@ def _speed(rounds: int) -> dict:
     return {f"{s}/{lib}": statistics.median(times[(s, lib)]) * 1e3 for s, lib in pairs}
 
 
+def _resident_mb() -> float:
+    """The process's resident memory now (Linux ``/proc/self/statm``), in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _memory_child(setup: str, library: str, steps: int) -> None:
+    import gc
+
     model = _model()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    before = _resident_mb()
     model = _adapt(model, setup, library)
     step = _stepper(model)
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(json.dumps({"peak_mb": peak / 1024, "added_mb": (peak - before) / 1024, "trainable": trainable}))
+    print(json.dumps({"peak_mb": peak, "added_mb": _resident_mb() - before, "trainable": trainable}))
 
 
 def _memory(steps: int) -> dict:
@@ -137,7 +148,7 @@ def main() -> None:
 
     hf.logging.set_verbosity_error()
     speed, memory = _speed(args.rounds), _memory(args.steps)
-    print("| set-up | library | step (ms) | ours / peft | trainable | peak RSS (MB) | added (MB) |")
+    print("| set-up | library | step (ms) | ours / peft | trainable | peak RSS (MB) | retained after steps (MB) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for setup in SETUPS:
         ratio = speed[f"{setup}/ours"] / speed[f"{setup}/peft"]
