@@ -111,6 +111,11 @@ def check_contract(config: MethodConfig, build: Build, tmp_path: Path) -> None:
     expected = set(peft_owned(model))
     expected |= {id(p) for path in head for p in model.get_submodule(path).parameters()}
     expected |= {id(p) for m in method.trainable_extras(model, config) for p in m.parameters()}
+    if getattr(config, "bias", "none") == "all":  # HF PEFT's bias options: every bias, or the adapted layers' own
+        expected |= {id(p) for n, p in model.named_parameters() if n.split(".")[-1] == "bias"}
+    elif getattr(config, "bias", "none") != "none":
+        layers = [getattr(m, "base_layer", None) for m in method.modules(model).values()]
+        expected |= {id(b) for b in (getattr(layer, "bias", None) for layer in layers) if b is not None}
     parameters = {id(p): p for p in model.parameters()}
     trainable = {i for i, p in parameters.items() if p.requires_grad}
     assert trainable == {i for i in expected if i in parameters}
@@ -150,11 +155,17 @@ def check_contract(config: MethodConfig, build: Build, tmp_path: Path) -> None:
 
 def _assert_refused(model: nn.Module, config: MethodConfig) -> None:
     """``inject`` refuses ``model`` with a ValueError naming it (or the module of it that does not fit), and leaves
-    it as it was."""
+    it as it was; or, for a config whose adapters train there but cannot be folded (LoRA's ``lora_bias`` on a layer
+    without a bias), ``merge`` refuses naming the layer, and unloading gives the model back."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     types = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError) as refusal:
         inject(model, config)
+        if get_method(config).mergeable:
+            try:
+                merge(model)
+            finally:
+                unload(model)
     message = str(refusal.value)
     assert type(model).__name__ in message or any(f"'{path}'" in message for path in types if path), message
     assert {n: type(m) for n, m in model.named_modules()} == types

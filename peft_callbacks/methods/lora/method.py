@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_module
-from peft_callbacks.core.heads import HeadInfo
+from peft_callbacks.core.heads import HeadInfo, find_head
 from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.model_kinds import ModelKind
 from peft_callbacks.core.params import count_parameters
@@ -88,6 +88,7 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
         "pissa": LoRAConfig(rank=4, alpha=8, init="pissa"),
         "pissa-niter": LoRAConfig(rank=4, alpha=8, init="pissa_niter_2"),
         "olora": LoRAConfig(rank=4, alpha=8, init="olora"),
+        "bias": LoRAConfig(rank=4, alpha=8, bias="lora_only", lora_bias=True),
         "experts": LoRAConfig(rank=2, alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
     }
     identity_tolerance = 1e-5  # PiSSA/OLoRA: the base weight becomes W - s·B·A, the identity holds up to rounding
@@ -125,7 +126,19 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
     )
 
     def applies_to(self, config: LoRAConfig) -> ModelKind:
-        """Layers outside the head; with ``target_parameters`` alone, models holding the parameters it names."""
+        """Layers outside the head; with ``target_parameters`` alone, models holding the parameters it names; with
+        ``lora_bias``, models whose adapted layers all have a bias to merge ``lora_B``'s into (elsewhere the adapter
+        trains, and merging is refused naming the layer)."""
+        if config.lora_bias:
+            layers = super().applies_to(config)
+
+            def biased(model: nn.Module) -> bool:
+                if not layers(model):
+                    return False
+                targets = self.select(model, config, find_head(model))
+                return all(getattr(model.get_submodule(p), "bias", None) is not None for p in targets)
+
+            return ModelKind(f"{layers.description}, each with a bias (lora_bias merges into it)", biased)
         if not config.target_parameters or config.target_modules is not None:
             return super().applies_to(config)
 
