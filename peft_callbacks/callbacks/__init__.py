@@ -2,6 +2,7 @@
 
 from peft_callbacks.callbacks.adalora import AdaLoRACallback
 from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.callbacks.budget import ForgettingBudget
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
@@ -29,6 +30,7 @@ __all__ = [
     "DistillationCallback",
     "EWCCallback",
     "ForgettingAwareFinish",
+    "ForgettingBudget",
     "L2SPCallback",
     "ReplayCallback",
     "ForgettingMonitor",
