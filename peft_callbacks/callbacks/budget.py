@@ -197,7 +197,8 @@ class ForgettingBudget(_AnchoredTerm):
         try:
             value = self._full.score(self._loader, **self._where(trainer)).value
         except RuntimeError as error:
-            if self.base_head is None:
+            shapes = any(word in str(error) for word in ("shape", "size", "channels", "dimension"))
+            if self.base_head is None or isinstance(error, NotImplementedError) or not shapes:
                 raise
             raise ValueError(
                 f"`base_head`={type(self.base_head).__name__} does not fit the model: scoring the base task through "
