@@ -161,3 +161,9 @@ def test_add_forgetting_monitor_example(tmp_path):
     assert [row["epoch"] for row in monitor.history] == [0, 1]  # baseline before training, then after the epoch
     assert monitor.latest["forgetting"] == monitor.baseline - monitor.latest["value"]
     assert os.path.exists(monitor.plot_path)
+
+
+def test_forgetting_budget_example(tmp_path):
+    budget, monitor = load_example("forgetting_budget").main(["--quick", "--out", str(tmp_path)])
+    assert budget.baseline is not None and len(budget.history) == 2  # a reading every 2 of the 4 steps
+    assert budget.final_forgetting is not None and monitor.latest["forgetting"] is not None

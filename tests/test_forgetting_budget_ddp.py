@@ -10,31 +10,14 @@ import os
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from process_group import ReleaseProcessGroup
-from test_forgetting_mitigation_ddp import Interleaved
+from test_forgetting_mitigation_ddp import Interleaved, NewTask  # 8 → 16 → 16 → 3, SGD lr 0.5
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks.callbacks.budget import ForgettingBudget
 
 STRATEGY = os.environ.get("FORGETTING_DDP", "ddp_spawn")
-
-
-class NewTask(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
 def run(tmp_path, devices: int, head: nn.Module, base: DataLoader) -> tuple[list[dict], dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_float, check_positive_int
+from peft_callbacks.callbacks.forgetting import log_figures
 from peft_callbacks.callbacks.regularization import _AnchoredTerm
 from peft_callbacks.forgetting.budget import ForgettingBudgetState
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
@@ -37,13 +38,14 @@ class ForgettingBudget(_AnchoredTerm):
     No weight to pick.
 
     Every ``every_n_steps`` optimizer steps it reads a cheap proxy, the KL divergence from the starting model's
-    outputs on the first ``proxy_batches`` base batches, turned into forgetting by a factor fitted on full scores
-    (the base metric on the whole base set, or its first ``limit_batches`` batches), taken every ``full_every``
-    readings, and at every reading until a full score has seen some forgetting. Logged at each reading under
+    outputs on the first ``proxy_batches`` base batches, turned into forgetting by a line fitted on full scores (the
+    base metric on the whole base set, or its first ``limit_batches`` batches), taken every ``full_every`` readings,
+    and at each of the first ``full_every`` readings until one has seen some forgetting. Logged at each reading under
     ``budget/``: ``multiplier``, ``forgetting`` (what the controller acted on), ``kl``, ``measured_forgetting`` (full
-    scores), ``calibration``; every step ``budget/penalty``; at the end ``budget/final_forgetting``. ``history`` holds
-    the readings. The state (multiplier, integral, calibration, baseline, starting weights, the proxy's reference
-    outputs) is saved in checkpoints as plain tensors and numbers, so a resumed run continues the same trajectory.
+    scores), ``calibration``, ``lr_scale``; every step ``budget/penalty``; at the end ``budget/final_forgetting``.
+    ``history`` holds the readings. The state (multiplier, integral, calibration, baseline, starting weights, the
+    proxy's reference outputs) is saved in checkpoints as plain tensors and numbers, so a resumed run continues the
+    same trajectory.
     With several processes each reads a share of the base batches and the readings are summed over ranks, so every
     process sets the same ``λ``.
 
@@ -64,7 +66,7 @@ class ForgettingBudget(_AnchoredTerm):
         num_classes: base-task classes for accuracy/F1; read from the (base) head when ``None``.
         every_n_steps: a reading every N optimizer steps.
         proxy_batches: base batches of a proxy reading.
-        full_every: a full score every N readings once calibrated.
+        full_every: a full score every N readings.
         limit_batches: score only the first N base batches in a full score (``None``: all).
         margin: aim at ``(1 − margin) · max_forgetting``, in ``[0, 1)``.
         prefix: logging namespace and checkpoint key.
@@ -209,7 +211,8 @@ class ForgettingBudget(_AnchoredTerm):
         return float(value)
 
     def _forgetting(self, value: float) -> float:
-        if self.metric in ("accuracy", "f1") or (isinstance(self.metric, Metric) and higher_is_better(self.metric)):
+        named = isinstance(self.metric, str) and self.metric in ("accuracy", "f1")
+        if named or (isinstance(self.metric, Metric) and higher_is_better(self.metric)):
             return self.baseline - value
         return (value - self.baseline) / abs(self.baseline) if self.baseline else value - self.baseline
 
@@ -260,11 +263,7 @@ class ForgettingBudget(_AnchoredTerm):
         super().on_exception(trainer, pl_module, exception)
 
     def _log(self, trainer: pl.Trainer, figures: dict[str, float | None]) -> None:
-        figures = {f"{self.prefix}/{k}": float(v) for k, v in figures.items() if v is not None}
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(figures, step=trainer.global_step)
+        log_figures(trainer, self.prefix, figures)
 
     # -- the penalty --------------------------------------------------------------------------------------------
     def on_new_tensors(self, names: list[str]) -> None:

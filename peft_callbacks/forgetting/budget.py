@@ -24,7 +24,7 @@ set of defaults work across models:
 Readings are cheap **proxies**: the KL divergence from the starting model's outputs on a few base batches
 (:class:`ProxyCalibration` turns it into forgetting, ``forgetting ≈ a + c · KL``), fitted on **full scores**
 (the base metric on the whole base set) taken periodically. Until a full score has seen some forgetting, every
-reading is a full score.
+reading among the first ``full_every`` is a full score.
 
 Example::
 
@@ -214,8 +214,10 @@ class ForgettingBudgetState:
         return self.controller.multiplier
 
     def needs_full(self) -> bool:
-        """Should the next reading be a full score (uncalibrated, or ``full_every`` readings since the last)?"""
-        return self.calibration.factor is None or self.since_full + 1 >= self.full_every
+        """Should the next reading be a full score? Every ``full_every`` readings, and every reading among the first
+        ``full_every`` until a full score has seen forgetting (a budget that is never approached costs no more)."""
+        uncalibrated = self.calibration.factor is None and self.readings < self.full_every
+        return uncalibrated or self.since_full + 1 >= self.full_every
 
     def observe(
         self, step: int, kl: float, full_forgetting: float | None = None, ceiling: float | None = None
