@@ -12,11 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_forgetting_every_method import MERGEABLE
+from test_forgetting_every_method import Net as EveryMethodNet
+from test_forgetting_every_method import _data as method_data
 from torch.utils.data import DataLoader, TensorDataset
 
 from peft_callbacks import ForgettingBudget
 from peft_callbacks.callbacks.lora import LoRACallback
+from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.forgetting.anchors import UpdateAnchor
 from peft_callbacks.forgetting.budget import BudgetController
@@ -122,7 +126,9 @@ def test_budget_keeps_forgetting_under_the_budget_where_the_unconstrained_run_ex
     module = NewTask()
     base = base_loader(module, head)
     budget = ForgettingBudget(base, max_forgetting=0.1, base_head=head, every_n_steps=2)
-    trainer(callbacks=[budget]).fit(module, train_loader())
+    fit = trainer(callbacks=[budget])
+    fit.fit(module, train_loader())
+    assert fit.optimizers[0].param_groups[0]["lr"] == 0.5  # the scaled learning rate was only for the steps
     assert budget.baseline == 1.0
     assert budget.final_forgetting == pytest.approx(base_forgetting(module, head, base))
     assert budget.final_forgetting <= 0.1
@@ -260,3 +266,25 @@ def test_a_metric_that_cannot_be_computed_is_refused():
     unlabelled = ForgettingBudget(base_loader(NewTask(), head, labels=False), 0.1, base_head=head)
     with pytest.raises(ValueError, match="metric='accuracy' needs base-task labels"):
         trainer(callbacks=[unlabelled], max_steps=2).fit(NewTask(), train_loader())
+
+
+class _ForceStrength(Callback):
+    """Start the budget's controller at ``λ = 100``, so its penalty acts from the first step."""
+
+    def __init__(self, budget: ForgettingBudget) -> None:
+        self.budget = budget
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        controller = self.budget.budget.controller
+        controller.integral, controller.multiplier = math.log(100.0), 100.0
+
+
+@pytest.mark.parametrize("config", [None, *MERGEABLE], ids=lambda c: "full" if c is None else c.values[0])
+def test_budget_penalty_acts_on_the_update_of_every_method_and_full_fine_tuning(config):
+    module = EveryMethodNet()
+    budget = ForgettingBudget(method_data(1), max_forgetting=0.1, every_n_steps=2)
+    surgery = [] if config is None else [PEFTCallback(config.replace(train_head=False), merge_on_train_end=False)]
+    L.seed_everything(0, verbose=False)
+    trainer(callbacks=[*surgery, budget, _ForceStrength(budget)], max_steps=4).fit(module, method_data(0))
+    assert budget.last_term > 0 and math.isfinite(budget.last_term)
+    assert len(budget.history) == 2 and all(math.isfinite(r["kl"]) for r in budget.history)
