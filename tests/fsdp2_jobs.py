@@ -29,17 +29,13 @@ from peft_callbacks import (
     AdapterCallback,
     ForgettingMonitor,
     FreezeBackbone,
-    IA3Config,
     LayerwiseUnfreezing,
-    LoHaConfig,
-    LoKrConfig,
     LoRACallback,
-    OFTConfig,
     PEFTCallback,
     SlimCheckpoint,
-    VeRAConfig,
 )
 from peft_callbacks.core.sharding import full_tensor, gather_state_dict, is_dtensor, is_writer
+from peft_callbacks.engine import get_method, registered_methods
 
 VOCAB, SEQ, BATCH = 64, 8, 2  # BATCH per process of two; one process takes 2 * BATCH
 
@@ -287,13 +283,16 @@ def fit_mixed_dtypes(out: str, devices: int) -> None:
     _write_refusal(folder, trainer, LanguageModel(head_dtype=torch.bfloat16), devices)
 
 
-# every other mergeable method of the engine, through its callback: the same sharding path as LoRA's
+def _plain_form(method: str, **kwargs) -> PEFTCallback:
+    """``method`` in its plain form (the first example config it declares), through :class:`PEFTCallback`."""
+    return PEFTCallback(next(iter(get_method(method).example_configs().values())), **kwargs)
+
+
+# every other mergeable method of the registry that trains sharded: the same sharding path as LoRA's
 METHODS = {
-    "ia3": lambda **kw: PEFTCallback(IA3Config(feedforward_modules=["down_proj"]), **kw),
-    "loha": lambda **kw: PEFTCallback(LoHaConfig(rank=4, alpha=4), **kw),
-    "lokr": lambda **kw: PEFTCallback(LoKrConfig(rank=4, alpha=4), **kw),
-    "oft": lambda **kw: PEFTCallback(OFTConfig(oft_block_size=8), **kw),
-    "vera": lambda **kw: PEFTCallback(VeRAConfig(rank=16), **kw),
+    name: functools.partial(_plain_form, name)
+    for name in registered_methods()
+    if name != "lora" and get_method(name).mergeable and get_method(name).shardable
 }
 
 

@@ -46,7 +46,7 @@ HF = [
     "bart",
     "vit_hf",
 ]
-BLOCKS = {"vit": 6, "deit": 2, "swin": 2, "levit": 9, "t5": 4, "bart": 4}  # transformer blocks per model
+BLOCKS = {"vit": 6, "deit": 2, "swin": 2, "levit": 3, "t5": 4, "bart": 4}  # transformer blocks per model
 
 
 def build(name: str):

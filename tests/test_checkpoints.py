@@ -21,23 +21,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from process_group import ReleaseProcessGroup
 from user_modules import CausalLM, GLUETransformer, ImageClassifier, glue_batches, gpt2, image_batches, text_batches
 
-import peft_callbacks.plumbing.checkpoint_hooks as checkpoints
 from peft_callbacks import (
     AdaLoRACallback,
     AdapterCallback,
-    IA3Config,
-    LoHaConfig,
-    LoKrConfig,
     LoRACallback,
-    OFTConfig,
     PEFTCallback,
     SlimCheckpoint,
-    VeRAConfig,
     load_checkpoint,
 )
-from peft_callbacks.engine import AdaptedLayer
+from peft_callbacks.engine import AdaptedLayer, get_method, registered_methods
 from peft_callbacks.io.checkpoint import CHECKPOINT_KEY, loader_key
 from peft_callbacks.methods.lora import LoRAConfig, inject_lora, lora_layers
+from peft_callbacks.plumbing import checkpoint_hooks as checkpoints
 
 USER_FILE = Path(__file__).with_name("user_modules.py")
 _g = torch.Generator().manual_seed(1)
@@ -336,27 +331,54 @@ def test_ddp_ranks_each_load_the_checkpoint(patterns, tmp_path):
     assert max(diffs) < 1e-5, diffs
 
 
-@pytest.mark.parametrize(
-    "make_callback",
-    [
-        lambda: PEFTCallback(IA3Config(), merge_on_train_end=False),
-        lambda: PEFTCallback(LoHaConfig(rank=2), merge_on_train_end=False),
-        lambda: PEFTCallback(LoKrConfig(rank=2), merge_on_train_end=False),
-        lambda: PEFTCallback(OFTConfig(oft_block_size=8), merge_on_train_end=False),
-        lambda: PEFTCallback(VeRAConfig(rank=8), merge_on_train_end=False),
-        lambda: AdaLoRACallback(init_r=4, target_r=2, total_step=2, merge_on_train_end=False),
+def _first_example(method: str):
+    """The method's plain form: the first of the example configs it declares (:attr:`Method.examples`)."""
+    return next(iter(get_method(method).example_configs().values()))
+
+
+MERGEABLE = [  # every registered mergeable method through PEFTCallback, and the methods with a callback of their own
+    *[
+        pytest.param(lambda m=m: PEFTCallback(_first_example(m), merge_on_train_end=False), id=m)
+        for m in registered_methods()
+        if get_method(m).mergeable
     ],
-    ids=["ia3", "loha", "lokr", "oft", "vera", "adalora"],
-)
-def test_every_mergeable_method_writes_checkpoints_that_load_plainly(make_callback, tmp_path):
+    pytest.param(
+        lambda: AdaLoRACallback(init_r=4, target_r=2, total_step=4, merge_on_train_end=False), id="AdaLoRACallback"
+    ),
+]
+
+
+class WithoutDropout(L.Callback):
+    """No dropout once the surgery has run (the adapters' own too): a resumed run does not continue the random
+    stream."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        without_dropout(pl_module)
+
+
+@pytest.mark.parametrize("make_callback", MERGEABLE)
+def test_every_mergeable_method_writes_checkpoints_that_load_plainly_and_resume(make_callback, tmp_path):
     """The plain layout is the engine's: each mergeable method's checkpoint loads with ``load_from_checkpoint`` alone
-    and gives the adapted model's outputs at that checkpoint (two AdamW steps at lr 1e-2 moved every adapter)."""
-    module = CausalLM(gpt2())
-    before = outputs(module, "gpt2")
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=2)
-    trainer([make_callback(), checkpoint], tmp_path).fit(module, text_batches())
-    adapted = outputs(module, "gpt2")
+    and gives the adapted model's outputs at that checkpoint (AdamW steps at lr 1e-2 moved every adapter); a fit
+    resumed from the checkpoint of step 2 ends where the straight 4-step fit ends."""
+
+    def fit(ckpt_path=None) -> CausalLM:
+        module = CausalLM(gpt2())
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        callbacks = [make_callback(), WithoutDropout(), *([] if ckpt_path else [checkpoint])]
+        fit = trainer(callbacks, tmp_path, max_steps=4)
+        fit.fit(module, text_batches(), ckpt_path=ckpt_path, weights_only=False)  # CausalLM pickles its model
+        return module
+
+    before = outputs(CausalLM(gpt2()), "gpt2")
+    straight = fit()
+    adapted = outputs(straight, "gpt2")
     assert not torch.allclose(adapted, before, atol=1e-4)  # the adapters changed the model
-    plain = CausalLM.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=False)  # a model in its hparams
+    plain = CausalLM.load_from_checkpoint(tmp_path / "step=4.ckpt", weights_only=False)  # a model in its hparams
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
     torch.testing.assert_close(outputs(plain, "gpt2"), adapted, atol=1e-5, rtol=0)
+
+    resumed = fit(ckpt_path=tmp_path / "step=2.ckpt")
+    assert list(resumed.state_dict()) == list(straight.state_dict())
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)

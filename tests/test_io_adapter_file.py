@@ -306,3 +306,20 @@ def test_adapter_and_prompt_callbacks_write_adapter_files_that_round_trip(tmp_pa
         load_adapter(fresh, tmp_path / name)
         with torch.no_grad():
             torch.testing.assert_close(fresh.net(input_ids=ids).logits, module.net(input_ids=ids).logits, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_an_adapter_takes_the_training_mode_of_the_model_it_goes_into(tmp_path, training):
+    """Loaded onto a model in ``eval()`` mode (to predict), an adapter with dropout does not drop out."""
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).train(training)
+
+    trained = train_a_little(inject_lora(mlp(), rank=2, dropout=0.5, target_modules=["0"]))
+    save_adapter(trained, tmp_path)
+    loaded = load_adapter(mlp(), tmp_path)
+    assert lora_layers(loaded) and all(m.training is training for m in loaded.modules())
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x)) is not training

@@ -110,7 +110,15 @@ def test_slim_checkpoint_onto_a_merged_model_is_refused(slim_checkpoint):
     with pytest.raises(SlimCheckpointError, match="merge"):
         fit.test(module, loader(), ckpt_path=str(path))
     tested = trainer(1, LoRACallback(rank=2), SlimCheckpoint()).test(Classifier(), loader(), ckpt_path=str(path))
-    assert tested[0]["loss"] > 0  # a module built as for training loads it
+    assert tested[0]["loss"] == pytest.approx(_loss(module), rel=1e-5)  # a module built as for training loads it
+
+
+def _loss(module: Classifier) -> float:
+    """The test loss of ``module`` as it is: the mean of the batches' losses, as ``test_step`` logs it."""
+    module.eval()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(module.model(x), y) for x, y in loader()]
+    return torch.stack(losses).mean().item()
 
 
 def test_callback_saves_the_adapter_before_the_merge_and_the_merged_weights(tmp_path):
@@ -127,9 +135,20 @@ def test_callback_saves_the_adapter_before_the_merge_and_the_merged_weights(tmp_
         assert torch.equal(merged(x), expected)
 
 
+def test_a_slim_checkpoint_callback_that_ran_pickles_and_its_copy_writes_slim_checkpoints(slim_checkpoint, tmp_path):
+    fit, _, _ = slim_checkpoint
+    (used,) = [c for c in fit.callbacks if isinstance(c, SlimCheckpoint)]
+    copy = pickle.loads(pickle.dumps(used))  # e.g. sent to the processes of a ddp_spawn run
+    module, folder = Classifier(), tmp_path / "copy"
+    lora = LoRACallback(rank=2, merge_on_train_end=False)
+    trainer(1, lora, copy, checkpoint_every_epoch(folder), folder=folder).fit(module, loader())
+    checkpoint = torch.load(folder / "epoch=0.ckpt", weights_only=True)
+    assert CHECKPOINT_KEY in checkpoint
+    assert set(checkpoint["state_dict"]) == {*trained_state(module), loader_key(module)}
+
+
 def test_callbacks_pickle_and_check_their_arguments():
     lora = pickle.loads(pickle.dumps(LoRACallback(save_adapter_to="out/adapter")))
     assert lora.save_adapter_to == "out/adapter"
-    assert isinstance(pickle.loads(pickle.dumps(SlimCheckpoint())), SlimCheckpoint)
     with pytest.raises(TypeError, match="`save_merged_to` must be a string or None"):
         LoRACallback(save_merged_to=3)

@@ -212,8 +212,12 @@ def test_test_from_best_checkpoint_after_merge(tmp_path):
     t = trainer(tmp_path, [LoRACallback(rank=2), checkpoint], max_epochs=2, enable_checkpointing=True)
     t.fit(module, image_data(), image_data())
     assert not lora_layers(module)
+    with torch.no_grad():  # the module's weights now differ from every checkpoint's
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
     results = t.test(module, image_data(), ckpt_path="best")  # the checkpoint holds LoRA factors
-    assert results[0]["test_loss"] > 0
+    # the test and validation data are the same: the loss of the best checkpoint's weights, LoRA factors and all
+    assert results[0]["test_loss"] == pytest.approx(checkpoint.best_model_score.item(), rel=1e-5)
     assert not lora_layers(module)  # merged again after testing
 
 

@@ -22,13 +22,12 @@ hf = pytest.importorskip("transformers")
 from peft_callbacks import export_peft, import_peft, inject, load_adapter, merge, save_adapter  # noqa: E402
 from peft_callbacks.core import quantized  # noqa: E402
 from peft_callbacks.core.kinds import base_weight, layer_kind, weight_shape, write_weight  # noqa: E402
+from peft_callbacks.engine import LayerMethod, get_method, registered_methods  # noqa: E402
 from peft_callbacks.engine.precision import requantization_error  # noqa: E402
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints  # noqa: E402
 from peft_callbacks.methods.adalora import AdaLoRAConfig  # noqa: E402
 from peft_callbacks.methods.ia3 import IA3Config  # noqa: E402
-from peft_callbacks.methods.loha import LoHaConfig  # noqa: E402
 from peft_callbacks.methods.lora import LoRAConfig  # noqa: E402
-from peft_callbacks.methods.vera import VeRAConfig  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = 2 * len(PROJECTIONS)  # every projection of the two decoder layers
@@ -131,9 +130,16 @@ def test_default_targets_all_linear_and_names_select_quantized_layers(llama_dir)
         assert {p.rpartition(".")[2] for p in adapted} == set(PROJECTIONS)
 
 
-@pytest.mark.parametrize("config", [LoHaConfig(), VeRAConfig()], ids=["loha", "vera"])
-def test_methods_without_quantized_layers_say_so(llama_dir, config):
+def _without_quantized_layers() -> list[str]:
+    """The registry's layer methods with no Adapter class for bitsandbytes' 4-bit layers."""
+    methods = [get_method(name) for name in registered_methods()]
+    return [m.name for m in methods if isinstance(m, LayerMethod) and "linear_4bit" not in m.adapter_classes]
+
+
+@pytest.mark.parametrize("method", _without_quantized_layers())
+def test_methods_without_quantized_layers_say_so(llama_dir, method):
     model = load_quantized(llama_dir)
+    config = next(iter(get_method(method).example_configs().values()))
     with pytest.raises(ValueError, match=r"layer\(s\) are bitsandbytes-quantized .* does not adapt .*AdaLoRA do"):
         inject(model, config)
     assert not any(hasattr(m, "adapters") for m in model.modules())

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from user_modules import TwoLayerNet, feature_batches
 
 import peft_callbacks
-from peft_callbacks import LayerwiseUnfreezing, LoRACallback, load_checkpoint
+from peft_callbacks import LayerwiseUnfreezing, LoRACallback, SlimCheckpoint, load_checkpoint
 from peft_callbacks.callbacks.freezing import saved_callback_state
 from peft_callbacks.plumbing.slim_loading import install_slim_loader
 
@@ -156,8 +156,8 @@ def test_slim_checkpoint_loader_reads_safely_when_lightning_passes_none(tmp_path
     folder = tmp_path / "distributed.ckpt"
     folder.mkdir()
     os.replace(path, folder / "meta.pt")
-    strategy = SingleDeviceStrategy("cpu")
-    install_slim_loader(strategy, "fsdp2", "peft_callbacks_slim")
+    strategy, owner = SingleDeviceStrategy("cpu"), SlimCheckpoint()
+    install_slim_loader(strategy, "fsdp2", "peft_callbacks_slim", owner=owner)
     with pytest.raises(pickle.UnpicklingError):
         strategy.load_checkpoint(folder)  # weights_only=None, Lightning's default
     assert not marker.exists()

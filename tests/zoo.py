@@ -50,9 +50,11 @@ TIMM_MODELS = {
     "resnet": _timm("test_resnet", size=32),
     "efficientnet": _timm("test_efficientnet", size=32),
     "mobilenetv3": _timm("mobilenetv3_small_050", size=32),
-    "regnet": _timm("regnetx_002", size=32),
+    "regnet": _timm("regnetx_002", size=32, depth=6, w0=8, wa=8.0, wm=1.5, group_size=4),  # 18k parameters
     "mixer": _timm(MlpMixer, size=32, img_size=32, patch_size=8, num_blocks=2, embed_dim=32),
-    "levit": _timm("levit_128s", size=64, img_size=64),
+    "levit": _timm(  # 118k parameters (levit_128s: 7M)
+        "levit_128s", size=64, img_size=64, embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(2, 2, 2), key_dim=8
+    ),
     "byobnet": _timm("test_byobnet", size=32),
     "efficientnet_gn": _timm("test_efficientnet_gn", size=32),
     "convnext_ln": _timm("test_convnext2", size=32),
@@ -130,6 +132,12 @@ HF_MODELS = {
     "llama": _hf(hf.LlamaForCausalLM, lambda: hf.LlamaConfig(**_DECODER)),
     "qwen2": _hf(hf.Qwen2ForSequenceClassification, lambda: hf.Qwen2Config(**_DECODER)),
     "mistral": _hf(hf.MistralForCausalLM, lambda: hf.MistralConfig(**_DECODER)),
+    "qwen3moe": _hf(  # mixture of experts: fused 3-D expert weights (LoRA's target_parameters), a router
+        hf.Qwen3MoeForCausalLM,
+        lambda: hf.Qwen3MoeConfig(
+            moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8, **_DECODER
+        ),
+    ),
     "t5": _hf(
         hf.T5ForConditionalGeneration,
         lambda: hf.T5Config(d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2, **_SMALL),

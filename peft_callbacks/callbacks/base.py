@@ -34,7 +34,8 @@ from peft_callbacks.core.sharding import has_sharded_parameters
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.atomic import path_inside
 from peft_callbacks.io.weights import save_weights
-from peft_callbacks.plumbing.hooks import remove_scheduled_hooks, replaces_layers, run_after_conversion, run_after_hook
+from peft_callbacks.plumbing import seam
+from peft_callbacks.plumbing.hooks import replaces_layers, run_after_conversion, run_after_hook
 from peft_callbacks.plumbing.rank_checks import check_first_step, check_saved_tensors, runs_checks
 from peft_callbacks.plumbing.strategies import (
     check_sharded_setup,
@@ -96,9 +97,10 @@ class SurgeryCallback(Callback):
         if stage == "fit":
             self._applied = False
             self._first_step_checked = False
-            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer), owner=self)
             if replaces_layers(trainer):
-                run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._refuse_early_restore())
+                refuse = self._refuse_early_restore
+                run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: refuse(), owner=self)
 
     def _refuse_early_restore(self) -> None:
         """Lightning restores ``fit(ckpt_path=...)`` before the precision plugin converts the layers, so before a
@@ -173,8 +175,10 @@ class SurgeryCallback(Callback):
         rank_zero_info(f"{self.name}: model weights saved to {directory}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_scheduled_hooks(pl_module)
-        remove_scheduled_hooks(trainer.precision_plugin)
+        seam.undo(self)  # what this callback scheduled or installed on Lightning's objects, run or not
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        seam.undo(self)  # Lightning calls no teardown after an exception
 
     # -- state ----------------------------------------------------------------------------------------------------
     @property

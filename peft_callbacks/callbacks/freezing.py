@@ -1,15 +1,17 @@
 """Freezing strategies as callbacks: freeze N layers, linear probing, gradual unfreezing, head-then-full (LP-FT).
 
-The callbacks are thin glue over :mod:`peft_callbacks.freezing` on top of Lightning's ``BaseFinetuning``, which keeps
-the unfreezing param groups in the checkpoint and restores them on resume. What they add:
+The callbacks are thin glue over :mod:`peft_callbacks.freezing` (plain PyTorch); they keep their own record of the
+optimizer's param groups in the checkpoint and put them back on resume. What they do:
 
 * **When.** Freezing runs right after ``configure_model`` and after every other surgery scheduled there (LoRA,
   adapters), whatever the order of the callbacks, so it sees the final model; then ``configure_optimizers`` runs.
 * **The optimizer.** At ``on_fit_start`` the parameters these callbacks froze are taken out of the optimizer (by
   identity); each unfrozen layer comes back as a new param group with its own learning rate, and the LR schedulers
   are told about it.
-* **Resume.** Which layers are frozen is saved in the callback state; ``trainer.fit(ckpt_path=...)`` restores it and
-  the param groups exactly, so a resumed run continues the schedule as if never interrupted.
+* **Resume.** Which layers are frozen and the optimizer's param groups (as plain data: parameter names and
+  hyper-parameters) are saved in the callback state; ``trainer.fit(ckpt_path=...)`` restores both before the
+  optimizer state loads, so a resumed run continues the schedule as if never interrupted. Checkpoints written while
+  these callbacks subclassed Lightning's ``BaseFinetuning`` (its ``internal_optimizer_metadata``) resume too.
 * **With LoRA (or any other surgery).** Unfreezing gives back what was trainable after that surgery: with
   ``LoRACallback`` a layer's LoRA factors, not its base weights. ``FreezeBackbone(freeze=N)`` + LoRA trains LoRA in the
   top layers only; ``HeadThenFull`` + LoRA trains the head, then the LoRA factors. ``HeadOnly`` + LoRA is refused:
@@ -26,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.finetuning import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
@@ -38,25 +41,42 @@ from peft_callbacks.freezing.freeze import FreezeSpec, LayerFreezer, freeze_laye
 from peft_callbacks.freezing.layers import split_layers
 from peft_callbacks.freezing.optim import add_param_group, extend_schedulers, remove_parameters
 from peft_callbacks.plumbing.hooks import run_after_configure_model
-from peft_callbacks.plumbing.strategies import remove_load_hooks, run_before_checkpoint_load, strategy_kind
+from peft_callbacks.plumbing.strategies import run_before_checkpoint_load, strategy_kind
 
 log = logging.getLogger(__name__)
 
-_RUNTIME = ("freezers", "_schedulers")
+_RUNTIME = ("freezers", "_schedulers", "_trainer")
+Groups = dict[int, list[dict]]  # optimizer index -> its param groups, each with "params" as parameter names
 
 
-class _FreezingCallback(SurgeryCallback, BaseFinetuning):
+def may_unfreeze(callback: Callback) -> bool:
+    """Can ``callback`` make tensors trainable while training: a schedule here (not ``FreezeBackbone``/``HeadOnly``),
+    or any ``BaseFinetuning`` callback of Lightning's or the user's?
+
+    Example::
+
+        >>> may_unfreeze(LayerwiseUnfreezing()), may_unfreeze(FreezeBackbone()), may_unfreeze(Callback())
+        (True, False, False)
+    """
+    if isinstance(callback, _FreezingCallback):
+        return type(callback).due is not _FreezingCallback.due
+    return isinstance(callback, BaseFinetuning)
+
+
+class _FreezingCallback(SurgeryCallback):
     """Shared mechanics: freeze after all other surgery, prune the optimizer, unfreeze on schedule, resume."""
 
     creates_tensors = False
 
     def __init__(self, *, train_bn: bool, module: str | None) -> None:
-        SurgeryCallback.__init__(self, module=module)
-        BaseFinetuning.__init__(self)
+        super().__init__(module=module)
         self.train_bn = check_bool("train_bn", train_bn)
         self.freezers: dict[str, LayerFreezer] = {}
         self._saved_frozen: dict[str, list[int]] | None = None
+        self._saved_groups: Groups | None = None  # from a checkpoint, put back before the optimizer state loads
+        self._groups: Groups = {}  # as the last fit left them, for a checkpoint written after it
         self._schedulers: list[object] = []
+        self._trainer: pl.Trainer | None = None
 
     # -- to implement -------------------------------------------------------------------------------------------
     def make_freezer(self, model: nn.Module) -> LayerFreezer:
@@ -86,20 +106,20 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
             )
         self._applied = False
         self.freezers = {}
-        self._internal_optimizer_metadata = {}  # a checkpoint, if any, is loaded after this
-        self._restarting = False
-        self._saved_frozen = None
+        self._saved_frozen, self._saved_groups = None, None  # a checkpoint, if any, is loaded after this
+        self._trainer = trainer
         if trainer.strategy.restore_checkpoint_after_setup:
             # FSDP, DeepSpeed and FSDP2 load the optimizer state after on_fit_start, into the groups they find: put
             # back the frozen set and the param groups from this callback's saved state just before that
-            run_before_checkpoint_load(trainer.strategy, lambda path: self._restore_before_load(trainer, path))
+            restore = self._restore_before_load
+            run_before_checkpoint_load(trainer.strategy, lambda path: restore(trainer, path), owner=self)
 
         # Scheduling from inside a scheduled surgery appends to the list being run, so the freezing runs after the
         # surgery every other callback scheduled on configure_model (LoRA, adapters), whatever the callback order.
         def schedule_last() -> None:
-            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module, trainer))
+            run_after_configure_model(pl_module, lambda: self.run_surgery(pl_module, trainer), owner=self)
 
-        run_after_configure_model(pl_module, schedule_last)
+        run_after_configure_model(pl_module, schedule_last, owner=self)
 
     def apply(self, model: nn.Module, path: str) -> None:
         self.freezers[path] = self.make_freezer(model)
@@ -111,8 +131,9 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         if self._saved_frozen is not None:
             self._restore_frozen(self._saved_frozen)
             self._saved_frozen = None
-        restoring = self._restarting and bool(self._internal_optimizer_metadata)
-        BaseFinetuning.on_fit_start(self, trainer, pl_module)  # puts back the saved param groups when resuming
+        restoring = bool(self._saved_groups)
+        if restoring:
+            self._restore_groups(trainer, pl_module)  # the optimizer state, loaded after this, fits them
         self._schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         frozen = [p for freezer in self.freezers.values() for p in freezer.frozen_parameters()]
         for optimizer in trainer.optimizers:
@@ -129,7 +150,8 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
         self.load_state_dict(state)
         self._restore_frozen(self._saved_frozen or {})
         self._saved_frozen = None
-        BaseFinetuning.on_fit_start(self, trainer, trainer.lightning_module)  # the saved param groups
+        if self._saved_groups:
+            self._restore_groups(trainer, trainer.lightning_module)
         for optimizer in trainer.optimizers:
             extend_schedulers(optimizer, self._schedulers)
 
@@ -141,7 +163,27 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
             freezer.unfreeze(freezer.frozen - wanted)
             freezer.freeze(wanted - freezer.frozen)
 
-    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+    def _restore_groups(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        """Give each optimizer the param groups saved in the checkpoint (``_saved_groups``), in their order."""
+        named = dict(pl_module.named_parameters())
+        for index, optimizer in enumerate(trainer.optimizers):
+            groups = self._saved_groups.get(index)
+            if groups:
+                optimizer.param_groups = [_group_of(group, named, self.name) for group in groups]
+        self._saved_groups = None
+
+    def _layout(self) -> Groups:
+        """The param groups of the fit's optimizers now, as plain data (parameters by name)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return self._groups
+        names = {id(p): n for n, p in trainer.lightning_module.named_parameters()}
+        return {
+            index: [_group_data(g, names) for g in opt.param_groups] for index, opt in enumerate(trainer.optimizers)
+        }
+
+    def unfreeze_due(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        """Unfreeze what :meth:`due` names for ``epoch``, each step as a new param group of ``optimizer``."""
         for path, freezer in self.freezers.items():
             for indices, scale in self.due(freezer, epoch):
                 params = freezer.unfreeze(indices)
@@ -160,7 +202,8 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
                 f"{self.name} adds unfrozen layers to the optimizer, so it needs exactly one optimizer; "
                 f"configure_optimizers returned {len(trainer.optimizers)}."
             )
-        BaseFinetuning.on_train_epoch_start(self, trainer, pl_module)
+        for optimizer in trainer.optimizers:
+            self.unfreeze_due(pl_module, trainer.current_epoch, optimizer)
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for freezer in self.freezers.values():
@@ -168,22 +211,33 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         SurgeryCallback.teardown(self, trainer, pl_module, stage)
-        remove_load_hooks(trainer.strategy)
+        self._end_fit(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        SurgeryCallback.on_exception(self, trainer, pl_module, exception)
+        self._end_fit(trainer, pl_module)
+
+    def _end_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groups = self._layout()
         self.finalize(trainer, pl_module)  # a no-op after on_train_end; after an exception, puts the model back
-        self.freezers = {}
-        self._schedulers = []
+        self.freezers, self._schedulers, self._trainer = {}, [], None
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = SurgeryCallback.state_dict(self)
-        state.update(BaseFinetuning.state_dict(self))
         state["frozen"] = {path: sorted(f.frozen) for path, f in self.freezers.items()}
         state["num_layers"] = {path: len(f.layers) for path, f in self.freezers.items()}
+        groups = self._saved_groups if self._saved_groups is not None else self._layout()
+        state["optimizer_groups"] = [groups.get(i, []) for i in range(max(groups, default=-1) + 1)]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        BaseFinetuning.load_state_dict(self, state_dict)
         self._saved_frozen = state_dict.get("frozen")
+        groups = state_dict.get("optimizer_groups")
+        if groups is None:  # written while this subclassed Lightning's BaseFinetuning, which kept the groups here
+            self._saved_groups = {int(i): g for i, g in (state_dict.get("internal_optimizer_metadata") or {}).items()}
+        else:
+            self._saved_groups = {i: g for i, g in enumerate(groups) if g}
         for path, n in state_dict.get("num_layers", {}).items():
             freezer = self.freezers.get(path)
             if freezer is not None and len(freezer.layers) != n:
@@ -200,8 +254,27 @@ class _FreezingCallback(SurgeryCallback, BaseFinetuning):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.freezers = {}
-        self._schedulers = []
+        self.freezers, self._schedulers, self._trainer = {}, [], None
+
+
+def _group_data(group: dict, names: dict[int, str]) -> dict:
+    """A param group as plain data: its hyper-parameters, and its parameters by name (ones the module does not name,
+    which it cannot put back either, are left out)."""
+    return {
+        **{k: v for k, v in group.items() if k != "params"},
+        "params": [names[id(p)] for p in group["params"] if id(p) in names],
+    }
+
+
+def _group_of(data: dict, named: dict[str, nn.Parameter], owner: str) -> dict:
+    """The param group ``data`` (from :func:`_group_data`) with the module's parameters."""
+    missing = [n for n in data["params"] if n not in named]
+    if missing:
+        raise ValueError(
+            f"{owner}: the checkpoint's optimizer param groups name parameters this module does not have "
+            f"({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''}); resume with the same model and callbacks."
+        )
+    return {**{k: v for k, v in data.items() if k != "params"}, "params": [named[n] for n in data["params"]]}
 
 
 def saved_callback_state(path: str | os.PathLike, key: str) -> dict | None:

@@ -1,8 +1,9 @@
 """Callbacks that keep the base task while fine-tuning, by adding a loss term: replay and distillation (LwF).
 
-The user's ``training_step`` stays as written. At ``on_fit_start`` an instance-level wrapper of
-``pl_module.training_step`` is installed (and removed at ``teardown``): it calls the module's own step, then adds each
-installed term to the loss it returns (a tensor, or the ``"loss"`` entry of a dict). Lightning's DDP wrapper calls
+The user's ``training_step`` stays as written. At ``on_fit_start`` each term callback wraps ``pl_module.training_step``
+through the :mod:`~peft_callbacks.plumbing.seam` (taken away again at ``teardown`` or on an exception): the module's
+own step runs, then each installed term is added to the loss it returns (a tensor, or the ``"loss"`` entry of a
+dict). Lightning's DDP wrapper calls
 ``pl_module.training_step`` inside the DDP forward, so the extra forward passes of a term are part of the same
 distributed step: no unused-parameter error, gradients averaged as usual. Several term callbacks stack.
 
@@ -31,11 +32,12 @@ from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.penalties import distillation_loss
 from peft_callbacks.forgetting.replay import ReplayStream, batch_size_of
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
+from peft_callbacks.plumbing import seam
 from peft_callbacks.plumbing.base_task import BaseLoader, check_base_head, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 
-_TERMS = "_peft_callbacks_loss_terms"
+_STEP = "training_step"
 LossTerm = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
@@ -47,11 +49,23 @@ def _apply(output: Any, term: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return output  # None skips the step; anything else Lightning itself refuses
 
 
-def install_loss_term(pl_module: pl.LightningModule, key: str, term: LossTerm, before: Callable | None = None) -> None:
+def _batch(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("batch")
+
+
+def install_loss_term(
+    pl_module: pl.LightningModule,
+    key: str,
+    term: LossTerm,
+    before: Callable | None = None,
+    *,
+    owner: Any = None,
+) -> None:
     """Add ``term(loss, batch) -> new loss`` to what ``pl_module.training_step`` returns (see module docstring).
 
     ``before(batch)``, if given, runs before the module's own step (e.g. a teacher's no-grad forward, which must not
-    change weights the step's graph saves). Terms run in the order they were installed.
+    change weights the step's graph saves). Terms run in the order they were installed; a term ``key`` is installed
+    once. It stays until :func:`remove_loss_term` or ``owner``'s :func:`~peft_callbacks.plumbing.seam.undo`.
 
     Example::
 
@@ -67,39 +81,21 @@ def install_loss_term(pl_module: pl.LightningModule, key: str, term: LossTerm, b
         >>> float(module.training_step(torch.ones(3), 0))
         3.0
     """
-    terms = pl_module.__dict__.get(_TERMS)
-    if terms is None:
-        terms = {}
-        own = pl_module.__dict__.get("training_step") or type(pl_module).training_step.__get__(pl_module)
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:  # no functools.wraps: Lightning inspects the class
-            batch = args[0] if args else kwargs.get("batch")
-            for _, (_, prepare) in list(terms.items()):
-                if prepare is not None:
-                    prepare(batch)
-            output = own(*args, **kwargs)
-            for _, (add, _) in list(terms.items()):
-                output = _apply(output, lambda loss, add=add: add(loss, batch))
-            return output
+    def prepare(*args: Any, **kwargs: Any) -> None:
+        before(_batch(args, kwargs))
 
-        training_step.__peft_callbacks_own__ = own
-        pl_module.__dict__[_TERMS] = terms
-        pl_module.__dict__["training_step"] = training_step
-    terms[key] = (term, before)
+    def add(output: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = _batch(args, kwargs)
+        return _apply(output, lambda loss: term(loss, batch))
+
+    owner = pl_module if owner is None else owner
+    seam.wrap_method(pl_module, _STEP, owner=owner, key=key, before=None if before is None else prepare, after=add)
 
 
 def remove_loss_term(pl_module: pl.LightningModule, key: str) -> None:
     """Take the term ``key`` out again; the module's own ``training_step`` is back once no term is left."""
-    terms = pl_module.__dict__.get(_TERMS)
-    if not terms:
-        return
-    terms.pop(key, None)
-    if not terms:
-        wrapper = pl_module.__dict__.pop("training_step", None)
-        own = getattr(wrapper, "__peft_callbacks_own__", None)
-        if own is not None and getattr(own, "__self__", None) is not pl_module:
-            pl_module.__dict__["training_step"] = own  # someone else's instance-level step, installed before ours
-        pl_module.__dict__.pop(_TERMS, None)
+    seam.unwrap(pl_module, _STEP, key)
 
 
 class ForgettingTerm(Callback):
@@ -198,10 +194,11 @@ class ForgettingTerm(Callback):
             self.state_key,
             lambda loss, batch: self.term(pl_module, loss, batch),
             before=lambda batch: self.before_step(pl_module, batch),
+            owner=self,
         )
 
     def _uninstall(self, pl_module: pl.LightningModule) -> None:
-        remove_loss_term(pl_module, self.state_key)
+        seam.undo(self)
         self._pl_module = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -41,7 +41,7 @@ from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_config
 from peft_callbacks.engine.usage import drop_adapters, reset_usage, uncalled_layers
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.checkpoint import read_record
-from peft_callbacks.plumbing.checkpoint_hooks import install_checkpoint_hook, remove_checkpoint_hook, restore_checkpoint
+from peft_callbacks.plumbing.checkpoint_hooks import install_checkpoint_hook, restore_checkpoint, write_outside_fit
 from peft_callbacks.plumbing.hooks import run_after_conversion, run_after_hook
 from peft_callbacks.plumbing.strategies import strategy_kind
 
@@ -272,14 +272,14 @@ class PEFTCallback(SurgeryCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._gradients_checked, self._waiting = False, None
-        if stage == "fit":
-            install_checkpoint_hook(pl_module)  # checkpoints hold the plain model (see plumbing/checkpoint_hooks.py)
+        if stage == "fit":  # checkpoints hold the plain model (see plumbing/checkpoint_hooks.py)
+            install_checkpoint_hook(pl_module, owner=self)
         elif not self.method.mergeable:  # the surgery stays in the model: redo it so a checkpoint's tensors fit
-            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer))
+            run_after_conversion(trainer, pl_module, lambda: self.run_surgery(pl_module, trainer), owner=self)
         else:
-            run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._reinject(pl_module, checkpoint))
+            run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: self._reinject(pl_module, ckpt), owner=self)
         # a checkpoint in the plain layout goes back to the adapted one where the module carries the surgery
-        run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: restore_checkpoint(pl_module, checkpoint))
+        run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: restore_checkpoint(pl_module, ckpt), owner=self)
 
     def _reinject(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint written mid-training holds unmerged tensors, a merged model has none: replay the recipe the
@@ -306,7 +306,11 @@ class PEFTCallback(SurgeryCallback):
         if self._reinjected and self.merge_on_train_end:
             self._merge(pl_module)
         self._reinjected = False
-        remove_checkpoint_hook(pl_module, only_when_plain=True)
+
+    writes_plain_checkpoints = True  # see plumbing/checkpoint_hooks.py: write_outside_fit
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        write_outside_fit(trainer, self, checkpoint)  # e.g. trainer.save_checkpoint after fit
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

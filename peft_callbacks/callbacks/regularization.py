@@ -25,6 +25,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from peft_callbacks._validation import check_bool, check_positive_float, check_positive_int
+from peft_callbacks.callbacks.freezing import may_unfreeze
 from peft_callbacks.callbacks.mitigation import ForgettingTerm
 from peft_callbacks.forgetting.anchors import UpdateAnchor
 from peft_callbacks.forgetting.batches import move_to_device
@@ -38,11 +39,7 @@ log = logging.getLogger(__name__)
 
 def _may_unfreeze(trainer: pl.Trainer) -> bool:
     """Is a freezing schedule among the callbacks (one that unfreezes layers while training)?"""
-    from lightning.pytorch.callbacks.finetuning import BaseFinetuning
-
-    from peft_callbacks.callbacks.freezing import FreezeBackbone
-
-    return any(isinstance(c, BaseFinetuning) and not isinstance(c, FreezeBackbone) for c in trainer.callbacks)
+    return any(may_unfreeze(c) for c in trainer.callbacks)
 
 
 class _AnchoredTerm(ForgettingTerm):

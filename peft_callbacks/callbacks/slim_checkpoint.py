@@ -10,14 +10,18 @@ from lightning.pytorch.callbacks import Callback
 
 from peft_callbacks.io.fingerprint import base_fingerprint, compare_fingerprints
 from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY, fill_slim_state_dict, slim_state_dict
+from peft_callbacks.plumbing import seam
+from peft_callbacks.plumbing.checkpoint_hooks import write_outside_fit
 from peft_callbacks.plumbing.checkpoint_io import use_atomic_checkpoint_io
-from peft_callbacks.plumbing.hooks import remove_scheduled_hooks, run_after_hook
+from peft_callbacks.plumbing.hooks import run_after_hook
 from peft_callbacks.plumbing.slim_loading import install_slim_loader
-from peft_callbacks.plumbing.strategies import remove_load_hooks, strategy_kind
+from peft_callbacks.plumbing.strategies import strategy_kind
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = SLIM_CHECKPOINT_KEY
+
+__all__ = ["CHECKPOINT_KEY", "SlimCheckpoint"]
 
 
 class SlimCheckpoint(Callback):
@@ -85,15 +89,25 @@ class SlimCheckpoint(Callback):
                 "ModelParallelStrategy(save_distributed_checkpoint=True) (the default), or remove SlimCheckpoint."
             )
         self._fingerprint = None
-        use_atomic_checkpoint_io(trainer.strategy)  # a checkpoint killed mid-write never replaces the last good one
-        run_after_hook(pl_module, "on_load_checkpoint", lambda checkpoint: self._fill(pl_module, checkpoint))
-        install_slim_loader(trainer.strategy, kind, CHECKPOINT_KEY)  # a checkpoint of another strategy's layout too
+        # a checkpoint killed mid-write never replaces the last good one
+        use_atomic_checkpoint_io(trainer.strategy, owner=self)
+        run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: self._fill(pl_module, ckpt), owner=self)
+        # a checkpoint of another strategy's layout too
+        install_slim_loader(trainer.strategy, kind, CHECKPOINT_KEY, owner=self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_scheduled_hooks(pl_module)
-        remove_load_hooks(trainer.strategy)
+        seam.undo(self)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        seam.undo(self)  # Lightning calls no teardown after an exception
+
+    writes_plain_checkpoints = False  # but it shapes them: see plumbing/checkpoint_hooks.py, write_outside_fit
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._slim(pl_module, checkpoint)
+        write_outside_fit(trainer, self, checkpoint)  # the PEFT callbacks' layout, written after this, outside fit
+
+    def _slim(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         fingerprint = base_fingerprint(pl_module, hash_names=(self._fingerprint or {}).get("hashes"))
         if self._fingerprint is None:
             self._fingerprint = fingerprint

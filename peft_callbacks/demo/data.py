@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -81,18 +82,64 @@ def load_digits_tensors(classes: Sequence[int], image_size: int) -> tuple[torch.
 
 
 class _SplitDataModule(pl.LightningDataModule):
-    """Loaders shared by the demo DataModules: ``train_set`` (shuffled with ``seed``), ``val_set`` (also the test
-    set) and ``batch_size``, set by the subclass."""
+    """What the demo DataModules share: a seeded train/held-out split of this task's data and, when the subclass has
+    one, of a base (earlier or general) task's data, each built once, and their loaders.
+
+    A subclass implements :meth:`_datasets`; ``val_dataloader`` and ``test_dataloader`` serve the same held-out
+    split. ``shuffle_base_train`` says whether ``base_train_dataloader()`` shuffles (seeded) like the training
+    loader.
+
+    Args:
+        batch_size: batch size of every loader.
+        val_fraction: share of the data held out for validation, in ``(0, 1)``.
+        seed: seed of the split and of the shuffled loaders.
+    """
+
+    shuffle_base_train: ClassVar[bool] = True
+
+    def __init__(self, batch_size: int, val_fraction: float, seed: int) -> None:
+        super().__init__()
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.val_fraction = _check_split(val_fraction)
+        self.seed = check_int("seed", seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.base_set: Dataset | None = None
+        self.base_train_set: Dataset | None = None
+
+    def _datasets(self, base: bool) -> tuple[Dataset, Dataset]:
+        """``(train, held-out)`` of this task, or of the base task with ``base`` (``ValueError`` when there is
+        none)."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self._datasets(base=False)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def base_dataloader(self) -> DataLoader:
+        """The base task's held-out split (never shuffled)."""
+        if self.base_set is None:
+            self.base_set = self._datasets(base=True)[1]
+        return self._loader(self.base_set)
+
+    def base_train_dataloader(self) -> DataLoader:
+        """The base task's training split (shuffled with ``seed`` where ``shuffle_base_train``)."""
+        if self.base_train_set is None:
+            self.base_train_set = self._datasets(base=True)[0]
+        return self._loader(self.base_train_set, shuffle=self.shuffle_base_train)
 
 
 class DigitsDataModule(_SplitDataModule):
@@ -122,47 +169,21 @@ class DigitsDataModule(_SplitDataModule):
         val_fraction: float = 0.25,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_fraction, seed)
         self.classes = _check_digits("classes", BASE_DIGITS if classes is None else classes)
         self.base_classes = None if base_classes is None else _check_digits("base_classes", base_classes)
         self.image_size = check_int("image_size", image_size, minimum=8)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.val_fraction = _check_split(val_fraction)
-        self.seed = check_int("seed", seed)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.base_set: Dataset | None = None
-        self.base_train_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _held_out(self, classes: list[int]) -> tuple[TensorDataset, TensorDataset]:
-        images, labels = load_digits_tensors(classes, self.image_size)
+    def _datasets(self, base: bool) -> tuple[TensorDataset, TensorDataset]:
+        if base and self.base_classes is None:
+            raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
+        images, labels = load_digits_tensors(self.base_classes if base else self.classes, self.image_size)
         train, val = _split(len(labels), self.val_fraction, self.seed)
         return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set = self._held_out(self.classes)
-
-    def base_dataloader(self) -> DataLoader:
-        """The held-out split of ``base_classes`` (never shuffled), labels in their order."""
-        if self.base_classes is None:
-            raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
-        if self.base_set is None:
-            self.base_set = self._held_out(self.base_classes)[1]
-        return DataLoader(self.base_set, batch_size=self.batch_size)
-
-    def base_train_dataloader(self) -> DataLoader:
-        """The training split of ``base_classes`` (shuffled with ``seed``): base-task data to replay or learn from."""
-        if self.base_classes is None:
-            raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
-        if self.base_train_set is None:
-            self.base_train_set = self._held_out(self.base_classes)[0]
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.base_train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
 
 def load_chat_topics(topics: Sequence[str], max_per_topic: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
@@ -225,6 +246,8 @@ class ChatTopicsDataModule(_SplitDataModule):
         tokenizer: a transformers tokenizer name or folder; default: all-MiniLM-L6-v2's, shipped offline.
     """
 
+    shuffle_base_train = False
+
     def __init__(
         self,
         topics: list[str] | None = None,
@@ -236,7 +259,7 @@ class ChatTopicsDataModule(_SplitDataModule):
         seed: int = 0,
         tokenizer: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_fraction, seed)
         self.topics = list(TOPICS if topics is None else topics)
         if not self.topics:
             raise ValueError("`topics` must name at least one chatterbot-corpus topic, got [].")
@@ -246,14 +269,7 @@ class ChatTopicsDataModule(_SplitDataModule):
             raise ValueError(f"`general_topics` must not overlap `topics`; both hold {both}.")
         self.max_per_topic = check_positive_int("max_per_topic", max_per_topic)
         self.max_length = check_int("max_length", max_length, minimum=4)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.val_fraction = _check_split(val_fraction)
-        self.seed = check_int("seed", seed)
         self.tokenizer = tokenizer
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.base_set: Dataset | None = None
-        self.base_train_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -276,22 +292,7 @@ class ChatTopicsDataModule(_SplitDataModule):
             _Encoded({k: v[val] for k, v in encoded.items()}, labels[val]),
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set = self._encoded(self.topics, labelled=True)
-
-    def base_dataloader(self) -> DataLoader:
-        """Held-out lines of ``general_topics`` (never shuffled; label ``-1``)."""
-        if self.general_topics is None:
+    def _datasets(self, base: bool) -> tuple[Dataset, Dataset]:
+        if base and self.general_topics is None:
             raise ValueError("ChatTopicsDataModule has no general-text set: pass `general_topics`.")
-        if self.base_set is None:
-            self.base_set = self._encoded(self.general_topics, labelled=False)[1]
-        return DataLoader(self.base_set, batch_size=self.batch_size)
-
-    def base_train_dataloader(self) -> DataLoader:
-        """The lines of ``general_topics`` that ``base_dataloader()`` holds out (never shuffled; label ``-1``)."""
-        if self.general_topics is None:
-            raise ValueError("ChatTopicsDataModule has no general-text set: pass `general_topics`.")
-        if self.base_train_set is None:
-            self.base_train_set = self._encoded(self.general_topics, labelled=False)[0]
-        return DataLoader(self.base_train_set, batch_size=self.batch_size)
+        return self._encoded(self.general_topics if base else self.topics, labelled=not base)

@@ -18,7 +18,7 @@ See the docs page "Adding a method" for a method written against it.
 """
 
 from peft_callbacks.engine.config import LayerConfig, MethodConfig, not_recorded
-from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, Adapter
+from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, Adapter, AdditiveAdapter
 from peft_callbacks.engine.method import (
     LayerMethod,
     Method,
@@ -40,6 +40,7 @@ __all__ = [
     "AdaptedLayer",
     "AdaptedParameters",
     "Adapter",
+    "AdditiveAdapter",
     "LayerConfig",
     "LayerMethod",
     "Method",

@@ -64,7 +64,7 @@ from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.scaling import Scalable
 
-__all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "check_finite", "upgrade_state_keys"]
+__all__ = ["DEFAULT_ADAPTER", "AdaptedLayer", "Adapter", "AdditiveAdapter", "check_finite", "upgrade_state_keys"]
 
 DEFAULT_ADAPTER = "default"
 _BASE, _ADAPTERS = "base_layer", "adapters"
@@ -183,6 +183,25 @@ class Adapter(Scalable, PEFTModule):
         """``‖ΔW‖_F`` over :meth:`delta_weights` (float32 scalar, differentiable). ``squared=True`` gives ``‖ΔW‖²``,
         whose gradient is defined at ``ΔW = 0`` too (use it in a penalty)."""
         return norm_of(self.delta_weights(layer).values(), squared)
+
+
+class AdditiveAdapter(Adapter):
+    """An :class:`Adapter` whose update is a weight ``ΔW`` added to the base weight, independent of it: merging adds
+    :meth:`delta_weight`, unmerging subtracts it (VeRA, AdaLoRA, LoHa, LoKr).
+
+    Subclasses implement :meth:`delta_weight` in closed form (float32, shaped like the stored base weight, at the
+    current :attr:`scale`, no ``layer`` needed); the base class's default, ``merge_into(W₀) − W₀``, would recurse.
+    """
+
+    def delta_weight(self, layer: AdaptedLayer | None = None) -> torch.Tensor:
+        """``ΔW`` in closed form; every additive adapter must implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight (an additive adapter).")
+
+    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight()
+
+    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight()
 
 
 class AdaptedLayer(PEFTModule):

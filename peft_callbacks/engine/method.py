@@ -36,7 +36,8 @@ import torch.nn as nn
 from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import HeadInfo
 from peft_callbacks.core.kinds import kinds_description, layer_kind
-from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.model_kinds import ANY_MODEL, ModelKind, layers_outside_head
+from peft_callbacks.core.modules import PEFTModule, modules_at
 from peft_callbacks.core.targets import in_subtree, resolve_targets
 from peft_callbacks.core.tensor_parallel import move_parallel_hooks
 from peft_callbacks.engine.config import LayerConfig, MethodConfig
@@ -116,6 +117,14 @@ class Method:
             (prompts add tokens, so they do not).
         existing_modules: how messages name modules of this method already in a model.
         removal: the call that takes the method out again, for messages.
+        examples: ``{name: config}``: small configs, one per variant of the method (DoRA, an init, …), that the
+            contract test (``tests/test_contract.py``) runs on every model of its zoo; by default the default config.
+        identity_tolerance: how far the injected model's outputs may be from the base model's (for methods that
+            start as the identity), relative to the largest output.
+        merge_tolerance: how far the merged model's outputs may be from the adapted model's, relative to the
+            largest output.
+        shardable: whether the method trains under a strategy that shards parameters (FSDP2); methods that need
+            whole tensors (AdaLoRA's rank allocator) refuse it.
     """
 
     name: str = ""
@@ -127,6 +136,19 @@ class Method:
     starts_as_identity: bool = True  # the model computes what it did until training moves the new tensors
     existing_modules: str = ""  # e.g. "LoRA on {count} layer(s)"; by default "<title> on {count} module(s)"
     removal: str = "unload(model)"  # the call that takes the method out again, for messages
+    examples: dict[str, MethodConfig] = {}  # small configs, one per variant; empty: the default config
+    identity_tolerance: float = 1e-6  # relative to the largest output
+    merge_tolerance: float = 1e-4  # relative to the largest output
+    shardable: bool = True
+
+    def applies_to(self, config: MethodConfig) -> ModelKind:
+        """The models the method goes into with ``config``: it refuses the others with a ``ValueError`` naming the
+        model. By default every model."""
+        return ANY_MODEL
+
+    def example_configs(self) -> dict[str, MethodConfig]:
+        """``{name: config}`` of :attr:`examples`, or ``{"default": config_class()}`` where none are declared."""
+        return dict(self.examples) or {"default": self.config_class()}
 
     # -- what a method implements -------------------------------------------------------------------------------
     def select(self, model: nn.Module, config: MethodConfig, head: HeadInfo) -> list[str]:
@@ -135,13 +157,14 @@ class Method:
 
     def check_targets(self, model: nn.Module, targets: list[str]) -> list[str]:
         """Check recorded target paths (from a recipe) before replaying them: no pattern is evaluated."""
-        modules = dict(model.named_modules())
-        missing = [p for p in targets if p not in modules]
-        if missing:
-            raise ValueError(
+        modules_at(
+            model,
+            targets,
+            lambda missing: ValueError(
                 f"`targets` (from a recipe) names {len(missing)} module(s) that {type(model).__name__} does not "
                 f"have: {missing[:5]}."
-            )
+            ),
+        )
         return targets
 
     def resolve(self, model: nn.Module, config: MethodConfig, targets: list[str]) -> MethodConfig:
@@ -196,6 +219,10 @@ class LayerMethod(Method):
     module_class = AdaptedLayer
     mergeable = True
     adapter_classes: dict[str, type[Adapter]] = {}
+
+    def applies_to(self, config: MethodConfig) -> ModelKind:
+        """Models with a layer of a kind the method adapts outside their task head."""
+        return layers_outside_head(tuple(self.adapter_classes))
 
     def adapter_class(self, kind: str, config: MethodConfig) -> type[Adapter]:
         """The Adapter class for a base layer of ``kind`` (a variant may pick another, e.g. DoRA)."""

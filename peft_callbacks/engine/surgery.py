@@ -164,9 +164,10 @@ def inject(
         targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
         sharded = has_sharded_parameters(model)
-        before = {id(m) for m in model.modules()} if sharded else set()
+        before = {id(m) for m in model.modules()}
         freeze(model)
         method.insert(model, targets, config, adapter_name)
+        follow_training_mode(model, before)
         if sharded:  # split as tensor parallelism splits their bases; under FSDP2, units of their own, same mesh
             split_new_adapters(model, before, method.title)
             shard_new_modules(model, _inserted(model, before))
@@ -224,6 +225,15 @@ def _prepare_quantized(model: nn.Module) -> None:
         ", ".join(formats) or "none loaded",
         len(upcast),
     )
+
+
+def follow_training_mode(module: nn.Module, before: set[int]) -> None:
+    """Modules inserted since ``before`` take the training mode of the module they went into: an adapter injected
+    into a model in ``eval()`` mode does not drop out, as a module built in ``train()`` mode would."""
+    for child in module.children():
+        if id(child) not in before:
+            child.training = module.training
+        follow_training_mode(child, before)
 
 
 def _inserted(model: nn.Module, before: set[int]) -> list[tuple[str, nn.Module]]:

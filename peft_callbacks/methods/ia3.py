@@ -18,18 +18,26 @@ same outputs as ``peft.IA3Config`` and directories move between the two.
 
 Example::
 
-    >>> import timm, torch
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2Model
     >>> from peft_callbacks.engine import inject, merge
-    >>> model = timm.create_model("test_vit", pretrained=False, num_classes=5).eval()
-    >>> x = torch.randn(2, 3, 160, 160)
-    >>> before = model(x)
-    >>> model = inject(model, IA3Config())
-    >>> torch.equal(model(x), before)  # l = 1 at injection
+    >>> gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=32)).eval()
+    >>> ids = torch.randint(0, 32, (2, 8))
+    >>> before = gpt2(ids).last_hidden_state
+    >>> gpt2 = inject(gpt2, IA3Config(target_modules=["c_attn", "mlp.c_fc", "mlp.c_proj"]))
+    >>> torch.equal(gpt2(ids).last_hidden_state, before)  # l = 1 at injection
     True
-    >>> block = model.blocks[0]
-    >>> block.mlp.fc2.adapters["default"].feedforward, block.attn.qkv.adapters["default"].feedforward
-    (True, False)
-    >>> torch.allclose(merge(model)(x), before)
+    >>> up, down = gpt2.h[0].mlp.c_fc, gpt2.h[0].mlp.c_proj  # transformers Conv1D, 16 -> 64 and 64 -> 16
+    >>> up.adapters["default"].feedforward, down.adapters["default"].feedforward  # by shape: the down-projection
+    (False, True)
+    >>> l = down.adapters["default"].ia3_l  # (1, 64): one factor per input of the down-projection
+    >>> with torch.no_grad():
+    ...     _ = l.uniform_(0.5, 1.5)
+    >>> h = torch.randn(2, 64)
+    >>> torch.allclose(down(h), down.base_layer(h * l), atol=1e-6)  # W₀(l ⊙ x) + b
+    True
+    >>> adapted = gpt2(ids).last_hidden_state
+    >>> torch.allclose(merge(gpt2)(ids).last_hidden_state, adapted, atol=1e-5)  # folded in: W₀·diag(l)
     True
 """
 
@@ -170,6 +178,10 @@ class IA3Method(LayerMethod):
     name = "ia3"
     title = "IA3"
     config_class = IA3Config
+    examples = {
+        "feedforward-by-shape": IA3Config(),  # the down-projections rescale their input, the others their output
+        "outputs-only": IA3Config(feedforward_modules=[]),
+    }
     adapter_classes = {"linear": IA3, "conv": IA3, "hf_conv1d": IA3, "linear_4bit": IA3, "linear_8bit": IA3}
     peft = PeftMapping("IA3", _to_peft, _from_peft)
 

@@ -4,9 +4,9 @@ r"""LoHa (Hyeon-Woo et al. 2022, "FedPara", §3; LyCORIS): the update is the Had
 
     ΔW = (alpha / r) · (W1a·W1b) ⊙ (W2a·W2b)          W1a, W2a: (out, r)   W1b, W2b: (r, in·k…)
 
-The element-wise product of two rank-``r`` matrices has rank up to ``r²``, for ``4·r·(out + in)`` parameters. With
-``use_effective_conv2d`` a convolution's kernel (larger than 1) is factored through two core tensors instead
-(FedPara's "Proposition 3")::
+The element-wise product of two rank-``r`` matrices has rank up to ``r²``, for ``2·r·(out + in)`` parameters (a LoRA
+of rank ``r²`` has ``r²·(out + in)``). With ``use_effective_conv2d`` a convolution's kernel (larger than 1) is
+factored through two core tensors instead (FedPara's "Proposition 3")::
 
     ΔW = (alpha / r) · (T1 ×₁ W1a ×₂ W1b) ⊙ (T2 ×₁ W2a ×₂ W2b)    T: (r, r, *kernel)   Wa: (r, out)   Wb: (r, in)
 
@@ -17,16 +17,20 @@ same outputs as ``peft.LoHaConfig`` and directories move between the two librari
 
 Example::
 
-    >>> import timm, torch
+    >>> import torch, torch.nn as nn
     >>> from peft_callbacks.engine import inject, merge
-    >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
-    >>> x = torch.randn(2, 3, 32, 32)
-    >>> before = model(x)
-    >>> model = inject(model, LoHaConfig(rank=4, alpha=8))  # every conv and Linear outside the head
-    >>> torch.equal(model(x), before)  # W2b = 0 at injection
-    True
+    >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    >>> model = inject(model, LoHaConfig(rank=3, alpha=3, target_modules=["0"]))
+    >>> loha = model[0].adapters["default"]
+    >>> sum(p.numel() for p in loha.parameters())  # 2·r·(out + in); a rank-9 LoRA trains 9·(out + in) = 576
+    384
+    >>> torch.count_nonzero(loha.delta_weight()).item()  # W2b = 0 at injection
+    0
     >>> with torch.no_grad():
-    ...     _ = model.layer1[0].conv1.adapters["default"].hada_w2_b.normal_()
+    ...     _ = loha.hada_w2_b.normal_()
+    >>> torch.linalg.matrix_rank(loha.delta_weight()).item()  # (W1a·W1b) ⊙ (W2a·W2b): rank r² = 9, not r
+    9
+    >>> x = torch.randn(4, 32)
     >>> adapted = model(x)
     >>> torch.allclose(merge(model)(x), adapted, atol=1e-5)
     True
@@ -36,20 +40,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn as nn
 
-from peft_callbacks.engine import AdaptedLayer, LayerMethod, PeftMapping, register_method
-from peft_callbacks.methods.lycoris import (
-    LycorisAdapter,
-    LycorisConfig,
-    from_peft_fields,
-    kaiming_,
-    peft_layer_check,
-    to_peft_fields,
-)
+from peft_callbacks.engine import register_method
+from peft_callbacks.methods.lycoris import LycorisAdapter, LycorisConfig, LycorisMethod, kind_classes, peft_mapping
 
 __all__ = ["LoHaAdapter", "LoHaConfig", "LoHaConv", "LoHaConv1D", "LoHaLinear"]
 
@@ -108,8 +104,7 @@ class LoHaAdapter(LycorisAdapter):
 
     def reset_parameters(self) -> None:
         """Kaiming-uniform everywhere but ``hada_w2_b``, which starts at zero (so ``ΔW = 0``), as PEFT does."""
-        for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", *(("hada_t1", "hada_t2") if self.effective_conv else ())):
-            kaiming_(getattr(self, name))
+        self.kaiming_("hada_w1_a", "hada_w1_b", "hada_w2_a", *(("hada_t1", "hada_t2") if self.effective_conv else ()))
         nn.init.zeros_(self.hada_w2_b)
 
     def update_factor(self) -> torch.Tensor:
@@ -128,46 +123,21 @@ class LoHaAdapter(LycorisAdapter):
         return delta.reshape(self.out_features, self.in_features, *self.kernel_size)
 
 
-class LoHaLinear(LoHaAdapter):
-    """LoHa on an ``nn.Linear``."""
-
-    base_kind = "linear"
+LoHaLinear, LoHaConv, LoHaConv1D = kind_classes(LoHaAdapter, "LoHa")
 
 
-class LoHaConv(LoHaAdapter):
-    """LoHa on ``nn.Conv1d/2d/3d`` (``groups=1``): ``ΔW`` is convolved with the base layer's stride, padding and
-    dilation. (HF PEFT's LoHa has Conv1d and Conv2d.)"""
-
-    base_kind = "conv"
-
-
-class LoHaConv1D(LoHaAdapter):
-    """LoHa on transformers' ``Conv1D`` (GPT-2): the tensors of an ``nn.Linear`` of the same width; the merge
-    transposes ``ΔW`` to the stored ``(in, out)`` layout. (HF PEFT's LoHa does not adapt ``Conv1D``.)"""
-
-    base_kind = "hf_conv1d"
-
-
-def _to_peft(config: LoHaConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
-    peft_layer_check("LoHa", layers, conv_dims=(1, 2))
-    return to_peft_fields(config)
-
-
-def _from_peft(peft_config: dict[str, Any]) -> LoHaConfig:
-    return LoHaConfig(**from_peft_fields(peft_config, "LoHa"))
-
-
-class LoHaMethod(LayerMethod):
+class LoHaMethod(LycorisMethod):
     """LoHa: ``W₀x + (alpha/r)·((W1a·W1b) ⊙ (W2a·W2b))·x`` on Linear, Conv and ``Conv1D`` layers."""
 
     name = "loha"
     title = "LoHa"
     config_class = LoHaConfig
+    examples = {
+        "plain": LoHaConfig(rank=4, alpha=8),
+        "effective-conv2d": LoHaConfig(rank=4, alpha=8, use_effective_conv2d=True, rank_dropout=0.1),
+    }
     adapter_classes = {"linear": LoHaLinear, "conv": LoHaConv, "hf_conv1d": LoHaConv1D}
-    peft = PeftMapping("LOHA", _to_peft, _from_peft)
-
-    def describe(self, config: LoHaConfig) -> str:
-        return f"r={config.rank} alpha={config.alpha:g}"
+    peft = peft_mapping("LOHA", "LoHa", LoHaConfig)
 
 
 register_method(LoHaMethod())

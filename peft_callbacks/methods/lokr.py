@@ -17,21 +17,22 @@ training moves it. ``rank_dropout`` and ``module_dropout`` act during training o
 
 Example::
 
-    >>> import timm, torch
-    >>> from peft_callbacks.engine import inject, merge
-    >>> model = timm.create_model("test_vit", pretrained=False, num_classes=5).eval()
-    >>> x = torch.randn(2, 3, 160, 160)
-    >>> before = model(x)
-    >>> model = inject(model, LoKrConfig(rank=4))
-    >>> torch.equal(model(x), before)  # W1 = 0 at injection
-    True
-    >>> qkv = model.blocks[0].attn.qkv.adapters["default"]  # 192 × 64 = (12·16) × (8·8)
-    >>> tuple(qkv.lokr_w1.shape), tuple(qkv.lokr_w2_a.shape), tuple(qkv.lokr_w2_b.shape)
-    ((12, 8), (16, 4), (4, 8))
+    >>> import torch, torch.nn as nn
+    >>> from peft_callbacks.engine import inject
+    >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    >>> layer = inject(model, LoKrConfig(rank=4, alpha=4, target_modules=["0"]))[0]
+    >>> lokr = layer.adapters["default"]  # out 256 = 16·16, in 64 = 8·8
+    >>> {name: tuple(p.shape) for name, p in lokr.named_parameters()}  # W2 at rank 4: (16, 4)·(4, 8)
+    {'lokr_w1': (16, 8), 'lokr_w2_a': (16, 4), 'lokr_w2_b': (4, 8)}
+    >>> sum(p.numel() for p in lokr.parameters()), layer.weight.numel()  # LoRA at rank 4 would train 1280
+    (224, 16384)
     >>> with torch.no_grad():
-    ...     _ = qkv.lokr_w1.normal_()
-    >>> adapted = model(x)
-    >>> torch.allclose(merge(model)(x), adapted, atol=1e-5)
+    ...     _ = lokr.lokr_w1.normal_()
+    >>> delta = torch.kron(lokr.lokr_w1, lokr.lokr_w2_a @ lokr.lokr_w2_b) * lokr.scaling  # (16·16, 8·8)
+    >>> torch.allclose(lokr.delta_weight(), delta)
+    True
+    >>> x = torch.randn(3, 64)
+    >>> torch.allclose(layer(x), layer.base_layer(x) + x @ delta.T, atol=1e-5)
     True
 """
 
@@ -39,21 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_int
-from peft_callbacks.engine import AdaptedLayer, LayerMethod, PeftMapping, register_method
-from peft_callbacks.methods.lycoris import (
-    LycorisAdapter,
-    LycorisConfig,
-    from_peft_fields,
-    kaiming_,
-    peft_layer_check,
-    to_peft_fields,
-)
+from peft_callbacks.engine import register_method
+from peft_callbacks.methods.lycoris import LycorisAdapter, LycorisConfig, LycorisMethod, kind_classes, peft_mapping
 
 __all__ = ["LoKrAdapter", "LoKrConfig", "LoKrConv", "LoKrConv1D", "LoKrLinear", "factorization"]
 
@@ -156,10 +149,9 @@ class LoKrAdapter(LycorisAdapter):
             nn.init.zeros_(self.lokr_w1)
         else:
             nn.init.zeros_(self.lokr_w1_a)
-            kaiming_(self.lokr_w1_b)
+            self.kaiming_("lokr_w1_b")
         names = ("lokr_w2",) if self.full_w2 else ("lokr_w2_a", "lokr_w2_b", *(("lokr_t2",) * self.effective_conv))
-        for name in names:
-            kaiming_(getattr(self, name))
+        self.kaiming_(*names)
 
     def update_factor(self) -> torch.Tensor:
         return self.lokr_w1 if self.full_w1 else self.lokr_w1_a  # ΔW = c·W1 ⊗ W2: linear in W1 (or W1a)
@@ -185,56 +177,24 @@ def _standard(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(tensor.shape)
 
 
-class LoKrLinear(LoKrAdapter):
-    """LoKr on an ``nn.Linear``."""
-
-    base_kind = "linear"
+LoKrLinear, LoKrConv, LoKrConv1D = kind_classes(LoKrAdapter, "LoKr")
 
 
-class LoKrConv(LoKrAdapter):
-    """LoKr on ``nn.Conv1d/2d/3d`` (``groups=1``): ``ΔW`` is convolved with the base layer's stride, padding and
-    dilation. (HF PEFT's LoKr has Conv1d and Conv2d.)"""
-
-    base_kind = "conv"
-
-
-class LoKrConv1D(LoKrAdapter):
-    """LoKr on transformers' ``Conv1D`` (GPT-2): the tensors of an ``nn.Linear`` of the same width; the merge
-    transposes ``ΔW`` to the stored ``(in, out)`` layout. (HF PEFT's LoKr does not adapt ``Conv1D``.)"""
-
-    base_kind = "hf_conv1d"
-
-
-def _to_peft(config: LoKrConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
-    peft_layer_check("LoKr", layers, conv_dims=(1, 2))
-    return {
-        **to_peft_fields(config),
-        "decompose_both": config.decompose_both,
-        "decompose_factor": config.decompose_factor,
-        "rank_dropout_scale": config.rank_dropout_scale,
-    }
-
-
-def _from_peft(peft_config: dict[str, Any]) -> LoKrConfig:
-    return LoKrConfig(
-        **from_peft_fields(peft_config, "LoKr"),
-        decompose_both=bool(peft_config.get("decompose_both", False)),
-        decompose_factor=peft_config.get("decompose_factor", -1),
-        rank_dropout_scale=bool(peft_config.get("rank_dropout_scale", False)),
-    )
-
-
-class LoKrMethod(LayerMethod):
+class LoKrMethod(LycorisMethod):
     """LoKr: ``W₀x + (alpha/r)·(W1 ⊗ W2)·x`` on Linear, Conv and ``Conv1D`` layers."""
 
     name = "lokr"
     title = "LoKr"
     config_class = LoKrConfig
+    examples = {
+        "plain": LoKrConfig(rank=4, alpha=8),
+        "decompose-both": LoKrConfig(rank=2, alpha=8, decompose_both=True, decompose_factor=4),
+        "effective-conv2d": LoKrConfig(
+            rank=2, alpha=8, use_effective_conv2d=True, rank_dropout=0.1, rank_dropout_scale=True
+        ),
+    }
     adapter_classes = {"linear": LoKrLinear, "conv": LoKrConv, "hf_conv1d": LoKrConv1D}
-    peft = PeftMapping("LOKR", _to_peft, _from_peft)
-
-    def describe(self, config: LoKrConfig) -> str:
-        return f"r={config.rank} alpha={config.alpha:g}"
+    peft = peft_mapping("LOKR", "LoKr", LoKrConfig, ("decompose_both", "decompose_factor", "rank_dropout_scale"))
 
 
 register_method(LoKrMethod())

@@ -30,9 +30,18 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
 from peft_callbacks.core.kinds import base_weight, conv_with_weight, is_hf_conv1d
-from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig
+from peft_callbacks.engine import AdaptedLayer, AdditiveAdapter, LayerConfig, LayerMethod, PeftMapping
 
-__all__ = ["LycorisAdapter", "LycorisConfig", "from_peft_fields", "kaiming_", "peft_layer_check", "to_peft_fields"]
+__all__ = [
+    "LycorisAdapter",
+    "LycorisConfig",
+    "LycorisMethod",
+    "from_peft_fields",
+    "kind_classes",
+    "peft_layer_check",
+    "peft_mapping",
+    "to_peft_fields",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +77,7 @@ class LycorisConfig(LayerConfig):
         check_bool("use_effective_conv2d", self.use_effective_conv2d)
 
 
-class LycorisAdapter(Adapter):
+class LycorisAdapter(AdditiveAdapter):
     """A LoHa or LoKr update of one layer: subclasses create their tensors and say how they make ``ΔW``.
 
     Attributes:
@@ -127,6 +136,11 @@ class LycorisAdapter(Adapter):
         """The kernel dims of an effective-conv core tensor; PEFT keeps a Conv1d kernel as ``(k, 1)``."""
         return (*self.kernel_size, 1) if len(self.kernel_size) == 1 else self.kernel_size
 
+    def kaiming_(self, *names: str) -> None:
+        """PEFT's (and ``nn.Linear``'s) default initialisation for the named tensors: Kaiming-uniform, ``a = √5``."""
+        for name in names:
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+
     def _tensor(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         tensor = getattr(self, name)
         return tensor if dtype is None else tensor.to(dtype)
@@ -164,19 +178,44 @@ class LycorisAdapter(Adapter):
     def store_scale(self, scale: float) -> None:
         self.update_factor().mul_(scale)
 
-    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight()
-
-    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight()
-
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
-def kaiming_(tensor: torch.Tensor) -> None:
-    """PEFT's (and ``nn.Linear``'s) default: Kaiming-uniform with ``a = √5``."""
-    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+def kind_classes(adapter: type[LycorisAdapter], title: str) -> tuple[type[LycorisAdapter], ...]:
+    """``adapter`` on each layer kind it adapts: its ``Linear``, ``Conv`` and ``Conv1D`` subclasses (one
+    ``base_kind`` each, so a layer gets the class of its kind and ``isinstance`` tells them apart), named
+    ``{title}Linear`` … in ``adapter``'s module."""
+    docs = {
+        "Linear": ("linear", f"{title} on an ``nn.Linear``."),
+        "Conv": (
+            "conv",
+            f"{title} on ``nn.Conv1d/2d/3d`` (``groups=1``): ``ΔW`` is convolved with the base layer's stride, "
+            f"padding and dilation. (HF PEFT's {title} has Conv1d and Conv2d.)",
+        ),
+        "Conv1D": (
+            "hf_conv1d",
+            f"{title} on transformers' ``Conv1D`` (GPT-2): the tensors of an ``nn.Linear`` of the same width; the "
+            f"merge transposes ``ΔW`` to the stored ``(in, out)`` layout. (HF PEFT's {title} does not adapt "
+            f"``Conv1D``.)",
+        ),
+    }
+    return tuple(
+        type(
+            f"{title}{suffix}",
+            (adapter,),
+            {"base_kind": kind, "__doc__": doc, "__module__": adapter.__module__, "__qualname__": f"{title}{suffix}"},
+        )
+        for suffix, (kind, doc) in docs.items()
+    )
+
+
+class LycorisMethod(LayerMethod):
+    """What LoHa's and LoKr's methods share: the layer kinds (a subclass sets :attr:`adapter_classes` from
+    :func:`kind_classes`) and the one-line description."""
+
+    def describe(self, config: LycorisConfig) -> str:
+        return f"r={config.rank} alpha={config.alpha:g}"
 
 
 def peft_layer_check(title: str, layers: dict[str, AdaptedLayer], conv_dims: tuple[int, ...]) -> None:
@@ -227,3 +266,26 @@ def from_peft_fields(peft_config: dict[str, Any], title: str) -> dict[str, Any]:
         "use_effective_conv2d": bool(peft_config.get("use_effective_conv2d", False)),
         "train_head": False,
     }
+
+
+def peft_mapping(
+    peft_type: str, title: str, config_class: type[LycorisConfig], extra_fields: tuple[str, ...] = ()
+) -> PeftMapping:
+    """HF PEFT's format for LoHa or LoKr: the shared fields (:func:`to_peft_fields`, :func:`from_peft_fields`)
+    plus ``extra_fields``, config fields PEFT stores under the same name (a missing one gets our default; a bool
+    field reads as a bool). Exports on layers PEFT cannot load are refused (:func:`peft_layer_check`)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+
+    def to_peft(config: LycorisConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
+        peft_layer_check(title, layers, conv_dims=(1, 2))
+        return {**to_peft_fields(config), **{name: getattr(config, name) for name in extra_fields}}
+
+    def read(peft_config: dict[str, Any], name: str) -> Any:
+        value = peft_config.get(name, defaults[name])
+        return bool(value) if isinstance(defaults[name], bool) else value
+
+    def from_peft(peft_config: dict[str, Any]) -> LycorisConfig:
+        extra = {name: read(peft_config, name) for name in extra_fields}
+        return config_class(**from_peft_fields(peft_config, title), **extra)
+
+    return PeftMapping(peft_type, to_peft, from_peft)

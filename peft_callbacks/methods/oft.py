@@ -32,18 +32,25 @@ Example::
 
     >>> import timm, torch
     >>> from peft_callbacks.engine import inject, merge
-    >>> model = timm.create_model("test_vit", pretrained=False, num_classes=5).eval()
-    >>> x = torch.randn(2, 3, 160, 160)
-    >>> before = model(x)
-    >>> model = inject(model, OFTConfig(oft_block_size=16, target_modules=["qkv", "fc1"]))
-    >>> torch.equal(model(x), before)  # oft_R = 0: R = I
-    True
-    >>> tuple(model.blocks[0].attn.qkv.adapters["default"].oft_R.shape)  # 64 inputs = 4 blocks of 16; 16·15/2
-    (4, 120)
+    >>> model = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    >>> config = OFTConfig(oft_block_size=32, use_cayley_neumann=False, target_modules=["layer1.0.conv1"])
+    >>> model = inject(model, config)
+    >>> conv = model.layer1[0].conv1  # Conv2d(32, 32, 3×3): rotates its 32·3·3 = 288 flattened inputs
+    >>> oft = conv.adapters["default"]
+    >>> tuple(oft.oft_R.shape)  # 288 = 9 blocks of 32, each 32·31/2 angles
+    (9, 496)
     >>> with torch.no_grad():
-    ...     _ = model.blocks[0].attn.qkv.adapters["default"].oft_R.normal_(0, 0.1)
+    ...     _ = oft.oft_R.normal_(0, 0.1)
+    >>> R = torch.block_diag(*oft.rotation(dtype=torch.float64))  # (288, 288)
+    >>> torch.allclose(R @ R.T, torch.eye(288, dtype=torch.float64))  # exact Cayley transform: orthogonal
+    True
+    >>> w0 = conv.base_layer.weight.detach().flatten(1).double()  # (32 filters, 288)
+    >>> x = torch.randn(2, 3, 32, 32)
     >>> adapted = model(x)
-    >>> torch.allclose(merge(model)(x), adapted, atol=1e-5)
+    >>> w = merge(model).layer1[0].conv1.weight.detach().flatten(1).double()  # W₀·Rᵀ
+    >>> torch.allclose(w @ w.T, w0 @ w0.T, atol=1e-5)  # norms of and angles between the filters are kept
+    True
+    >>> torch.allclose(model(x), adapted, atol=1e-5)
     True
 """
 
@@ -381,6 +388,11 @@ class OFTMethod(LayerMethod):
     name = "oft"
     title = "OFT"
     config_class = OFTConfig
+    examples = {
+        "block-size": OFTConfig(oft_block_size=8),
+        "rank-exact-cayley": OFTConfig(rank=2, oft_block_size=0, use_cayley_neumann=False),
+        "coft-block-share": OFTConfig(oft_block_size=4, coft=True, eps=1e-2, block_share=True, module_dropout=0.1),
+    }
     adapter_classes = {"linear": OFTLinear, "conv": OFTConv, "hf_conv1d": OFTConv1D}
     peft = PeftMapping("OFT", _to_peft, _from_peft, keys={"oft_R": "oft_R.weight"})
 

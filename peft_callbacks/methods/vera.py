@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from peft_callbacks._validation import check_bool, check_float, check_int, check_positive_int
 from peft_callbacks.core.kinds import base_weight, is_hf_conv1d
 from peft_callbacks.core.modules import PEFTModule
-from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig, LayerMethod, PeftMapping, register_method
+from peft_callbacks.engine import AdaptedLayer, AdditiveAdapter, LayerConfig, LayerMethod, PeftMapping, register_method
 
 __all__ = ["VeRA", "VeRAConfig", "VeRAProjections"]
 
@@ -141,7 +141,7 @@ def _in_out(base_layer: nn.Module) -> tuple[int, int]:
     return (weight.shape[0], weight.shape[1]) if is_hf_conv1d(base_layer) else (weight.shape[1], weight.shape[0])
 
 
-class VeRA(Adapter):
+class VeRA(AdditiveAdapter):
     """The VeRA vectors of one Linear or ``Conv1D`` layer, using the injection's shared projections.
 
     Args:
@@ -199,12 +199,6 @@ class VeRA(Adapter):
             self.vera_lambda_d.float()[:, None] * vera_A
         )
         return delta.T if self.kind == "hf_conv1d" else delta  # Conv1D stores (in, out)
-
-    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight()
-
-    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}"
@@ -267,6 +261,10 @@ class VeRAMethod(LayerMethod):
     name = "vera"
     title = "VeRA"
     config_class = VeRAConfig
+    examples = {
+        "plain": VeRAConfig(rank=16),
+        "dropout": VeRAConfig(rank=16, dropout=0.1, d_initial=0.5, save_projection=False, projection_prng_key=3),
+    }
     adapter_classes = {"linear": VeRA, "hf_conv1d": VeRA}
     peft = PeftMapping("VERA", _to_peft, _from_peft, export_shared=_export_shared, import_shared=_import_shared)
 

@@ -1,11 +1,14 @@
 """Lightning checkpoints written during a PEFT fit that load like the user's own, and the loader for the others.
 
-While a LightningModule carries surgery, the PEFT callbacks give it an ``on_save_checkpoint`` of its own (the
-module's hook runs first) that rewrites each checkpoint as :mod:`peft_callbacks.io.checkpoint` describes: for
-mergeable methods the ``state_dict`` is the plain model (``MyModule.load_from_checkpoint(path)`` works in a process
-that never imports peft_callbacks), and what resuming needs sits beside it. It runs for full and ``weights_only``
-checkpoints alike, on every rank (only rank zero writes under DDP); sharded strategies (FSDP, DeepSpeed, model
-parallel) keep their own layout. Model objects in the saved hyper-parameters are replaced by plain copies.
+While a PEFT callback fits a LightningModule, the module's ``on_save_checkpoint`` gets a layer through the
+:mod:`~peft_callbacks.plumbing.seam` (after the module's own hook) that rewrites each checkpoint as
+:mod:`peft_callbacks.io.checkpoint` describes: for mergeable methods the ``state_dict`` is the plain model
+(``MyModule.load_from_checkpoint(path)`` works in a process that never imports peft_callbacks), and what resuming
+needs sits beside it. It runs for full and ``weights_only`` checkpoints alike, on every rank (only rank zero writes
+under DDP); sharded strategies (FSDP, DeepSpeed, model parallel) keep their own layout. Model objects in the saved
+hyper-parameters are replaced by plain copies. Once the fit is over the layer is gone; a full checkpoint saved later
+(``trainer.save_checkpoint``) of a module that still carries surgery is rewritten by the PEFT callback's own
+``on_save_checkpoint`` instead (:func:`write_outside_fit`).
 
 Checkpoints a plain load cannot rebuild (bottleneck adapters, prompts, slim checkpoints) load with
 :func:`load_checkpoint`, which replays the surgery recorded in the checkpoint on the module first.
@@ -27,7 +30,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool
 from peft_callbacks.core import quantized
-from peft_callbacks.core.modules import PEFTModule
+from peft_callbacks.core.modules import PEFTModule, modules_at
 from peft_callbacks.core.recipe import surgery_records
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, get_method, merge, replay
 from peft_callbacks.engine.usage import drop_adapters
@@ -44,18 +47,18 @@ from peft_callbacks.io.checkpoint import (
 from peft_callbacks.io.plain_copy import plain_hyperparameters
 from peft_callbacks.io.slim import SLIM_CHECKPOINT_KEY as SLIM_KEY
 from peft_callbacks.io.slim import fill_slim_state_dict
+from peft_callbacks.plumbing import seam
 
 __all__ = [
-    "PlainCheckpointHook",
     "install_checkpoint_hook",
     "load_checkpoint",
-    "remove_checkpoint_hook",
     "restore_checkpoint",
+    "write_outside_fit",
 ]
 
 log = logging.getLogger(__name__)
 
-_HOOK = "on_save_checkpoint"
+_HOOK, _LAYOUT = "on_save_checkpoint", "plain checkpoint layout"
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _LOADING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("peft_callbacks_loading", default=None)
 _PATCH_LOCK = threading.Lock()
@@ -80,39 +83,44 @@ def write_checkpoint_layout(pl_module: pl.LightningModule, checkpoint: dict[str,
         log.debug("Saved plain copies of the hyper-parameters %s (they held PEFT modules).", replaced)
 
 
-class PlainCheckpointHook:
-    """A LightningModule's ``on_save_checkpoint`` while it carries surgery: its class's hook, then
-    :func:`write_checkpoint_layout`. An object rather than a closure, so the module still pickles and deep-copies.
+def install_checkpoint_hook(pl_module: pl.LightningModule, *, owner: Any) -> None:
+    """Rewrite every checkpoint of ``pl_module`` right after its own ``on_save_checkpoint`` (once, however many
+    callbacks ask), until ``owner``'s :func:`~peft_callbacks.plumbing.seam.undo`.
 
     Example::
 
         >>> import lightning as L
-        >>> module = L.LightningModule()
-        >>> install_checkpoint_hook(module)
-        >>> isinstance(module.on_save_checkpoint, PlainCheckpointHook), remove_checkpoint_hook(module)
-        (True, None)
+        >>> class Owner:
+        ...     pass
+        >>> module, owner = L.LightningModule(), Owner()
+        >>> install_checkpoint_hook(module, owner=owner)
+        >>> seam.patches(module)
+        {'on_save_checkpoint': ['plain checkpoint layout (Owner)']}
+        >>> seam.undo(owner)
+        >>> "on_save_checkpoint" in vars(module)
+        False
     """
 
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
+    def after(result: Any, checkpoint: dict[str, Any]) -> Any:
+        write_checkpoint_layout(pl_module, checkpoint)
+        return result
 
-    def __call__(self, checkpoint: dict[str, Any]) -> None:
-        type(self.module).on_save_checkpoint(self.module, checkpoint)
-        write_checkpoint_layout(self.module, checkpoint)
-
-
-def install_checkpoint_hook(pl_module: pl.LightningModule) -> None:
-    """Give ``pl_module`` its :class:`PlainCheckpointHook` (once, however many callbacks ask)."""
-    if not isinstance(pl_module.__dict__.get(_HOOK), PlainCheckpointHook):
-        pl_module.__dict__[_HOOK] = PlainCheckpointHook(pl_module)
+    seam.wrap_method(pl_module, _HOOK, owner=owner, key=_LAYOUT, after=after)
 
 
-def remove_checkpoint_hook(pl_module: pl.LightningModule, *, only_when_plain: bool = False) -> None:
-    """Take the hook out again (with ``only_when_plain``: only once ``pl_module`` holds no inserted module)."""
-    if only_when_plain and any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+def write_outside_fit(trainer: pl.Trainer, caller: Any, checkpoint: dict[str, Any]) -> None:
+    """A full checkpoint saved outside a PEFT fit (``trainer.save_checkpoint`` after it), of a module that still
+    carries surgery: rewrite it as during the fit. Called from the ``on_save_checkpoint`` of the callbacks that shape
+    checkpoints (``writes_plain_checkpoints``: the PEFT callbacks; ``SlimCheckpoint``); the last of them in
+    ``trainer.callbacks`` writes, once the others are done. During a fit the module's hook writes instead."""
+    pl_module = trainer.lightning_module
+    if pl_module is None or seam.is_wrapped(pl_module, _HOOK, _LAYOUT):
         return
-    if isinstance(pl_module.__dict__.get(_HOOK), PlainCheckpointHook):
-        del pl_module.__dict__[_HOOK]
+    shaping = [c for c in trainer.callbacks if hasattr(c, "writes_plain_checkpoints")]
+    if not shaping or shaping[-1] is not caller or not any(c.writes_plain_checkpoints for c in shaping):
+        return
+    if any(isinstance(m, PEFTModule) for m in pl_module.modules()):
+        write_checkpoint_layout(pl_module, checkpoint)
 
 
 # -- loading ----------------------------------------------------------------------------------------------------------
@@ -134,13 +142,14 @@ def replay_missing(module: nn.Module, recipes: dict[str, list], stored: dict[str
 
     What the replays would create is checked first against the checkpoint's tensors ``stored``
     (:func:`~peft_callbacks.io.checkpoint.check_replay`), before anything is allocated."""
-    modules = dict(module.named_modules())
-    missing = [p for p in recipes if p not in modules]
-    if missing:
-        raise CheckpointLayoutError(
+    modules = modules_at(
+        module,
+        recipes,
+        lambda missing: CheckpointLayoutError(
             f"The checkpoint's surgery was recorded on {missing[0] or '<root>'!r}, which {type(module).__name__} does "
             f"not have; build the module as for training."
-        )
+        ),
+    )
     carried = any(surgery_records(modules[path]) for path in recipes)
     flags = [(p, p.requires_grad) for p in module.parameters()]
     active = {id(m): list(m.active_adapters) for m in module.modules() if isinstance(m, AdaptedLayer)}
@@ -233,7 +242,6 @@ def prepare_module(module: nn.Module, checkpoint: dict[str, Any], merged: bool) 
 def _preparing(module_class: type, merged: bool) -> Iterator[dict]:
     """Within the block, ``module_class.on_load_checkpoint`` also prepares the instance being loaded (this thread)."""
     inherited = module_class.on_load_checkpoint
-    own = module_class.__dict__.get("on_load_checkpoint")
     outcome: dict[str, Any] = {"merge": [], "merged": merged}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,16 +251,11 @@ def _preparing(module_class: type, merged: bool) -> Iterator[dict]:
             loading["module"] = self
             loading["merge"] = prepare_module(self, checkpoint, loading["merged"])
 
-    with _PATCH_LOCK:
+    with _PATCH_LOCK, seam.temporarily(module_class, "on_load_checkpoint", on_load_checkpoint):
         token = _LOADING.set(outcome)
-        module_class.on_load_checkpoint = on_load_checkpoint
         try:
             yield outcome
         finally:
-            if own is None:
-                del module_class.on_load_checkpoint
-            else:
-                module_class.on_load_checkpoint = own
             _LOADING.reset(token)
 
 

@@ -2,8 +2,8 @@
 
 :class:`AtomicCheckpointIO` is Lightning's ``TorchCheckpointIO`` with the file written beside its destination, flushed
 to disk and then moved into place in one step (``os.replace``); a leftover from a killed write is removed by the next
-write to the same place. :class:`~peft_callbacks.SlimCheckpoint` installs it when the trainer uses the default
-checkpoint IO on a local path.
+write to the same place. :class:`~peft_callbacks.SlimCheckpoint` puts it in the strategy's place (through the
+:mod:`~peft_callbacks.plumbing.seam`, until its ``teardown``) when the trainer uses the default checkpoint IO.
 
 Example::
 
@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from peft_callbacks.io.atomic import atomic_file
+from peft_callbacks.plumbing import seam
 
 __all__ = ["AtomicCheckpointIO", "use_atomic_checkpoint_io"]
 
@@ -39,9 +40,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return None
 
 
-def use_atomic_checkpoint_io(strategy: Any) -> bool:
-    """Swap a strategy's default ``TorchCheckpointIO`` for :class:`AtomicCheckpointIO`; False when it has another."""
+def use_atomic_checkpoint_io(strategy: Any, *, owner: Any) -> bool:
+    """Swap a strategy's default ``TorchCheckpointIO`` for :class:`AtomicCheckpointIO` until ``owner``'s
+    :func:`~peft_callbacks.plumbing.seam.undo`; False when it has another.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> class Owner:
+        ...     pass
+        >>> strategy, owner = SingleDeviceStrategy("cpu"), Owner()
+        >>> use_atomic_checkpoint_io(strategy, owner=owner), type(strategy.checkpoint_io).__name__
+        (True, 'AtomicCheckpointIO')
+        >>> seam.undo(owner)
+        >>> type(strategy.checkpoint_io).__name__
+        'TorchCheckpointIO'
+    """
     if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
+        seam.replace(strategy, "checkpoint_io", AtomicCheckpointIO(), owner=owner)
         return True
     return False

@@ -36,17 +36,24 @@ log = logging.getLogger(__name__)
 __all__ = ["install_slim_loader"]
 
 
-def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key: str) -> None:
+def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key: str, *, owner: Any) -> None:
     """Let ``strategy`` (of :func:`~peft_callbacks.plumbing.strategies.strategy_kind` ``kind``) resume from slim
-    checkpoints of any layout; full checkpoints (no ``record_key`` record) load as Lightning loads them.
+    checkpoints of any layout; full checkpoints (no ``record_key`` record) load as Lightning loads them. The loader
+    stays until ``owner``'s (the callback's) :func:`~peft_callbacks.plumbing.seam.undo`.
 
     Example::
 
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-        >>> strategy = SingleDeviceStrategy("cpu")
-        >>> install_slim_loader(strategy, "single", "peft_callbacks_slim")
+        >>> from peft_callbacks.plumbing import seam
+        >>> class Owner:
+        ...     pass
+        >>> strategy, owner = SingleDeviceStrategy("cpu"), Owner()
+        >>> install_slim_loader(strategy, "single", "peft_callbacks_slim", owner=owner)
         >>> "load_checkpoint" in vars(strategy)
         True
+        >>> seam.undo(owner)
+        >>> "load_checkpoint" in vars(strategy)
+        False
     """
 
     def load(checkpoint_path: Any, weights_only: bool | None) -> dict[str, Any] | None:
@@ -67,7 +74,7 @@ def install_slim_loader(strategy: pl.strategies.Strategy, kind: str, record_key:
             return _load_file_sharded(strategy, path, record_key)
         return None
 
-    set_checkpoint_loader(strategy, load)
+    set_checkpoint_loader(strategy, load, owner=owner)
 
 
 def _as_single_file(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch.nn as nn
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from peft_callbacks.core.sharding import is_dtensor, is_zero3
+from peft_callbacks.plumbing import seam
 
 __all__ = [
     "check_sharded_setup",
@@ -37,7 +38,6 @@ __all__ = [
     "is_sharding",
     "outside_zero_init",
     "refuse_unbuilt_base",
-    "remove_load_hooks",
     "run_before_checkpoint_load",
     "set_checkpoint_loader",
     "strategy_kind",
@@ -240,94 +240,77 @@ def outside_zero_init(trainer: pl.Trainer) -> Iterator[None]:
         restore_init_context()
 
 
-@contextlib.contextmanager
-def full_weights(trainer: pl.Trainer) -> Iterator[None]:
+def full_weights(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
     """Under ``FSDPStrategy`` (FSDP1), the full parameters of the whole model inside the block, written back after
     (``summon_full_params``; every rank holds the whole model meanwhile). Other strategies gather where needed, layer
-    by layer, so this does nothing for them.
+    by layer, so for them this is a context that does nothing.
 
     Example::
 
         >>> import lightning as L
-        >>> with full_weights(L.Trainer(accelerator="cpu", devices=1, logger=False)):
-        ...     pass
+        >>> full_weights(L.Trainer(accelerator="cpu", devices=1, logger=False))  # doctest: +ELLIPSIS
+        <contextlib.nullcontext object at ...>
     """
     if strategy_kind(trainer) != "fsdp":
-        yield
-        return
+        return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True):
-        yield
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
 
 
 # -- checkpoint loading --------------------------------------------------------------------------------------------
 # FSDP, DeepSpeed and FSDP2 (`restore_checkpoint_after_setup`) load the model's and optimizers' states inside
 # `strategy.load_checkpoint`, after `on_fit_start` and before any callback sees the checkpoint. What must happen
-# before (param groups that match the saved ones) or instead (a slim checkpoint) is attached to that call here, by an
-# instance-level override that `remove_load_hooks` takes away again.
-_BEFORE, _LOADER = "_peft_callbacks_before_load", "_peft_callbacks_loader"
+# before (param groups that match the saved ones) or instead (a slim checkpoint) is attached to that call through the
+# seam (plumbing/seam.py); the owner's `seam.undo` takes it away again.
+_LOADER = "checkpoint loader"
 
 
-def _install(strategy: pl.strategies.Strategy) -> None:
-    if "load_checkpoint" in strategy.__dict__:
-        return
-
-    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        for action in strategy.__dict__.get(_BEFORE, []):
-            action(checkpoint_path)
-        loader = strategy.__dict__.get(_LOADER)
-        loaded = loader(checkpoint_path, weights_only) if loader is not None else None
-        return loaded if loaded is not None else type(strategy).load_checkpoint(strategy, checkpoint_path, weights_only)
-
-    strategy.__dict__["load_checkpoint"] = load_checkpoint
-
-
-def run_before_checkpoint_load(strategy: pl.strategies.Strategy, action: Callable[[Any], None]) -> None:
-    """Call ``action(checkpoint_path)`` right before ``strategy.load_checkpoint`` runs (every time, until
-    :func:`remove_load_hooks`).
+def run_before_checkpoint_load(strategy: pl.strategies.Strategy, action: Callable[[Any], None], *, owner: Any) -> None:
+    """Call ``action(checkpoint_path)`` right before ``strategy.load_checkpoint`` runs (every time, until ``owner``'s
+    :func:`~peft_callbacks.plumbing.seam.undo`).
 
     Example::
 
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-        >>> strategy, seen = SingleDeviceStrategy("cpu"), []
-        >>> run_before_checkpoint_load(strategy, seen.append)
-        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"loaded": path})
+        >>> from peft_callbacks.plumbing import seam
+        >>> class Owner:
+        ...     pass
+        >>> strategy, seen, owner = SingleDeviceStrategy("cpu"), [], Owner()
+        >>> run_before_checkpoint_load(strategy, seen.append, owner=owner)
+        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"loaded": path}, owner=owner)
         >>> strategy.load_checkpoint("a.ckpt"), seen
         ({'loaded': 'a.ckpt'}, ['a.ckpt'])
-        >>> remove_load_hooks(strategy)
+        >>> seam.undo(owner)
         >>> "load_checkpoint" in vars(strategy)
         False
     """
-    _install(strategy)
-    strategy.__dict__.setdefault(_BEFORE, []).append(action)
+
+    def before(checkpoint_path: Any, *args: Any, **kwargs: Any) -> None:
+        action(checkpoint_path)
+
+    seam.wrap_method(strategy, "load_checkpoint", owner=owner, before=before)
 
 
 def set_checkpoint_loader(
-    strategy: pl.strategies.Strategy, loader: Callable[[Any, bool | None], dict[str, Any] | None]
+    strategy: pl.strategies.Strategy, loader: Callable[[Any, bool | None], dict[str, Any] | None], *, owner: Any
 ) -> None:
     """Let ``loader(checkpoint_path, weights_only)`` load checkpoints it recognises (returning what
-    ``load_checkpoint`` returns); for others it returns ``None`` and the strategy loads as usual.
+    ``load_checkpoint`` returns); for others it returns ``None`` and the strategy loads as usual. One loader per
+    strategy: a second one asked for joins the first.
 
     Example::
 
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> class Owner:
+        ...     pass
         >>> strategy = SingleDeviceStrategy("cpu")
-        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"slim": True})
+        >>> set_checkpoint_loader(strategy, lambda path, weights_only: {"slim": True}, owner=Owner())
         >>> strategy.load_checkpoint("slim.ckpt")
         {'slim': True}
     """
-    _install(strategy)
-    strategy.__dict__[_LOADER] = loader
 
+    def instead(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any] | None:
+        return loader(checkpoint_path, weights_only)
 
-def remove_load_hooks(strategy: pl.strategies.Strategy) -> None:
-    """Take away what :func:`run_before_checkpoint_load` and :func:`set_checkpoint_loader` attached.
-
-    Example::
-
-        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-        >>> remove_load_hooks(SingleDeviceStrategy("cpu"))  # nothing attached: nothing to do
-    """
-    for key in ("load_checkpoint", _BEFORE, _LOADER):
-        strategy.__dict__.pop(key, None)
+    seam.wrap_method(strategy, "load_checkpoint", owner=owner, key=_LOADER, instead=instead)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_float, check_int, check_positive_float, check_positive_int
-from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig, LayerMethod, PeftMapping, register_method
+from peft_callbacks.engine import AdaptedLayer, AdditiveAdapter, LayerConfig, LayerMethod, PeftMapping, register_method
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "check_schedule"]
 
@@ -134,7 +134,7 @@ def check_schedule(total_step: Any, tinit: int, tfinal: int) -> int:
     return total_step
 
 
-class AdaLoRA(Adapter):
+class AdaLoRA(AdditiveAdapter):
     """The SVD-form triplets of one Linear, ``Conv1D`` or ``groups=1`` convolution.
 
     Args:
@@ -189,12 +189,6 @@ class AdaLoRA(Adapter):
         """``s/(r₀+1e-5) · P·Λ·Q`` in float32, shaped like the stored base weight (no ``layer`` needed)."""
         delta = self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()) * self.factor  # (out, in·k…)
         return delta.T if self.kind == "hf_conv1d" else delta.reshape(self.weight_shape)
-
-    def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight()
-
-    def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight()
 
     def rank(self) -> int:
         """The triplets in use: those whose singular value is not zero."""
@@ -273,6 +267,9 @@ class AdaLoRAMethod(LayerMethod):
     name = "adalora"
     title = "AdaLoRA"
     config_class = AdaLoRAConfig
+    # P and Q start at N(0, 0.02²) and Λ at 0: a larger alpha makes the first step's change measurable
+    examples = {"plain": AdaLoRAConfig(init_r=4, target_r=2, alpha=32.0, dropout=0.1)}
+    shardable = False  # its rank allocator reads every triplet and gradient whole
     adapter_classes = {
         "linear": AdaLoRA,
         "conv": AdaLoRA,

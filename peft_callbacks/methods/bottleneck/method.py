@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_choice, check_module, check_patterns, check_positive_int
 from peft_callbacks.core.heads import HeadInfo
+from peft_callbacks.core.model_kinds import ANY_MODEL, ModelKind
 from peft_callbacks.engine import MethodConfig, ModuleMethod, get_method, inject, not_recorded, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER
@@ -101,6 +102,29 @@ class BottleneckMethod(ModuleMethod):
     module_class = BottleneckAdapter
     existing_modules = "{count} bottleneck adapter(s)"
     removal = "remove_adapters(model)"
+    examples = {
+        "houlsby": BottleneckConfig(bottleneck=4),
+        "pfeiffer": BottleneckConfig(bottleneck=4, placement="pfeiffer", activation="relu", train_norms=True),
+    }
+
+    def applies_to(self, config: BottleneckConfig) -> ModelKind:
+        """Models with transformer blocks of a known layout whose sub-layers end in a Linear projection (any model
+        where ``modules`` names the places)."""
+        if config.modules is not None:
+            return ANY_MODEL
+
+        def matches(model: nn.Module) -> bool:
+            try:
+                points = find_insertion_points(model, config.placement)  # blocks of the layouts in BLOCK_RULES
+                return all(output_width(model.get_submodule(p), p) for p in points)
+            except ValueError:
+                return False
+
+        return ModelKind(
+            "models with transformer blocks of a layout it knows (peft_callbacks.methods.bottleneck.points) whose "
+            "sub-layers end in a Linear projection",
+            matches,
+        )
 
     def modules(self, model: nn.Module, adapter_name: str | None = None) -> dict[str, BottleneckAdapter]:
         child = None if adapter_name is None else _child_name(adapter_name)

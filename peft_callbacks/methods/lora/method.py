@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.heads import HeadInfo
+from peft_callbacks.core.model_kinds import ModelKind
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import (
     DEFAULT_ADAPTER,
@@ -73,6 +74,17 @@ class LoRAMethod(LayerMethod):
     config_class = LoRAConfig
     existing_modules = "LoRA on {count} layer(s)"
     removal = "merge_lora(model) or unload_lora(model)"
+    examples = {
+        "plain": LoRAConfig(rank=4, alpha=8),
+        "dora": LoRAConfig(rank=4, alpha=8, use_dora=True),
+        "rslora-dropout": LoRAConfig(rank=4, alpha=8, use_rslora=True, dropout=0.1),
+        "gaussian": LoRAConfig(rank=4, alpha=8, init="gaussian"),
+        "pissa": LoRAConfig(rank=4, alpha=8, init="pissa"),
+        "pissa-niter": LoRAConfig(rank=4, alpha=8, init="pissa_niter_2"),
+        "olora": LoRAConfig(rank=4, alpha=8, init="olora"),
+        "experts": LoRAConfig(rank=2, alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    }
+    identity_tolerance = 1e-5  # PiSSA/OLoRA: the base weight becomes W - s·B·A, the identity holds up to rounding
     adapter_classes = {
         "linear": LoRALinear,
         "conv": LoRAConv,
@@ -103,6 +115,19 @@ class LoRAMethod(LayerMethod):
         import_layer=interop.import_layer,
         targets=interop.peft_targets,
     )
+
+    def applies_to(self, config: LoRAConfig) -> ModelKind:
+        """Layers outside the head; with ``target_parameters`` alone, models holding the parameters it names."""
+        if not config.target_parameters or config.target_modules is not None:
+            return super().applies_to(config)
+
+        def matches(model: nn.Module) -> bool:  # every pattern selects a parameter
+            try:
+                return bool(select_parameters(model, config.target_parameters))
+            except ValueError:
+                return False
+
+        return ModelKind(f"models with 2-D/3-D parameters matching {config.target_parameters}", matches)
 
     def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
         if config.use_dora:

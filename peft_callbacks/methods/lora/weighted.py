@@ -133,22 +133,12 @@ def _factors(kind, held, adapters, weights, new, density, sign_method, svd) -> t
         lora_a[: a.shape[0]], lora_b[:, : b.shape[1]] = a, b
         return lora_a, lora_b
     if kind in _SAME_RANK:
-        signs = [1 if w >= 0 else -1 for w in scaled]
-        weights_a = torch.tensor([math.sqrt(abs(w)) * s for w, s in zip(scaled, signs)])
-        weights_b = torch.tensor([math.sqrt(abs(w)) for w in scaled])
-        a = _combine(
-            kind,
-            [held[n].lora_A.weight.data for n in names],
-            weights_a.to(new.lora_A.weight.device),
-            density,
-            sign_method,
-        )
-        b = _combine(
-            kind,
-            [held[n].lora_B.weight.data for n in names],
-            weights_b.to(new.lora_B.weight.device),
-            density,
-            sign_method,
+        device = new.lora_A.weight.device
+        weights_a = torch.tensor([math.copysign(math.sqrt(abs(w)), w) for w in scaled], device=device)
+        weights_b = torch.tensor([math.sqrt(abs(w)) for w in scaled], device=device)
+        a, b = (
+            _combine(kind, [getattr(held[n], factor).weight.data for n in names], w, density, sign_method)
+            for factor, w in (("lora_A", weights_a), ("lora_B", weights_b))
         )
         return a, b
     deltas = [held[n].delta_weight() for n in names]  # s·B·A, shaped like the base weight, float32

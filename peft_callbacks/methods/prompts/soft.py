@@ -43,12 +43,14 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_int, check_int_list, check_module, check_positive_int
+from peft_callbacks.core.model_kinds import TEXT_TRANSFORMERS, ModelKind
 from peft_callbacks.core.models import family_of
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
-from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, not_recorded, register_method, unload
+from peft_callbacks.engine import MethodConfig, inject, not_recorded, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.scaling import FixedScale
+from peft_callbacks.methods.prompts.method import PromptMethod
 
 __all__ = [
     "PromptTuningConfig",
@@ -260,8 +262,6 @@ def _check_model(model: nn.Module) -> nn.Embedding:
             f"{type(model).__name__}.get_input_embeddings() is {type(embeddings).__name__}, not a token embedding "
             f"(nn.Embedding); prompt tuning needs a text model."
         )
-    if soft_prompts(model):
-        raise ValueError(f"{type(model).__name__} already has a soft prompt; call remove_prompt_tuning(model) first.")
     return embeddings
 
 
@@ -302,7 +302,7 @@ class PromptTuningConfig(MethodConfig, method="prompt_tuning"):
             )
 
 
-class PromptTuningMethod(ModuleMethod):
+class PromptTuningMethod(PromptMethod):
     """Soft prompts in front of the inputs of a transformers text model (not mergeable)."""
 
     name = "prompt_tuning"
@@ -311,15 +311,21 @@ class PromptTuningMethod(ModuleMethod):
     module_class = SoftPrompt
     existing_modules = "a soft prompt"
     removal = "remove_prompt_tuning(model)"
+    examples = {
+        "random": PromptTuningConfig(num_virtual_tokens=3),
+        "vocab": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
+        "text": PromptTuningConfig(num_virtual_tokens=3, init="Classify:", init_token_ids=[5, 6]),
+    }
 
-    one_per_model = True
-    starts_as_identity = False
+    def applies_to(self, config: PromptTuningConfig) -> ModelKind:
+        """Text models whose input is token embeddings (the soft prompt goes before them); not encoder-decoders."""
+        return TEXT_TRANSFORMERS
 
-    def check_model(self, model: nn.Module) -> None:
-        _check_model(model)
+    def places(self, model: nn.Module) -> Any:
+        return _check_model(model)
 
     def insert(self, model: nn.Module, targets: list[str], config: PromptTuningConfig, adapter_name: str) -> None:
-        embeddings = _check_model(model)
+        embeddings = self.places(model)
         n = config.num_virtual_tokens
         vocab_size, dim = embeddings.weight.shape
         ids = _init_token_ids(config.init, config.tokenizer, config.init_token_ids, vocab_size, n)

@@ -29,16 +29,19 @@ import dataclasses
 import functools
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_module, check_positive_int
+from peft_callbacks.core.model_kinds import TIMM_VISION_TRANSFORMERS, ModelKind
 from peft_callbacks.core.modules import PEFTModule, peft_modules
 from peft_callbacks.core.params import count_parameters
-from peft_callbacks.engine import MethodConfig, ModuleMethod, inject, register_method, unload
+from peft_callbacks.engine import MethodConfig, inject, register_method, unload
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.scaling import FixedScale
+from peft_callbacks.methods.prompts.method import PromptMethod
 
 __all__ = [
     "VisualPromptConfig",
@@ -138,8 +141,6 @@ def _check_model(model: nn.Module) -> list[nn.Module]:
     blocks = list(model.blocks)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no blocks to put visual prompts into.")
-    if visual_prompts(model):
-        raise ValueError(f"{type(model).__name__} already has visual prompts; call remove_visual_prompts() first.")
     return blocks
 
 
@@ -170,7 +171,7 @@ class VisualPromptConfig(MethodConfig, method="visual_prompts"):
         self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
 
 
-class VisualPromptMethod(ModuleMethod):
+class VisualPromptMethod(PromptMethod):
     """Learned tokens in the token sequence of a timm ViT (not mergeable)."""
 
     name = "visual_prompts"
@@ -179,19 +180,20 @@ class VisualPromptMethod(ModuleMethod):
     module_class = VisualPrompts
     existing_modules = "visual prompts"
     removal = "remove_visual_prompts(model)"
+    examples = {
+        "shallow": VisualPromptConfig(num_virtual_tokens=3),
+        "deep": VisualPromptConfig(num_virtual_tokens=3, deep=True, dropout=0.1),
+    }
 
-    one_per_model = True
-    starts_as_identity = False
+    def applies_to(self, config: VisualPromptConfig) -> ModelKind:
+        """timm VisionTransformer models (ViT, DeiT and their subclasses): the ones ``check_model`` accepts."""
+        return TIMM_VISION_TRANSFORMERS
 
-    def check_model(self, model: nn.Module) -> None:
-        _check_model(model)
+    def places(self, model: nn.Module) -> Any:
+        return _check_model(model)
 
     def insert(self, model: nn.Module, targets: list[str], config: VisualPromptConfig, adapter_name: str) -> None:
-        if adapter_name != "default":
-            raise ValueError(
-                "Visual prompt tuning holds one set of prompts per model; `adapter_name` must be 'default'."
-            )
-        blocks = _check_model(model)
+        blocks = self.places(model)
         dim, n = model.embed_dim, config.num_virtual_tokens
         prompts = VisualPrompts(n, dim, len(blocks) if config.deep else 1, model.num_prefix_tokens, config.dropout)
         patch = getattr(model.patch_embed, "patch_size", (16, 16))
