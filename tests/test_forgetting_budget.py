@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import pickle
 
 import lightning as L
 import pytest
@@ -150,6 +151,8 @@ def test_budget_with_lora_and_full_fine_tuning_logs_every_reading(tmp_path):
     )
     fit.fit(module, train_loader())
     assert len(budget.history) == 6 and budget.final_forgetting is not None
+    copy = pickle.loads(pickle.dumps(budget))  # callbacks pickle (spawned processes, checkpoints of the trainer)
+    assert copy.history == budget.history and copy.multiplier == budget.multiplier
     (path,) = glob.glob(os.path.join(str(tmp_path), "b", "*", "metrics.csv"))
     header = open(path).readline()
     for key in ("budget/multiplier", "budget/forgetting", "budget/kl", "budget/final_forgetting"):
