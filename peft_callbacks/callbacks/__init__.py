@@ -22,6 +22,7 @@ from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.callbacks.slim_checkpoint import SlimCheckpoint
+from peft_callbacks.callbacks.verify import MergeCheck
 
 __all__ = [
     "AdaLoRACallback",
@@ -43,6 +44,7 @@ __all__ = [
     "LoKrCallback",
     "LoRACallback",
     "LoRATrainingOptions",
+    "MergeCheck",
     "OFTCallback",
     "PEFTCallback",
     "PromptTuningCallback",
