@@ -134,7 +134,17 @@ _PATH_OK = [None, "bogus"]  # any path names a place to write; the fuzz never wr
 _DIRECTORY_OK = [None, "bogus", ""]  # "" is the working directory: never tried, the fuzz writes only to temp folders
 _NAME_OK = ["bogus"]  # any non-empty name without dots names an adapter
 # arguments every layer method's config (and a callback or function building one) shares, accepted in every row
-SHARED_ACCEPTS = {"adapter_dtype": _NONE_OK, "train_bn": _BOOL_OK, "merged_dtype": _NONE_OK, "verify": _NONE_OK}
+SHARED_ACCEPTS = {
+    "adapter_dtype": _NONE_OK,
+    "train_bn": _BOOL_OK,
+    "merged_dtype": _NONE_OK,
+    "layers_to_transform": [None, 0, [1]],  # layer numbers: an int or a non-empty list of ints >= 0
+    "layers_pattern": _NONE_OK,  # a name alone is refused: it needs `layers_to_transform`
+    "rank_pattern": [None, {}],  # {} is "no pattern"; keys are checked against the model at fit time
+    "alpha_pattern": [None, {}],
+    "lora_bias": _BOOL_OK,
+    "verify": _NONE_OK,
+}
 _LORA_CONFIG_ARGS = {
     "alpha": _NUMBER_OK,
     "dropout": [0],
@@ -145,6 +155,7 @@ _LORA_CONFIG_ARGS = {
     "use_rslora": _BOOL_OK,
     "use_dora": _BOOL_OK,
     "target_parameters": _PATTERN_OK,
+    "trainable_token_indices": [None, [1]],  # ids beyond the vocabulary are refused when the model is known
 }
 _LORA_CALLBACK_ARGS = {
     "alpha": _NUMBER_OK,
@@ -159,6 +170,7 @@ _LORA_CALLBACK_ARGS = {
     "use_dora": _BOOL_OK,
     "merged_dtype": _NONE_OK,
     "target_parameters": _PATTERN_OK,
+    "trainable_token_indices": [None, [1]],
     "loraplus_lr_ratio": [None, 1.5],
     "lora_pro": _BOOL_OK,
     "save_adapter_to": _PATH_OK,
@@ -357,6 +369,9 @@ CASES: dict[str, Case] = {
     "prepare_quantized_base": _model_case(_net),
     "unload": _model_case(_lora_net, accepts={"method": [None], "adapter_name": [None, "bogus"]}),
     "disabled": _model_case(_lora_net, enter=True),
+    "scaled": Case(  # any finite number scales the update: 0 is the base model, negative values reverse it
+        valid=lambda: {"model": _lora_net(), "scale": 0.5}, enter=True, accepts={"scale": [-1, 0, 1.5, -0.5]}
+    ),
     "registered_methods": Case(valid=dict),
     "ParameterCount": Case(valid=lambda: {"trainable": 1, "total": 2}, accepts={"trainable": [0]}),
     "count_parameters": _model_case(_net),
@@ -381,6 +396,7 @@ CASES: dict[str, Case] = {
             "use_rslora": _BOOL_OK,
             "use_dora": _BOOL_OK,
             "target_parameters": [None],
+            "trainable_token_indices": [None],
             "adapter_name": _NAME_OK,
         },
     ),

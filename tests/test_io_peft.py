@@ -66,8 +66,11 @@ def test_unsupported_peft_directories_are_refused(tmp_path):
     base, _ = HF_MODELS["bert"]()
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
+    with pytest.raises(ValueError, match="does not support: layer_replication"):
+        import_peft(HF_MODELS["bert"]()[0], tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"query": 4}}))
-    with pytest.raises(ValueError, match="does not support: rank_pattern"):
+    with pytest.raises(ValueError, match=r"shapes differ: .*lora_A.weight \(2, 32\) vs \(4, 32\)"):
         import_peft(HF_MODELS["bert"]()[0], tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
     with pytest.raises(ValueError, match="peft_type='FOURIERFT'; peft_callbacks imports .*'LORA'"):

@@ -172,6 +172,7 @@ def test_callback_saves_into_the_checkpoint_folder_keep_every_checkpoint(tmp_pat
     trainer.fit(_Task(), data)
     names = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith("."))
     assert names == [
+        "README.md",  # the adapter's model card
         "adapter_model.safetensors",
         "adapter_recipe.json",
         "model.safetensors",

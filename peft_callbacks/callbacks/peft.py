@@ -143,7 +143,8 @@ class PEFTCallback(SurgeryCallback):
                 apply_batchnorm_rule(model, self.config)
             return applied
         saved = {k: v for k, v in records[-1]["config"].items() if k not in ("targets", "modules")}
-        wanted = self.config.to_dict()
+        targets = records[-1]["config"].get("targets") or []  # patterns resolved as the recipe holds them
+        wanted = (self.method.resolve(model, self.config, targets) if targets else self.config).to_dict()
         if saved != wanted:
             changed = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
             raise ValueError(

@@ -9,6 +9,11 @@ kind            layers
                 the weight (checked on a probe input, e.g. Falcon's ``FalconLinear``)
 ``"conv"``      ``nn.Conv1d/2d/3d`` with ``groups=1`` (and subclasses that pass the same probe)
 ``"hf_conv1d"`` transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed as ``(in, out)``
+``"embedding"`` ``nn.Embedding`` (no ``max_norm``), and subclasses whose forward multiplies it by a scalar
+                ``embed_scale`` (Gemma's ``Gemma3TextScaledWordEmbedding``, BART's ``BartScaledWordEmbedding``);
+                adapted only where ``target_modules`` names it, as in HF PEFT
+``"mha"``       ``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (q, k and v of one size): its
+                ``in_proj`` and ``out_proj`` weights, which its forward reads directly
 ==============  ===================================================================================
 
 Quantized layers (bitsandbytes ``Linear4bit`` and ``Linear8bitLt``) have the kinds ``"linear_4bit"`` and
@@ -45,8 +50,10 @@ from peft_callbacks.core.sharding import full_shape, full_tensor, is_sharded, wr
 __all__ = [
     "KIND_NAMES",
     "LINEAR_KINDS",
+    "NAMED_ONLY_KINDS",
     "base_weight",
     "dequantized_kind",
+    "embed_scale",
     "conv_with_weight",
     "is_custom_layer",
     "is_grouped_conv",
@@ -63,8 +70,11 @@ KIND_NAMES = {
     "hf_conv1d": "transformers' Conv1D",
     "linear_4bit": "bitsandbytes Linear4bit",
     "linear_8bit": "bitsandbytes Linear8bitLt",
+    "embedding": "nn.Embedding",
+    "mha": "nn.MultiheadAttention",
 }
 LINEAR_KINDS = ("linear", "hf_conv1d", "linear_4bit", "linear_8bit")  # what ``target_modules="all-linear"`` selects
+NAMED_ONLY_KINDS = ("embedding",)  # adapted only where ``target_modules`` names them (HF PEFT's rule too)
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -197,13 +207,58 @@ def _linear_in_weight(module: nn.Module) -> bool:
     return torch.allclose((after - before).float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
+    """The scalar ``embed_scale`` a scaled embedding multiplies its output by (Gemma, BART), else ``None``.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> embed_scale(nn.Embedding(4, 2)) is None
+        True
+    """
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
+def _embedding_kind(module: nn.Embedding) -> str | None:
+    """``"embedding"`` for a plain or scaled embedding without ``max_norm`` (which renormalises rows in place)."""
+    if module.max_norm is not None:
+        return None
+    if type(module).forward is nn.Embedding.forward or embed_scale(module) is not None:
+        return "embedding"
+    return None
+
+
+def _attention_kind(module: nn.MultiheadAttention) -> str | None:
+    """``"mha"`` for attention with one packed ``in_proj_weight`` and a plain ``out_proj`` weight."""
+    packed = module._qkv_same_embed_dim and isinstance(module.in_proj_weight, torch.Tensor)
+    return "mha" if packed and isinstance(module.out_proj, nn.Linear) else None
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv"``, ``"hf_conv1d"``, ``"linear_4bit"`` or ``"linear_8bit"`` for weight layers the engine
-    can adapt, else ``None``."""
+    """``"linear"``, ``"conv"``, ``"hf_conv1d"``, ``"linear_4bit"``, ``"linear_8bit"``, ``"embedding"`` or ``"mha"``
+    for layers the engine can adapt, else ``None``.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> layer_kind(nn.Embedding(10, 4)), layer_kind(nn.MultiheadAttention(8, 2))
+        ('embedding', 'mha')
+        >>> layer_kind(nn.Embedding(10, 4, max_norm=1.0)) is None  # max_norm renormalises rows in place
+        True
+    """
     from peft_callbacks.core.modules import PEFTModule
 
     if isinstance(module, PEFTModule):
         return None
+    if isinstance(module, nn.Embedding):
+        return _embedding_kind(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_kind(module)
     kind = quantized.quantized_kind(module)
     if kind is not None:
         return kind

@@ -2,9 +2,10 @@
 
 Pattern rules (the same for ``target_modules`` and ``exclude_modules``, and for every callback):
 
-* ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``) except the task head and the
-  vocabulary projection. Grouped/depthwise convolutions and mixture-of-experts routers
-  (:mod:`~peft_callbacks.core.moe`) are skipped with a log line.
+* ``None`` — every supported layer (Linear, Conv1d/2d/3d, transformers ``Conv1D``, ``nn.MultiheadAttention``) except
+  the task head and the vocabulary projection; embeddings only where a pattern names them (as in HF PEFT).
+  Grouped/depthwise convolutions and mixture-of-experts routers (:mod:`~peft_callbacks.core.moe`) are skipped with a
+  log line.
 * ``"all-linear"`` — the same, Linear and ``Conv1D`` only (quantized bitsandbytes Linear layers too), as in HF PEFT.
 * a name such as ``"qkv"`` or ``"attn.proj"`` — modules whose path equals it or ends with ``"." + name``.
 * a regular expression (any string holding one of ``* + ? [ ] ( ) { } | ^ $ \\``) — modules whose full path
@@ -41,6 +42,7 @@ from peft_callbacks._validation import check_patterns
 from peft_callbacks.core.kinds import (
     KIND_NAMES,
     LINEAR_KINDS,
+    NAMED_ONLY_KINDS,
     is_custom_layer,
     is_grouped_conv,
     kinds_description,
@@ -213,7 +215,8 @@ def resolve_targets(
         for path in candidates:
             if path in routers:
                 continue
-            if not linear_only or layer_kind(modules[path]) in LINEAR_KINDS:
+            kind = layer_kind(modules[path])
+            if kind not in NAMED_ONLY_KINDS and (not linear_only or kind in LINEAR_KINDS):
                 selection.targets.append(path)
         selection.skipped_grouped = [
             p

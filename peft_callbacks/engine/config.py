@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from peft_callbacks._validation import check_bool, check_choice, check_patterns
 from peft_callbacks.engine.arguments import shared_settings
+from peft_callbacks.engine.patterns import check_layer_indices
 
 __all__ = ["ADAPTER_DTYPES", "LayerConfig", "MethodConfig", "not_recorded"]
 
@@ -124,11 +125,18 @@ class LayerConfig(MethodConfig):
             quantized (bitsandbytes) layers, as QLoRA does; ``"bfloat16"`` or ``"float16"`` halve their memory
             (e.g. to match a quantized layer's compute dtype), ``"float32"`` trains them in full precision around a
             half-precision base.
+        layers_to_transform: adapt only the selected modules inside these numbered layers (an int or a list), as
+            in HF PEFT: a module's layer is the first numbered segment of its path (``model.layers.3.mlp.up_proj``
+            is in layer 3); a number no selected module is in is refused.
+        layers_pattern: the name(s) before the layer number when the first numbered segment is not the layer
+            (``"blocks"`` for timm's ``blocks.3.attn.qkv``, ``"h"`` for GPT-2); only with ``layers_to_transform``.
     """
 
     target_modules: str | list[str] | None = not_recorded()
     exclude_modules: str | list[str] | None = not_recorded()
     adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    layers_to_transform: int | list[int] | None = not_recorded()
+    layers_pattern: str | list[str] | None = not_recorded()
 
     def validate(self) -> None:
         super().validate()
@@ -137,11 +145,20 @@ class LayerConfig(MethodConfig):
         if self.target_modules != "all-linear":
             self._set("target_modules", check_patterns("target_modules", self.target_modules))
         self._set("exclude_modules", check_patterns("exclude_modules", self.exclude_modules))
+        self._set("layers_to_transform", check_layer_indices("layers_to_transform", self.layers_to_transform))
+        self._set("layers_pattern", check_patterns("layers_pattern", self.layers_pattern))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                f"`layers_pattern`={self.layers_pattern!r} needs `layers_to_transform` (the layer numbers to adapt), "
+                f"got None."
+            )
 
 
 def _is_plain(value: Any) -> bool:
     if isinstance(value, list):
         return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):  # e.g. {module path: token ids}
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return value is None or isinstance(value, (str, int, float, bool))
 
 
@@ -150,4 +167,6 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value

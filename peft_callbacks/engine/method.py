@@ -19,7 +19,7 @@ Example::
     True
     >>> method = get_method("lora")
     >>> method.title, method.mergeable, sorted(method.adapter_classes)
-    ('LoRA', True, ['conv', 'hf_conv1d', 'linear', 'linear_4bit', 'linear_8bit'])
+    ('LoRA', True, ['conv', 'embedding', 'hf_conv1d', 'linear', 'linear_4bit', 'linear_8bit', 'mha'])
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import HeadInfo
-from peft_callbacks.core.kinds import kinds_description, layer_kind
+from peft_callbacks.core.kinds import NAMED_ONLY_KINDS, kinds_description, layer_kind
 from peft_callbacks.core.model_kinds import ANY_MODEL, ModelKind, layers_outside_head
 from peft_callbacks.core.modules import PEFTModule, modules_at
 from peft_callbacks.core.targets import in_subtree, resolve_targets
@@ -221,8 +221,8 @@ class LayerMethod(Method):
     adapter_classes: dict[str, type[Adapter]] = {}
 
     def applies_to(self, config: MethodConfig) -> ModelKind:
-        """Models with a layer of a kind the method adapts outside their task head."""
-        return layers_outside_head(tuple(self.adapter_classes))
+        """Models with a layer of a kind the method adapts by default outside their task head."""
+        return layers_outside_head(tuple(k for k in self.adapter_classes if k not in NAMED_ONLY_KINDS))
 
     def adapter_class(self, kind: str, config: MethodConfig) -> type[Adapter]:
         """The Adapter class for a base layer of ``kind`` (a variant may pick another, e.g. DoRA)."""

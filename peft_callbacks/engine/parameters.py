@@ -65,7 +65,8 @@ class ParameterAdapter(Adapter):
     Args:
         base_layer: the module that owns the parameters (read for shapes, device and dtype; not stored).
         config: the method's config.
-        parameter_names: the names of the parameters (direct attributes of ``base_layer``) this adapter changes.
+        parameter_names: the names of the parameters of ``base_layer`` this adapter changes (its own, or dotted
+            paths into its children such as ``"out_proj.weight"``, as ``named_parameters()`` gives them).
 
     Example::
 
@@ -78,7 +79,7 @@ class ParameterAdapter(Adapter):
         names = list(parameter_names) if isinstance(parameter_names, (list, tuple)) else None
         if not names or not all(isinstance(n, str) for n in names):
             raise TypeError(f"`parameter_names` must be a non-empty list of names, got {parameter_names!r}.")
-        own = dict(base_layer.named_parameters(recurse=False))
+        own = dict(base_layer.named_parameters())
         missing = [n for n in names if n not in own]
         if missing:
             raise ValueError(
@@ -118,7 +119,7 @@ class ParameterAdapter(Adapter):
         ``merge_parameter_into(layer, name, P) − P``."""
         out = {}
         for name in self.parameter_names:
-            value = getattr(layer.base_layer, name).float()
+            value = layer.base_layer.get_parameter(name).float()
             out[name] = self.merge_parameter_into(layer, name, value) - value
         return out
 
@@ -151,7 +152,7 @@ class AdaptedParameters(AdaptedLayer):
         """The parameters the adapters ``names`` (default: all) change, in the module's own order."""
         chosen = self.adapters.keys() if names is None else names
         wanted = {p for n in chosen for p in self.adapters[n].parameter_names}
-        return [p for p, _ in self.base_layer.named_parameters(recurse=False) if p in wanted]
+        return [p for p, _ in self.base_layer.named_parameters() if p in wanted]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
@@ -160,7 +161,7 @@ class AdaptedParameters(AdaptedLayer):
             return self.base_layer(*args, **kwargs)
         values = {}
         for name in self.adapted_names():
-            value = getattr(self.base_layer, name)
+            value = self.base_layer.get_parameter(name)
             for adapter in adapters:
                 if name in adapter.parameter_names:
                     value = adapter.adapted_parameter(self, name, value)
@@ -172,7 +173,7 @@ class AdaptedParameters(AdaptedLayer):
         names = list(self.active_adapters if names is None else names)
         state = {}
         for param in self.adapted_names(names):
-            value = getattr(self.base_layer, param).float()
+            value = self.base_layer.get_parameter(param).float()
             for name in names:
                 if param in self.adapters[name].parameter_names:
                     value = self.adapters[name].merge_parameter_into(self, param, value)
@@ -182,7 +183,7 @@ class AdaptedParameters(AdaptedLayer):
     def unmerged_state(self) -> dict[str, torch.Tensor]:
         state = {}
         for param in self.adapted_names(self.merged_adapters):
-            value = getattr(self.base_layer, param).float()
+            value = self.base_layer.get_parameter(param).float()
             for name in reversed(self.merged_adapters):
                 if param in self.adapters[name].parameter_names:
                     value = self.adapters[name].unmerge_parameter_from(self, param, value)
@@ -195,7 +196,7 @@ class AdaptedParameters(AdaptedLayer):
     def write_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, value in tensors.items():
-                target = getattr(self.base_layer, name)
+                target = self.base_layer.get_parameter(name)
                 target.copy_(value.to(target.dtype))
 
     def merged_weight(self, names: Iterable[str] | None = None) -> torch.Tensor:

@@ -53,6 +53,7 @@ from peft_callbacks.core.params import (
 from peft_callbacks.core.recipe import clear_surgery, record_surgery, recorded_models
 from peft_callbacks.core.sharding import full_parameters, has_sharded_parameters, shard_as, shard_new_modules
 from peft_callbacks.core.targets import in_subtree
+from peft_callbacks.engine.bias import bias_rule, trained_biases
 from peft_callbacks.engine.config import MethodConfig
 from peft_callbacks.engine.layers import DEFAULT_ADAPTER, AdaptedLayer, check_finite
 from peft_callbacks.engine.method import (
@@ -64,6 +65,7 @@ from peft_callbacks.engine.method import (
     replace_module,
 )
 from peft_callbacks.engine.parallel import split_new_adapters
+from peft_callbacks.engine.patterns import select_layers
 from peft_callbacks.engine.precision import (
     check_dtype,
     dequantize_model,
@@ -161,7 +163,11 @@ def inject(
     if config.train_head:
         _refuse_quantized_head(model, head.head)
     with transaction(model):
-        targets = method.select(model, config, head) if targets is None else method.check_targets(model, targets)
+        if targets is None:  # the patterns, then `layers_to_transform` (a recipe's exact targets hold both)
+            layers = getattr(config, "layers_to_transform", None)
+            targets = select_layers(method.select(model, config, head), layers, getattr(config, "layers_pattern", None))
+        else:
+            targets = method.check_targets(model, targets)
         config = method.resolve(model, config, targets)
         sharded = has_sharded_parameters(model)
         before = {id(m) for m in model.modules()}
@@ -172,6 +178,8 @@ def inject(
             split_new_adapters(model, before, method.title)
             shard_new_modules(model, _inserted(model, before))
         unfreeze(method.trainable_extras(model, config))
+        for bias in trained_biases(model, bias_rule(config), method.modules(model, adapter_name)).values():
+            bias.requires_grad_(True)
         if config.train_head:
             unfreeze([model.get_submodule(p) for p in head.head])
         apply_batchnorm_rule(model, config, head.head if config.train_head else [])
@@ -338,7 +346,8 @@ def merge(
     for path, layer in layers.items():  # everything is checked before anything changes
         unmergeable = [n for n, a in layer.adapters.items() if not a.mergeable]
         if unmergeable:
-            raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight.")
+            why = "".join(f" ({r})" for n in unmergeable if (r := getattr(layer.adapters[n], "merge_refusal", None)))
+            raise ValueError(f"Cannot merge {path!r}: its adapters {unmergeable} cannot be folded into a weight{why}.")
         if quantized.stores_quantized(layer.base_layer) and dtype is None and not requantize:
             refuse_quantized_merge(path, layer)
     for path, layer in layers.items():

@@ -55,6 +55,7 @@ from peft_callbacks.engine.shadow import expected_shapes
 from peft_callbacks.io.atomic import file_set, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
 from peft_callbacks.io.fingerprint import architecture, base_fingerprint, compare_fingerprints
+from peft_callbacks.io.model_card import card_keep, write_card
 from peft_callbacks.io.named import adapter_state, record_names, renamed_keys
 from peft_callbacks.io.recipe_file import (
     FORMAT,
@@ -96,8 +97,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
 
     Args:
         model: the adapted model: a timm/transformers model, or a LightningModule (or any module) containing it.
-        directory: created if needed. Only the adapter's two files (and a small hidden manifest) are written there;
-            anything else in it is left as it is.
+        directory: created if needed. Only the adapter's two files, a ``README.md`` model card
+            (:mod:`peft_callbacks.io.model_card`; never over a README the user wrote) and a small hidden manifest are
+            written there; anything else in it is left as it is.
         adapter_name: save only this adapter (with what trains outside the adapters, e.g. the task head, which
             all adapters share); by default every adapter.
 
@@ -132,7 +134,10 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     fingerprints = {path: base_fingerprint(m) for path, m in models.items()}  # a collective when sharded
     if not is_writer():
         return folder / WEIGHTS_FILE
-    with file_set(folder, "adapter") as staging:
+    keep = card_keep(folder)  # a README.md the user wrote there stays as it is
+    with file_set(folder, "adapter", keep=keep) as staging:
+        if not keep:
+            write_card(staging, model, "adapter", None if adapter_name is None else [adapter_name])
         write_safetensors(
             staging / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         )

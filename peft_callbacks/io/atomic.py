@@ -272,10 +272,13 @@ def finish_interrupted_save(directory: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def file_set(directory: str | os.PathLike, kind: str) -> Iterator[Path]:
+def file_set(directory: str | os.PathLike, kind: str, *, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield an empty staging folder to fill with the files of one save of ``kind`` (``"adapter"``, ``"peft"``,
     ``"weights"``); on success they replace their namesakes in ``directory`` together, the stale files of ``kind``
     go, and nothing else in ``directory`` is touched (see the module docstring).
+
+    ``keep`` names files that are no longer ours although an earlier save wrote them (a ``README.md`` card the user
+    replaced with their own): they are never removed as stale, and the manifest stops listing them.
 
     If the block raises, ``directory`` is left as it was.
 
@@ -302,6 +305,8 @@ def file_set(directory: str | os.PathLike, kind: str) -> Iterator[Path]:
         for sub in {(staging / n).parent for n in names}:
             _fsync(sub)
         files, stale = _plan(_read_manifest(folder)["files"], kind, names)
+        files = {k: [n for n in listed if n not in keep] for k, listed in files.items()}
+        stale = [n for n in stale if n not in keep]
         _write_manifest(folder, files, {"write": names, "remove": stale})
         committed = True
         _apply(folder, names, stale)

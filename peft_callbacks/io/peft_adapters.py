@@ -21,8 +21,10 @@ Example::
     >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2, train_head=False)
     >>> net = inject_lora(net, rank=2, train_head=False, adapter_name="b")
     >>> folder = export_adapters(net, tempfile.mkdtemp())
-    >>> sorted(f for f in os.listdir(folder) if not f.startswith(".")), sorted(os.listdir(folder / "b"))
-    (['adapter_config.json', 'adapter_model.safetensors', 'b'], ['adapter_config.json', 'adapter_model.safetensors'])
+    >>> sorted(f for f in os.listdir(folder) if not f.startswith("."))  # the card at the top, as PEFT writes it
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'b']
+    >>> sorted(os.listdir(folder / "b"))
+    ['adapter_config.json', 'adapter_model.safetensors']
     >>> sorted(import_adapters(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), folder)[0].adapters)
     ['b', 'default']
 """
@@ -40,6 +42,7 @@ from peft_callbacks.engine import DEFAULT_ADAPTER
 from peft_callbacks.engine.adapters import adapter_names
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, path_inside
+from peft_callbacks.io.model_card import card_keep, write_card
 
 __all__ = ["export_adapters", "import_adapters", "peft_folders"]
 
@@ -68,9 +71,12 @@ def export_adapters(model: nn.Module, directory: str | Path, names: list[str] | 
         if name not in known:
             raise ValueError(f"`adapter_name` names {name!r}, which {type(model).__name__} does not hold: {known}.")
     files = {name: peft_files(model, name) for name in names}
-    with file_set(directory, "peft") as staging:
+    keep = card_keep(directory)  # a README.md the user wrote there stays as it is
+    with file_set(directory, "peft", keep=keep) as staging:
         for name, (tensors, config) in files.items():
             write_peft_files(staging if name == DEFAULT_ADAPTER else path_inside(staging, name), tensors, config)
+        if not keep:
+            write_card(staging, model, "peft", names)
     return Path(directory)
 
 

@@ -43,9 +43,12 @@ from safetensors.torch import load_file
 from peft_callbacks._validation import check_adapter_name, check_module, check_path
 from peft_callbacks.core.params import unfreeze
 from peft_callbacks.engine import DEFAULT_ADAPTER, AdaptedLayer, LayerMethod, get_method, inject, registered_methods
+from peft_callbacks.engine.bias import bias_rule, trained_biases
+from peft_callbacks.engine.patterns import prune_patterns
 from peft_callbacks.engine.transaction import transaction
 from peft_callbacks.io.atomic import file_set, finish_interrupted_save, write_json, write_safetensors
 from peft_callbacks.io.checks import check_tensors
+from peft_callbacks.io.model_card import card_keep, write_card
 from peft_callbacks.io.peft_adapters import export_adapters, import_adapters, peft_folders
 from peft_callbacks.io.state import peft_owned
 
@@ -79,9 +82,10 @@ def _layer_method(model: nn.Module, adapter_name: str) -> tuple[LayerMethod, dic
     return method, method.modules(model, adapter_name)
 
 
-def _modules_to_save(model: nn.Module) -> list[str]:
-    """Paths of the modules that own a trainable parameter outside the PEFT modules (the trained head)."""
-    owned = peft_owned(model)
+def _modules_to_save(model: nn.Module, biases: dict[str, torch.Tensor]) -> list[str]:
+    """Paths of the modules that own a trainable parameter outside the PEFT modules (the trained head), the biases
+    the adapter's ``bias`` setting trains left out (PEFT saves those one by one)."""
+    owned = peft_owned(model) | {id(p) for p in biases.values()}
     paths: list[str] = []
     for key, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
@@ -96,8 +100,9 @@ def _modules_to_save(model: nn.Module) -> list[str]:
 def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | list[str] | None = None) -> Path:
     """Write adapters of ``model`` as an HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    Only the adapter files are written (see :mod:`peft_callbacks.io.atomic`): anything else in ``directory`` stays,
-    and a killed export leaves the previous files or the new ones, never a mix.
+    Only the adapter files and a ``README.md`` model card are written (see :mod:`peft_callbacks.io.atomic` and
+    :mod:`peft_callbacks.io.model_card`; a README the user wrote is never overwritten): anything else in
+    ``directory`` stays, and a killed export leaves the previous files or the new ones, never a mix.
 
     Args:
         model: the model with the adapter injected (unmerged), the same object you would pass to PEFT as its base.
@@ -118,7 +123,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         >>> from peft_callbacks.methods.lora import inject_lora
         >>> net = inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
         >>> sorted(f for f in os.listdir(export_peft(net, tempfile.mkdtemp())) if not f.startswith("."))
-        ['adapter_config.json', 'adapter_model.safetensors']
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
     check_module("model", model)
     check_path("directory", directory)
@@ -126,8 +131,11 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str | lis
         return export_adapters(model, directory, _names("adapter_name", adapter_name))
     check_adapter_name(adapter_name)
     tensors, config = peft_files(model, adapter_name)
-    with file_set(directory, "peft") as staging:
+    keep = card_keep(directory)  # a README.md the user wrote there stays as it is
+    with file_set(directory, "peft", keep=keep) as staging:
         write_peft_files(staging, tensors, config)
+        if not keep:
+            write_card(staging, model, "peft", [adapter_name])
     log.info(
         "Exported %s on %d layer(s) of %s to %s (HF PEFT format).",
         config["peft_type"],
@@ -156,10 +164,13 @@ def peft_files(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Ten
     if method.peft.export_shared is not None:
         for key, tensor in method.peft.export_shared(config, adapters).items():
             tensors[f"{SHARED_PREFIX}{key}"] = tensor
-    modules_to_save = _modules_to_save(model)
+    biases = trained_biases(model, bias_rule(config), layers)
+    modules_to_save = _modules_to_save(model, biases)
     for path in modules_to_save:
         for key, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{PREFIX}{path}.{key}"] = tensor
+    for key, tensor in biases.items():  # PEFT's keys: <path>.base_layer.bias inside a wrapped layer
+        tensors[f"{PREFIX}{key}"] = tensor
     peft_config = {
         "peft_type": method.peft.peft_type,
         "task_type": None,
@@ -241,7 +252,7 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     others: dict[str, torch.Tensor] = {}
     for full_key, tensor in tensors.items():
         key = full_key[len(PREFIX) :]
-        if key in state:
+        if key in state or _base_layer_bias(key, state):
             others[key] = tensor
             continue
         parts = key.split(".")
@@ -252,6 +263,13 @@ def _split_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
             raise ValueError(f"{path}: tensor {full_key!r} names a module that {type(model).__name__} does not have.")
         adapted.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
     return list(adapted), adapted, others
+
+
+def _base_layer_bias(key: str, state: dict[str, torch.Tensor]) -> bool:
+    """Is ``key`` PEFT's name (``<path>.base_layer.bias``) of the bias of a layer it wraps (``bias="all"`` or
+    ``"lora_only"``), ``<path>.bias`` in ``model`` before injection?"""
+    suffix = ".base_layer.bias"
+    return key.endswith(suffix) and f"{key[: -len(suffix)]}.bias" in state
 
 
 def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
@@ -310,6 +328,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | Non
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     inverse = {theirs: ours for ours, theirs in method.peft.keys.items()}
+    config = prune_patterns(config, owners)  # PEFT keeps keys its model never matched; they set nothing
     with transaction(model):
         inject(model, config, adapter_name=adapter_name, targets=targets)
         adapters = {path: model.get_submodule(path).adapters[adapter_name] for path in owners}
@@ -352,6 +371,7 @@ def import_peft(model: nn.Module, directory: str | Path, adapter_name: str | Non
                 method.peft.import_shared(peft_config, adapters, shared)
             except ValueError as err:
                 raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
-        unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others])
+        biases = trained_biases(model, bias_rule(config), method.modules(model, adapter_name))  # trainable already
+        unfreeze([model.get_submodule(k.rpartition(".")[0]) for k in others if k not in biases])
     log.info("Imported PEFT %s on %d layer(s) into %s.", method.title, len(owners), type(model).__name__)
     return model

@@ -31,6 +31,7 @@ import torch.nn as nn
 from peft_callbacks._validation import check_bool, check_float, check_positive_float, check_positive_int
 from peft_callbacks.core.kinds import base_weight, conv_with_weight, is_hf_conv1d
 from peft_callbacks.engine import AdaptedLayer, AdditiveAdapter, LayerConfig, LayerMethod, PeftMapping
+from peft_callbacks.engine.patterns import PerLayerSettings, check_pattern_dict
 
 __all__ = [
     "LycorisAdapter",
@@ -55,6 +56,9 @@ class LycorisConfig(LayerConfig):
         module_dropout: probability of skipping a layer's whole update for one training step, in ``[0, 1)``.
         use_effective_conv2d: factor the kernel of convolutions with a kernel larger than 1 through a small core
             tensor (FedPara's "Proposition 3") instead of flattening it into the input dimension.
+        rank_pattern: per-layer ranks, ``{key: rank}``, keys as in HF PEFT (a regex matched against the end of a
+            module's path; :mod:`peft_callbacks.engine.patterns`) [``rank_pattern``]; recorded as exact paths.
+        alpha_pattern: per-layer ``alpha``, ``{key: alpha}`` [``alpha_pattern``].
     """
 
     rank: int = 8
@@ -62,6 +66,8 @@ class LycorisConfig(LayerConfig):
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -75,6 +81,8 @@ class LycorisConfig(LayerConfig):
             check_float("module_dropout", self.module_dropout, low=0.0, high=1.0, high_inclusive=False),
         )
         check_bool("use_effective_conv2d", self.use_effective_conv2d)
+        self._set("rank_pattern", check_pattern_dict("rank_pattern", self.rank_pattern, integer=True))
+        self._set("alpha_pattern", check_pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
 
 
 class LycorisAdapter(AdditiveAdapter):
@@ -210,7 +218,7 @@ def kind_classes(adapter: type[LycorisAdapter], title: str) -> tuple[type[Lycori
     )
 
 
-class LycorisMethod(LayerMethod):
+class LycorisMethod(PerLayerSettings, LayerMethod):
     """What LoHa's and LoKr's methods share: the layer kinds (a subclass sets :attr:`adapter_classes` from
     :func:`kind_classes`) and the one-line description."""
 
@@ -236,9 +244,6 @@ def peft_layer_check(title: str, layers: dict[str, AdaptedLayer], conv_dims: tup
         )
 
 
-_UNSUPPORTED_PEFT = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
-
-
 def to_peft_fields(config: LycorisConfig) -> dict[str, Any]:
     """The ``adapter_config.json`` fields PEFT's LoHa and LoKr share, for ``config``."""
     return {
@@ -248,22 +253,22 @@ def to_peft_fields(config: LycorisConfig) -> dict[str, Any]:
         "module_dropout": config.module_dropout,
         "use_effective_conv2d": config.use_effective_conv2d,
         "init_weights": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first
+        "alpha_pattern": dict(config.alpha_pattern or {}),
     }
 
 
 def from_peft_fields(peft_config: dict[str, Any], title: str) -> dict[str, Any]:
-    """Our config's shared fields for a PEFT LoHa/LoKr config (options we do not support are refused)."""
-    used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
-    if used:
-        raise ValueError(f"uses PEFT {title} options that peft_callbacks does not support: {', '.join(used)}")
+    """Our config's shared fields for a PEFT LoHa/LoKr config (``layers_to_transform``: the tensors name the
+    layers it chose)."""
     return {
         "rank": peft_config.get("r", 8),
         "alpha": peft_config.get("alpha", 8),
         "rank_dropout": peft_config.get("rank_dropout") or 0.0,
         "module_dropout": peft_config.get("module_dropout") or 0.0,
         "use_effective_conv2d": bool(peft_config.get("use_effective_conv2d", False)),
+        "rank_pattern": peft_config.get("rank_pattern") or None,
+        "alpha_pattern": peft_config.get("alpha_pattern") or None,
         "train_head": False,
     }
 

@@ -365,7 +365,7 @@ def _from_peft(peft_config: dict[str, Any]) -> OFTConfig:
         raise ValueError(
             "was saved by PEFT < 0.14, whose OFT is another parameterisation; retrain it with a newer PEFT"
         )
-    used = [name for name in ("layers_to_transform", "layers_pattern") if peft_config.get(name)]
+    used = []  # layers_to_transform / layers_pattern: the file's tensors name the layers they chose
     if peft_config.get("bias", "none") != "none":
         used.append(f"bias={peft_config['bias']!r}")
     if used:

@@ -218,7 +218,7 @@ def _to_peft(config: VeRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, A
 
 
 def _from_peft(peft_config: dict[str, Any]) -> VeRAConfig:
-    used = [name for name in ("layers_to_transform", "layers_pattern") if peft_config.get(name)]
+    used = []  # layers_to_transform / layers_pattern: the file's tensors name the layers they chose
     if peft_config.get("bias", "none") != "none":
         used.append(f"bias={peft_config['bias']!r}")
     if used:

@@ -224,7 +224,7 @@ def _to_peft(config: AdaLoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str
 
 
 def _from_peft(peft_config: dict[str, Any]) -> AdaLoRAConfig:
-    used = [name for name in ("layers_to_transform", "layers_pattern", "target_parameters") if peft_config.get(name)]
+    used = [name for name in ("target_parameters",) if peft_config.get(name)]  # layers_to_transform: by tensors
     if peft_config.get("bias", "none") != "none":
         used.append(f"bias={peft_config['bias']!r}")
     if not peft_config.get("lora_alpha", 8) or peft_config.get("lora_alpha", 8) <= 0:

@@ -1,8 +1,9 @@
-"""LoRA and its variants (rsLoRA, DoRA, PiSSA/OLoRA, LoRA on parameters, LoRA+, LoRA-Pro) as a method of the engine
-(plain PyTorch)."""
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA/OLoRA, LoRA on parameters, LoRA+, LoRA-Pro; on embeddings and
+``nn.MultiheadAttention``; trainable tokens) as a method of the engine (plain PyTorch)."""
 
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAAdapter, DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.embedding import LoRAEmbedding
 from peft_callbacks.methods.lora.init import (
     ResidualLoRAAdapter,
     ResidualLoRAConv,
@@ -18,6 +19,7 @@ from peft_callbacks.methods.lora.method import (
     merge_lora,
     unload_lora,
 )
+from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.plus import lora_B_parameters, loraplus_param_groups, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import (
@@ -27,6 +29,7 @@ from peft_callbacks.methods.lora.pro import (
     lora_pro_gradients,
     solve_sylvester,
 )
+from peft_callbacks.methods.lora.tokens import TrainableTokens
 from peft_callbacks.methods.lora.weighted import add_weighted_adapter
 
 __all__ = [
@@ -38,13 +41,16 @@ __all__ = [
     "LoRAConfig",
     "LoRAConv",
     "LoRAConv1D",
+    "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRAProAdamW",
     "ParameterLoRA",
     "ResidualLoRAAdapter",
     "ResidualLoRAConv",
     "ResidualLoRAConv1D",
     "ResidualLoRALinear",
+    "TrainableTokens",
     "add_weighted_adapter",
     "apply_lora_pro",
     "equivalent_gradient",

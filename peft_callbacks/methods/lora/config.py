@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
-from peft_callbacks._validation import check_bool, check_float, check_patterns, check_positive_float, check_positive_int
+from peft_callbacks._validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_patterns,
+    check_positive_float,
+    check_positive_int,
+)
 from peft_callbacks.engine import LayerConfig, not_recorded
+from peft_callbacks.engine.bias import BIAS_CHOICES
+from peft_callbacks.engine.patterns import check_pattern_dict
 from peft_callbacks.methods.lora.init import RESIDUAL_INITS, is_residual_init
+from peft_callbacks.methods.lora.tokens import check_token_indices
 
 __all__ = ["INITS", "LoRAConfig"]
 
@@ -32,6 +43,21 @@ class LoRAConfig(LayerConfig, method="lora"):
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
             these parameters are adapted. Recorded as the exact parameter paths it selected.
+        rank_pattern: per-layer ranks, ``{key: rank}`` with HF PEFT's key semantics: a key is a regex matched
+            against the end of a module's path (``"q_proj"``, ``"layers\\.0\\.self_attn\\.v_proj"``); the first
+            matching key wins, other layers keep ``rank`` (:mod:`peft_callbacks.engine.patterns`). A key that matches
+            no adapted layer is refused. Recorded as the exact paths it set.
+        alpha_pattern: per-layer ``alpha``, ``{key: alpha}``, keys as in ``rank_pattern``.
+        bias: which base biases train with the adapter (HF PEFT's ``bias``): ``"none"``, ``"all"`` (every bias of
+            the model) or ``"lora_only"`` (those of the adapted layers); they are saved and exported with it
+            (:mod:`peft_callbacks.engine.bias`).
+        lora_bias: give ``lora_B`` a bias (HF PEFT's ``lora_bias``, zero at the start, scaled with the branch) that
+            merging adds to the base layer's bias; a layer without a bias cannot merge it. Only with
+            ``init="default"``, without DoRA or ``target_parameters``.
+        trainable_token_indices: rows of the input embedding to train beside LoRA (new tokens added with
+            ``resize_token_embeddings``), HF PEFT's option of the same name: a list of token ids (the input embedding;
+            a tied output embedding reads the same rows), or ``{module name: ids}``; only those rows are trained and
+            saved (:mod:`peft_callbacks.methods.lora.tokens`). Recorded with exact module paths.
 
     Example::
 
@@ -51,6 +77,11 @@ class LoRAConfig(LayerConfig, method="lora"):
     use_dora: bool = False
     init: str = "default"
     target_parameters: str | list[str] | None = not_recorded()
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +98,18 @@ class LoRAConfig(LayerConfig, method="lora"):
                 f"base weight, which {self.init} splits in two. Use one of them."
             )
         self._set("target_parameters", check_patterns("target_parameters", self.target_parameters))
+        self._set("rank_pattern", check_pattern_dict("rank_pattern", self.rank_pattern, integer=True))
+        self._set("alpha_pattern", check_pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
+        check_choice("bias", self.bias, BIAS_CHOICES)
+        check_bool("lora_bias", self.lora_bias)
+        if self.lora_bias and (self.use_dora or self.init != "default"):
+            raise ValueError(
+                f"`lora_bias=True` works with `init='default'` and without DoRA (as in HF PEFT), got "
+                f"init={self.init!r}, use_dora={self.use_dora}."
+            )
+        self._set(
+            "trainable_token_indices", check_token_indices("trainable_token_indices", self.trainable_token_indices)
+        )
         if self.target_parameters:
             check_parameter_options(self)
 
@@ -78,6 +121,13 @@ def check_parameter_options(config: LoRAConfig) -> None:
             f"`dropout`={config.dropout:g} cannot be used with `target_parameters`: a parameter's update W + s·B·A "
             f"has no input to drop (HF PEFT refuses it too). Use dropout=0."
         )
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError(
+            "`rank_pattern`/`alpha_pattern` cannot be used with `target_parameters` here (per-layer settings apply to "
+            "adapted layers); give the parameters their own adapter with its own `rank`/`alpha`."
+        )
+    if config.lora_bias:
+        raise ValueError("`lora_bias=True` cannot be used with `target_parameters` (HF PEFT refuses it too).")
     if config.use_dora:
         raise ValueError("`use_dora=True` cannot be used with `target_parameters` (DoRA is defined for layers).")
     if is_residual_init(config.init):

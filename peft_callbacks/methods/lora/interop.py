@@ -24,24 +24,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks.engine import AdaptedLayer, AdaptedParameters
+from peft_callbacks.engine import AdaptedLayer
 from peft_callbacks.methods.lora.config import LoRAConfig
+from peft_callbacks.methods.lora.embedding import LoRAEmbedding, drop_saved_embedding
 from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAConv1D
+from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention, attention_from_peft, attention_to_peft
 from peft_callbacks.methods.lora.params import ParameterLoRA
+from peft_callbacks.methods.lora.tokens import TrainableTokens, resolve_token_layers, tokens_from_peft, tokens_to_peft
 
 __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
 
 KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
 
 _UNSUPPORTED_PEFT = (
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
     "layer_replication",
-    "lora_bias",
-    "trainable_token_indices",
     "use_qalora",
     "alora_invocation_tokens",
 )
@@ -70,13 +67,14 @@ def _our_init(value: Any) -> str:
 def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, Any]:
     """The LoRA fields of ``adapter_config.json``."""
     adapters = [a for layer in layers.values() for a in layer.adapters.values() if a.config == config]
-    modules = [p for p, layer in layers.items() if not isinstance(layer, AdaptedParameters)]
+    not_modules = (ParameterLoRA, TrainableTokens)  # PEFT lists these under target_parameters / trainable_token_indices
+    modules = [p for p, layer in layers.items() if not any(isinstance(a, not_modules) for a in layer.adapters.values())]
     parameters = [
         f"{p}.{n}"
         for p, layer in layers.items()
         for a in adapters
         if a in layer.adapters.values()
-        for n in getattr(a, "parameter_names", ())
+        for n in (a.parameter_names if isinstance(a, ParameterLoRA) else ())
     ]
     r, alpha, init = config.rank, config.alpha, _peft_init(config.init)
     if _converted(config):
@@ -88,18 +86,20 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "fan_in_fan_out": any(isinstance(a, LoRAConv1D) for a in adapters),
-        "bias": "none",
+        "bias": config.bias,
+        "lora_bias": config.lora_bias,
         "init_lora_weights": init,
         "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
         "target_parameters": parameters or None,
+        "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first: PEFT reads them back
+        "alpha_pattern": dict(config.alpha_pattern or {}),
+        "trainable_token_indices": config.trainable_token_indices,
     }
 
 
 def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
     """Our config for a PEFT ``LoraConfig`` (``ValueError`` for options we do not support)."""
     used = [name for name in _UNSUPPORTED_PEFT if peft_config.get(name)]
-    if peft_config.get("bias", "none") != "none":
-        used.append(f"bias={peft_config['bias']!r}")
     if used:
         raise ValueError(f"uses PEFT LoRA options that peft_callbacks does not support: {', '.join(used)}")
     return LoRAConfig(
@@ -109,6 +109,11 @@ def from_peft(peft_config: dict[str, Any]) -> LoRAConfig:
         use_rslora=bool(peft_config.get("use_rslora", False)),
         use_dora=bool(peft_config.get("use_dora", False)),
         init=_our_init(peft_config.get("init_lora_weights", True)),
+        rank_pattern=peft_config.get("rank_pattern") or None,
+        alpha_pattern=peft_config.get("alpha_pattern") or None,
+        bias=peft_config.get("bias", "none"),
+        lora_bias=bool(peft_config.get("lora_bias", False)),
+        trainable_token_indices=peft_config.get("trainable_token_indices"),
         train_head=False,
     )
 
@@ -132,6 +137,10 @@ def export_layer(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
             lora_B = torch.cat([adapter.lora_B.weight, -adapter.lora_B_init], dim=1)  # (out, 2r, …)
             return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
         return {"lora_A.weight": adapter.lora_A.weight, "lora_B.weight": adapter.lora_B.weight}
+    if isinstance(adapter, LoRAMultiheadAttention):
+        return attention_to_peft(adapter)
+    if isinstance(adapter, TrainableTokens):
+        return tokens_to_peft(adapter)
     return {KEYS.get(key, key): tensor for key, tensor in adapter.state_dict().items()}
 
 
@@ -148,6 +157,12 @@ def import_layer(
                     out[f"{factor}.{name}.weight"] = tensors[key]
                     used.add(key)
         return {**out, **{k: t for k, t in tensors.items() if k not in used}}
+    if isinstance(adapter, LoRAEmbedding):
+        tensors = drop_saved_embedding(adapter, tensors)
+    if isinstance(adapter, LoRAMultiheadAttention):
+        return attention_from_peft(tensors)
+    if isinstance(adapter, TrainableTokens):
+        return tokens_from_peft(tensors)
     inverse = {theirs: ours for ours, theirs in KEYS.items()}
     out = {inverse.get(k, k): t for k, t in tensors.items()}
     if isinstance(adapter, ResidualLoRAAdapter):  # B₀, A₀ of the fresh base, decomposed at injection as PEFT does
@@ -162,8 +177,10 @@ def peft_targets(model: nn.Module, peft_config: dict[str, Any], paths: list[str]
     names = peft_config.get("target_parameters") or []
     if isinstance(names, str):
         raise ValueError("target_parameters must be a list of parameter names (PEFT does not take a string).")
+    tokens = peft_config.get("trainable_token_indices")
+    tokens = resolve_token_layers(model, tokens) if tokens else {}  # their tensors are rows, not LoRA factors
     targets = []
-    for path in paths:
+    for path in [p for p in paths if p not in tokens]:
         module = model.get_submodule(path)
         own = [
             f"{path}.{n}"

@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,23 @@ from peft_callbacks.methods.lora.fused import lora_linear
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
 
-__all__ = ["LoRAAdapter", "LoRAConv", "LoRAConv1D", "LoRALinear"]
+__all__ = ["LoRAAdapter", "LoRAConv", "LoRAConv1D", "LoRALinear", "add_lora_bias", "factored_norm"]
+
+log = logging.getLogger(__name__)
+
+
+def factored_norm(a: torch.Tensor, b: torch.Tensor, scaling: float, *, squared: bool = False) -> torch.Tensor:
+    """``‖s·B·A‖_F`` (``squared``: its square) from the ``r × r`` Gram matrices, ``s²·Σ (BᵀB) ⊙ (AAᵀ)``, without
+    forming ``B·A``; ``a`` is ``(r, in)``, ``b`` is ``(out, r)``.
+
+    Example::
+
+        >>> a, b = torch.randn(2, 5), torch.randn(4, 2)
+        >>> torch.allclose(factored_norm(a, b, 0.5), torch.linalg.norm(0.5 * b @ a), atol=1e-5)
+        True
+    """
+    square = (b.t() @ b * (a @ a.t())).sum() * scaling**2  # (r, r) ⊙ (r, r)
+    return square if squared else square.clamp_min(0).sqrt()
 
 
 class LoRAAdapter(Adapter):
@@ -81,6 +98,8 @@ class LoRAAdapter(Adapter):
         dtype = weight.dtype if weight.is_floating_point() else None
         self.lora_A = lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B = lora_B.to(device=weight.device, dtype=dtype)
+        if getattr(config, "lora_bias", False):
+            add_lora_bias(self, base_layer)
         self.reset_parameters()
 
     absorbs_scale = True
@@ -104,9 +123,12 @@ class LoRAAdapter(Adapter):
         nn.init.zeros_(self.lora_B.weight)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``s · B(A(dropout(x)))``, computed in the LoRA weights' dtype (scaled on the narrow rank-r tensor)."""
-        x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
+        """``s · B(A(dropout(x)))``, computed in the LoRA weights' dtype (scaled on the narrow rank-r tensor, or
+        after ``B`` when it has a bias, which is scaled with the branch as in PEFT)."""
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (…, r)
+        if self.lora_B.bias is not None:
+            return self.lora_B(h) * self.scaling
+        return self.lora_B(h * self.scaling)
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return result + self.branch(x).to(result.dtype)
@@ -127,21 +149,47 @@ class LoRAAdapter(Adapter):
 
     def update_norm(self, layer: AdaptedLayer | None = None, *, squared: bool = False) -> torch.Tensor:
         """``‖s·B·A‖_F`` from the ``r × r`` Gram matrices, ``s²·Σ (BᵀB) ⊙ (AAᵀ)``, without forming ``B·A``."""
-        a, b = self.update_factors()  # (r, in·k…), (out, r)
-        square = (b.t() @ b * (a @ a.t())).sum() * self.scaling**2  # (r, r) ⊙ (r, r)
-        return square if squared else square.clamp_min(0).sqrt()
+        return factored_norm(*self.update_factors(), self.scaling, squared=squared)
 
     def store_scale(self, scale: float) -> None:
         self.lora_B.weight.mul_(scale)
+        if self.lora_B.bias is not None:
+            self.lora_B.bias.mul_(scale)
 
     def merge_into(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
+        if not self.mergeable:
+            raise ValueError(no_bias_to_merge(layer.base_layer))
         return weight + self.low_rank_delta()
 
     def unmerge_from(self, layer: AdaptedLayer, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.low_rank_delta()
 
+    def merge_bias_into(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
+        """``b + s · b_B`` with ``lora_bias`` (PEFT's merge), else ``b``."""
+        return bias if self.lora_B.bias is None else bias + self.lora_B.bias.float() * self.scaling
+
+    def unmerge_bias_from(self, layer: AdaptedLayer, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias - self.lora_B.bias.float() * self.scaling
+
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
+
+
+def add_lora_bias(adapter: LoRAAdapter, base_layer: nn.Module) -> None:
+    """Give ``lora_B`` a zero bias (``lora_bias``); on a base layer without a bias the adapter cannot merge."""
+    weight = adapter.lora_B.weight  # (out, r, …)
+    adapter.lora_B.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    if getattr(base_layer, "bias", None) is None:
+        adapter.mergeable = False
+        adapter.merge_refusal = no_bias_to_merge(base_layer)
+        log.warning("%s; it works unmerged.", no_bias_to_merge(base_layer))
+
+
+def no_bias_to_merge(base_layer: nn.Module) -> str:
+    return (
+        f"`lora_bias=True` on a {type(base_layer).__name__} without a bias: merging would need a bias the layer does "
+        f"not have, so this LoRA cannot be merged (as in HF PEFT)"
+    )
 
 
 class LoRALinear(LoRAAdapter):
@@ -158,7 +206,8 @@ class LoRALinear(LoRAAdapter):
         super().__init__(base_layer, config)
         plain = type(base_layer) is nn.Linear or (self.transposed and type(base_layer).__name__ == "Conv1D")
         own_update = type(self).forward is LoRALinear.forward  # a subclass (DoRA) that computes otherwise: plain path
-        self._fusable = plain and own_update and type(self.lora_A) is nn.Linear and type(self.lora_B) is nn.Linear
+        factors = type(self.lora_A) is nn.Linear and type(self.lora_B) is nn.Linear and self.lora_B.bias is None
+        self._fusable = plain and own_update and factors
 
     def fused(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor | None:
         base, a, b = layer.base_layer, self.lora_A, self.lora_B
@@ -182,12 +231,14 @@ class LoRALinear(LoRAAdapter):
         return nn.Linear(base_layer.in_features, r, bias=False), nn.Linear(r, base_layer.out_features, bias=False)
 
     def tensor_parallel_dims(self) -> dict[str, tuple[int | None, int | None]] | None:
-        if self.transposed:
-            return None  # Conv1D stores (in, out): no parallel style splits it
+        if self.transposed or self.lora_B.bias is not None:
+            return None  # Conv1D stores (in, out): no parallel style splits it; nor B's bias here
         return {"lora_A.weight": (None, 1), "lora_B.weight": (0, None)}  # A: (r, in), B: (out, r)
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (…, r)
+        if self.lora_B.bias is not None:  # lora_bias: B's bias is scaled with the branch, as in PEFT
+            return result + (self.lora_B(h) * self.scaling).to(result.dtype)
         if h.dtype != result.dtype:  # e.g. float32 factors around a bf16 base layer
             return result + self.lora_B(h * self.scaling).to(result.dtype)
         # one addmm adds s·h·Bᵀ onto the base output: no separate passes to scale and add the full-width update

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_module
 from peft_callbacks.core.heads import HeadInfo
+from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.core.model_kinds import ModelKind
 from peft_callbacks.core.params import count_parameters
 from peft_callbacks.engine import (
@@ -44,13 +45,17 @@ from peft_callbacks.engine import (
 )
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.layers import Adapter
+from peft_callbacks.engine.patterns import PerLayerSettings, resolve_rank_alpha
 from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
+from peft_callbacks.methods.lora.embedding import LoRAEmbedding, check_plain_lora
 from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
+from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.targets import group_parameters, parameter_at, select_parameters, split_targets
+from peft_callbacks.methods.lora.tokens import TrainableTokens, insert_trainable_tokens, resolve_token_layers
 
 __all__ = [
     "LoRAConfig",
@@ -64,9 +69,10 @@ __all__ = [
 ]
 
 
-class LoRAMethod(LayerMethod):
+class LoRAMethod(PerLayerSettings, LayerMethod):
     """LoRA: ``W₀x + s·B·A·x`` on Linear, Conv and ``Conv1D`` layers and on bitsandbytes 4-/8-bit Linear layers
-    (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), and ``W + s·B·A`` on the parameters
+    (QLoRA) (DoRA when ``use_dora``, PiSSA/OLoRA with ``init``), on embeddings that ``target_modules`` names and on
+    ``nn.MultiheadAttention`` (``in_proj`` and ``out_proj``), and ``W + s·B·A`` on the parameters
     ``target_parameters`` names (per expert for 3-D stacks)."""
 
     name = "lora"
@@ -91,6 +97,8 @@ class LoRAMethod(LayerMethod):
         "hf_conv1d": LoRAConv1D,
         "linear_4bit": LoRALinear,  # QLoRA: the branch is added to the quantized layer's output
         "linear_8bit": LoRALinear,
+        "embedding": LoRAEmbedding,  # only where target_modules names it (as in PEFT)
+        "mha": LoRAMultiheadAttention,  # in_proj and out_proj, inside an AdaptedParameters
     }
     dora_classes = {
         "linear": DoRALinear,
@@ -130,6 +138,9 @@ class LoRAMethod(LayerMethod):
         return ModelKind(f"models with 2-D/3-D parameters matching {config.target_parameters}", matches)
 
     def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
+        if kind not in self.dora_classes:
+            check_plain_lora(kind, config)
+            return self.adapter_classes[kind]
         if config.use_dora:
             return self.dora_classes[kind]
         return (self.residual_classes if is_residual_init(config.init) else self.adapter_classes)[kind]
@@ -140,6 +151,7 @@ class LoRAMethod(LayerMethod):
             *self.dora_classes.values(),
             *self.residual_classes.values(),
             ParameterLoRA,
+            TrainableTokens,
         ]
 
     # -- parameter targets beside module targets --------------------------------------------------------------
@@ -169,8 +181,13 @@ class LoRAMethod(LayerMethod):
 
     def insert(self, model: nn.Module, targets: list[str], config: LoRAConfig, adapter_name: str) -> None:
         modules, parameters = split_targets(model, targets)
+        for path in modules:  # attention reads its weights itself: its update goes into them (AdaptedParameters)
+            if layer_kind(model.get_submodule(path)) == "mha":
+                replace_module(model, path, AdaptedParameters(model.get_submodule(path)))
         if modules:
             super().insert(model, modules, config, adapter_name)
+        if config.trainable_token_indices:
+            insert_trainable_tokens(model, config.trainable_token_indices, config, adapter_name)
         for path, names in group_parameters(model, parameters).items():
             module = model.get_submodule(path)
             layer = module if isinstance(module, AdaptedParameters) else AdaptedParameters(module)
@@ -179,6 +196,15 @@ class LoRAMethod(LayerMethod):
                 layer.add_adapter(adapter_name, ParameterLoRA(layer.base_layer, config, parameter_names=names))
             if layer is not module:
                 replace_module(model, path, layer)
+
+    def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
+        """The per-layer ranks and alphas, and ``trainable_token_indices``, with exact module paths (checked against
+        the model), for the recipe."""
+        config = resolve_rank_alpha(config, split_targets(model, targets)[0])  # the patterns set layers only
+        if config.trainable_token_indices is None:
+            return config
+        tokens = resolve_token_layers(model, config.trainable_token_indices, targets)
+        return config.replace(trainable_token_indices=tokens)
 
     def describe(self, config: LoRAConfig) -> str:
         variant = "DoRA " if config.use_dora else ""

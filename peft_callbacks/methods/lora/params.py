@@ -54,10 +54,69 @@ from peft_callbacks.methods.lora.config import check_parameter_options
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
 
-__all__ = ["ParameterLoRA"]
+__all__ = ["LowRankParameters", "ParameterLoRA"]
 
 
-class ParameterLoRA(ParameterAdapter):
+class LowRankParameters(ParameterAdapter):
+    """What LoRA on parameters shares: ``W' = W + s · lhs @ rhs`` for each adapted parameter, from :meth:`factors`.
+
+    Subclasses set ``lora_scaling`` and implement :meth:`factors` and ``store_scale``.
+    """
+
+    lora_scaling: float = 1.0
+
+    absorbs_scale = True
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (or ``alpha / √r``) times :attr:`scale`."""
+        return self.lora_scaling * self.scale
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` with ``ΔW = s · lhs @ rhs`` shaped like parameter ``name``."""
+        raise NotImplementedError
+
+    def reset_factors(self, lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -> None:
+        """``A`` kaiming-uniform (``init="gaussian"``: normal with std ``1/r``), ``B`` zeros, as PEFT starts them."""
+        if init == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+
+    def adapted_parameter(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
+        lhs, rhs = (t.to(value.dtype) for t in self.factors(name))
+        if value.dim() == 2:
+            return torch.addmm(value, lhs, rhs, alpha=self.scaling)
+        with torch.autocast(device_type=value.device.type, enabled=False):  # W' keeps W's dtype, as PEFT's fold
+            return torch.baddbmm(value, lhs, rhs, alpha=self.scaling)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``s · lhs @ rhs`` in float32, shaped like the parameter."""
+        lhs, rhs = (t.float() for t in self.factors(name))
+        return (lhs @ rhs) * self.scaling
+
+    def delta_weights(self, layer: AdaptedParameters | None = None) -> dict[str, torch.Tensor]:
+        """``{parameter: s · lhs @ rhs}`` (no ``layer`` needed)."""
+        return {name: self.delta(name) for name in self.parameter_names}
+
+    def update_norm(self, layer: AdaptedParameters | None = None, *, squared: bool = False) -> torch.Tensor:
+        """``‖ΔW‖_F`` over every expert of every parameter from per-expert ``r × r`` Gram matrices."""
+        square = torch.zeros(())
+        for name in self.parameter_names:
+            lhs, rhs = (t.float() for t in self.factors(name))  # (…, out, r), (…, r, in)
+            gram = lhs.transpose(-2, -1) @ lhs * (rhs @ rhs.transpose(-2, -1))  # (…, r, r) ⊙ (…, r, r)
+            square = square.to(gram.device) + gram.sum() * self.scaling**2
+        return square if squared else square.clamp_min(0).sqrt()
+
+    def merge_parameter_into(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value + self.delta(name)
+
+    def unmerge_parameter_from(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value - self.delta(name)
+
+
+class ParameterLoRA(LowRankParameters):
     """LoRA factors for named 2-D or 3-D parameters of one module (see the module docstring).
 
     Args:
@@ -97,20 +156,9 @@ class ParameterLoRA(ParameterAdapter):
             dtype = param.dtype if param.is_floating_point() else None
             lora_A = nn.Linear(in_features, self.r * experts, bias=False, device=param.device, dtype=dtype)
             lora_B = nn.Linear(self.r * experts, out_features, bias=False, device=param.device, dtype=dtype)
-            if config.init == "gaussian":
-                nn.init.normal_(lora_A.weight, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(lora_B.weight)
+            self.reset_factors(lora_A, lora_B, config.init, self.r)
             self.lora_A[name], self.lora_B[name] = lora_A, lora_B
             self.num_experts[name] = experts
-
-    absorbs_scale = True
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r`` (or ``alpha / √r``) times :attr:`scale`."""
-        return self.lora_scaling * self.scale
 
     def features(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
         """``(experts, in_features, out_features)`` of a parameter of ``shape``."""
@@ -131,40 +179,9 @@ class ParameterLoRA(ParameterAdapter):
             return lora_A.transpose(-2, -1), lora_B.transpose(-2, -1)  # (E, in, r) @ (E, r, out)
         return lora_B, lora_A  # (E, out, r) @ (E, r, in)
 
-    def adapted_parameter(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        lhs, rhs = (t.to(value.dtype) for t in self.factors(name))
-        if value.dim() == 2:
-            return torch.addmm(value, lhs, rhs, alpha=self.scaling)
-        with torch.autocast(device_type=value.device.type, enabled=False):  # W' keeps W's dtype, as PEFT's fold
-            return torch.baddbmm(value, lhs, rhs, alpha=self.scaling)
-
-    def delta(self, name: str) -> torch.Tensor:
-        """``s · lhs @ rhs`` in float32, shaped like the parameter."""
-        lhs, rhs = (t.float() for t in self.factors(name))
-        return (lhs @ rhs) * self.scaling
-
-    def delta_weights(self, layer: AdaptedParameters | None = None) -> dict[str, torch.Tensor]:
-        """``{parameter: s · lhs @ rhs}`` (no ``layer`` needed)."""
-        return {name: self.delta(name) for name in self.parameter_names}
-
-    def update_norm(self, layer: AdaptedParameters | None = None, *, squared: bool = False) -> torch.Tensor:
-        """``‖ΔW‖_F`` over every expert of every parameter from per-expert ``r × r`` Gram matrices."""
-        square = torch.zeros(())
-        for name in self.parameter_names:
-            lhs, rhs = (t.float() for t in self.factors(name))  # (…, out, r), (…, r, in)
-            gram = lhs.transpose(-2, -1) @ lhs * (rhs @ rhs.transpose(-2, -1))  # (…, r, r) ⊙ (…, r, r)
-            square = square.to(gram.device) + gram.sum() * self.scaling**2
-        return square if squared else square.clamp_min(0).sqrt()
-
     def store_scale(self, scale: float) -> None:
         for lora_B in self.lora_B.values():
             lora_B.weight.mul_(scale)
-
-    def merge_parameter_into(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        return value + self.delta(name)
-
-    def unmerge_parameter_from(self, layer: AdaptedParameters, name: str, value: torch.Tensor) -> torch.Tensor:
-        return value - self.delta(name)
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}{tuple(self.parameter_shapes[n])}" for n in self.parameter_names)
