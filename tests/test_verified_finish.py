@@ -129,3 +129,30 @@ def test_bad_input_names_the_argument(tmp_path):
     trainer = quiet_trainer(max_steps=2, callbacks=[callback], default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"needs the new task's validation data.*MergeCheck\(new_task=\.\.\.\)"):
         trainer.fit(MLPClassifier(), loader(0))
+
+
+class WithValidation(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_by_default_the_new_task_is_the_trainers_validation_data(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    callback = LoRACallback(rank=4, target_modules=["net.0"], verify=MergeCheck(tolerance=0.0))
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback], default_root_dir=str(tmp_path))
+    trainer.fit(WithValidation(lr=0.5), loader(0), val_dataloaders=loader(1))
+    assert set(callback.verification.scores) == {"new_task"} and callback.verification.accepted
+
+
+def test_a_yaml_file_sets_the_check(tmp_path):
+    from peft_callbacks.cli import PEFTCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  logger: false\n  callbacks:\n    - class_path: peft_callbacks.LoRACallback\n      init_args:\n"
+        "        verify: {new_task: val_dataloader, tolerance: 0.02, metric: loss}\n"
+        "model: {class_path: peft_callbacks.demo.MLPClassifier}\n"
+    )
+    cli = PEFTCLI(args=[f"--config={config}"], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]
+    assert callback.verify == MergeCheck(new_task="val_dataloader", tolerance=0.02, metric="loss")

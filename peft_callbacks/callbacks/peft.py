@@ -202,7 +202,11 @@ class PEFTCallback(SurgeryCallback):
                     self.verify, trainer, pl_module, self._merge_into, self.name, self.module
                 )
                 if self.verification is not None and not self.verification.accepted:
-                    self._keep_adapter(pl_module, trainer, f"the merge was refused ({self.verification.message()})")
+                    self._keep_adapter(
+                        pl_module,
+                        trainer,
+                        f"the merge was refused: it moved a score by more than tolerance={self.verification.tolerance:g}",
+                    )
                     return
             self._merge_into(pl_module)
             return

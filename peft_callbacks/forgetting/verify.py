@@ -10,6 +10,7 @@ built by hand (``merge(copy, requantize=True)``, a model loaded back from an exp
 
 The artifact is scored with its floating-point tensors in ``float32`` (a copy, when it holds others): the check sees
 what the rounding of its *weights* changes, on any device, not the precision of the arithmetic it will later run in.
+An artifact with quantized (bitsandbytes) layers is scored as it is.
 
 Example::
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from peft_callbacks._validation import check_choice, check_module, check_optional_str, check_positive_int
+from peft_callbacks.core import quantized
 from peft_callbacks.forgetting.batches import move_to_device
 from peft_callbacks.forgetting.scoring import BaseTaskScorer, evaluation_mode
 
@@ -84,7 +86,7 @@ class ArtifactCheck:
         """One line per task: the two scores and the change, and what happened."""
         unit = "relative change" if self.metric == "loss" else "change"
         lines = [
-            f"{task} {self.metric} {a:.4f} -> {b:.4f} ({unit} {self.deltas[task]:+.4f}, tolerance {self.tolerance:g})"
+            f"{task} {self.metric} {a:.4f} -> {b:.4f} ({unit} {self.deltas[task]:+.3g}, tolerance {self.tolerance:g})"
             for task, (a, b) in self.scores.items()
         ]
         verdict = "accepted" if self.accepted else "refused"
@@ -111,7 +113,10 @@ def check_tolerance(tolerance: object) -> float:
 
 
 def in_float32(module: nn.Module) -> nn.Module:
-    """``module`` itself when all its floating tensors are ``float32``, else a copy with them cast to it."""
+    """``module`` itself when all its floating tensors are ``float32`` or it holds quantized layers (a re-quantized
+    merge runs as it is), else a copy with them cast to ``float32``."""
+    if quantized.holds_quantized(module):
+        return module
     tensors = [*module.parameters(), *module.buffers()]
     if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
         return module
