@@ -205,7 +205,8 @@ class PEFTCallback(SurgeryCallback):
                     self._keep_adapter(
                         pl_module,
                         trainer,
-                        f"the merge was refused: it moved a score by more than tolerance={self.verification.tolerance:g}",
+                        f"the merge was refused: it moved a score by more than "
+                        f"tolerance={self.verification.tolerance:g}",
                     )
                     return
             self._merge_into(pl_module)
