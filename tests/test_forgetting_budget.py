@@ -159,23 +159,43 @@ def test_budget_with_lora_and_full_fine_tuning_logs_every_reading(tmp_path):
         assert key in header
 
 
-def _fit_with_checkpoints(tmp_path, name: str, ckpt_path=None) -> tuple[ForgettingBudget, NewTask]:
+def test_without_base_labels_the_budget_holds_the_feature_drift():
+    head = original_head()
+    free = NewTask()
+    unconstrained = ForgettingBudget(base_loader(free, head, labels=False), 1.0, metric=None, every_n_steps=2)
+    trainer(callbacks=[unconstrained]).fit(free, train_loader())  # a budget of 1 never acts: it only measures
+    assert unconstrained.multiplier == 0 and unconstrained.final_forgetting > 0.05
+
+    module = NewTask()
+    budget = ForgettingBudget(base_loader(module, head, labels=False), 0.02, metric=None, every_n_steps=2)
+    trainer(callbacks=[budget]).fit(module, train_loader())
+    assert budget.baseline == pytest.approx(1.0)  # the cosine of the starting features with themselves
+    assert max(r["multiplier"] for r in budget.history) > 0
+    assert budget.final_forgetting <= 0.02 < unconstrained.final_forgetting
+
+
+def _fit_with_checkpoints(
+    tmp_path, name: str, ckpt_path=None, metric: str | None = "accuracy"
+) -> tuple[ForgettingBudget, NewTask]:
     module = NewTask()
     head = original_head()
-    budget = ForgettingBudget(base_loader(module, head), max_forgetting=0.1, base_head=head, every_n_steps=2)
+    data = base_loader(module, head, labels=metric is not None)
+    bound = 0.1 if metric else 0.02
+    budget = ForgettingBudget(data, max_forgetting=bound, base_head=head, every_n_steps=2, metric=metric)
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=16, save_top_k=-1)
     fit = trainer(tmp_path, [budget, checkpoints], max_epochs=5, enable_checkpointing=True)
     fit.fit(module, train_loader(), ckpt_path=ckpt_path)
     return budget, module
 
 
-def test_resume_mid_fit_gives_the_same_trajectory(tmp_path):
-    whole, module = _fit_with_checkpoints(tmp_path, "whole")
+@pytest.mark.parametrize("metric", ["accuracy", None], ids=["accuracy", "drift"])
+def test_resume_mid_fit_gives_the_same_trajectory(tmp_path, metric):
+    whole, module = _fit_with_checkpoints(tmp_path, "whole", metric=metric)
     # at the end of an epoch: a plain DataLoader cannot resume inside one at the same batch
     (middle,) = glob.glob(str(tmp_path / "whole" / "*step=16.ckpt"))
     saved = torch.load(middle, weights_only=True)  # plain tensors and numbers only
     assert any(k.startswith("ForgettingBudget") for k in saved["callbacks"])
-    resumed, again = _fit_with_checkpoints(tmp_path, "resumed", ckpt_path=middle)
+    resumed, again = _fit_with_checkpoints(tmp_path, "resumed", ckpt_path=middle, metric=metric)
     assert len(resumed.history) == len(whole.history) == 20
     assert any(r["multiplier"] > 0 for r in whole.history[:8])  # the saved state held a live controller
     for one, two in zip(whole.history, resumed.history):
@@ -264,8 +284,8 @@ def test_a_metric_that_cannot_be_computed_is_refused():
     head = original_head()
     with pytest.raises(ValueError, match="`metric` must be one of"):
         ForgettingBudget(base_loader(NewTask(), head), 0.1, metric="bleu")
-    with pytest.raises(ValueError, match="`metric`=None: a budget needs a base-task metric"):
-        ForgettingBudget(base_loader(NewTask(), head), 0.1, metric=None)
+    with pytest.raises(ValueError, match="`features` must be one of"):
+        ForgettingBudget(base_loader(NewTask(), head), 0.1, metric=None, features="pooled")
     unlabelled = ForgettingBudget(base_loader(NewTask(), head, labels=False), 0.1, base_head=head)
     with pytest.raises(ValueError, match="metric='accuracy' needs base-task labels"):
         trainer(callbacks=[unlabelled], max_steps=2).fit(NewTask(), train_loader())

@@ -12,7 +12,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from peft_callbacks._validation import check_float, check_positive_int
+from peft_callbacks._validation import check_choice, check_float, check_positive_int
 from peft_callbacks.callbacks.forgetting import log_figures
 from peft_callbacks.callbacks.regularization import _AnchoredTerm
 from peft_callbacks.forgetting.budget import ForgettingBudgetState
@@ -58,7 +58,9 @@ class ForgettingBudget(_AnchoredTerm):
         dataloader: the base-task set (``DataLoader``, ``LightningDataModule``, callable returning a loader, or the
             name of a LightningModule / DataModule method or attribute). It must not shuffle.
         max_forgetting: the budget, in ``[0, 1]`` (see above for its unit).
-        metric: ``"accuracy"``, ``"f1"``, ``"loss"``, ``"perplexity"`` or a ``torchmetrics.Metric``.
+        metric: ``"accuracy"``, ``"f1"``, ``"loss"``, ``"perplexity"``, a ``torchmetrics.Metric``, or ``None`` (no
+            base labels): forgetting is then the label-free drift ``1 − cos`` of the pooled ``features`` from the
+            starting model's, and the proxy is that drift on the first ``proxy_batches`` batches.
         base_head: the original head (module, whole original model, or state-dict path) when fine-tuning replaced
             it; the current head is then the new task's own and is not pulled back.
         forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
@@ -70,6 +72,8 @@ class ForgettingBudget(_AnchoredTerm):
         limit_batches: score only the first N base batches in a full score (``None``: all).
         margin: aim at ``(1 − margin) · max_forgetting``, in ``[0, 1)``.
         prefix: logging namespace and checkpoint key.
+        features: with ``metric=None``: ``"head_input"`` (the pooled input of the head) or ``"output"`` (the pooled
+            output of ``forward_fn``, e.g. a sentence embedding).
 
     Raises:
         ValueError: ``max_forgetting`` outside ``[0, 1]``, a metric the base data cannot give, a base set that
@@ -91,7 +95,7 @@ class ForgettingBudget(_AnchoredTerm):
         self,
         dataloader: BaseLoader,
         max_forgetting: float,
-        metric: Literal["accuracy", "f1", "loss", "perplexity"] | Metric = "accuracy",
+        metric: Literal["accuracy", "f1", "loss", "perplexity"] | Metric | None = "accuracy",
         base_head: nn.Module | str | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
         module: str | None = None,
@@ -102,6 +106,7 @@ class ForgettingBudget(_AnchoredTerm):
         limit_batches: int | None = None,
         margin: float = 0.2,
         prefix: str = "budget",
+        features: Literal["head_input", "output"] = "head_input",
     ) -> None:
         super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
         if dataloader is None:
@@ -111,12 +116,8 @@ class ForgettingBudget(_AnchoredTerm):
             )
         self.dataloader = check_dataloader(dataloader)
         self.max_forgetting = check_float("max_forgetting", max_forgetting, low=0.0, high=1.0)
-        if metric is None:
-            raise ValueError(
-                "`metric`=None: a budget needs a base-task metric to hold; pass 'accuracy', 'f1', 'loss', "
-                "'perplexity' or a torchmetrics.Metric."
-            )
         self.metric = check_metric(metric)
+        self.features = check_choice("features", features, ("head_input", "output"))
         self.num_classes = None if num_classes is None else check_positive_int("num_classes", num_classes)
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.proxy_batches = check_positive_int("proxy_batches", proxy_batches)
@@ -153,9 +154,10 @@ class ForgettingBudget(_AnchoredTerm):
             self.dataloader, trainer, pl_module, owner=self.name, no_shuffle_reason=_NO_SHUFFLE
         )
         options = {"base_head": self.base_head, "forward_fn": self.forward_fn, "module": self.module}
+        options["features"] = self.features
         self._full = BaseTaskScorer(
             pl_module, metric=self.metric, num_classes=self.num_classes, limit_batches=self.limit_batches,
-            drift=False, **options,
+            drift=self._drift, **options,
         )  # fmt: skip
         self._proxy = BaseTaskScorer(pl_module, metric=None, limit_batches=self.proxy_batches, **options)
         self._scale = None
@@ -174,6 +176,10 @@ class ForgettingBudget(_AnchoredTerm):
         self.baseline, self.final_forgetting, self._reference = None, None, None
 
     def _restore_reference(self) -> None:
+        if self._drift:  # the full score's baseline features too: re-taken at the starting weights
+            with self._anchor.at_start():
+                self._full.reference = None
+                self._full.score(self._loader)
         if self._reference is not None and self._world_size == 1:
             self._proxy.reference = self._reference
             return
@@ -183,7 +189,14 @@ class ForgettingBudget(_AnchoredTerm):
             self._read_proxy(None)
 
     @property
+    def _drift(self) -> bool:
+        """``metric=None``: forgetting is the label-free feature drift ``1 − cos``."""
+        return self.metric is None
+
+    @property
     def _metric_name(self) -> str:
+        if self._drift:
+            return "feature cosine"
         return self.metric if isinstance(self.metric, str) else type(self.metric).__name__
 
     # -- readings -----------------------------------------------------------------------------------------------
@@ -193,11 +206,15 @@ class ForgettingBudget(_AnchoredTerm):
         }  # fmt: skip
 
     def _read_proxy(self, trainer: pl.Trainer | None) -> float:
-        return float(self._proxy.score(self._loader, **self._where(trainer)).kl_to_baseline)
+        score = self._proxy.score(self._loader, **self._where(trainer))
+        if self._drift:  # the drift of the proxy batches themselves
+            return 1.0 - float(score.feature_cosine)
+        return float(score.kl_to_baseline)
 
     def _score_full(self, trainer: pl.Trainer) -> float:
         try:
-            value = self._full.score(self._loader, **self._where(trainer)).value
+            score = self._full.score(self._loader, **self._where(trainer))
+            value = score.feature_cosine if self._drift else score.value
         except RuntimeError as error:
             shapes = any(word in str(error) for word in ("shape", "size", "channels", "dimension"))
             if self.base_head is None or isinstance(error, NotImplementedError) or not shapes:
@@ -211,7 +228,7 @@ class ForgettingBudget(_AnchoredTerm):
         return float(value)
 
     def _forgetting(self, value: float) -> float:
-        named = isinstance(self.metric, str) and self.metric in ("accuracy", "f1")
+        named = self._drift or (isinstance(self.metric, str) and self.metric in ("accuracy", "f1"))
         if named or (isinstance(self.metric, Metric) and higher_is_better(self.metric)):
             return self.baseline - value
         return (value - self.baseline) / abs(self.baseline) if self.baseline else value - self.baseline
@@ -235,9 +252,22 @@ class ForgettingBudget(_AnchoredTerm):
             return
         self._last_step = step
         kl = self._read_proxy(trainer)
-        full = self._forgetting(self._score_full(trainer)) if self.budget.needs_full() else None
-        row = self.budget.observe(step, kl, full, ceiling=self._ceiling(trainer))
+        full = self._forgetting(self._score_full(trainer)) if self.budget.needs_full(kl) else None
+        ceiling = self._ceiling(trainer)
+        if not self.budget.controller.active:
+            # an activation starts where the penalty is 1 (a task loss's size), at most as strong as plain SGD
+            # takes without scaling its learning rate
+            start = 1.0 / max(self._unit_penalty(), 1e-30)
+            self.budget.controller.start_at(start if ceiling is None else min(start, ceiling))
+        row = self.budget.observe(step, kl, full, ceiling=ceiling)
         self._log(trainer, {k: v for k, v in row.items() if k != "step"})
+
+    def _unit_penalty(self) -> float:
+        """The penalty at ``λ = 1``: half the squared relative update."""
+        if self._scale is None:
+            self._scale = normalizing_scale(self._anchor)
+        with torch.no_grad():
+            return float(l2sp_penalty(self._anchor, 1.0, self._scale)) if self._scale > 0 else 0.0
 
     def _ceiling(self, trainer: pl.Trainer) -> float | None:
         """``1/(2·η·scale)``: past it plain SGD would diverge on the penalty alone, so the learning rate is scaled

@@ -41,7 +41,8 @@ import math
 from typing import Any
 
 _SMALLEST_TARGET = 0.01  # error normalisation for budgets near zero
-_LARGEST_ERROR = 5.0  # far over the target: the multiplier rises by at most e^{ki·5} per reading
+_LARGEST_ERROR = 3.0  # far over the target: the multiplier rises by at most e^{ki·3} per reading
+_SMALLEST_ERROR = -2.0  # far under it (no forgetting): it falls by at most e^{-2·ki}
 
 
 def lr_scale(multiplier: float, ceiling: float | None) -> float:
@@ -82,8 +83,8 @@ class BudgetController:
         self,
         max_forgetting: float,
         margin: float = 0.2,
-        kp: float = 0.05,
-        ki: float = 0.2,
+        kp: float = 0.3,
+        ki: float = 0.5,
         min_multiplier: float = 1.0,
         max_multiplier: float = 1e8,
     ) -> None:
@@ -94,6 +95,7 @@ class BudgetController:
         self.integral = 0.0  # log(λ / min_multiplier) held by the integral term; 0: inactive
         self.multiplier = 0.0
         self.error = 0.0
+        self.last: float | None = None  # the previous reading
 
     @property
     def target(self) -> float:
@@ -104,20 +106,41 @@ class BudgetController:
         """One reading of the forgetting (a non-finite one counts as the worst); returns the new multiplier ``λ``."""
         error = (forgetting - self.target) / max(self.target, _SMALLEST_TARGET)
         error = error if math.isfinite(forgetting) else _LARGEST_ERROR
-        self.error = min(max(error, -1.0), _LARGEST_ERROR)
+        self.error = min(max(error, _SMALLEST_ERROR), _LARGEST_ERROR)
         span = math.log(self.max_multiplier / self.min_multiplier)
-        self.integral = min(max(self.integral + self.ki * self.error, 0.0), span)
+        falling = self.error > 0 and self.last is not None and forgetting < self.last
+        if not falling:  # over the target but already falling: hold the integral (no wind-up past the turn)
+            self.integral = min(max(self.integral + self.ki * self.error, 0.0), span)
+        self.last = forgetting if math.isfinite(forgetting) else None
         level = self.integral + self.kp * self.error if self.integral > 0 else 0.0
         self.multiplier = self.min_multiplier * math.exp(min(level, span)) if level > 0 else 0.0
         return self.multiplier
 
+    @property
+    def active(self) -> bool:
+        """Is the constraint active (``λ > 0`` held by the integral)?"""
+        return self.integral > 0
+
+    def start_at(self, multiplier: float) -> None:
+        """While inactive: the ``λ`` the next activation starts from (``min_multiplier``), at least ``1``."""
+        if not self.active and math.isfinite(multiplier):
+            self.min_multiplier = min(max(1.0, multiplier), self.max_multiplier)
+
     def state_dict(self) -> dict[str, float]:
-        return {"integral": self.integral, "multiplier": self.multiplier, "error": self.error}
+        return {
+            "integral": self.integral,
+            "multiplier": self.multiplier,
+            "error": self.error,
+            "min_multiplier": self.min_multiplier,
+            "last": self.last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.integral = float(state.get("integral", 0.0))
         self.multiplier = float(state.get("multiplier", 0.0))
         self.error = float(state.get("error", 0.0))
+        self.min_multiplier = float(state.get("min_multiplier", self.min_multiplier))
+        self.last = None if state.get("last") is None else float(state["last"])
 
 
 class ProxyCalibration:
@@ -144,6 +167,7 @@ class ProxyCalibration:
         self.decay = decay
         self.sums = [0.0] * 5  # Σw, Σw·KL, Σw·forgetting, Σw·KL², Σw·KL·forgetting
         self.pairs = 0
+        self.max_kl = 0.0  # the largest KL of a pair: beyond it the line is extrapolated
 
     def _line(self) -> tuple[float, float] | None:
         weight, kl, forgetting, kl2, cross = self.sums
@@ -166,6 +190,7 @@ class ProxyCalibration:
         pair = (1.0, kl, forgetting, kl * kl, kl * forgetting)
         self.sums = [self.decay * total + value for total, value in zip(self.sums, pair)]
         self.pairs += 1
+        self.max_kl = max(self.max_kl, kl)
 
     def estimate(self, kl: float) -> float | None:
         """The forgetting a proxy KL stands for (``None`` until calibrated)."""
@@ -173,11 +198,12 @@ class ProxyCalibration:
         return None if line is None else max(line[0] + line[1] * kl, 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": list(self.sums), "pairs": self.pairs}
+        return {"sums": list(self.sums), "pairs": self.pairs, "max_kl": self.max_kl}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = [float(v) for v in state.get("sums", [0.0] * 5)]
         self.pairs = int(state.get("pairs", 0))
+        self.max_kl = float(state.get("max_kl", 0.0))
 
 
 class ForgettingBudgetState:
@@ -200,6 +226,8 @@ class ForgettingBudgetState:
         0.2
     """
 
+    extrapolation = 1.5  # a full score once the proxy KL passes 1.5 x the largest KL calibrated on
+
     def __init__(self, max_forgetting: float, full_every: int = 5, margin: float = 0.2) -> None:
         self.controller = BudgetController(max_forgetting, margin=margin)
         self.calibration = ProxyCalibration()
@@ -213,11 +241,14 @@ class ForgettingBudgetState:
     def multiplier(self) -> float:
         return self.controller.multiplier
 
-    def needs_full(self) -> bool:
-        """Should the next reading be a full score? Every ``full_every`` readings, and every reading among the first
-        ``full_every`` until a full score has seen forgetting (a budget that is never approached costs no more)."""
+    def needs_full(self, kl: float | None = None) -> bool:
+        """Should this reading be a full score? Every ``full_every`` readings; every reading among the first
+        ``full_every`` until a full score has seen forgetting (a budget that is never approached costs no more); and
+        whenever the proxy ``kl`` is past ``extrapolation`` times the largest KL the calibration was fitted on (the
+        relation bends: early, tiny forgetting would put the line far too low for larger KLs)."""
         uncalibrated = self.calibration.factor is None and self.readings < self.full_every
-        return uncalibrated or self.since_full + 1 >= self.full_every
+        beyond = kl is not None and self.calibration.max_kl > 0 and kl > self.extrapolation * self.calibration.max_kl
+        return uncalibrated or beyond or self.since_full + 1 >= self.full_every
 
     def observe(
         self, step: int, kl: float, full_forgetting: float | None = None, ceiling: float | None = None
