@@ -67,7 +67,7 @@ class Base:
     train_data = "base_train_dataloader"  # a DataModule method: the base task's training split
     select_data = "base_val_dataloader"  # its validation split: what the finish and the budget choose on
     limit: int | None = None  # batches the finish scores per s (one in a --quick run)
-    every: int = 2  # the budget reads forgetting every 2 steps: a vision run is 22 steps, a text run 26
+    every: int = 2  # the budget reads forgetting every 2 steps: a vision run is 22 steps, a text run about 20
 
 
 def lora(out: str) -> LoRACallback:

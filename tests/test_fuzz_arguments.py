@@ -506,6 +506,7 @@ CASES: dict[str, Case] = {
         valid=lambda: {"dataloader": _loader(), "max_forgetting": 0.1},
         accepts={
             "dataloader": _LOADERS,
+            "metric": [None],  # label-free feature drift
             "max_forgetting": [0],
             "num_classes": [None],
             "limit_batches": [None],

@@ -9,22 +9,25 @@ set of defaults work across models:
 
 * **log-space control.** The useful ``λ`` spans orders of magnitude (it depends on how large the update has to be to
   forget), so :class:`BudgetController` integrates the error in ``log λ``: each reading multiplies ``λ`` by at most
-  ``e^{5·ki}`` up and ``e^{-ki}`` down. A proportional term (``kp``) reacts at once; the integral holds the value
-  that balances the constraint. ``λ`` is ``0`` until the forgetting first exceeds the target.
+  ``e^{3·ki}`` up and ``e^{-2·ki}`` down (``ki = 0.5``). A proportional term (``kp``) reacts at once; the integral
+  holds the value that balances the constraint, and does not grow while the forgetting, though over the target, is
+  already falling (no wind-up past the turn). ``λ`` is ``0`` until the forgetting first exceeds the target; it then
+  starts from ``min_multiplier``, which the callback sets to where the penalty equals 1 (the size of a task loss).
 * **the learning rate where the penalty alone would be unstable.** A quadratic penalty of strength ``λ·scale`` under
   plain SGD with learning rate ``η`` pulls the update back by ``η·λ·scale`` of itself per step, and diverges past 2.
   Above ``ceiling = 1/(2·η·scale)`` (``η`` the largest learning rate of the optimizer) the learning rate is scaled by
   ``ceiling/λ`` (:func:`lr_scale`), so the step stays stable while the penalty's fixed point, which does not depend
   on the learning rate, keeps tightening. Adaptive optimizers (Adam) take bounded steps: for them the ceiling is
   only a safe bound.
-* **normalised error.** The error is ``(forgetting − target) / max(target, 0.01)``, clipped to ``[−1, 5]``: a reading
+* **normalised error.** The error is ``(forgetting − target) / max(target, 0.01)``, clipped to ``[−2, 3]``: a reading
   twice over the target weighs the same whatever the budget. The target is ``(1 − margin) · max_forgetting``, so the
   oscillation around it stays under the budget.
 
 Readings are cheap **proxies**: the KL divergence from the starting model's outputs on a few base batches
 (:class:`ProxyCalibration` turns it into forgetting, ``forgetting ≈ a + c · KL``), fitted on **full scores**
 (the base metric on the whole base set) taken periodically. Until a full score has seen some forgetting, every
-reading among the first ``full_every`` is a full score.
+reading among the first ``full_every`` is a full score, and so is every reading whose KL is past 1.5 times the
+largest the line was fitted on: early, small forgetting would otherwise set a line far too low for what follows.
 
 Example::
 
