@@ -21,7 +21,7 @@ on the base task's test split (``base_dataloader``). The weights of replay, LwF,
 sweep on this job.
 
 Everything runs offline on data and weights that ship with packages. Each row is named as it starts
-(``row 4/28: LoRA r=4 (vision)``). The output directory holds Lightning's CSV logs per run, and
+(``row 4/32: LoRA r=4 (vision)``). The output directory holds Lightning's CSV logs per run, and
 ``results.md``/``results.csv``/``results.json`` and ``results.png``, rewritten (atomically) as each row finishes: a job
 stopped at any row keeps the results of the rows before it.
 Adding a method is one row in a table below.
