@@ -46,6 +46,7 @@ __all__ = [
     "DoRALinear",
     "EWCCallback",
     "ForgettingAwareFinish",
+    "ForgettingBudget",
     "ForgettingMonitor",
     "FreezeBackbone",
     "HeadOnly",
@@ -57,6 +58,7 @@ __all__ = [
     "LayerFreezer",
     "LayerwiseUnfreezing",
     "LoHaAdapter",
+    "MergeCheck",
     "LoHaCallback",
     "LoHaConfig",
     "LoHaConv",
@@ -103,6 +105,7 @@ __all__ = [
     "adapters_per_row",
     "add_weighted_adapter",
     "apply_lora_pro",
+    "check_artifact",
     "count_parameters",
     "delete_adapter",
     "describe_layers",
@@ -166,6 +169,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         DistillationCallback,
         EWCCallback,
         ForgettingAwareFinish,
+        ForgettingBudget,
         ForgettingMonitor,
         FreezeBackbone,
         HeadOnly,
@@ -176,6 +180,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         LoHaCallback,
         LoKrCallback,
         LoRACallback,
+        MergeCheck,
         OFTCallback,
         PEFTCallback,
         PromptTuningCallback,
@@ -212,6 +217,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         using_adapter,
     )
     from peft_callbacks.engine.mixed import adapters_per_row
+    from peft_callbacks.forgetting.verify import check_artifact
     from peft_callbacks.freezing import LayerFreezer, describe_layers, freeze_layers, split_layers
     from peft_callbacks.io import AdapterFileError, export_peft, import_peft, load_adapter, save_adapter
     from peft_callbacks.methods.adalora import AdaLoRA, AdaLoRAConfig, RankAllocator

@@ -31,7 +31,7 @@ def test_main_job_quick(tmp_path, capsys, caplog):
     results = json.load(open(os.path.join(out, "results.json")))
     vision = {r["method"]: r for r in results["vision"]}
     wanted = [m.name for m in job.VISION_METHODS if "full" in m.name or "lora" in m.name.lower()]
-    assert list(vision) == wanted and len(wanted) == 12  # every forgetting control, on full fine-tuning and LoRA
+    assert list(vision) == wanted and len(wanted) == 14  # every forgetting control, on full fine-tuning and LoRA
     assert [r["method"] for r in results["text"]] == [
         "full fine-tuning",
         "LoRA r=8 (q,v)",
@@ -39,6 +39,8 @@ def test_main_job_quick(tmp_path, capsys, caplog):
         "LoRA r=8 (q,v) + L2-SP α=0.2",
         "full fine-tuning + finish ≤0.075",
         "LoRA r=8 (q,v) + finish ≤0.075",
+        "full fine-tuning + budget ≤0.075",
+        "LoRA r=8 (q,v) + budget ≤0.075",
     ]
     full, lora = vision["full fine-tuning"], vision["LoRA r=4"]
     assert full["trainable_params"] == full["total_params"]
@@ -54,7 +56,7 @@ def test_main_job_quick(tmp_path, capsys, caplog):
     # every row is named as it starts, with its place in the job; a CSV beside the JSON holds the same rows
     rows = len(results["vision"]) + len(results["text"])
     assert f"row 1/{rows}: full fine-tuning (vision)" in caplog.text
-    assert f"row {rows}/{rows}: LoRA r=8 (q,v) + finish ≤0.075 (text)" in caplog.text
+    assert f"row {rows}/{rows}: LoRA r=8 (q,v) + budget ≤0.075 (text)" in caplog.text
     with open(os.path.join(out, "results.csv")) as f:
         assert [r["method"] for r in csv.DictReader(f)] == [r["method"] for r in results["vision"] + results["text"]]
 
@@ -161,3 +163,9 @@ def test_add_forgetting_monitor_example(tmp_path):
     assert [row["epoch"] for row in monitor.history] == [0, 1]  # baseline before training, then after the epoch
     assert monitor.latest["forgetting"] == monitor.baseline - monitor.latest["value"]
     assert os.path.exists(monitor.plot_path)
+
+
+def test_forgetting_budget_example(tmp_path):
+    budget, monitor = load_example("forgetting_budget").main(["--quick", "--out", str(tmp_path)])
+    assert budget.baseline is not None and len(budget.history) == 2  # a reading every 2 of the 4 steps
+    assert budget.final_forgetting is not None and monitor.latest["forgetting"] is not None

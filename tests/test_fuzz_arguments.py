@@ -143,6 +143,7 @@ SHARED_ACCEPTS = {
     "rank_pattern": [None, {}],  # {} is "no pattern"; keys are checked against the model at fit time
     "alpha_pattern": [None, {}],
     "lora_bias": _BOOL_OK,
+    "verify": _NONE_OK,
 }
 _LORA_CONFIG_ARGS = {
     "alpha": _NUMBER_OK,
@@ -492,7 +493,26 @@ CASES: dict[str, Case] = {
     "ReplayCallback": Case(valid=lambda: {"dataloader": _loader()}, accepts={"dataloader": _LOADERS, **_BASE_TASK}),
     "DistillationCallback": Case(valid=dict, accepts={"weight": [1.5], "temperature": [1.5], **_BASE_TASK}),
     "L2SPCallback": Case(
-        valid=dict, accepts={"weight": [1.5], "base_head": [None], "module": _MODULE_OK, "prefix": [None, "bogus"]}
+        valid=dict,
+        accepts={
+            "weight": [1.5],
+            "base_head": [None],
+            "module": _MODULE_OK,
+            "prefix": [None, "bogus"],
+            "normalize": _BOOL_OK,
+        },
+    ),
+    "ForgettingBudget": Case(
+        valid=lambda: {"dataloader": _loader(), "max_forgetting": 0.1},
+        accepts={
+            "dataloader": _LOADERS,
+            "metric": [None],  # label-free feature drift
+            "max_forgetting": [0],
+            "num_classes": [None],
+            "limit_batches": [None],
+            "margin": [0],
+            **_BASE_TASK,
+        },
     ),
     "EWCCallback": Case(
         valid=lambda: {"dataloader": _loader()},
@@ -517,6 +537,28 @@ CASES: dict[str, Case] = {
             "plot": _BOOL_OK,
             "plot_dir": _PATH_OK,
             **_BASE_TASK,
+        },
+    ),
+    "MergeCheck": Case(
+        valid=dict,
+        accepts={
+            "new_task": [None, *_LOADERS],
+            "base_task": [None, *_LOADERS],
+            "tolerance": [0],
+            "base_head": [None],
+            "limit_batches": [None],
+        },
+    ),
+    "check_artifact": Case(
+        valid=lambda: {"adapted": _net(), "artifact": _net(), "tasks": {"t": _loader()}},
+        accepts={
+            "tolerance": [0],
+            "name": ["bogus"],
+            "forward_fns": [None, {}],
+            "base_heads": [None, {}],
+            "module": _MODULE_OK,
+            "limit_batches": [None],
+            "shards": [None, {}],
         },
     ),
     "save_adapter": Case(

@@ -19,7 +19,15 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 hf = pytest.importorskip("transformers")
 
-from peft_callbacks import export_peft, import_peft, inject, load_adapter, merge, save_adapter  # noqa: E402
+from peft_callbacks import (  # noqa: E402
+    check_artifact,
+    export_peft,
+    import_peft,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+)
 from peft_callbacks.core import quantized  # noqa: E402
 from peft_callbacks.core.kinds import base_weight, layer_kind, weight_shape, write_weight  # noqa: E402
 from peft_callbacks.engine import LayerMethod, get_method, registered_methods  # noqa: E402
@@ -332,6 +340,25 @@ def test_requantized_merge_reports_the_error_it_adds(llama_dir, caplog):
     requantized_error = (logits(merged, ids) - adapted).abs().max().item()
     assert requantized_error > 1e-4  # unlike merge(dtype=...), the outputs move
     assert requantized_error < (base - adapted).abs().max().item() * 10
+
+
+def test_check_artifact_refuses_a_requantized_merge_and_accepts_a_float32_one(llama_dir):
+    """Two equal adapted models (same weights, same stand-in training); one is merged each way."""
+    data = [{"input_ids": token_ids(seed)} for seed in (1, 2)]
+
+    def adapted_model() -> nn.Module:
+        torch.manual_seed(3)  # the same LoRA initialisation each time
+        model = inject(load_quantized(llama_dir), LoRAConfig(rank=8))
+        move_trained(model, scale=0.05)
+        return model
+
+    reference = adapted_model()
+    requantized = merge(adapted_model(), requantize=True)
+    check = check_artifact(reference, requantized, {"new_task": data}, metric="loss", tolerance=1e-5)
+    assert not check.accepted and abs(check.deltas["new_task"]) > 1e-5
+    assert check.message().startswith("artifact refused: new_task loss")
+    merged = merge(adapted_model(), dtype="float32")
+    assert check_artifact(reference, merged, {"new_task": data}, metric="loss", tolerance=1e-5).accepted
 
 
 def test_requantize_and_dtype_contradict_and_bad_dtypes_are_refused(llama_dir):

@@ -2,6 +2,7 @@
 
 from peft_callbacks.callbacks.adalora import AdaLoRACallback
 from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.callbacks.budget import ForgettingBudget
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.callbacks.forgetting import ForgettingMonitor
 from peft_callbacks.callbacks.freezing import FreezeBackbone, HeadOnly, HeadThenFull, LayerwiseUnfreezing
@@ -21,6 +22,7 @@ from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.callbacks.slim_checkpoint import SlimCheckpoint
+from peft_callbacks.callbacks.verify import MergeCheck
 
 __all__ = [
     "AdaLoRACallback",
@@ -29,6 +31,7 @@ __all__ = [
     "DistillationCallback",
     "EWCCallback",
     "ForgettingAwareFinish",
+    "ForgettingBudget",
     "L2SPCallback",
     "ReplayCallback",
     "ForgettingMonitor",
@@ -41,6 +44,7 @@ __all__ = [
     "LoKrCallback",
     "LoRACallback",
     "LoRATrainingOptions",
+    "MergeCheck",
     "OFTCallback",
     "PEFTCallback",
     "PromptTuningCallback",

@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 _NO_SHUFFLE = "drift and `limit_batches` compare the same batches at every evaluation"
 
 
+def log_figures(trainer: pl.Trainer, prefix: str, figures: dict[str, float | None]) -> None:
+    """Log ``figures`` (``None`` left out) as ``<prefix>/<name>`` at the current step: to every logger from rank
+    zero, and into ``trainer.callback_metrics`` on every rank (for ``EarlyStopping``/``ModelCheckpoint``)."""
+    figures = {f"{prefix}/{k}": float(v) for k, v in figures.items() if v is not None}
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
+
+
 class ForgettingMonitor(Callback):
     """Measure how much of the base task a model forgets while it is fine-tuned on a new one.
 
@@ -384,11 +394,7 @@ class ForgettingMonitor(Callback):
         self._log_figures(trainer, figures)
 
     def _log_figures(self, trainer: pl.Trainer, figures: dict[str, float | None]) -> None:
-        figures = {f"{self.prefix}/{k}": float(v) for k, v in figures.items() if v is not None}
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(figures, step=trainer.global_step)
+        log_figures(trainer, self.prefix, figures)
 
     def _measured(self, row: dict[str, Any]) -> float | None:
         return row["relative_drop_percent"] if self.relative else row["forgetting"]

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Literal, TypeVar
 
 from peft_callbacks._validation import check_adapter_name, check_bool, check_optional_str
+from peft_callbacks.callbacks.verify import MergeCheck, check_verify
 from peft_callbacks.engine import DEFAULT_ADAPTER, MethodConfig, get_method
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.precision import check_dtype
@@ -56,6 +57,9 @@ class CallbackOptions:
         merged_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: merge into a plain model of this dtype (every
             tensor cast, quantized layers dequantized; e.g. a bfloat16 model merged in float32, or a 4-bit base
             merged into bfloat16). ``None`` keeps each weight's dtype, and keeps adapters on quantized bases unmerged.
+        verify: check the merge before it replaces the adapter: a ``MergeCheck(new_task=..., base_task=...,
+            tolerance=...)`` scores the merged model against the adapted one on both tasks and keeps the adapter
+            (saved, with a message) when a score moves by more than ``tolerance``. ``None``: no check, no cost.
 
     Example::
 
@@ -74,6 +78,7 @@ str 'int8'.
     save_adapter_to: str | None = None
     save_merged_to: str | None = None
     merged_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    verify: MergeCheck | None = None
 
     def __post_init__(self) -> None:
         check_adapter_name(self.adapter_name)
@@ -82,6 +87,7 @@ str 'int8'.
         check_optional_str("save_adapter_to", self.save_adapter_to)
         check_optional_str("save_merged_to", self.save_merged_to)
         check_dtype("merged_dtype", self.merged_dtype)
+        check_verify(self.verify)
 
     def check_for(self, config: MethodConfig) -> None:
         """Refuse options the method of ``config`` cannot have (another adapter name for a one-per-model method)."""
@@ -90,6 +96,12 @@ str 'int8'.
             raise ValueError(
                 f"{method.title} holds one set of modules per model: `adapter_name` must be {DEFAULT_ADAPTER!r}, "
                 f"got {self.adapter_name!r}."
+            )
+        if self.verify is not None and not (method.mergeable and self.merge_on_train_end):
+            why = "is not merged at the end" if method.mergeable else "stays in the model (it has no merge)"
+            raise ValueError(
+                f"`verify` checks the merge at the end of training, but {method.title} {why}: leave `verify=None`"
+                + (", or set `merge_on_train_end=True`." if method.mergeable else ".")
             )
 
 

@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from peft_callbacks.callbacks.base import SurgeryCallback
 from peft_callbacks.callbacks.options import CallbackOptions
+from peft_callbacks.callbacks.verify import verify_merge
 from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
 from peft_callbacks.core.modules import PEFTModule
@@ -39,6 +40,7 @@ from peft_callbacks.engine.adapters import adapter_names, set_adapter
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.engine.surgery import apply_batchnorm_rule, check_config
 from peft_callbacks.engine.usage import drop_adapters, reset_usage, uncalled_layers
+from peft_callbacks.forgetting.verify import ArtifactCheck
 from peft_callbacks.io.adapter_file import save_adapter
 from peft_callbacks.io.checkpoint import read_record
 from peft_callbacks.plumbing.checkpoint_hooks import install_checkpoint_hook, restore_checkpoint, write_outside_fit
@@ -106,6 +108,9 @@ class PEFTCallback(SurgeryCallback):
         self.adapter_name = options.adapter_name
         self.merge_on_train_end = options.merge_on_train_end
         self.merged_dtype = options.merged_dtype
+        self.verify = options.verify
+        self.verification: ArtifactCheck | None = None  # what the check of the last merge found
+        self.kept_adapter = False  # the last fit ended with the adapter unmerged (quantized base, refused merge)
         self.recipes: dict[str, list[dict[str, Any]]] = {}
         self._reinjected = False
         self._gradients_checked = False
@@ -169,6 +174,7 @@ class PEFTCallback(SurgeryCallback):
         return [n for n in adapter_names(pl_module) if n != self.adapter_name]
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.verification, self.kept_adapter = None, False
         others = self._other_adapters(pl_module) if self._merges() else []
         if others:
             rank_zero_info(
@@ -182,28 +188,65 @@ class PEFTCallback(SurgeryCallback):
         return self.method.mergeable and self.merge_on_train_end
 
     def _merge(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
-        """Merge as configured; on a quantized base without ``merged_dtype`` keep the adapter (saved) instead."""
-        if self.merged_dtype is not None:
-            for _, model in find_models(pl_module, self.module):
-                merge(model, method=self.method.name, dtype=self.merged_dtype)
-            return
-        layers = self.method.modules(pl_module)
-        kept = sorted({quantized.quantization_label(m.base_layer) for m in layers.values() if _is_quantized(m)})
-        if not kept:
-            merge(pl_module, method=self.method.name)
+        """Merge as configured; on a quantized base without ``merged_dtype`` keep the adapter (saved) instead. With
+        ``verify``, a merged copy is checked first and a merge that moves a score too far is refused."""
+        quantized_kept = []
+        if self.merged_dtype is None:
+            layers = self.method.modules(pl_module)
+            quantized_kept = sorted(
+                {quantized.quantization_label(m.base_layer) for m in layers.values() if _is_quantized(m)}
+            )
+        if not quantized_kept:
+            if trainer is not None and self.verify is not None:
+                self.verification = verify_merge(
+                    self.verify, trainer, pl_module, self._merge_into, self.name, self.module
+                )
+                if self.verification is not None and not self.verification.accepted:
+                    self._keep_adapter(
+                        pl_module,
+                        trainer,
+                        f"the merge was refused: it moved a score by more than "
+                        f"tolerance={self.verification.tolerance:g}",
+                    )
+                    return
+            self._merge_into(pl_module)
             return
         if trainer is None:
             return  # after validate/test: the adapter stays, as after fit
-        directory = self.save_adapter_to
-        if directory is None and trainer.is_global_zero:
-            directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter")
-            save_adapter(pl_module, directory)
-        rank_zero_info(
-            f"{self.name}: the base is quantized (bitsandbytes {', '.join(kept)}), so {self.method.title} stays "
-            f"unmerged: rounding merged weights back into the quantized format would lose most of the update. The "
-            f"adapter is saved in {directory}; load it onto the same quantized base with load_adapter, or pass "
-            f"merged_dtype='bfloat16' for a merged plain model (from the dequantized weights)."
+        self._keep_adapter(
+            pl_module,
+            trainer,
+            f"the base is quantized (bitsandbytes {', '.join(quantized_kept)}), so {self.method.title} stays "
+            f"unmerged: rounding merged weights back into the quantized format would lose most of the update",
+            hint="merged_dtype='bfloat16' for a merged plain model (from the dequantized weights)",
         )
+
+    def _merge_into(self, pl_module: nn.Module) -> None:
+        """The merge itself: into each found model in ``merged_dtype``, else in place."""
+        if self.merged_dtype is not None:
+            for _, model in find_models(pl_module, self.module):
+                merge(model, method=self.method.name, dtype=self.merged_dtype)
+        else:
+            merge(pl_module, method=self.method.name)
+
+    def _keep_adapter(self, pl_module: nn.Module, trainer: pl.Trainer, reason: str, hint: str = "") -> None:
+        """Leave the adapter unmerged and saved (to ``save_adapter_to``, else ``<log_dir>/adapter``), saying why."""
+        self.kept_adapter = True
+        directory = self.save_adapter_to
+        if directory is None:
+            directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter")
+            if trainer.is_global_zero:
+                save_adapter(pl_module, directory)
+        rank_zero_info(
+            f"{self.name}: {reason}. The adapter is saved in {directory}; load it onto the same base with "
+            f"load_adapter" + (f", or pass {hint}." if hint else ".")
+        )
+
+    def save_models(self, pl_module: nn.Module, directory: str) -> None:
+        if self.kept_adapter and self.verification is not None:
+            rank_zero_info(f"{self.name}: the merge was refused, so no merged model is written to {directory}.")
+            return
+        super().save_models(pl_module, directory)
 
     # -- gradients reach every adapter ----------------------------------------------------------------------------
     def on_before_optimizer_step(

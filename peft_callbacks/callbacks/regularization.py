@@ -28,7 +28,7 @@ from peft_callbacks.callbacks.freezing import may_unfreeze
 from peft_callbacks.callbacks.mitigation import _AnchoredTerm
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.batches import move_to_device
-from peft_callbacks.forgetting.penalties import diagonal_fisher, ewc_penalty, l2sp_penalty
+from peft_callbacks.forgetting.penalties import diagonal_fisher, ewc_penalty, l2sp_penalty, normalizing_scale
 from peft_callbacks.forgetting.replay import batch_size_of
 from peft_callbacks.forgetting.scoring import evaluation_mode
 from peft_callbacks.plumbing.base_task import BaseLoader, BaseTaskOptions, check_dataloader, resolve_loader
@@ -47,13 +47,16 @@ class L2SPCallback(_AnchoredTerm):
     Li et al. 2018 ("Explicit inductive bias for transfer learning with convolutional networks", eq. 2, the ``α``
     term). The update is ``ΔW`` for adapted layers of every layer method (each adapter measures its own: LoRA in rank
     space, ``‖s·B·A‖²`` without forming ``B·A``) and ``θ − θ₀`` for every other trained tensor; see the module
-    docstring. Logged: ``l2sp/loss``.
+    docstring. With ``normalize=True`` the sum is divided by ``S₀ = Σ ‖θ₀‖²`` of the same tensors (the squared
+    relative update: one ``α`` means the same on a small and a large model; see
+    :mod:`peft_callbacks.forgetting.penalties`). Logged: ``l2sp/loss``.
 
     Args:
         weight: ``α`` (> 0).
         base_head: the original head (module, whole original model, or state-dict path), when fine-tuning replaced
             it: the current head is then the new task's own and is not pulled back. ``None``: it is.
         module: dotted path of the model inside the LightningModule when it holds several.
+        normalize: divide the penalty by ``Σ ‖θ₀‖²`` (``False``, the default: the plain sum).
         prefix: logging namespace and checkpoint key.
 
     Example::
@@ -82,13 +85,21 @@ class L2SPCallback(_AnchoredTerm):
         weight: float = 0.01,
         base_head: nn.Module | str | None = None,
         module: str | None = None,
+        normalize: bool = False,
         prefix: str = "l2sp",
     ) -> None:
         super().__init__(base_head=base_head, module=module, prefix=prefix)
         self.weight = check_positive_float("weight", weight)
+        self.normalize = check_bool("normalize", normalize)
+        self._scale: float | None = None
+
+    def on_new_tensors(self, names: list[str]) -> None:
+        self._scale = None  # S₀ covers the tensors unfrozen since
 
     def term(self, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any) -> torch.Tensor:
-        value = l2sp_penalty(self._anchor, self.weight)
+        if self._scale is None:
+            self._scale = normalizing_scale(self._anchor) if self.normalize else 1.0
+        value = l2sp_penalty(self._anchor, self.weight, self._scale)
         self.log_term(pl_module, "loss", value, batch_size=batch_size_of(batch))
         return loss + value.to(loss.device, loss.dtype)
 
@@ -110,7 +121,9 @@ class EWCCallback(_AnchoredTerm):
     gradients of its share of the batches and the sums are added, so ``F`` equals one process's.
 
     With ``normalize=True`` (default) the penalty uses ``F / mean(F)`` (mean over every entry), so ``weight`` has the
-    scale of L2-SP's ``α`` whatever the loss scale; ``fisher`` keeps the raw values. Logged: ``ewc/loss``.
+    scale of L2-SP's ``α`` whatever the loss scale; ``fisher`` keeps the raw values. ``normalize="start"`` also
+    divides by ``Σ F/mean(F) ⊙ θ₀²``, the Fisher-weighted size of the starting weights, as the normalised L2-SP does
+    (one ``weight`` means the same on a small and a large model). Logged: ``ewc/loss``.
 
     Args:
         dataloader: the base-task set for the Fisher: a ``DataLoader``, a ``LightningDataModule``, a callable
@@ -119,7 +132,8 @@ class EWCCallback(_AnchoredTerm):
         base_head: the original head (module, whole original model, or state-dict path), when fine-tuning replaced
             it; ``None`` scores the base task through the current head (and then penalises it too).
         fisher_batches: use only the first N base-task batches for the Fisher (``None``: all).
-        normalize: divide the Fisher by its mean in the penalty.
+        normalize: ``True``: divide the Fisher by its mean in the penalty; ``"start"``: that, and divide the penalty
+            by the Fisher-weighted ``Σ θ₀²``; ``False``: the raw Fisher.
         prefix: logging namespace and checkpoint key.
 
     Example::
@@ -138,14 +152,16 @@ class EWCCallback(_AnchoredTerm):
         *,
         base_task: BaseTaskOptions,
         fisher_batches: int | None = None,
-        normalize: bool = True,
+        normalize: bool | str = True,
         prefix: str = "ewc",
     ) -> None:
         super().__init__(**base_task.arguments(), prefix=prefix)
         self.dataloader = check_dataloader(dataloader)
         self.weight = check_positive_float("weight", weight)
         self.fisher_batches = None if fisher_batches is None else check_positive_int("fisher_batches", fisher_batches)
-        self.normalize = check_bool("normalize", normalize)
+        if normalize != "start" and not isinstance(normalize, bool):
+            raise ValueError(f"`normalize` must be True, False or 'start', got {normalize!r}.")
+        self.normalize = normalize
         self.fisher: dict[str, torch.Tensor] = {}
         self._fisher_scale: float | None = None
 
@@ -191,6 +207,8 @@ class EWCCallback(_AnchoredTerm):
             return 1.0
         total = sum(float(f.sum()) for f in self.fisher.values())
         count = sum(int(f.numel()) for f in self.fisher.values())
+        if self.normalize == "start":  # (F/mean F) / Σ (F/mean F)·θ₀² = F / Σ F·θ₀²
+            return normalizing_scale(self._anchor, self.fisher)
         return count / total if total > 0 else 1.0
 
     def term(self, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any) -> torch.Tensor:

