@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_choice, check_float, check_positive_int
 from peft_callbacks.callbacks.forgetting import log_figures
 from peft_callbacks.callbacks.regularization import _AnchoredTerm
+from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.budget import ForgettingBudgetState
 from peft_callbacks.forgetting.metrics import check_metric, higher_is_better
 from peft_callbacks.forgetting.penalties import l2sp_penalty, normalizing_scale
 from peft_callbacks.forgetting.replay import batch_size_of
 from peft_callbacks.forgetting.scoring import BaseTaskScorer
-from peft_callbacks.plumbing.base_task import BaseLoader, check_dataloader, resolve_loader
+from peft_callbacks.plumbing.base_task import BaseLoader, BaseTaskOptions, check_dataloader, resolve_loader
 
 log = logging.getLogger(__name__)
 
 _NO_SHUFFLE = "the proxy KL compares the same batches at every reading"
 
 
+@takes_settings(BaseTaskOptions)
 class ForgettingBudget(_AnchoredTerm):
     """Hold base-task forgetting under ``max_forgetting`` while learning as much of the new task as it allows.
 
@@ -63,8 +64,6 @@ class ForgettingBudget(_AnchoredTerm):
             starting model's, and the proxy is that drift on the first ``proxy_batches`` batches.
         base_head: the original head (module, whole original model, or state-dict path) when fine-tuning replaced
             it; the current head is then the new task's own and is not pulled back.
-        forward_fn: ``forward_fn(pl_module, batch) -> logits`` for models or batches the defaults cannot read.
-        module: dotted path of the model inside the LightningModule when it holds several.
         num_classes: base-task classes for accuracy/F1; read from the (base) head when ``None``.
         every_n_steps: a reading every N optimizer steps.
         proxy_batches: base batches of a proxy reading.
@@ -81,7 +80,6 @@ class ForgettingBudget(_AnchoredTerm):
 
     Example::
 
-        >>> import lightning as L
         >>> from peft_callbacks.demo import MLPClassifier, quiet_trainer, random_loader  # any LightningModule, data
         >>> new, old = random_loader(16, batch_size=4), random_loader(8, batch_size=4, seed=1)
         >>> budget = ForgettingBudget(old, max_forgetting=0.05, every_n_steps=2)
@@ -96,9 +94,8 @@ class ForgettingBudget(_AnchoredTerm):
         dataloader: BaseLoader,
         max_forgetting: float,
         metric: Literal["accuracy", "f1", "loss", "perplexity"] | Metric | None = "accuracy",
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
+        *,
+        base_task: BaseTaskOptions,
         num_classes: int | None = None,
         every_n_steps: int = 10,
         proxy_batches: int = 2,
@@ -108,7 +105,7 @@ class ForgettingBudget(_AnchoredTerm):
         prefix: str = "budget",
         features: Literal["head_input", "output"] = "head_input",
     ) -> None:
-        super().__init__(base_head=base_head, forward_fn=forward_fn, module=module, prefix=prefix)
+        super().__init__(**base_task.arguments(), prefix=prefix)
         if dataloader is None:
             raise ValueError(
                 "`dataloader` is None: ForgettingBudget needs base-task data (a DataLoader, a LightningDataModule, a "
