@@ -194,13 +194,14 @@ def eva_components(
     moments: dict[str, _Moments] = {}
     groups: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    state = {"mask": None}
+    state: dict[str, Any] = {"mask": None, "alive": []}
 
     def hook(path: str) -> Callable:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             if path not in groups:  # the first batch: layers fed the very same tensor share one decomposition
                 groups[path] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), path)
+                state["alive"].append(x)  # held through the batch: a freed input's address could be reused
             if groups[path] != path:
                 return
             mask = state["mask"]
@@ -222,6 +223,7 @@ def eva_components(
             batch = _to(batch, device)
             state["mask"] = _token_mask(batch, use_label_mask, label_mask_value)
             forward_fn(model, batch)
+            state["alive"].clear()
             count += 1
     finally:
         for handle in handles:
