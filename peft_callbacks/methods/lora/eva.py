@@ -18,12 +18,14 @@ stays zero under any optimizer and the adapter computes, and trains, as PEFT's r
 that uniform one (``rank=R``, ``alpha·R/r``, ``init="eva"``), so adapter files reload and merge exactly.
 
 **Against PEFT.** PEFT runs an incremental, randomised PCA (``torch.svd_lowrank``, seed 42) over the batches until
-consecutive estimates agree to a cosine of ``tau`` (0.99); here the covariance of all probe batches is accumulated in
-float64 and decomposed exactly once. On one batch the two agree to rounding (up to each component's sign, which
-changes nothing: ``B = 0``); on several, PEFT's estimate is an approximation of this exact one (its stopping rule
-bounds the difference). Layers that are not linear (convolutions) keep the default initialisation at rank ``r``, as
-in PEFT. Memory: one ``in × in`` float64 matrix per distinct layer input (layers fed the same tensor, like ``q``, ``k``,
-``v``, share one).
+consecutive estimates agree to a cosine of ``tau`` (0.99), cycling the batches if needed; here the covariance of the
+``eva_batches`` probe batches is accumulated (each batch's centred product in float32, the totals in float64) and
+decomposed exactly once. On one batch the two agree to rounding (up to each component's sign, which changes nothing:
+``B = 0``) wherever PEFT's randomised SVD keeps as many directions as the layer has inputs (``2·round(rho·r) ≥ in``);
+otherwise, and on several batches, PEFT's estimate approximates this exact one, and near-equal explained variances
+may then give a layer a component more or less than here. PEFT's ``adjust_scaling_factors=False`` is not offered.
+Layers that are not linear (convolutions) keep the default initialisation at rank ``r``, as in PEFT. Memory: one
+``in × in`` float64 matrix per distinct layer input (layers fed the same tensor, like ``q``, ``k``, ``v``, share one).
 
 Example::
 
@@ -134,25 +136,32 @@ def _token_mask(batch: Any, use_label_mask: bool, label_mask_value: int) -> torc
 
 
 class _Moments:
-    """Running ``n``, ``Σx`` and ``Σxxᵀ`` (float64) of one layer's input rows."""
+    """Running count, mean and scatter ``Σ(x−μ)(x−μ)ᵀ`` of one layer's input rows: each batch's centred product in
+    float32 (the costly part), merged into float64 totals by Chan et al.'s pairwise update."""
 
     def __init__(self) -> None:
-        self.n, self.total, self.outer = 0, None, None
+        self.n, self.mean, self.scatter = 0, None, None
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64)  # (n, in)
-        if self.total is None:
-            self.total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-            self.outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-        self.n += rows.shape[0]
-        self.total += rows.sum(0)
-        self.outer += rows.T @ rows  # (in, n) @ (n, in)
+        rows = rows.detach().float()  # (n_b, in)
+        n_b = rows.shape[0]
+        if n_b == 0:
+            return
+        mean_b = rows.sum(0, dtype=torch.float64) / n_b  # (in,)
+        centred = rows - mean_b.float()
+        scatter_b = (centred.T @ centred).double()  # (in, n_b) @ (n_b, in)
+        if self.mean is None:
+            self.n, self.mean, self.scatter = n_b, mean_b, scatter_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.scatter += scatter_b + torch.outer(delta, delta) * (self.n * n_b / n)
+        self.mean += delta * (n_b / n)
+        self.n = n
 
     def principal(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(λ, Vᵀ)`` of the scatter matrix ``Σ(x−μ)(x−μ)ᵀ``, largest first, signs as PEFT's ``svd_flip``."""
-        mean = self.total / self.n
-        scatter = self.outer - self.n * torch.outer(mean, mean)
-        values, vectors = torch.linalg.eigh(scatter)  # ascending
+        values, vectors = torch.linalg.eigh(self.scatter)  # ascending
         values, rows = values.flip(0).clamp_min(0), vectors.flip(1).T  # (in,), (in, in)
         signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))  # largest entry of each row positive
         return values, rows * signs
@@ -234,6 +243,9 @@ def eva_components(
     silent = [p for p in targets if p not in groups]
     if silent:
         raise ValueError(f"EVA: layers {silent[:5]} never ran on the probe batches; exclude them from the targets.")
+    empty = [p for p, m in moments.items() if m.n == 0]
+    if empty:
+        raise ValueError(f"EVA: layers {empty[:5]} saw no token on the probe batches (all padding or masked labels).")
     decomposed = {p: (*m.principal(), m.n) for p, m in moments.items()}
     log.info("EVA: %d batch(es), %d distinct layer input(s) over %d layer(s)", count, len(decomposed), len(targets))
     return decomposed, groups
