@@ -261,3 +261,21 @@ def test_the_callback_refuses_eva_outside_fit():
     lora = LoRACallback(rank=4, init="eva", target_modules=["query"])
     with pytest.raises(ValueError, match=r"LoRACallback\(init='eva'\) takes LoRA's A from the training data"):
         lora.apply(HF_MODELS["bert"]()[0], "")
+
+
+def test_an_eva_run_resumes_from_its_checkpoint_and_fits_again(tmp_path):
+    targets, loader = ["query", "intermediate.dense"], DataLoader(_examples(), batch_size=8)
+    options = dict(rank=4, init="eva", target_modules=targets, eva_batches=2, merge_on_train_end=False)
+    lora, module = LoRACallback(**options), _Classifier()
+    trainer = quiet_trainer(max_steps=2, callbacks=[lora])
+    trainer.fit(module, loader)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    trained = {p: a.lora_A.weight.detach().clone() for p, a in lora_adapters(module.model).items()}
+    resumed = _Classifier()  # a fresh run: EVA reads the data again, then the checkpoint's tensors load
+    quiet_trainer(max_steps=2, callbacks=[LoRACallback(**options)]).fit(
+        resumed, loader, ckpt_path=tmp_path / "run.ckpt"
+    )
+    for path, adapter in lora_adapters(resumed.model).items():
+        assert torch.equal(adapter.lora_A.weight, trained[path]), path
+    quiet_trainer(max_steps=1, callbacks=[lora]).fit(module, loader)  # the same callback again: continues training
+    assert any(not torch.equal(a.lora_A.weight, trained[p]) for p, a in lora_adapters(module.model).items())

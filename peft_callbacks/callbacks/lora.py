@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
-from peft_callbacks.methods.lora.eva import EVAOptions, eva_init
+from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
@@ -126,6 +126,9 @@ class LoRACallback(PEFTCallback):
         self._fit_trainer: pl.Trainer | None = None
 
     # -- init="eva" reads the training data -----------------------------------------------------------------------
+    def applied_config(self) -> LoRAConfig:
+        return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
+
     def apply(self, model: torch.nn.Module, path: str) -> None:
         if self.config.init != "eva":
             super().apply(model, path)

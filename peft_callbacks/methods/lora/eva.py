@@ -64,7 +64,7 @@ from peft_callbacks.methods.lora.config import LoRAConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVA_KINDS", "EVAOptions", "default_forward", "eva_components", "eva_init", "eva_ranks"]
+__all__ = ["EVA_KINDS", "EVAOptions", "default_forward", "eva_components", "eva_init", "eva_ranks", "eva_stored_config"]
 
 EVA_KINDS = ("linear", "hf_conv1d", "linear_4bit", "linear_8bit")  # layers whose input is (…, in_features)
 
@@ -330,8 +330,7 @@ def eva_init(
     )
     ratios = {p: values / values.sum().clamp_min(1e-30) for p, (values, _, _) in decomposed.items()}
     counts = _redistribute(ratios, config.rank, offered, groups) if linear else {}
-    stored = dataclasses.replace(config, rank=offered, alpha=config.alpha * offered / config.rank, init="eva")
-    inject(model, stored, adapter_name=adapter_name, targets=targets)
+    inject(model, eva_stored_config(config, eva), adapter_name=adapter_name, targets=targets)
     for path in targets:
         lora = model.get_submodule(path).adapters[adapter_name]
         weight = lora.lora_A.weight  # (R, in…)
@@ -347,6 +346,20 @@ def eva_init(
             weight[k:].zero_()
     log.info("EVA ranks: %s", {p: counts.get(p, config.rank) for p in targets})
     return model
+
+
+def eva_stored_config(config: LoRAConfig, eva: EVAOptions | None = None) -> LoRAConfig:
+    """The config an EVA adapter is stored with: rank ``R = round(eva_rho·rank)``, ``alpha·R/rank`` (the scaling stays
+    ``alpha/rank``), ``init="eva"``.
+
+    Example::
+
+        >>> stored = eva_stored_config(LoRAConfig(rank=8, alpha=16), EVAOptions(eva_rho=2))
+        >>> stored.rank, stored.alpha
+        (16, 32.0)
+    """
+    offered = round((EVAOptions() if eva is None else eva).eva_rho * config.rank)
+    return dataclasses.replace(config, rank=offered, alpha=config.alpha * offered / config.rank, init="eva")
 
 
 def eva_ranks(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, int]:
