@@ -279,3 +279,16 @@ def test_an_eva_run_resumes_from_its_checkpoint_and_fits_again(tmp_path):
         assert torch.equal(adapter.lora_A.weight, trained[path]), path
     quiet_trainer(max_steps=1, callbacks=[lora]).fit(module, loader)  # the same callback again: continues training
     assert any(not torch.equal(a.lora_A.weight, trained[p]) for p, a in lora_adapters(module.model).items())
+
+
+def test_eva_whiten_divides_each_component_by_the_root_of_its_singular_value():
+    from peft_callbacks.methods.lora.eva import eva_components
+
+    model, batches = HF_MODELS["bert"]()[0], [_text_batch()]
+    decomposed, _ = eva_components(model, batches, ["bert.encoder.layer.0.intermediate.dense"])
+    values, rows, _ = decomposed["bert.encoder.layer.0.intermediate.dense"]
+    config = LoRAConfig(rank=4, target_modules=["intermediate.dense"], layers_to_transform=[0])
+    eva_init(model, batches, config, EVAOptions(eva_rho=1, eva_whiten=True))
+    a = lora_layers(model)["bert.encoder.layer.0.intermediate.dense"].adapters["default"].lora_A.weight
+    expected = rows[:4] / values[:4].sqrt().sqrt().unsqueeze(1)  # singular value of the centred inputs = √λ
+    torch.testing.assert_close(a.double(), expected, rtol=1e-5, atol=1e-7)
