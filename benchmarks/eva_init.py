@@ -154,6 +154,12 @@ def main() -> None:
         if agreement is None:
             agreement = _agreement(ours, theirs)
         print(f"round {round_}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        if round_ == 0:
+            print(
+                f"peft read {read[-1]} batch(es); same rank per layer: {agreement[0]:.0%}; mean subspace overlap "
+                f"of A: {agreement[1]:.3f}",
+                flush=True,
+            )
 
     median = {k: statistics.median(v) for k, v in times.items()}
     print(
