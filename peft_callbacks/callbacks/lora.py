@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
@@ -76,7 +78,7 @@ class LoRATrainingOptions:
             )
 
 
-@typed_callback(LoRAConfig, LoRATrainingOptions)
+@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -91,7 +93,13 @@ class LoRACallback(PEFTCallback):
     float32, and at the end LoRA stays unmerged and is saved, unless ``merged_dtype`` asks for a merged plain model
     (see :class:`~peft_callbacks.callbacks.peft.PEFTCallback` and the docs page "Quantized bases").
 
-    Its arguments are the fields of :class:`~peft_callbacks.LoRAConfig`, of :class:`LoRATrainingOptions` and of
+    With ``init="eva"`` the factors ``A`` start from the principal components of each layer's inputs on the first
+    ``eva_batches`` batches of the training dataloader, read at ``setup`` through the frozen base model
+    (:mod:`peft_callbacks.methods.lora.eva`); batches are mappings of model inputs (transformers), ``(inputs,
+    targets)`` tuples or tensors.
+
+    Its arguments are the fields of :class:`~peft_callbacks.LoRAConfig`, of :class:`LoRATrainingOptions`, of
+    :class:`~peft_callbacks.methods.lora.eva.EVAOptions` and of
     :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
 
     Example::
@@ -107,14 +115,36 @@ class LoRACallback(PEFTCallback):
         True
     """
 
-    def __init__(self, config: LoRAConfig, training: LoRATrainingOptions, options: CallbackOptions) -> None:
+    def __init__(
+        self, config: LoRAConfig, training: LoRATrainingOptions, eva: EVAOptions, options: CallbackOptions
+    ) -> None:
         self._configure(config, options)
         training.check_for(self.config)
         self.loraplus_lr_ratio = training.loraplus_lr_ratio
         self.lora_pro = training.lora_pro
+        self.eva = eva
+        self._fit_trainer: pl.Trainer | None = None
+
+    # -- init="eva" reads the training data -----------------------------------------------------------------------
+    def applied_config(self) -> LoRAConfig:
+        return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
+
+    def apply(self, model: torch.nn.Module, path: str) -> None:
+        if self.config.init != "eva":
+            super().apply(model, path)
+            return
+        if self._fit_trainer is None:
+            raise ValueError(
+                f"{self.name}(init='eva') takes LoRA's A from the training data, read when `trainer.fit` starts; "
+                f"outside fit there is none. Fit first, or load the saved adapter (load_adapter) to evaluate."
+            )
+        eva_init(
+            model, training_batches(self._fit_trainer, self.name), self.config, self.eva, adapter_name=self.adapter_name
+        )
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fit_trainer = trainer if stage == "fit" else None
         kind = strategy_kind(trainer)
         if self.lora_pro and is_sharding(trainer):
             raise ValueError(
@@ -180,4 +210,24 @@ class LoRACallback(PEFTCallback):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["config"].update(loraplus_lr_ratio=self.loraplus_lr_ratio, lora_pro=self.lora_pro)
+        state["config"].update(dataclasses.asdict(self.eva))
         return state
+
+
+def training_batches(trainer: pl.Trainer, name: str) -> Iterable:
+    """The fit's training dataloader (the datamodule's, the module's ``train_dataloader`` or the one passed to
+    ``fit``), as Lightning will build it, for a look at its first batches before training.
+
+    Raises:
+        ValueError: the fit has no training dataloader, or several (a mapping or list of them).
+    """
+    source = trainer.fit_loop._data_source  # Lightning's record of where `train_dataloader` comes from (read only)
+    if not source.is_defined():
+        raise ValueError(f"{name}(init='eva') reads the training data, but this fit has no `train_dataloader`.")
+    loader = source.dataloader()
+    if isinstance(loader, (Mapping, list, tuple)):
+        raise ValueError(
+            f"{name}(init='eva') reads one training dataloader; this fit has {type(loader).__name__} of them. Call "
+            f"`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva) on the model before fitting."
+        )
+    return loader

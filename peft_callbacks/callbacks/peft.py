@@ -131,6 +131,10 @@ class PEFTCallback(SurgeryCallback):
     def apply(self, model: nn.Module, path: str) -> None:
         inject(model, self.config, adapter_name=self.adapter_name)
 
+    def applied_config(self) -> MethodConfig:
+        """The config :meth:`apply` records on the model (``config``; a subclass may store another, e.g. EVA's)."""
+        return self.config
+
     def is_applied(self, model: nn.Module) -> bool:
         records = [
             r
@@ -144,7 +148,8 @@ class PEFTCallback(SurgeryCallback):
             return applied
         saved = {k: v for k, v in records[-1]["config"].items() if k not in ("targets", "modules")}
         targets = records[-1]["config"].get("targets") or []  # patterns resolved as the recipe holds them
-        wanted = (self.method.resolve(model, self.config, targets) if targets else self.config).to_dict()
+        config = self.applied_config()
+        wanted = (self.method.resolve(model, config, targets) if targets else config).to_dict()
         if saved != wanted:
             changed = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
             raise ValueError(

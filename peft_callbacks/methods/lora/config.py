@@ -21,7 +21,8 @@ from peft_callbacks.methods.lora.tokens import check_token_indices
 
 __all__ = ["INITS", "LoRAConfig"]
 
-INITS = ("default", "gaussian", *RESIDUAL_INITS)
+PLAIN_INITS = ("default", "gaussian", "orthogonal", "eva")  # the base weight untouched, no buffers
+INITS = ("default", "gaussian", *RESIDUAL_INITS, "orthogonal", "eva")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +39,10 @@ class LoRAConfig(LayerConfig, method="lora"):
         init: how the factors start (HF PEFT's ``init_lora_weights``): ``"default"`` (``A`` kaiming-uniform, ``B``
             zero), ``"gaussian"`` (``A`` normal with std ``1/r``), or from the base weight, which then acts as the
             residual: ``"pissa"`` (SVD), ``"pissa_niter_<K>"`` (randomised SVD, K power iterations), ``"olora"`` (QR);
-            see :mod:`peft_callbacks.methods.lora.init`.
+            see :mod:`peft_callbacks.methods.lora.init`. ``"orthogonal"``: ``A``, ``B`` from one random orthogonal
+            matrix, both non-zero with ``B·A = 0`` (even ``rank``; :mod:`~peft_callbacks.methods.lora.orthogonal`).
+            ``"eva"``: ``A`` from the principal components of each layer's inputs, ``B`` zero; needs data
+            (:func:`~peft_callbacks.methods.lora.eva.eva_init`, or ``LoRACallback`` which uses the training data).
         target_parameters: parameters to adapt directly (names, dotted suffixes as in PEFT —
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
@@ -64,10 +68,10 @@ class LoRAConfig(LayerConfig, method="lora"):
         >>> config = LoRAConfig(rank=8, alpha=16, target_modules=["qkv"])
         >>> config.to_dict()["alpha"], config.target_modules  # patterns are used, the exact targets recorded
         (16.0, ['qkv'])
-        >>> LoRAConfig(init="svd")
+        >>> LoRAConfig(init="svd")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `init` must be one of ('default', 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora'), got 'svd'.
+        ValueError: `init` must be one of ('default', 'gaussian', 'pissa', ..., 'orthogonal', 'eva'), got 'svd'.
     """
 
     rank: int = 8
@@ -90,8 +94,14 @@ class LoRAConfig(LayerConfig, method="lora"):
         self._set("dropout", check_float("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False))
         check_bool("use_rslora", self.use_rslora)
         check_bool("use_dora", self.use_dora)
-        if not isinstance(self.init, str) or not (self.init in ("default", "gaussian") or is_residual_init(self.init)):
+        if not isinstance(self.init, str) or not (self.init in PLAIN_INITS or is_residual_init(self.init)):
             raise ValueError(f"`init` must be one of {INITS}, got {self.init!r}.")
+        if self.init == "orthogonal" and self.rank % 2:
+            raise ValueError(
+                f"`init`='orthogonal' needs an even `rank` (Q is split in two halves), got rank={self.rank}."
+            )
+        if self.use_dora and self.init in ("orthogonal", "eva"):
+            raise ValueError(f"`init`={self.init!r} cannot be combined with `use_dora=True` here; use init='default'.")
         if self.use_dora and is_residual_init(self.init):
             raise ValueError(
                 f"`init`={self.init!r} cannot be combined with `use_dora=True`: DoRA's magnitude is taken from the "
@@ -130,7 +140,7 @@ def check_parameter_options(config: LoRAConfig) -> None:
         raise ValueError("`lora_bias=True` cannot be used with `target_parameters` (HF PEFT refuses it too).")
     if config.use_dora:
         raise ValueError("`use_dora=True` cannot be used with `target_parameters` (DoRA is defined for layers).")
-    if is_residual_init(config.init):
+    if config.init not in ("default", "gaussian"):
         raise ValueError(
             f"`init`={config.init!r} cannot be used with `target_parameters`; use 'default' or 'gaussian'."
         )

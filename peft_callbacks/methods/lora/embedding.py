@@ -121,7 +121,8 @@ class LoRAEmbedding(Adapter):
 
 
 def check_plain_lora(kind: str, config: LoRAConfig) -> None:
-    """Refuse the LoRA variants that embeddings and attention modules do not have here (DoRA, PiSSA/OLoRA).
+    """Refuse the LoRA variants that embeddings and attention modules do not have here (DoRA, PiSSA/OLoRA,
+    orthogonal, EVA).
 
     Example::
 
@@ -140,10 +141,10 @@ def check_plain_lora(kind: str, config: LoRAConfig) -> None:
             f"`use_dora=True` is not supported on {name} layers here (plain LoRA only); leave them out of "
             f"`target_modules` or set use_dora=False."
         )
-    if is_residual_init(config.init):
+    if is_residual_init(config.init) or config.init in ("orthogonal", "eva"):
         raise ValueError(
-            f"`init`={config.init!r} is not supported on {name} layers (plain LoRA only); use 'default' or "
-            f"'gaussian', or leave them out of `target_modules`."
+            f"`init`={config.init!r} is not supported on {name} layers (plain LoRA only, as in HF PEFT); use "
+            f"'default' or 'gaussian', or leave them out of `target_modules`."
         )
 
 

@@ -56,11 +56,13 @@ def _peft_init(init: str) -> bool | str:
 def _our_init(value: Any) -> str:
     if value is True or value is False or value is None:
         return "default"  # False (random B) only matters before the tensors are loaded
-    if isinstance(value, str) and (value == "gaussian" or is_residual_init(value)):
+    if isinstance(value, str) and (value in ("gaussian", "orthogonal") or is_residual_init(value)):
         return value
+    if value == "eva":  # EVA's A is data: the file holds it, and its ranks in rank_pattern; no base change
+        return "default"
     raise ValueError(
         f"init_lora_weights={value!r} is not supported here (peft_callbacks has 'gaussian', 'pissa', "
-        f"'pissa_niter_<K>' and 'olora'; others change the base in ways it does not record)"
+        f"'pissa_niter_<K>', 'olora', 'orthogonal' and 'eva'; others change the base in ways it does not record)"
     )
 
 

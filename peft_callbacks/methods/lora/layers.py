@@ -50,6 +50,7 @@ import torch.nn as nn
 from peft_callbacks.core.kinds import conv_like
 from peft_callbacks.engine.layers import AdaptedLayer, Adapter
 from peft_callbacks.methods.lora.fused import lora_linear
+from peft_callbacks.methods.lora.orthogonal import orthogonal_factors
 
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
@@ -117,7 +118,14 @@ class LoRAAdapter(Adapter):
     def reset_parameters(self) -> None:
         """``lora_A`` kaiming-uniform (a=√5, as ``nn.Linear``; with ``init="gaussian"`` normal with std ``1/r``, as
         PEFT), ``lora_B`` zeros: the layer starts as the base."""
-        if getattr(self.config, "init", "default") == "gaussian":
+        init = getattr(self.config, "init", "default")
+        if init == "orthogonal":  # A, B from one random orthogonal matrix (PEFT's): both ≠ 0, B·A = 0
+            lora_A, lora_B = orthogonal_factors(self.lora_A.weight[0].numel(), self.lora_B.weight.shape[0], self.r)
+            with torch.no_grad():
+                self.lora_A.weight.copy_(lora_A.view(self.lora_A.weight.shape))
+                self.lora_B.weight.copy_(lora_B.view(self.lora_B.weight.shape))
+            return
+        if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

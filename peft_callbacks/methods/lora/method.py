@@ -156,6 +156,11 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
             return self.adapter_classes[kind]
         if config.use_dora:
             return self.dora_classes[kind]
+        if config.init == "orthogonal" and kind == "conv":
+            raise ValueError(
+                "`init`='orthogonal' is defined for linear layers (HF PEFT refuses it on convolutions too); leave the "
+                "convolutions out of `target_modules` or use init='default'."
+            )
         return (self.residual_classes if is_residual_init(config.init) else self.adapter_classes)[kind]
 
     def all_adapter_classes(self) -> list[type[Adapter]]:
@@ -169,6 +174,12 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
 
     # -- parameter targets beside module targets --------------------------------------------------------------
     def select(self, model: nn.Module, config: LoRAConfig, head: HeadInfo) -> list[str]:
+        if config.init == "eva":  # replays (exact targets) skip select: their tensors are loaded afterwards
+            raise ValueError(
+                "`init`='eva' needs data: it takes A from the layers' inputs on a few batches. Call "
+                "`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva), or use "
+                "LoRACallback(init='eva'), which uses the training data; got no data here."
+            )
         only_parameters = config.target_modules is None and config.target_parameters
         modules = [] if only_parameters else super().select(model, config, head)
         parameters = select_parameters(model, config.target_parameters) if config.target_parameters else []
