@@ -92,6 +92,25 @@ def test_peft_attention_lora_imports_with_the_same_outputs(tmp_path, name):
     _close(_out(ours, x), expected)
 
 
+def test_a_file_of_a_peft_that_applied_out_proj_twice_imports_with_that_update_doubled(tmp_path):
+    build, targets = MODELS["attend"]
+    theirs = train_a_little(peft.get_peft_model(build()[0], peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)))
+    theirs.save_pretrained(str(tmp_path))
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["peft_version"] >= "0.22"  # the PEFT these tests run (it applies the update once)
+    once = import_peft(build()[0], tmp_path)
+    config["peft_version"] = "0.21.2"  # the same tensors, as PEFT 0.21.2 would have saved them (it applied it twice)
+    config_file.write_text(json.dumps(config))
+    twice = import_peft(build()[0], tmp_path)
+    a_once, a_twice = (
+        next(a for layer in lora_layers(m).values() for a in layer.adapters.values() if hasattr(a, "out_proj"))
+        for m in (once, twice)
+    )
+    assert torch.equal(a_twice.out_proj.lora_B.weight, 2 * a_once.out_proj.lora_B.weight)
+    assert torch.equal(a_twice.lora_B.weight, a_once.lora_B.weight)  # in_proj's update was applied once by both
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_export_loads_in_peft_and_merge_equals_adapted(tmp_path, name):
     build, targets = MODELS[name]
@@ -101,6 +120,7 @@ def test_export_loads_in_peft_and_merge_equals_adapted(tmp_path, name):
     export_peft(tuned, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert not config["target_parameters"]  # the attention is a module target in PEFT's config
+    assert config["peft_version"] == "0.22.0"  # for a PEFT that applies out_proj's update once
     theirs = peft.PeftModel.from_pretrained(build()[0], str(tmp_path))
     _close(_out(theirs, x), expected)
 

@@ -29,7 +29,13 @@ from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.embedding import LoRAEmbedding, drop_saved_embedding
 from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAConv1D
-from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention, attention_from_peft, attention_to_peft
+from peft_callbacks.methods.lora.mha import (
+    PEFT_OUT_PROJ_FIXED,
+    LoRAMultiheadAttention,
+    attention_from_peft,
+    attention_to_peft,
+    peft_out_proj_factor,
+)
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.tokens import TrainableTokens, resolve_token_layers, tokens_from_peft, tokens_to_peft
 
@@ -81,6 +87,7 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
     r, alpha, init = config.rank, config.alpha, _peft_init(config.init)
     if _converted(config):
         r, alpha, init = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2), True
+    attention = any(isinstance(a, LoRAMultiheadAttention) for a in adapters)
     return {
         "r": r,
         "lora_alpha": alpha,
@@ -96,6 +103,7 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first: PEFT reads them back
         "alpha_pattern": dict(config.alpha_pattern or {}),
         "trainable_token_indices": config.trainable_token_indices,
+        **({"peft_version": PEFT_OUT_PROJ_FIXED} if attention else {}),  # out_proj's update applied once
     }
 
 
@@ -162,7 +170,7 @@ def import_layer(
     if isinstance(adapter, LoRAEmbedding):
         tensors = drop_saved_embedding(adapter, tensors)
     if isinstance(adapter, LoRAMultiheadAttention):
-        return attention_from_peft(tensors)
+        return attention_from_peft(tensors, peft_out_proj_factor(peft_config))
     if isinstance(adapter, TrainableTokens):
         return tokens_from_peft(tensors)
     inverse = {theirs: ours for ours, theirs in KEYS.items()}

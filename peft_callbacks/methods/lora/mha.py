@@ -12,8 +12,9 @@ PEFT does the same by merging before and unmerging after each forward; here noth
 stay bit-exact and gradients reach the factors through the attention itself. Both weights are adapted together (as
 in PEFT: there is no way to adapt only one), ``A`` starts kaiming-uniform and ``B`` at zero, and a merge writes
 exactly the weights the forward used. Tensors carry PEFT's names: ``lora_A.weight`` / ``lora_B.weight`` for
-``in_proj`` and ``base_layer.out_proj.lora_A.weight`` … for ``out_proj`` in PEFT's files, where ``out_proj``'s ``B``
-is stored halved, because PEFT applies that update twice (:data:`PEFT_OUT_PROJ_FACTOR`). As in PEFT, ``dropout`` does
+``in_proj`` and ``base_layer.out_proj.lora_A.weight`` … for ``out_proj`` in PEFT's files. PEFT before 0.22 applied
+``out_proj``'s update twice; a file it wrote is read with that ``B`` doubled, so the outputs are what PEFT computed
+when it trained it (:func:`peft_out_proj_factor`). As in PEFT, ``dropout`` does
 not apply (the update is folded into weights, not added to an output), and only attention whose q, k and v share
 one size (a packed ``in_proj_weight``) is adapted.
 
@@ -46,13 +47,19 @@ from peft_callbacks.methods.lora.params import LowRankParameters
 if TYPE_CHECKING:
     from peft_callbacks.methods.lora.config import LoRAConfig
 
-__all__ = ["PEFT_OUT_PROJ_FACTOR", "LoRAMultiheadAttention", "attention_from_peft", "attention_to_peft"]
+__all__ = [
+    "PEFT_OUT_PROJ_FIXED",
+    "LoRAMultiheadAttention",
+    "attention_from_peft",
+    "attention_to_peft",
+    "peft_out_proj_factor",
+]
 
 IN_PROJ, OUT_PROJ = "in_proj_weight", "out_proj.weight"
-# HF PEFT (0.21.2 and every release before it) adds out_proj's update twice in its MultiheadAttention layer: its
-# merge writes W + ΔW, then merges the wrapped out_proj again (W + 2ΔW), in the forward pass and in
-# merge_and_unload (fix proposed in peft PR #3774). PEFT files are converted so that outputs match what PEFT computes.
-PEFT_OUT_PROJ_FACTOR = 2.0
+# HF PEFT up to 0.21.2 added out_proj's update twice in its MultiheadAttention layer: its merge wrote W + ΔW, then
+# merged the wrapped out_proj again (W + 2ΔW), in the forward pass and in merge_and_unload; 0.22.0 applies it once
+# (peft PR #3774). Files record the PEFT version that wrote them (since PEFT 0.18); exports here are marked with it.
+PEFT_OUT_PROJ_FIXED = "0.22.0"
 _PEFT_OUT = "base_layer.out_proj."
 
 
@@ -104,30 +111,48 @@ class LoRAMultiheadAttention(LowRankParameters):
         return f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
 
 
+def peft_out_proj_factor(peft_config: dict) -> float:
+    """How many times the PEFT that wrote ``peft_config`` (an ``adapter_config.json``) applied ``out_proj``'s update:
+    2 before :data:`PEFT_OUT_PROJ_FIXED` (and for a file without ``peft_version``: PEFT < 0.18), else 1.
+
+    Example::
+
+        >>> peft_out_proj_factor({"peft_version": "0.21.2"}), peft_out_proj_factor({"peft_version": "0.22.0"})
+        (2.0, 1.0)
+        >>> peft_out_proj_factor({}), peft_out_proj_factor({"peft_version": "0.23.0.dev0@1a2b3c"})
+        (2.0, 1.0)
+    """
+    written = str(peft_config.get("peft_version") or "").partition("@")[0].split(".")
+    version = tuple(int(v) for v in written[:3] if v.isdigit())
+    fixed = tuple(int(v) for v in PEFT_OUT_PROJ_FIXED.split("."))
+    return 2.0 if not version or version < fixed[: len(version)] else 1.0
+
+
 def attention_to_peft(adapter: LoRAMultiheadAttention) -> dict[str, torch.Tensor]:
-    """One attention adapter's tensors under PEFT's keys, ``out_proj``'s ``B`` divided by
-    :data:`PEFT_OUT_PROJ_FACTOR` so that PEFT, which applies it that many times, computes our update."""
+    """One attention adapter's tensors under PEFT's keys (for PEFT ≥ :data:`PEFT_OUT_PROJ_FIXED`, which applies each
+    update once; the export says so in ``peft_version``)."""
     return {
         "lora_A.weight": adapter.lora_A.weight,
         "lora_B.weight": adapter.lora_B.weight,
         f"{_PEFT_OUT}lora_A.weight": adapter.out_proj.lora_A.weight,
-        f"{_PEFT_OUT}lora_B.weight": adapter.out_proj.lora_B.weight / PEFT_OUT_PROJ_FACTOR,
+        f"{_PEFT_OUT}lora_B.weight": adapter.out_proj.lora_B.weight,
     }
 
 
-def attention_from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT's tensors of one attention module under our keys (inverse of :func:`attention_to_peft`); unknown keys are
-    passed on for the caller to report.
+def attention_from_peft(tensors: dict[str, torch.Tensor], out_proj_factor: float = 1.0) -> dict[str, torch.Tensor]:
+    """PEFT's tensors of one attention module under our keys (inverse of :func:`attention_to_peft`), ``out_proj``'s
+    ``B`` multiplied by ``out_proj_factor`` (:func:`peft_out_proj_factor` of the file); unknown keys are passed on for
+    the caller to report.
 
     Example::
 
         >>> peft_keys = ["lora_A.weight", "base_layer.out_proj.lora_B.weight"]
-        >>> out = attention_from_peft({key: torch.ones(1) for key in peft_keys})
+        >>> out = attention_from_peft({key: torch.ones(1) for key in peft_keys}, out_proj_factor=2.0)  # PEFT 0.21
         >>> sorted(out), out["out_proj.lora_B.weight"].item()
         (['lora_A.weight', 'out_proj.lora_B.weight'], 2.0)
     """
     out = {}
     for key, tensor in tensors.items():
         ours = f"out_proj.{key[len(_PEFT_OUT) :]}" if key.startswith(_PEFT_OUT) else key
-        out[ours] = tensor * PEFT_OUT_PROJ_FACTOR if ours == "out_proj.lora_B.weight" else tensor
+        out[ours] = tensor * out_proj_factor if ours == "out_proj.lora_B.weight" else tensor
     return out
