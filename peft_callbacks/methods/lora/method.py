@@ -88,6 +88,7 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
         "pissa": LoRAConfig(rank=4, alpha=8, init="pissa"),
         "pissa-niter": LoRAConfig(rank=4, alpha=8, init="pissa_niter_2"),
         "olora": LoRAConfig(rank=4, alpha=8, init="olora"),
+        "orthogonal": LoRAConfig(rank=4, alpha=8, init="orthogonal"),
         "bias": LoRAConfig(rank=4, alpha=8, bias="lora_only", lora_bias=True),
         "experts": LoRAConfig(rank=2, alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
     }
@@ -129,6 +130,14 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
         """Layers outside the head; with ``target_parameters`` alone, models holding the parameters it names; with
         ``lora_bias``, models whose adapted layers all have a bias to merge ``lora_B``'s into (elsewhere the adapter
         trains, and merging is refused naming the layer)."""
+        if config.init == "orthogonal":
+            layers = super().applies_to(config)
+
+            def linear(model: nn.Module) -> bool:
+                targets = self.select(model, config, find_head(model)) if layers(model) else []
+                return bool(targets) and all(layer_kind(model.get_submodule(p)) in _LINEAR for p in targets)
+
+            return ModelKind(f"{layers.description}, all of them linear (init='orthogonal')", linear)
         if config.lora_bias:
             layers = super().applies_to(config)
 
@@ -156,11 +165,6 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
             return self.adapter_classes[kind]
         if config.use_dora:
             return self.dora_classes[kind]
-        if config.init == "orthogonal" and kind == "conv":
-            raise ValueError(
-                "`init`='orthogonal' is defined for linear layers (HF PEFT refuses it on convolutions too); leave the "
-                "convolutions out of `target_modules` or use init='default'."
-            )
         return (self.residual_classes if is_residual_init(config.init) else self.adapter_classes)[kind]
 
     def all_adapter_classes(self) -> list[type[Adapter]]:
@@ -224,7 +228,10 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
     def resolve(self, model: nn.Module, config: LoRAConfig, targets: list[str]) -> LoRAConfig:
         """The per-layer ranks and alphas, and ``trainable_token_indices``, with exact module paths (checked against
         the model), for the recipe."""
-        config = resolve_rank_alpha(config, split_targets(model, targets)[0])  # the patterns set layers only
+        modules = split_targets(model, targets)[0]
+        if config.init == "orthogonal":
+            _refuse_orthogonal_off_linear(model, modules)
+        config = resolve_rank_alpha(config, modules)  # the patterns set layers only
         if config.trainable_token_indices is None:
             return config
         tokens = resolve_token_layers(model, config.trainable_token_indices, targets)
@@ -289,3 +296,18 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as its base model inside the ``with`` block (:func:`peft_callbacks.engine.disabled`)."""
     with disabled(model):
         yield model
+
+
+_LINEAR = ("linear", "hf_conv1d", "linear_4bit", "linear_8bit")  # the layers init='orthogonal' is defined for
+
+
+def _refuse_orthogonal_off_linear(model: nn.Module, targets: list[str]) -> None:
+    """``init='orthogonal'`` is PEFT's for linear layers only (it refuses convolutions too): name the convolutions
+    (embeddings and attention say so for every init but the default, in their own words)."""
+    others = [p for p in targets if layer_kind(model.get_submodule(p)) == "conv"]
+    if others:
+        raise ValueError(
+            f"`init`='orthogonal' is defined for linear layers (HF PEFT refuses the others too); "
+            f"{type(model).__name__} has {len(others)} convolution target(s): {others[:5]}. Leave them out of "
+            f"`target_modules` (or add them to `exclude_modules`), or use init='default'."
+        )
