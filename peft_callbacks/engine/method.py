@@ -50,6 +50,7 @@ __all__ = [
     "ModuleMethod",
     "PeftMapping",
     "get_method",
+    "peft_version",
     "register_method",
     "registered_methods",
 ]
@@ -57,6 +58,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _METHODS: dict[str, Method] = {}
+
+
+def peft_version(peft_config: dict[str, Any]) -> tuple[int, ...]:
+    """The release of HF PEFT that wrote ``peft_config`` (an ``adapter_config.json``), as up to three numbers; ``()``
+    where the file does not say (PEFT < 0.18 wrote no ``peft_version``). A dev version's commit hash is ignored.
+
+    Example::
+
+        >>> peft_version({"peft_version": "0.22.0"}), peft_version({"peft_version": "0.23.0.dev0@1a2b3c"})
+        ((0, 22, 0), (0, 23, 0))
+        >>> peft_version({})
+        ()
+    """
+    written = str(peft_config.get("peft_version") or "").partition("@")[0].split(".")
+    return tuple(int(v) for v in written[:3] if v.isdigit())
 
 
 @dataclasses.dataclass(frozen=True)

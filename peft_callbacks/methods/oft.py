@@ -66,7 +66,15 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_bool, check_float, check_int, check_positive_float
 from peft_callbacks.core.kinds import base_weight, conv_with_weight
-from peft_callbacks.engine import AdaptedLayer, Adapter, LayerConfig, LayerMethod, PeftMapping, register_method
+from peft_callbacks.engine import (
+    AdaptedLayer,
+    Adapter,
+    LayerConfig,
+    LayerMethod,
+    PeftMapping,
+    peft_version,
+    register_method,
+)
 from peft_callbacks.methods.lycoris import peft_layer_check
 
 __all__ = ["OFTAdapter", "OFTConfig", "OFTConv", "OFTConv1D", "OFTLinear", "oft_blocks"]
@@ -370,8 +378,7 @@ def _from_peft(peft_config: dict[str, Any]) -> OFTConfig:
         used.append(f"bias={peft_config['bias']!r}")
     if used:
         raise ValueError(f"uses PEFT OFT options that peft_callbacks does not support: {', '.join(used)}")
-    version = str(peft_config.get("peft_version") or "0").partition("@")[0].split(".")
-    if peft_config.get("use_cayley_neumann") and tuple(int(v) for v in version[:2] if v.isdigit()) < _NEUMANN_SINCE:
+    if peft_config.get("use_cayley_neumann") and peft_version(peft_config)[:2] < _NEUMANN_SINCE:
         log.warning("This OFT adapter was saved by PEFT < 0.18, whose Cayley-Neumann series differed slightly.")
     defaults = OFTConfig()
     return OFTConfig(

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -131,23 +131,9 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
         ``lora_bias``, models whose adapted layers all have a bias to merge ``lora_B``'s into (elsewhere the adapter
         trains, and merging is refused naming the layer)."""
         if config.init == "orthogonal":
-            layers = super().applies_to(config)
-
-            def linear(model: nn.Module) -> bool:
-                targets = self.select(model, config, find_head(model)) if layers(model) else []
-                return bool(targets) and all(layer_kind(model.get_submodule(p)) in _LINEAR for p in targets)
-
-            return ModelKind(f"{layers.description}, all of them linear (init='orthogonal')", linear)
+            return self._every_target(config, _is_linear, "all of them linear (init='orthogonal')")
         if config.lora_bias:
-            layers = super().applies_to(config)
-
-            def biased(model: nn.Module) -> bool:
-                if not layers(model):
-                    return False
-                targets = self.select(model, config, find_head(model))
-                return all(getattr(model.get_submodule(p), "bias", None) is not None for p in targets)
-
-            return ModelKind(f"{layers.description}, each with a bias (lora_bias merges into it)", biased)
+            return self._every_target(config, _has_bias, "each with a bias (lora_bias merges into it)")
         if not config.target_parameters or config.target_modules is not None:
             return super().applies_to(config)
 
@@ -158,6 +144,16 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
                 return False
 
         return ModelKind(f"models with 2-D/3-D parameters matching {config.target_parameters}", matches)
+
+    def _every_target(self, config: LoRAConfig, fits: Callable[[nn.Module], bool], words: str) -> ModelKind:
+        """Models with layers to adapt, every one of which ``fits`` (the layers ``config`` selects there)."""
+        layers = super().applies_to(config)
+
+        def matches(model: nn.Module) -> bool:
+            targets = self.select(model, config, find_head(model)) if layers(model) else []
+            return bool(targets) and all(fits(model.get_submodule(p)) for p in targets)
+
+        return ModelKind(f"{layers.description}, {words}", matches)
 
     def adapter_class(self, kind: str, config: LoRAConfig) -> type[Adapter]:
         if kind not in self.dora_classes:
@@ -299,6 +295,14 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 _LINEAR = ("linear", "hf_conv1d", "linear_4bit", "linear_8bit")  # the layers init='orthogonal' is defined for
+
+
+def _is_linear(layer: nn.Module) -> bool:
+    return layer_kind(layer) in _LINEAR
+
+
+def _has_bias(layer: nn.Module) -> bool:
+    return getattr(layer, "bias", None) is not None
 
 
 def _refuse_orthogonal_off_linear(model: nn.Module, targets: list[str]) -> None:

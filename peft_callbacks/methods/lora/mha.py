@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from peft_callbacks.engine.method import peft_version
 from peft_callbacks.methods.lora.params import LowRankParameters
 
 if TYPE_CHECKING:
@@ -122,8 +123,7 @@ def peft_out_proj_factor(peft_config: dict) -> float:
         >>> peft_out_proj_factor({}), peft_out_proj_factor({"peft_version": "0.23.0.dev0@1a2b3c"})
         (2.0, 1.0)
     """
-    written = str(peft_config.get("peft_version") or "").partition("@")[0].split(".")
-    version = tuple(int(v) for v in written[:3] if v.isdigit())
+    version = peft_version(peft_config)
     fixed = tuple(int(v) for v in PEFT_OUT_PROJ_FIXED.split("."))
     return 2.0 if not version or version < fixed[: len(version)] else 1.0
 
