@@ -105,7 +105,7 @@ class ForgettingBudget(_AnchoredTerm):
         prefix: str = "budget",
         features: Literal["head_input", "output"] = "head_input",
     ) -> None:
-        super().__init__(**base_task.arguments(), prefix=prefix)
+        super().__init__(base_task, prefix=prefix)
         if dataloader is None:
             raise ValueError(
                 "`dataloader` is None: ForgettingBudget needs base-task data (a DataLoader, a LightningDataModule, a "

@@ -23,7 +23,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -108,20 +107,14 @@ class ForgettingTerm(Callback):
     picklable.
 
     Args:
-        base_head: ``base_head``, ``forward_fn`` and ``module`` are those of
-            :class:`~peft_callbacks.plumbing.base_task.BaseTaskOptions`, checked there.
+        base_task: how the base task is reached through the model (``base_head``, ``forward_fn``, ``module``);
+            by default through the found model's current head.
         prefix: logging namespace and checkpoint key.
     """
 
-    def __init__(
-        self,
-        base_head: nn.Module | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | None = None,
-        module: str | None = None,
-        prefix: str = "term",
-    ) -> None:
-        options = BaseTaskOptions(base_head=base_head, forward_fn=forward_fn, module=module)
-        self.base_head, self.forward_fn, self.module = options.base_head, options.forward_fn, options.module
+    def __init__(self, base_task: BaseTaskOptions | None = None, prefix: str = "term") -> None:
+        base_task = base_task or BaseTaskOptions()
+        self.base_head, self.forward_fn, self.module = base_task.base_head, base_task.forward_fn, base_task.module
         self.prefix = check_optional_str("prefix", prefix) or "term"
         self.last_term: float | None = None
         self._pl_module: pl.LightningModule | None = None
@@ -215,8 +208,8 @@ class _AnchoredTerm(ForgettingTerm):
 
     anchor_buffers = False
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, base_task: BaseTaskOptions | None = None, prefix: str = "term") -> None:
+        super().__init__(base_task, prefix=prefix)
         self._start: dict[str, torch.Tensor] = {}
         self._anchor: UpdateAnchor | None = None
 
@@ -299,7 +292,7 @@ class ReplayCallback(ForgettingTerm):
         base_task: BaseTaskOptions,
         prefix: str = "replay",
     ) -> None:
-        super().__init__(**base_task.arguments(), prefix=prefix)
+        super().__init__(base_task, prefix=prefix)
         self.dataloader = check_dataloader(dataloader)
         self.fraction = check_float("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         self._state: dict[str, Any] = {}
@@ -408,7 +401,7 @@ class DistillationCallback(_AnchoredTerm):
         base_task: BaseTaskOptions,
         prefix: str = "distillation",
     ) -> None:
-        super().__init__(**base_task.arguments(), prefix=prefix)
+        super().__init__(base_task, prefix=prefix)
         self.weight = check_positive_float("weight", weight)
         self.temperature = check_positive_float("temperature", temperature)
         self._scorer: BaseTaskScorer | None = None

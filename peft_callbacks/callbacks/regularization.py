@@ -88,7 +88,7 @@ class L2SPCallback(_AnchoredTerm):
         normalize: bool = False,
         prefix: str = "l2sp",
     ) -> None:
-        super().__init__(base_head=base_head, module=module, prefix=prefix)
+        super().__init__(BaseTaskOptions(base_head=base_head, module=module), prefix=prefix)
         self.weight = check_positive_float("weight", weight)
         self.normalize = check_bool("normalize", normalize)
         self._scale: float | None = None
@@ -155,7 +155,7 @@ class EWCCallback(_AnchoredTerm):
         normalize: bool | str = True,
         prefix: str = "ewc",
     ) -> None:
-        super().__init__(**base_task.arguments(), prefix=prefix)
+        super().__init__(base_task, prefix=prefix)
         self.dataloader = check_dataloader(dataloader)
         self.weight = check_positive_float("weight", weight)
         self.fisher_batches = None if fisher_batches is None else check_positive_int("fisher_batches", fisher_batches)

@@ -18,8 +18,8 @@ Example::
     'base_dataloader'
     >>> check_base_head(None) is None
     True
-    >>> BaseTaskOptions(module="model").arguments()
-    {'base_head': None, 'forward_fn': None, 'module': 'model'}
+    >>> BaseTaskOptions(module="model").module
+    'model'
 """
 
 from __future__ import annotations
@@ -61,10 +61,6 @@ class BaseTaskOptions:
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"`forward_fn` must be a callable(pl_module, batch) or None, got {self.forward_fn!r}.")
         check_optional_str("module", self.module)
-
-    def arguments(self) -> dict[str, Any]:
-        """``{field: value}``, the values as given (no copies: a head module stays the same object)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 def check_dataloader(value: Any, argument: str = "dataloader") -> Any:
