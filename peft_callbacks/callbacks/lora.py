@@ -14,6 +14,7 @@ from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
+from peft_callbacks.methods.lora.loftq import LoftQOptions, apply_loftq
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
@@ -78,7 +79,7 @@ class LoRATrainingOptions:
             )
 
 
-@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions)
+@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -116,13 +117,19 @@ class LoRACallback(PEFTCallback):
     """
 
     def __init__(
-        self, config: LoRAConfig, training: LoRATrainingOptions, eva: EVAOptions, options: CallbackOptions
+        self,
+        config: LoRAConfig,
+        training: LoRATrainingOptions,
+        eva: EVAOptions,
+        loftq: LoftQOptions,
+        options: CallbackOptions,
     ) -> None:
         self._configure(config, options)
         training.check_for(self.config)
         self.loraplus_lr_ratio = training.loraplus_lr_ratio
         self.lora_pro = training.lora_pro
         self.eva = eva
+        self.loftq = loftq
         self._fit_trainer: pl.Trainer | None = None
 
     # -- init="eva" reads the training data -----------------------------------------------------------------------
@@ -130,6 +137,11 @@ class LoRACallback(PEFTCallback):
         return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
 
     def apply(self, model: torch.nn.Module, path: str) -> None:
+        if self.config.init == "loftq":  # quantizes the targets (or reads loftq_weights), then LoRA
+            rank_zero_info(
+                f"{self.name}: {apply_loftq(model, self.config, self.loftq, adapter_name=self.adapter_name)}"
+            )
+            return
         if self.config.init != "eva":
             super().apply(model, path)
             return
@@ -211,6 +223,7 @@ class LoRACallback(PEFTCallback):
         state = super().state_dict()
         state["config"].update(loraplus_lr_ratio=self.loraplus_lr_ratio, lora_pro=self.lora_pro)
         state["config"].update(dataclasses.asdict(self.eva))
+        state["config"].update(dataclasses.asdict(self.loftq))
         return state
 
 

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -39,6 +40,8 @@ from peft_callbacks.methods.lora.mha import (
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.tokens import TrainableTokens, resolve_token_layers, tokens_from_peft, tokens_to_peft
 
+log = logging.getLogger(__name__)
+
 __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
 
 KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
@@ -56,7 +59,7 @@ def _converted(config: LoRAConfig) -> bool:
 
 
 def _peft_init(init: str) -> bool | str:
-    return True if init == "default" else init
+    return True if init in ("default", "loftq") else init  # LoftQ: a plain LoRA on the quantized base (no re-init)
 
 
 def _our_init(value: Any) -> str:
@@ -66,9 +69,17 @@ def _our_init(value: Any) -> str:
         return value
     if value == "eva":  # EVA's A is data: the file holds it, and its ranks in rank_pattern; no base change
         return "default"
+    if value == "loftq":  # a plain LoRA, but on PEFT's LoftQ base: the weights LoftQ quantized, not the originals
+        log.warning(
+            "init_lora_weights='loftq': this adapter was trained on PEFT's LoftQ base (each target's weight replaced "
+            "by its LoftQ-quantized one); load it onto that base: PEFT's saved base model, or "
+            "loftq_quantize(original_model, config, adapter=False) (peft_callbacks.methods.lora.loftq)."
+        )
+        return "default"
     raise ValueError(
         f"init_lora_weights={value!r} is not supported here (peft_callbacks has 'gaussian', 'pissa', "
-        f"'pissa_niter_<K>', 'olora', 'orthogonal' and 'eva'; others change the base in ways it does not record)"
+        f"'pissa_niter_<K>', 'olora', 'orthogonal', 'eva' and 'loftq'; others change the base in ways it does not "
+        f"record)"
     )
 
 

@@ -1,0 +1,255 @@
+"""LoRA ``init="loftq"`` (peft_callbacks.methods.lora.loftq) against HF PEFT: the same quantized weights and factors
+as PEFT's ``loftq_init`` / ``replace_lora_weights_loftq``, a lower error than QLoRA's start, ``LoRACallback`` fits on
+the quantized base it makes, files reload and cross to PEFT. Tiny Llama from a config, on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+hf = pytest.importorskip("transformers")
+
+from peft.utils.loftq_utils import loftq_init as peft_loftq_init  # noqa: E402
+from peft.utils.loftq_utils import replace_lora_weights_loftq  # noqa: E402
+from test_quantized import PROJECTIONS, load_quantized, logits, move_trained, save_tiny_llama, token_ids  # noqa: E402
+from test_quantized_lightning import CausalLM, token_data, trainer  # noqa: E402
+
+from peft_callbacks import (  # noqa: E402
+    LoRACallback,
+    export_peft,
+    import_peft,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+)
+from peft_callbacks.core import quantized  # noqa: E402
+from peft_callbacks.methods.lora import LoRAConfig  # noqa: E402
+from peft_callbacks.methods.lora.loftq import (  # noqa: E402
+    LoftQOptions,
+    loftq_decompose,
+    loftq_init,
+    loftq_quantize,
+)
+
+RANK = 8
+CONFIG = LoRAConfig(rank=RANK, alpha=RANK, target_modules=PROJECTIONS)  # scaling 1: LoftQ's intended one
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory)
+
+
+def full_precision(folder: str) -> nn.Module:
+    hf.logging.set_verbosity_error()
+    return hf.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def peft_loftq(folder: str, bits: int, iters: int = 1) -> nn.Module:
+    loftq = peft.LoftQConfig(loftq_bits=bits, loftq_iter=iters)
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS, init_lora_weights="loftq", loftq_config=loftq
+    )
+    return peft.get_peft_model(full_precision(folder), config)
+
+
+def adapters(model: nn.Module) -> dict[str, nn.Module]:
+    return {p.removesuffix(".adapters.default"): m for p, m in model.named_modules() if p.endswith("adapters.default")}
+
+
+# -- the maths: PEFT's loftq_init, bit for bit -------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("iters", [1, 2])
+def test_decomposition_equals_peft_loftq_init(bits, iters):
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(bits + iters))
+    theirs_q, theirs_A, theirs_B = peft_loftq_init(weight, bits, RANK, iters)
+    q, first, lora_A, lora_B = loftq_decompose(weight, bits, RANK, iters)
+    dequantized = (
+        bnb.functional.dequantize_4bit(q.data, q.quant_state)
+        if bits == 4
+        else bnb.functional.int8_vectorwise_dequant(q.data, q.SCB)
+    )
+    assert torch.equal(dequantized, theirs_q)
+    assert torch.equal(lora_A, theirs_A) and torch.equal(lora_B, theirs_B)
+    if iters == 1:
+        assert torch.equal(first, dequantized)  # the first quantization is QLoRA's plain one
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_loftq_quantize_equals_peft_loftq_on_a_full_precision_model(llama_dir, bits):
+    theirs = peft_loftq(llama_dir, bits)
+    ours = full_precision(llama_dir)
+    report = loftq_quantize(ours, CONFIG, LoftQOptions(loftq_bits=bits))
+    kind = "linear_4bit" if bits == 4 else "linear_8bit"
+    layers = adapters(ours)
+    assert len(layers) == len(report.layers) == 2 * len(PROJECTIONS)
+    for path, lora in layers.items():
+        base = ours.get_submodule(path).base_layer
+        assert quantized.quantized_kind(base) == kind and not base.weight.requires_grad
+        their_layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(quantized.dequantize(base), their_layer.base_layer.weight)  # PEFT's new base weight
+        assert torch.equal(lora.lora_A.weight, their_layer.lora_A["default"].weight)
+        assert torch.equal(lora.lora_B.weight, their_layer.lora_B["default"].weight)
+    ids = token_ids()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
+
+
+def test_loftq_init_equals_replace_lora_weights_loftq_on_a_quantized_model(llama_dir):
+    theirs = peft.get_peft_model(
+        load_quantized(llama_dir, "nf4"), peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)
+    )
+    replace_lora_weights_loftq(theirs, model_path=llama_dir)
+    ours = load_quantized(llama_dir, "nf4")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    report = loftq_init(ours, llama_dir, CONFIG)
+    for path, lora in adapters(ours).items():
+        their_layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(lora.lora_A.weight, their_layer.lora_A["default"].weight)
+        assert torch.equal(lora.lora_B.weight, their_layer.lora_B["default"].weight)
+    now = {k.replace(".base_layer", ""): v for k, v in ours.state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(now[k], v) for k, v in before.items())  # the quantized base untouched
+    assert sorted(report.kept) == sorted(report.layers)
+    ids = token_ids()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
+
+
+# -- LoftQ lowers the error --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["nf4-dq", "int8"])
+def test_loftq_init_lowers_the_weight_error_and_moves_outputs_towards_the_full_precision_model(llama_dir, fmt):
+    ids = token_ids()
+    reference = logits(full_precision(llama_dir), ids)
+    qlora = inject(load_quantized(llama_dir, fmt), CONFIG)
+    ours = load_quantized(llama_dir, fmt)
+    state = full_precision(llama_dir).state_dict()  # a state dict works as well as the safetensors folder
+    report = loftq_init(ours, state, CONFIG)
+    assert all(after < before for before, after in report.layers.values())
+    assert report.after < 0.9 * report.before
+    assert (logits(ours, ids) - reference).norm() < (logits(qlora, ids) - reference).norm()
+
+
+def test_loftq_quantize_lowers_the_error_and_more_iterations_keep_it_low(llama_dir):
+    one = loftq_quantize(full_precision(llama_dir), CONFIG)
+    five = loftq_quantize(full_precision(llama_dir), CONFIG, LoftQOptions(loftq_iter=5))
+    assert all(after < before for before, after in one.layers.values())
+    assert one.before == pytest.approx(five.before)  # the same plain NF4 start
+    assert five.after < one.before and one.after < one.before
+    assert "LoftQ: relative weight error" in str(one)
+
+
+def test_a_scaling_other_than_one_is_warned_and_shows_in_the_report(llama_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        report = loftq_quantize(full_precision(llama_dir), LoRAConfig(rank=RANK, alpha=2 * RANK))
+    assert "set alpha = rank" in caplog.text
+    assert report.after == pytest.approx(report.before, rel=1e-3)  # s = 2: the SVD step cancels its gain
+
+
+def test_accept_rolls_back_the_layers_it_refuses(llama_dir):
+    model = inject(load_quantized(llama_dir), CONFIG)
+    before = {p: a.lora_A.weight.clone() for p, a in adapters(model).items()}
+    report = loftq_init(model, llama_dir, accept=lambda m, path: "mlp" in path)
+    assert report.kept and all("mlp" in p for p in report.kept)
+    for path, lora in adapters(model).items():
+        assert torch.equal(lora.lora_A.weight, before[path]) != ("mlp" in path)
+    assert all(after == pytest.approx(before) for p, (before, after) in report.layers.items() if "mlp" not in p)
+
+
+# -- Lightning: fit, save, reload, merge -------------------------------------------------------------------------------
+def test_callback_fits_on_the_quantized_base_and_the_adapter_reloads_exactly(llama_dir, tmp_path):
+    module = CausalLM(full_precision(llama_dir))
+    lora = LoRACallback(rank=RANK, alpha=RANK, init="loftq", target_modules=PROJECTIONS, loftq_iter=2)
+    trainer(tmp_path, steps=4, callbacks=[lora]).fit(module, token_data())
+    layers = quantized.quantized_layers(module.model)
+    assert len(layers) == 2 * len(PROJECTIONS)
+    assert all(quantized.quantization_label(m) == "nf4" for m in layers.values())
+    assert lora.kept_adapter  # a quantized base: unmerged and saved, as every QLoRA fit
+    ids = token_ids()
+    trained = logits(module.model, ids)
+    fresh = full_precision(llama_dir)
+    loftq_quantize(fresh, CONFIG.replace(init="loftq"), LoftQOptions(loftq_iter=2), adapter=False)
+    reloaded = load_adapter(fresh, tmp_path / "adapter")  # its fingerprint checks the re-quantized base
+    torch.testing.assert_close(logits(reloaded, ids), trained, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Cannot merge into .*bitsandbytes nf4 layer"):
+        merge(module.model)
+    merged = merge(module.model, dtype="float32")  # as any QLoRA merge: a plain model from the dequantized weights
+    assert not quantized.quantized_layers(merged)
+    torch.testing.assert_close(logits(merged, ids), trained, rtol=0, atol=1e-5)
+
+
+def test_callback_on_a_quantized_base_reads_loftq_weights(llama_dir, tmp_path):
+    module = CausalLM(load_quantized(llama_dir, "nf4"))
+    lora = LoRACallback(rank=RANK, alpha=RANK, init="loftq", target_modules=PROJECTIONS, loftq_weights=llama_dir)
+    trainer(tmp_path, steps=2, callbacks=[lora]).fit(module, token_data())
+    assert lora.kept_adapter and len(adapters(module.model)) == 2 * len(PROJECTIONS)
+    module = CausalLM(load_quantized(llama_dir, "nf4"))
+    missing = LoRACallback(rank=RANK, init="loftq", target_modules=PROJECTIONS)
+    with pytest.raises(ValueError, match=r"quantized already \(bitsandbytes nf4\).*loftq_weights="):
+        trainer(tmp_path, steps=1, callbacks=[missing]).fit(module, token_data())
+
+
+# -- files: HF PEFT's directories --------------------------------------------------------------------------------------
+def test_export_loads_in_peft_on_its_loftq_base_and_peft_loftq_adapters_import(llama_dir, tmp_path):
+    ids = token_ids()
+    ours = full_precision(llama_dir)
+    loftq_quantize(ours, CONFIG)
+    move_trained(ours)
+    export_peft(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["init_lora_weights"] is True  # a plain LoRA on the quantized base: PEFT loads it as such
+    peft_base = peft_loftq(llama_dir, 4).unload()  # PEFT's LoftQ base: the dequantized weights in nn.Linear
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(peft_base), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=0, atol=1e-5)
+    # PEFT's own LoftQ adapter (init_lora_weights "loftq" in its file) imports onto either base
+    peft_model = peft_loftq(llama_dir, 4)
+    move_trained(peft_model)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["init_lora_weights"] == "loftq"
+    quantized_base = full_precision(llama_dir)
+    loftq_quantize(quantized_base, CONFIG, adapter=False)
+    for base in (quantized_base, peft_base):
+        imported = import_peft(base, tmp_path / "theirs")
+        torch.testing.assert_close(logits(imported, ids), logits(peft_model, ids), rtol=0, atol=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+def test_bad_input_is_refused_naming_the_argument(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"`loftq_bits` must be 4 or 8 .*got 3"):
+        LoftQOptions(loftq_bits=3)
+    with pytest.raises(ValueError, match="`loftq_iter`"):
+        LoftQOptions(loftq_iter=0)
+    with pytest.raises(ValueError, match="`loftq_bits` must be 4 or 8"):
+        LoRACallback(init="loftq", loftq_bits=2)
+    with pytest.raises(ValueError, match=r"`init`='loftq' quantizes the base .*loftq_quantize"):
+        inject(full_precision(llama_dir), LoRAConfig(init="loftq"))
+    with pytest.raises(ValueError, match=r"not bitsandbytes layers.*loftq_quantize"):
+        loftq_init(full_precision(llama_dir), llama_dir, CONFIG)
+    with pytest.raises(ValueError, match=r"bitsandbytes layers already.*loftq_init"):
+        loftq_quantize(load_quantized(llama_dir), CONFIG)
+    with pytest.raises(ValueError, match=r"`original` \(the state dict\) has no weight 'model.layers.0.self_attn"):
+        loftq_init(load_quantized(llama_dir), {"other.weight": torch.zeros(1)}, CONFIG)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"`original`=.*weights.bin.* safetensors only"):
+        loftq_init(load_quantized(llama_dir), str(tmp_path / "weights.bin"), CONFIG)
+    with pytest.raises(TypeError, match="`original` must be a state dict or the path"):
+        loftq_init(load_quantized(llama_dir), None, CONFIG)
+    with pytest.raises(ValueError, match="has no LoRA adapter 'default': pass the LoRAConfig"):
+        loftq_init(load_quantized(llama_dir), llama_dir)
+    with pytest.raises(ValueError, match="`use_dora=True`"):
+        loftq_quantize(full_precision(llama_dir), LoRAConfig(use_dora=True))
+    with pytest.raises(ValueError, match="`loftq_weights`=.*Leave it None"):
+        loftq_quantize(full_precision(llama_dir), CONFIG, LoftQOptions(loftq_weights=llama_dir))
+    # an adapter file of LoftQ replayed onto the full-precision model instead of the quantized one
+    model = full_precision(llama_dir)
+    loftq_quantize(model, CONFIG)
+    save_adapter(model, tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"trained on another base .*\(dtype nf4 -> float32\)"):
+        load_adapter(full_precision(llama_dir), tmp_path / "saved")  # the fingerprint sees it first
+    with pytest.raises(ValueError, match=r"init='loftq' adapts quantized layers.*adapter=False"):
+        load_adapter(full_precision(llama_dir), tmp_path / "saved", strict=False)
