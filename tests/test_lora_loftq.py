@@ -144,6 +144,21 @@ def test_loftq_quantize_lowers_the_error_and_more_iterations_keep_it_low(llama_d
     assert "LoftQ: relative weight error" in str(one)
 
 
+def test_an_evaluation_pass_before_loftq_init_reads_the_same_weights(llama_dir):
+    model = load_quantized(llama_dir, "nf4")  # no double quantization: bitsandbytes' CPU layout was undone wrongly
+    layer = model.model.layers[0].mlp.down_proj  # 128 inputs: two blocks of 64 per row
+    before = quantized.dequantize(layer).clone()
+    model.eval()
+    with torch.no_grad():
+        model(token_ids())
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not switch this CPU to its AVX512-BF16 layout")
+    after = quantized.dequantize(layer)  # the layout undone: its scales rounded to bfloat16, nothing more
+    assert (after - before).abs().max() <= 2**-7 * before.abs().max()
+    report = loftq_init(model, llama_dir, CONFIG)
+    assert all(before < 0.15 for before, _ in report.layers.values())  # NF4's error, not scales on the wrong blocks
+
+
 def test_a_scaling_other_than_one_is_warned_and_shows_in_the_report(llama_dir, caplog):
     with caplog.at_level(logging.WARNING):
         report = loftq_quantize(full_precision(llama_dir), LoRAConfig(rank=RANK, alpha=2 * RANK))
