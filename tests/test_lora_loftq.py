@@ -8,9 +8,11 @@ import copy
 import json
 import logging
 
+import lightning as L
 import pytest
 import torch
 import torch.nn as nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -23,6 +25,7 @@ from test_quantized_lightning import CausalLM, token_data, trainer  # noqa: E402
 
 from peft_callbacks import (  # noqa: E402
     LoRACallback,
+    SlimCheckpoint,
     export_peft,
     import_peft,
     inject,
@@ -31,6 +34,7 @@ from peft_callbacks import (  # noqa: E402
     save_adapter,
 )
 from peft_callbacks.core import quantized  # noqa: E402
+from peft_callbacks.io.checkpoint import strip_loader_key  # noqa: E402
 from peft_callbacks.methods.lora import LoRAConfig  # noqa: E402
 from peft_callbacks.methods.lora.loftq import (  # noqa: E402
     LoftQOptions,
@@ -46,6 +50,12 @@ CONFIG = LoRAConfig(rank=RANK, alpha=RANK, target_modules=PROJECTIONS)  # scalin
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> str:
     return save_tiny_llama(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def peft_on_cpu(monkeypatch):
+    """PEFT's LoftQ computes on its default accelerator, ours on the weight's device: compare both on the CPU."""
+    monkeypatch.setattr(peft.utils.loftq_utils, "infer_device", lambda: "cpu")
 
 
 def full_precision(folder: str) -> nn.Module:
@@ -196,6 +206,51 @@ def test_callback_fits_on_the_quantized_base_and_the_adapter_reloads_exactly(lla
     merged = merge(module.model, dtype="float32")  # as any QLoRA merge: a plain model from the dequantized weights
     assert not quantized.quantized_layers(merged)
     torch.testing.assert_close(logits(merged, ids), trained, rtol=0, atol=1e-5)
+
+
+def test_slim_checkpoints_resume_onto_the_base_loftq_quantizes_again(llama_dir, tmp_path):
+    def fit(epochs: int, **kwargs) -> tuple[L.Trainer, CausalLM]:
+        module = CausalLM(full_precision(llama_dir))
+        callbacks = [LoRACallback(rank=RANK, alpha=RANK, init="loftq", target_modules=PROJECTIONS), SlimCheckpoint()]
+        fitter = trainer(tmp_path, steps=-1, max_epochs=epochs, callbacks=callbacks)
+        fitter.fit(module, token_data(), **kwargs)
+        return fitter, module
+
+    _, straight = fit(2)
+    first, _ = fit(1)
+    path = tmp_path / "slim.ckpt"
+    first.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert strip_loader_key(state)
+    assert state and all(".lora_" in k for k in state)  # the factors only: the base is LoftQ's Q, made again
+    _, resumed = fit(2, ckpt_path=str(path))
+    assert len(resumed.losses) == 2
+    factors = {k: v for k, v in straight.state_dict().items() if ".lora_" in k}
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in factors.items())  # as if never interrupted
+
+
+class ValidatedLM(CausalLM):
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+        self.log("val_loss", loss)
+        return loss
+
+
+def test_a_full_checkpoint_validates_on_a_fresh_module_quantized_as_the_fit_was(llama_dir, tmp_path):
+    def callbacks(*more):
+        return [LoRACallback(rank=RANK, alpha=RANK, init="loftq", target_modules=PROJECTIONS), *more]
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = ValidatedLM(full_precision(llama_dir))
+    fitter = L.Trainer(
+        max_steps=3, callbacks=callbacks(checkpoint), logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    fitter.fit(module, token_data())
+    fresh = ValidatedLM(full_precision(llama_dir))
+    trainer(tmp_path, callbacks=callbacks()).validate(fresh, token_data(), ckpt_path=checkpoint.last_model_path)
+    assert len(quantized.quantized_layers(fresh.model)) == 2 * len(PROJECTIONS)  # LoftQ's base, then the adapter
+    ids = token_ids()
+    torch.testing.assert_close(logits(fresh.model, ids), logits(module.model, ids), rtol=0, atol=0)
 
 
 def test_callback_on_a_quantized_base_reads_loftq_weights(llama_dir, tmp_path):

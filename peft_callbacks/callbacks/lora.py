@@ -13,11 +13,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.core import quantized
+from peft_callbacks.core.models import find_models
 from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
-from peft_callbacks.methods.lora.loftq import LoftQOptions, apply_loftq
+from peft_callbacks.methods.lora.loftq import LoftQOptions, apply_loftq, loftq_quantize
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
+from peft_callbacks.plumbing.hooks import run_after_hook
 from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
@@ -154,9 +157,20 @@ class LoRACallback(PEFTCallback):
             model, training_batches(self._fit_trainer, self.name), self.config, self.eva, adapter_name=self.adapter_name
         )
 
+    def _loftq_base(self, pl_module: pl.LightningModule) -> None:
+        """A checkpoint of a LoftQ fit (``validate``/``test(ckpt_path=...)`` on a fresh module) holds a LoRA trained
+        on LoftQ's quantized base: quantize the full-precision module as the fit did (the same ``Q``), then the
+        adapter is re-created and loaded onto it."""
+        if self.loftq.loftq_weights is not None or quantized.holds_quantized(pl_module):
+            return  # loaded quantized (its own base), or quantized already
+        for _, model in find_models(pl_module, self.module):
+            loftq_quantize(model, self.config, self.loftq, adapter_name=self.adapter_name, adapter=False)
+
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fit_trainer = trainer if stage == "fit" else None
+        if stage != "fit" and self.config.init == "loftq":  # before the checkpoint's adapter is re-created
+            run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: self._loftq_base(pl_module), owner=self)
         kind = strategy_kind(trainer)
         if self.lora_pro and is_sharding(trainer):
             raise ValueError(
