@@ -131,6 +131,42 @@ def test_loftq_init_equals_replace_lora_weights_loftq_on_a_quantized_model(llama
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
 
 
+def test_gpt2_conv1d_layers_are_read_transposed_as_peft_reads_them():
+    config = hf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=99, n_positions=32, resid_pdrop=0, embd_pdrop=0)
+    config.attn_pdrop = 0.0  # no dropout: the logits are compared in train mode
+    torch.manual_seed(0)
+    original = hf.GPT2LMHeadModel(config)
+    targets = ["c_attn", "c_proj", "c_fc"]
+    their_config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=RANK,
+        target_modules=targets,
+        fan_in_fan_out=True,
+        init_lora_weights="loftq",
+        loftq_config=peft.LoftQConfig(loftq_bits=4),
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(original), their_config)
+    ours = copy.deepcopy(original)
+    loftq_quantize(ours, LoRAConfig(rank=RANK, alpha=RANK, target_modules=targets))
+    layers = adapters(ours)
+    assert len(layers) == 2 * len(targets) + 2  # c_proj: attention's and the MLP's
+    for path, lora in layers.items():
+        their_layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(quantized.dequantize(ours.get_submodule(path).base_layer), their_layer.base_layer.weight.T)
+        assert torch.equal(lora.lora_A.weight, their_layer.lora_A["default"].weight)
+        assert torch.equal(lora.lora_B.weight, their_layer.lora_B["default"].weight)
+    ids = token_ids()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
+
+
+def test_original_weights_from_a_file_a_sharded_folder_or_a_state_dict_agree(llama_dir, tmp_path):
+    full_precision(llama_dir).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sources = [f"{llama_dir}/model.safetensors", str(tmp_path), full_precision(llama_dir).state_dict()]
+    reports = [loftq_init(load_quantized(llama_dir), source, CONFIG) for source in sources]
+    assert reports[0].layers == reports[1].layers == reports[2].layers
+
+
 # -- LoftQ lowers the error --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["nf4-dq", "int8"])
 def test_loftq_init_lowers_the_weight_error_and_moves_outputs_towards_the_full_precision_model(llama_dir, fmt):

@@ -15,12 +15,12 @@ it. LoftQ picks ``Q``, ``A``, ``B`` together so that ``deq(Q) + B·A ≈ W`` (§
 Two entries, one per starting point:
 
 * :func:`loftq_quantize` takes a **full-precision** model: it runs the iteration above on every targeted ``nn.Linear``
-  and puts a bitsandbytes layer holding ``Q_T`` in its place (``Linear4bit`` NF4 or ``Linear8bitLt``), then injects
-  LoRA with ``A``, ``B``. HF PEFT writes ``deq(Q_T)`` back into a full-precision weight; here the base *is* the
-  quantized model LoftQ asked for, so the engine's rule holds as on any QLoRA base: from then on the frozen base stays
-  bit-identical, is fingerprinted as NF4/int8, and slim checkpoints and adapter files leave it out. Its dequantized
-  weight equals PEFT's new base weight bit for bit (both computed on the same device), so PEFT's adapter and ours
-  compute the same model.
+  (or transformers' ``Conv1D``, GPT-2's, read transposed) and puts a bitsandbytes layer holding ``Q_T`` in its place
+  (``Linear4bit`` NF4 or ``Linear8bitLt``), then injects LoRA with ``A``, ``B``. HF PEFT writes ``deq(Q_T)`` back into
+  a full-precision weight; here the base *is* the quantized model LoftQ asked for, so the engine's rule holds as on
+  any QLoRA base: from then on the frozen base stays bit-identical, is fingerprinted as NF4/int8, and slim checkpoints
+  and adapter files leave it out. Its dequantized weight equals PEFT's new base weight bit for bit (both computed on
+  the same device), so PEFT's adapter and ours compute the same model.
 * :func:`loftq_init` takes a model **already quantized** (transformers' ``BitsAndBytesConfig``, our QLoRA path) and
   the original weights (a state dict, or a safetensors file or folder read one tensor at a time, never unpickled):
   ``A``, ``B`` from the SVD of ``W − deq(Q)`` with ``Q`` as it is (PEFT's ``replace_lora_weights_loftq``, one
@@ -257,22 +257,29 @@ def residual_factors(layer: nn.Module, weight: torch.Tensor, rank: int) -> tuple
 
 
 # -- full-precision models: quantize the targets, then LoRA --------------------------------------------------------
-def _quantized_layer(linear: nn.Linear, q: nn.Parameter, num_bits: int) -> nn.Module:
-    """A bitsandbytes layer holding ``q`` with ``linear``'s bias, frozen, in its training mode."""
+def _linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or of transformers' ``Conv1D`` (stored ``(in, out)``)."""
+    return linear.weight.detach().T if layer_kind(linear) == "hf_conv1d" else linear.weight.detach()
+
+
+def _quantized_layer(linear: nn.Module, q: nn.Parameter, num_bits: int) -> nn.Module:
+    """A bitsandbytes layer holding ``q`` with ``linear``'s bias, frozen, in its training mode (a ``Conv1D``'s
+    ``x·W + b`` is the ``x·Wᵀ + b`` of its transposed weight)."""
     bnb = quantized.require_bitsandbytes("quantize the base for LoftQ")
     has_bias = linear.bias is not None
+    out_features, in_features = _linear_weight(linear).shape
     with torch.device("meta"):
         if num_bits == 4:
             layer = bnb.nn.Linear4bit(
-                linear.in_features,
-                linear.out_features,
+                in_features,
+                out_features,
                 bias=has_bias,
                 compute_dtype=linear.weight.dtype,
                 compress_statistics=False,
                 quant_type="nf4",
             )
         else:
-            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+            layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, has_fp16_weights=False)
     layer.weight = q
     if num_bits == 4:
         q.module = layer
@@ -324,11 +331,11 @@ def loftq_quantize(
     adapter_name: str = DEFAULT_ADAPTER,
     adapter: bool = True,
 ) -> LoftQReport:
-    """Quantize the targeted ``nn.Linear`` layers of a full-precision ``model`` as LoftQ does and inject LoRA with
+    """Quantize the targeted linear layers of a full-precision ``model`` as LoftQ does and inject LoRA with
     LoftQ's factors (module docstring); the plain-PyTorch entry for ``init="loftq"`` on a full-precision model.
 
     Args:
-        model: the model to quantize and adapt, in place (its targets plain ``nn.Linear`` layers).
+        model: the model to quantize and adapt, in place (its targets ``nn.Linear`` or transformers' ``Conv1D``).
         config: LoRA's settings (``init`` is recorded as ``"loftq"``); ``alpha = rank`` is LoftQ's intended scaling.
         loftq: ``loftq_bits``, ``loftq_iter`` (:class:`LoftQOptions`; ``None``: PEFT's defaults, 4 bits, 1 iteration).
         adapter_name: the adapter's name.
@@ -338,8 +345,8 @@ def loftq_quantize(
         The errors before and after (:class:`LoftQReport`; with ``adapter=False`` after equals the error of ``Q``).
 
     Raises:
-        ValueError: a target that is not a plain ``nn.Linear`` (a quantized one names :func:`loftq_init`), DoRA or
-            ``target_parameters``, or ``loftq_weights`` given (this model's own weights are the originals).
+        ValueError: a target that is not a full-precision linear layer (a quantized one names :func:`loftq_init`),
+            DoRA or ``target_parameters``, or ``loftq_weights`` given (this model's own weights are the originals).
         ImportError: bitsandbytes cannot be imported.
     """
     check_module("model", model)
@@ -360,15 +367,15 @@ def loftq_quantize(
     already = [p for p, k in kinds.items() if k in _QUANTIZED]
     if already:
         raise ValueError(
-            f"loftq_quantize quantizes full-precision nn.Linear layers; {already[:3]} of {type(model).__name__} are "
+            f"loftq_quantize quantizes full-precision linear layers; {already[:3]} of {type(model).__name__} are "
             f"bitsandbytes layers already. Use loftq_init(model, original, config) with the original weights "
             f"(LoRACallback: loftq_weights=...)."
         )
-    other = [f"{p} ({k})" for p, k in kinds.items() if k != "linear"]
+    other = [f"{p} ({k})" for p, k in kinds.items() if k not in ("linear", "hf_conv1d")]
     if other:
         raise ValueError(
-            f"LoftQ quantizes nn.Linear layers (as HF PEFT's); {other[:3]} are not. Narrow `target_modules` (or add "
-            f"them to `exclude_modules`)."
+            f"LoftQ quantizes linear layers (nn.Linear, transformers' Conv1D; as HF PEFT's); {other[:3]} are not. "
+            f"Narrow `target_modules` (or add them to `exclude_modules`)."
         )
     quantized.require_bitsandbytes("quantize the base for LoftQ")
     resolved = resolve_rank_alpha(stored, targets)
@@ -376,7 +383,8 @@ def loftq_quantize(
     for path in targets:  # everything computed before the model changes
         linear = model.get_submodule(path)
         settings = layer_settings(resolved, path)
-        q, first, lora_A, lora_B = loftq_decompose(linear.weight, loftq.loftq_bits, settings.rank, loftq.loftq_iter)
+        weight = _linear_weight(linear)  # (out, in)
+        q, first, lora_A, lora_B = loftq_decompose(weight, loftq.loftq_bits, settings.rank, loftq.loftq_iter)
         new_layers[path] = _quantized_layer(linear, q, loftq.loftq_bits)
         factors[path] = (linear, first, lora_A, lora_B)
     for path, layer in new_layers.items():
@@ -390,7 +398,7 @@ def loftq_quantize(
         raise
     scalings = {}
     for path, (linear, first, lora_A, lora_B) in factors.items():
-        weight = linear.weight.detach().float()
+        weight = _linear_weight(linear).float()
         dequantized = quantized.dequantize(new_layers[path]).float()
         update = torch.zeros_like(weight)
         if adapter:
