@@ -132,8 +132,8 @@ def test_loftq_init_equals_replace_lora_weights_loftq_on_a_quantized_model(llama
 
 
 def test_gpt2_conv1d_layers_are_read_transposed_as_peft_reads_them():
-    config = hf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=99, n_positions=32, resid_pdrop=0, embd_pdrop=0)
-    config.attn_pdrop = 0.0  # no dropout: the logits are compared in train mode
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the logits are compared in train mode
+    config = hf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=99, n_positions=32, **no_dropout)
     torch.manual_seed(0)
     original = hf.GPT2LMHeadModel(config)
     targets = ["c_attn", "c_proj", "c_fc"]
@@ -301,7 +301,7 @@ def test_callback_on_a_quantized_base_reads_loftq_weights(llama_dir, tmp_path):
 
 
 # -- files: HF PEFT's directories --------------------------------------------------------------------------------------
-def test_export_loads_in_peft_on_its_loftq_base_and_peft_loftq_adapters_import(llama_dir, tmp_path):
+def test_export_loads_in_peft_on_its_loftq_base_and_peft_loftq_adapters_import(llama_dir, tmp_path, caplog):
     ids = token_ids()
     ours = full_precision(llama_dir)
     loftq_quantize(ours, CONFIG)
@@ -320,7 +320,10 @@ def test_export_loads_in_peft_on_its_loftq_base_and_peft_loftq_adapters_import(l
     quantized_base = full_precision(llama_dir)
     loftq_quantize(quantized_base, CONFIG, adapter=False)
     for base in (quantized_base, peft_base):
-        imported = import_peft(base, tmp_path / "theirs")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            imported = import_peft(base, tmp_path / "theirs")
+        assert "trained on PEFT's LoftQ base" in caplog.text and "adapter=False" in caplog.text
         torch.testing.assert_close(logits(imported, ids), logits(peft_model, ids), rtol=0, atol=1e-5)
 
 
