@@ -53,7 +53,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -69,6 +68,7 @@ from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.engine import DEFAULT_ADAPTER, get_method, inject
 from peft_callbacks.engine.method import replace_module
 from peft_callbacks.engine.patterns import layer_settings, resolve_rank_alpha, select_layers
+from peft_callbacks.io.original_weights import OriginalWeights
 from peft_callbacks.methods.lora.config import LoRAConfig
 
 log = logging.getLogger(__name__)
@@ -413,75 +413,6 @@ def loftq_quantize(
 
 
 # -- quantized models: the original weights from a file ------------------------------------------------------------
-class _Originals:
-    """The full-precision weights, by module path: a mapping, or safetensors read one tensor at a time."""
-
-    def __init__(self, original: Any, model: nn.Module) -> None:
-        self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.tensors: Mapping[str, torch.Tensor] | None = None
-        self.files: dict[str, str] = {}
-        self.source = "the state dict"
-        if isinstance(original, Mapping):
-            self.tensors = original
-        elif isinstance(original, (str, os.PathLike)):
-            self._open(os.fspath(original))
-        else:
-            raise TypeError(
-                f"`original` must be a state dict or the path of a safetensors file or folder (the model before "
-                f"quantization), got {type(original).__name__}."
-            )
-
-    def _open(self, path: str) -> None:
-        from safetensors import safe_open
-
-        self.source = path
-        if os.path.isdir(path):
-            index = os.path.join(path, "model.safetensors.index.json")
-            single = os.path.join(path, "model.safetensors")
-            if os.path.isfile(single):
-                path = single
-            elif os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                self.files = {k: os.path.join(os.path.dirname(index), v) for k, v in weight_map.items()}
-                return
-            else:
-                raise ValueError(
-                    f"`original`={path!r} holds neither model.safetensors nor model.safetensors.index.json; LoftQ "
-                    f"reads the full-precision weights from safetensors only (never unpickled)."
-                )
-        if not os.path.isfile(path) or not path.endswith(".safetensors"):
-            raise ValueError(
-                f"`original`={path!r} is not a .safetensors file or a folder holding one; LoftQ reads the "
-                f"full-precision weights from safetensors only (never unpickled)."
-            )
-        with safe_open(path, framework="pt") as f:
-            self.files = dict.fromkeys(f.keys(), path)
-
-    def keys(self) -> list[str]:
-        return list(self.tensors) if self.tensors is not None else list(self.files)
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor stored under ``key``, or under it with the model's ``base_model_prefix`` taken off or added
-        (a checkpoint of ``LlamaForCausalLM`` read for a ``LlamaModel``, and back)."""
-        candidates = [key]
-        if self.prefix:
-            candidates += [key.removeprefix(f"{self.prefix}."), f"{self.prefix}.{key}"]
-        for name in candidates:
-            if self.tensors is not None and name in self.tensors:
-                return self.tensors[name]
-            if self.tensors is None and name in self.files:
-                from safetensors import safe_open
-
-                with safe_open(self.files[name], framework="pt") as f:
-                    return f.get_tensor(name)
-        shown = ", ".join(self.keys()[:4])
-        raise ValueError(
-            f"`original` ({self.source}) has no weight {key!r} for LoftQ; the full-precision weights of every adapted "
-            f"layer are needed (keys there include: {shown}, …)."
-        )
-
-
 @torch.no_grad()
 def loftq_init(
     model: nn.Module,
@@ -528,7 +459,7 @@ def loftq_init(
         raise ValueError(
             f"{type(model).__name__} has no LoRA adapter {adapter_name!r}: pass the LoRAConfig to inject it with."
         )
-    originals = _Originals(original, model)
+    originals = OriginalWeights(original, model)
     if config is not None:
         stored = _check_config(config)
         targets = _targets(model, stored)
