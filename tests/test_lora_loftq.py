@@ -341,8 +341,16 @@ def test_bad_input_is_refused_naming_the_argument(llama_dir, tmp_path):
         loftq_init(full_precision(llama_dir), llama_dir, CONFIG)
     with pytest.raises(ValueError, match=r"bitsandbytes layers already.*loftq_init"):
         loftq_quantize(load_quantized(llama_dir), CONFIG)
+    model = load_quantized(llama_dir)
     with pytest.raises(ValueError, match=r"`original` \(the state dict\) has no weight 'model.layers.0.self_attn"):
-        loftq_init(load_quantized(llama_dir), {"other.weight": torch.zeros(1)}, CONFIG)
+        loftq_init(model, {"other.weight": torch.zeros(1)}, CONFIG)
+    assert not adapters(model)  # checked before anything changed
+    wrong = {
+        k: v[:, :8] if k.endswith("up_proj.weight") else v for k, v in full_precision(llama_dir).state_dict().items()
+    }
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(128, 8\), the quantized layer \(128, 64\)"):
+        loftq_init(model, wrong, CONFIG)
+    assert not adapters(model)
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"`original`=.*weights.bin.* safetensors only"):
         loftq_init(load_quantized(llama_dir), str(tmp_path / "weights.bin"), CONFIG)

@@ -82,22 +82,38 @@ class OriginalWeights:
     def keys(self) -> list[str]:
         return list(self.tensors) if self.tensors is not None else list(self.files)
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor stored under ``key``, or under it with the model's ``base_model_prefix`` taken off or added
-        (a checkpoint of ``LlamaForCausalLM`` read for a ``LlamaModel``, and back)."""
+    def _name(self, key: str) -> str:
+        """The stored name of ``key``: itself, or with the model's ``base_model_prefix`` taken off or added (a
+        checkpoint of ``LlamaForCausalLM`` read for a ``LlamaModel``, and back)."""
         candidates = [key]
         if self.prefix:
             candidates += [key.removeprefix(f"{self.prefix}."), f"{self.prefix}.{key}"]
+        stored = self.tensors if self.tensors is not None else self.files
         for name in candidates:
-            if self.tensors is not None and name in self.tensors:
-                return self.tensors[name]
-            if self.tensors is None and name in self.files:
-                from safetensors import safe_open
-
-                with safe_open(self.files[name], framework="pt") as f:
-                    return f.get_tensor(name)
+            if name in stored:
+                return name
         shown = ", ".join(self.keys()[:4])
         raise ValueError(
             f"`original` ({self.source}) has no weight {key!r}; the full-precision weights of every adapted layer are "
             f"needed (keys there include: {shown}, …)."
         )
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape stored under ``key``, read from the file's header (no tensor is loaded)."""
+        name = self._name(key)
+        if self.tensors is not None:
+            return tuple(self.tensors[name].shape)
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` (see :meth:`shape` for the names tried)."""
+        name = self._name(key)
+        if self.tensors is not None:
+            return self.tensors[name]
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)

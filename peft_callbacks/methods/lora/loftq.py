@@ -464,19 +464,16 @@ def loftq_init(
         stored = _check_config(config)
         targets = _targets(model, stored)
         check_loftq_targets(model, targets)
+        _check_originals(originals, {p: model.get_submodule(p) for p in targets})
         inject(model, stored, adapter_name=adapter_name, targets=targets)
         existing = method.modules(model, adapter_name)
-    check_loftq_targets(model, [f"{p}.base_layer" for p in existing], paths=list(existing))
+    else:
+        check_loftq_targets(model, [f"{p}.base_layer" for p in existing], paths=list(existing))
+        _check_originals(originals, {p: layer.base_layer for p, layer in existing.items()})
     errors, scalings = _Errors(), {}
     for path, layer in existing.items():
         lora = layer.adapters[adapter_name]
-        weight = originals.get(f"{path}.weight")
-        if tuple(weight.shape) != quantized.weight_shape(layer.base_layer):
-            raise ValueError(
-                f"`original` weight {path}.weight has shape {tuple(weight.shape)}, the quantized layer "
-                f"{quantized.weight_shape(layer.base_layer)}: not the weights this model was quantized from."
-            )
-        weight = weight.to(lora.lora_A.weight.device, torch.float32)
+        weight = originals.get(f"{path}.weight").to(lora.lora_A.weight.device, torch.float32)
         lora_A, lora_B = residual_factors(layer.base_layer, weight, lora.r)
         previous = (lora.lora_A.weight.detach().clone(), lora.lora_B.weight.detach().clone())
         lora.lora_A.weight.copy_(lora_A)
@@ -491,6 +488,17 @@ def loftq_init(
         scalings[path] = lora.scaling
     _warn_scaling(scalings)
     return errors.done()
+
+
+def _check_originals(originals: OriginalWeights, layers: dict[str, nn.Module]) -> None:
+    """Every layer's original weight is there with its shape (read from the headers), before anything changes."""
+    for path, layer in layers.items():
+        shape = originals.shape(f"{path}.weight")
+        if shape != quantized.weight_shape(layer):
+            raise ValueError(
+                f"`original` weight {path}.weight has shape {shape}, the quantized layer "
+                f"{quantized.weight_shape(layer)}: not the weights this model was quantized from."
+            )
 
 
 def check_loftq_targets(model: nn.Module, targets: list[str], paths: list[str] | None = None) -> None:
