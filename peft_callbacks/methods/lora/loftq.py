@@ -34,6 +34,12 @@ start (QLoRA's) and ``‖W − (deq(Q) + s·B·A)‖/‖W‖`` of LoftQ's, and t
 LoRA scaling ``s = alpha/r`` is 1 (``alpha = rank``); with ``s = 2`` the truncated-SVD step exactly cancels its gain,
 and above it makes the start worse. A warning says so, and the report shows it.
 
+**Against PEFT.** On a float32 model the quantized weights and the factors are PEFT's bit for bit (tests compare
+them, and ``replace_lora_weights_loftq``'s). PEFT computes on its default accelerator, here on the weight's device.
+On a bfloat16/float16 model PEFT's base weight is ``deq(Q)`` rounded to that dtype (here the 4-bit layer computes in
+it: the same), and its factors pass through that dtype too before they are upcast; here they stay float32, as QLoRA's
+factors do (``adapter_dtype`` sets them), so they differ from PEFT's by that rounding.
+
 **Reloading.** Adapter files hold ``A``, ``B`` only. Reload a LoftQ adapter onto the same quantized base:
 ``loftq_quantize(model, config, adapter=False)`` on the original model quantizes it again (the same ``Q``: the
 iteration is deterministic on one device; the adapter file's fingerprint checks it), then ``load_adapter``.
