@@ -112,6 +112,26 @@ def test_loftq_quantize_equals_peft_loftq_on_a_full_precision_model(llama_dir, b
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-5)
 
 
+def test_per_layer_ranks_decompose_at_each_layers_rank_as_peft(llama_dir):
+    patterns = dict(rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 4})
+    their_config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=RANK,
+        target_modules=PROJECTIONS,
+        init_lora_weights="loftq",
+        loftq_config=peft.LoftQConfig(loftq_bits=4),
+        **patterns,
+    )
+    theirs = peft.get_peft_model(full_precision(llama_dir), their_config)
+    ours = full_precision(llama_dir)
+    loftq_quantize(ours, CONFIG.replace(**patterns))
+    for path, lora in adapters(ours).items():
+        assert lora.r == (4 if path.endswith("q_proj") else RANK)
+        their_layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(lora.lora_A.weight, their_layer.lora_A["default"].weight)
+        assert torch.equal(lora.lora_B.weight, their_layer.lora_B["default"].weight)
+
+
 def test_loftq_init_equals_replace_lora_weights_loftq_on_a_quantized_model(llama_dir):
     theirs = peft.get_peft_model(
         load_quantized(llama_dir, "nf4"), peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)
