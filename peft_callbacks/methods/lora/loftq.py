@@ -67,7 +67,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_module, check_positive_int
+from peft_callbacks._validation import check_int, check_module, check_path, check_positive_int
 from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
@@ -123,16 +123,16 @@ class LoftQOptions:
     loftq_weights: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.loftq_bits, bool) or self.loftq_bits not in LOFTQ_BITS:
-            raise ValueError(f"`loftq_bits` must be 4 or 8 (NF4 or int8, as HF PEFT's LoftQ), got {self.loftq_bits!r}.")
+        _check_bits(self.loftq_bits)
         object.__setattr__(self, "loftq_iter", check_positive_int("loftq_iter", self.loftq_iter))
         if self.loftq_weights is not None:
-            if not isinstance(self.loftq_weights, (str, os.PathLike)):
-                raise TypeError(
-                    f"`loftq_weights` must be None or the path of a safetensors file or folder, got "
-                    f"{type(self.loftq_weights).__name__}."
-                )
-            object.__setattr__(self, "loftq_weights", os.fspath(self.loftq_weights))
+            object.__setattr__(self, "loftq_weights", os.fspath(check_path("loftq_weights", self.loftq_weights)))
+
+
+def _check_bits(bits: Any) -> None:
+    check_int("loftq_bits", bits)
+    if bits not in LOFTQ_BITS:
+        raise ValueError(f"`loftq_bits` must be 4 or 8 (NF4 or int8, as HF PEFT's LoftQ), got {bits!r}.")
 
 
 @dataclasses.dataclass
@@ -224,8 +224,7 @@ def loftq_decompose(
     Raises:
         ValueError: ``num_bits`` not 4 or 8, ``num_iter`` < 1, or a weight that is not 2-D.
     """
-    if isinstance(num_bits, bool) or num_bits not in LOFTQ_BITS:
-        raise ValueError(f"`loftq_bits` must be 4 or 8 (NF4 or int8, as HF PEFT's LoftQ), got {num_bits!r}.")
+    _check_bits(num_bits)
     check_positive_int("loftq_iter", num_iter)
     check_positive_int("rank", rank)
     if weight.dim() != 2:
