@@ -6,6 +6,8 @@
   SVD (``pissa_niter_<K>``) cannot be recomputed, so it is written as the plain rank-``2r`` LoRA that applies to the
   original base (``[B, −B₀]·[A; A₀]``, alpha doubled or ×√2 with rsLoRA), which is PEFT's own conversion
   (``path_initial_model_for_weight_conversion``). Importing a PiSSA/OLoRA directory decomposes the fresh base here.
+* LoftQ: a plain LoRA on a quantized base; written with ``init_lora_weights: true`` (PEFT loads it onto its LoftQ
+  base), and PEFT's ``"loftq"`` files are read as plain LoRA, with a warning naming the base they need.
 * LoRA on parameters: PEFT nests one wrapper per targeted parameter of a module, the first parameter (in the module's
   order) innermost: ``experts.base_layer.lora_A.weight`` (``gate_up_proj``), ``experts.lora_A.weight``
   (``down_proj``); the config lists ``target_parameters``.
