@@ -176,6 +176,9 @@ _LORA_CALLBACK_ARGS = {
     "eva_batches": [1, 4],
     "eva_rho": [1, 1.5, 2.5],
     "eva_whiten": _BOOL_OK,
+    "loftq_bits": [4, 8],
+    "loftq_iter": [1, 3],
+    "loftq_weights": _PATH_OK,  # read at setup, on a quantized base only
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,

@@ -13,10 +13,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.core import quantized
+from peft_callbacks.core.models import find_models
 from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
+from peft_callbacks.methods.lora.loftq import LoftQOptions, apply_loftq, loftq_quantize
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
+from peft_callbacks.plumbing.hooks import run_after_hook
 from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ class LoRATrainingOptions:
             )
 
 
-@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions)
+@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -116,13 +120,19 @@ class LoRACallback(PEFTCallback):
     """
 
     def __init__(
-        self, config: LoRAConfig, training: LoRATrainingOptions, eva: EVAOptions, options: CallbackOptions
+        self,
+        config: LoRAConfig,
+        training: LoRATrainingOptions,
+        eva: EVAOptions,
+        loftq: LoftQOptions,
+        options: CallbackOptions,
     ) -> None:
         self._configure(config, options)
         training.check_for(self.config)
         self.loraplus_lr_ratio = training.loraplus_lr_ratio
         self.lora_pro = training.lora_pro
         self.eva = eva
+        self.loftq = loftq
         self._fit_trainer: pl.Trainer | None = None
 
     # -- init="eva" reads the training data -----------------------------------------------------------------------
@@ -130,6 +140,11 @@ class LoRACallback(PEFTCallback):
         return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
 
     def apply(self, model: torch.nn.Module, path: str) -> None:
+        if self.config.init == "loftq":  # quantizes the targets (or reads loftq_weights), then LoRA
+            rank_zero_info(
+                f"{self.name}: {apply_loftq(model, self.config, self.loftq, adapter_name=self.adapter_name)}"
+            )
+            return
         if self.config.init != "eva":
             super().apply(model, path)
             return
@@ -142,9 +157,20 @@ class LoRACallback(PEFTCallback):
             model, training_batches(self._fit_trainer, self.name), self.config, self.eva, adapter_name=self.adapter_name
         )
 
+    def _loftq_base(self, pl_module: pl.LightningModule) -> None:
+        """A checkpoint of a LoftQ fit (``validate``/``test(ckpt_path=...)`` on a fresh module) holds a LoRA trained
+        on LoftQ's quantized base: quantize the full-precision module as the fit did (the same ``Q``), then the
+        adapter is re-created and loaded onto it."""
+        if self.loftq.loftq_weights is not None or quantized.holds_quantized(pl_module):
+            return  # loaded quantized (its own base), or quantized already
+        for _, model in find_models(pl_module, self.module):
+            loftq_quantize(model, self.config, self.loftq, adapter_name=self.adapter_name, adapter=False)
+
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fit_trainer = trainer if stage == "fit" else None
+        if stage != "fit" and self.config.init == "loftq":  # before the checkpoint's adapter is re-created
+            run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: self._loftq_base(pl_module), owner=self)
         kind = strategy_kind(trainer)
         if self.lora_pro and is_sharding(trainer):
             raise ValueError(
@@ -211,6 +237,7 @@ class LoRACallback(PEFTCallback):
         state = super().state_dict()
         state["config"].update(loraplus_lr_ratio=self.loraplus_lr_ratio, lora_pro=self.lora_pro)
         state["config"].update(dataclasses.asdict(self.eva))
+        state["config"].update(dataclasses.asdict(self.loftq))
         return state
 
 

@@ -171,8 +171,10 @@ def _unpack_cpu_layout(layer: nn.Module) -> bool:
     if not getattr(state, "packing_format_for_cpu", False):
         return False
     functional = sys.modules["bitsandbytes.functional"]
-    weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
-    layer.quant_state = weight.quant_state
+    weight.data, state = functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not state.nested and state.absmax.dim() == 2:  # bitsandbytes (0.50) restores nested scales only: the others
+        state.absmax = state.absmax.T.reshape(-1).float()  # stay (in/block, out) and would scale the wrong blocks
+    weight.quant_state = layer.quant_state = state
     return True
 
 

@@ -21,8 +21,8 @@ from peft_callbacks.methods.lora.tokens import check_token_indices
 
 __all__ = ["INITS", "LoRAConfig"]
 
-PLAIN_INITS = ("default", "gaussian", "orthogonal", "eva")  # the base weight untouched, no buffers
-INITS = ("default", "gaussian", *RESIDUAL_INITS, "orthogonal", "eva")
+PLAIN_INITS = ("default", "gaussian", "orthogonal", "eva", "loftq")  # the base weight untouched, no buffers
+INITS = ("default", "gaussian", *RESIDUAL_INITS, "orthogonal", "eva", "loftq")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +43,9 @@ class LoRAConfig(LayerConfig, method="lora"):
             matrix, both non-zero with ``B·A = 0`` (even ``rank``; :mod:`~peft_callbacks.methods.lora.orthogonal`).
             ``"eva"``: ``A`` from the principal components of each layer's inputs, ``B`` zero; needs data
             (:func:`~peft_callbacks.methods.lora.eva.eva_init`, or ``LoRACallback`` which uses the training data).
+            ``"loftq"``: a quantized base whose quantization error ``B·A`` starts by compensating
+            (:mod:`~peft_callbacks.methods.lora.loftq`: ``loftq_quantize`` for a full-precision model, ``loftq_init``
+            with the original weights for a quantized one, or ``LoRACallback``).
         target_parameters: parameters to adapt directly (names, dotted suffixes as in PEFT —
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only
@@ -71,7 +74,7 @@ class LoRAConfig(LayerConfig, method="lora"):
         >>> LoRAConfig(init="svd")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `init` must be one of ('default', 'gaussian', 'pissa', ..., 'orthogonal', 'eva'), got 'svd'.
+        ValueError: `init` must be one of ('default', 'gaussian', 'pissa', ..., 'eva', 'loftq'), got 'svd'.
     """
 
     rank: int = 8
@@ -100,7 +103,7 @@ class LoRAConfig(LayerConfig, method="lora"):
             raise ValueError(
                 f"`init`='orthogonal' needs an even `rank` (Q is split in two halves), got rank={self.rank}."
             )
-        if self.use_dora and self.init in ("orthogonal", "eva"):
+        if self.use_dora and self.init in ("orthogonal", "eva", "loftq"):
             raise ValueError(f"`init`={self.init!r} cannot be combined with `use_dora=True` here; use init='default'.")
         if self.use_dora and is_residual_init(self.init):
             raise ValueError(

@@ -6,6 +6,8 @@
   SVD (``pissa_niter_<K>``) cannot be recomputed, so it is written as the plain rank-``2r`` LoRA that applies to the
   original base (``[B, −B₀]·[A; A₀]``, alpha doubled or ×√2 with rsLoRA), which is PEFT's own conversion
   (``path_initial_model_for_weight_conversion``). Importing a PiSSA/OLoRA directory decomposes the fresh base here.
+* LoftQ: a plain LoRA on a quantized base; written with ``init_lora_weights: true`` (PEFT loads it onto its LoftQ
+  base), and PEFT's ``"loftq"`` files are read as plain LoRA, with a warning naming the base they need.
 * LoRA on parameters: PEFT nests one wrapper per targeted parameter of a module, the first parameter (in the module's
   order) innermost: ``experts.base_layer.lora_A.weight`` (``gate_up_proj``), ``experts.lora_A.weight``
   (``down_proj``); the config lists ``target_parameters``.
@@ -18,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -39,6 +42,8 @@ from peft_callbacks.methods.lora.mha import (
 from peft_callbacks.methods.lora.params import ParameterLoRA
 from peft_callbacks.methods.lora.tokens import TrainableTokens, resolve_token_layers, tokens_from_peft, tokens_to_peft
 
+log = logging.getLogger(__name__)
+
 __all__ = ["KEYS", "export_layer", "from_peft", "import_layer", "peft_targets", "to_peft"]
 
 KEYS = {"lora_magnitude_vector": "lora_magnitude_vector.weight"}
@@ -56,7 +61,7 @@ def _converted(config: LoRAConfig) -> bool:
 
 
 def _peft_init(init: str) -> bool | str:
-    return True if init == "default" else init
+    return True if init in ("default", "loftq") else init  # LoftQ: a plain LoRA on the quantized base (no re-init)
 
 
 def _our_init(value: Any) -> str:
@@ -66,9 +71,17 @@ def _our_init(value: Any) -> str:
         return value
     if value == "eva":  # EVA's A is data: the file holds it, and its ranks in rank_pattern; no base change
         return "default"
+    if value == "loftq":  # a plain LoRA, but on PEFT's LoftQ base: the weights LoftQ quantized, not the originals
+        log.warning(
+            "init_lora_weights='loftq': this adapter was trained on PEFT's LoftQ base (each target's weight replaced "
+            "by its LoftQ-quantized one); load it onto that base: PEFT's saved base model, or "
+            "loftq_quantize(original_model, config, adapter=False) (peft_callbacks.methods.lora.loftq)."
+        )
+        return "default"
     raise ValueError(
         f"init_lora_weights={value!r} is not supported here (peft_callbacks has 'gaussian', 'pissa', "
-        f"'pissa_niter_<K>', 'olora', 'orthogonal' and 'eva'; others change the base in ways it does not record)"
+        f"'pissa_niter_<K>', 'olora', 'orthogonal', 'eva' and 'loftq'; others change the base in ways it does not "
+        f"record)"
     )
 
 

@@ -180,6 +180,12 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
                 "`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva), or use "
                 "LoRACallback(init='eva'), which uses the training data; got no data here."
             )
+        if config.init == "loftq":  # the base is quantized by LoftQ itself, or its original weights are needed
+            raise ValueError(
+                "`init`='loftq' quantizes the base (or needs its original weights): call "
+                "`loftq_quantize(model, config)` on a full-precision model, or `loftq_init(model, original, config)` "
+                "on a quantized one (peft_callbacks.methods.lora.loftq), or use LoRACallback(init='loftq')."
+            )
         only_parameters = config.target_modules is None and config.target_parameters
         modules = [] if only_parameters else super().select(model, config, head)
         parameters = select_parameters(model, config.target_parameters) if config.target_parameters else []
@@ -227,6 +233,10 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
         modules = split_targets(model, targets)[0]
         if config.init == "orthogonal":
             _refuse_orthogonal_off_linear(model, modules)
+        if config.init == "loftq":  # a replayed recipe or adapter file: only onto the quantized base
+            from peft_callbacks.methods.lora.loftq import check_loftq_targets
+
+            check_loftq_targets(model, modules)
         config = resolve_rank_alpha(config, modules)  # the patterns set layers only
         if config.trainable_token_indices is None:
             return config
