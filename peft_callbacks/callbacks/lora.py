@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,10 +16,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft_callbacks._validation import check_bool, check_positive_float
 from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
+from peft_callbacks.methods.lora.corda import CorDAOptions, corda_init
 from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
+from peft_callbacks.methods.lora.loraga import LoRAGAOptions, lora_ga_init
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
+from peft_callbacks.plumbing.seam import temporarily
 from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
@@ -78,7 +84,10 @@ class LoRATrainingOptions:
             )
 
 
-@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions)
+DATA_INITS = ("eva", "corda", "lora_ga")  # the inits LoRACallback starts from the fit's data at setup
+
+
+@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions, CorDAOptions, LoRAGAOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -96,10 +105,16 @@ class LoRACallback(PEFTCallback):
     With ``init="eva"`` the factors ``A`` start from the principal components of each layer's inputs on the first
     ``eva_batches`` batches of the training dataloader, read at ``setup`` through the frozen base model
     (:mod:`peft_callbacks.methods.lora.eva`); batches are mappings of model inputs (transformers), ``(inputs,
-    targets)`` tuples or tensors.
+    targets)`` tuples or tensors. With ``init="corda"`` the factors come from the SVD of each weight times its inputs'
+    covariance on the first ``corda_batches`` batches (of ``corda_dataloader`` if given: for ``corda_method="kpm"``,
+    data of the knowledge to keep; else of the training data), and with ``init="lora_ga"`` from the SVD of the
+    gradient of the module's own ``training_step`` loss on the first ``lora_ga_batches`` training batches (no
+    optimizer step; ``self.log`` calls are dropped meanwhile); both at ``setup``, the base staying as it is
+    (:mod:`~peft_callbacks.methods.lora.corda`, :mod:`~peft_callbacks.methods.lora.loraga`).
 
     Its arguments are the fields of :class:`~peft_callbacks.LoRAConfig`, of :class:`LoRATrainingOptions`, of
-    :class:`~peft_callbacks.methods.lora.eva.EVAOptions` and of
+    :class:`~peft_callbacks.methods.lora.eva.EVAOptions`, :class:`~peft_callbacks.methods.lora.corda.CorDAOptions`,
+    :class:`~peft_callbacks.methods.lora.loraga.LoRAGAOptions` and of
     :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
 
     Example::
@@ -116,35 +131,65 @@ class LoRACallback(PEFTCallback):
     """
 
     def __init__(
-        self, config: LoRAConfig, training: LoRATrainingOptions, eva: EVAOptions, options: CallbackOptions
+        self,
+        config: LoRAConfig,
+        training: LoRATrainingOptions,
+        eva: EVAOptions,
+        corda: CorDAOptions,
+        lora_ga: LoRAGAOptions,
+        options: CallbackOptions,
     ) -> None:
         self._configure(config, options)
         training.check_for(self.config)
         self.loraplus_lr_ratio = training.loraplus_lr_ratio
         self.lora_pro = training.lora_pro
-        self.eva = eva
+        self.eva, self.corda, self.lora_ga = eva, corda, lora_ga
+        if self.config.init == "corda" and corda.corda_method == "kpm" and corda.corda_dataloader is None:
+            rank_zero_warn(
+                f"{self.name}(init='corda', corda_method='kpm') keeps in the frozen base what the data it reads uses "
+                f"most; without `corda_dataloader` that is the training data of the new task. Pass data of the "
+                f"knowledge to keep (the base task) as `corda_dataloader`, or use corda_method='ipm'."
+            )
         self._fit_trainer: pl.Trainer | None = None
+        self._fit_module: pl.LightningModule | None = None
 
-    # -- init="eva" reads the training data -----------------------------------------------------------------------
+    # -- init="eva" / "corda" / "lora_ga" read the training data ------------------------------------------------------
     def applied_config(self) -> LoRAConfig:
         return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
 
     def apply(self, model: torch.nn.Module, path: str) -> None:
-        if self.config.init != "eva":
+        init = self.config.init
+        if init not in DATA_INITS:
             super().apply(model, path)
             return
-        if self._fit_trainer is None:
+        trainer, module = self._fit_trainer, self._fit_module
+        if trainer is None or module is None:
             raise ValueError(
-                f"{self.name}(init='eva') takes LoRA's A from the training data, read when `trainer.fit` starts; "
-                f"outside fit there is none. Fit first, or load the saved adapter (load_adapter) to evaluate."
+                f"{self.name}(init={init!r}) starts LoRA's factors from the training data, read when `trainer.fit` "
+                f"starts; outside fit there is none. Fit first, or load the saved adapter (load_adapter) to evaluate."
             )
-        eva_init(
-            model, training_batches(self._fit_trainer, self.name), self.config, self.eva, adapter_name=self.adapter_name
-        )
+        name = self.adapter_name
+        if init == "eva":
+            eva_init(model, training_batches(trainer, self.name, init), self.config, self.eva, adapter_name=name)
+        elif init == "corda":
+            data = self.corda.corda_dataloader
+            data = training_batches(trainer, self.name, init) if data is None else data
+            corda_init(model, data, self.config, self.corda, adapter_name=name)
+        else:
+            with _logging_dropped(module):
+                lora_ga_init(
+                    model,
+                    _training_step_loss(module),
+                    self.config,
+                    self.lora_ga,
+                    batches=training_batches(trainer, self.name, init),
+                    adapter_name=name,
+                    module=module,
+                )
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._fit_trainer = trainer if stage == "fit" else None
+        self._fit_trainer, self._fit_module = (trainer, pl_module) if stage == "fit" else (None, None)
         kind = strategy_kind(trainer)
         if self.lora_pro and is_sharding(trainer):
             raise ValueError(
@@ -210,11 +255,27 @@ class LoRACallback(PEFTCallback):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["config"].update(loraplus_lr_ratio=self.loraplus_lr_ratio, lora_pro=self.lora_pro)
-        state["config"].update(dataclasses.asdict(self.eva))
+        state["config"].update(
+            dataclasses.asdict(self.eva), **self.corda.recorded(), **dataclasses.asdict(self.lora_ga)
+        )
         return state
 
 
-def training_batches(trainer: pl.Trainer, name: str) -> Iterable:
+def _training_step_loss(module: pl.LightningModule) -> Any:
+    """``loss(model, batch)``: what ``module.training_step(batch, i)`` returns for the ``i``-th batch read."""
+    index = itertools.count()
+    return lambda model, batch: module.training_step(batch, next(index))
+
+
+@contextlib.contextmanager
+def _logging_dropped(module: pl.LightningModule) -> Any:
+    """``self.log`` / ``self.log_dict`` as no-ops: a ``training_step`` run at ``setup``, outside Lightning's loop."""
+    with temporarily(module, "log", lambda *args, **kwargs: None):
+        with temporarily(module, "log_dict", lambda *args, **kwargs: None):
+            yield
+
+
+def training_batches(trainer: pl.Trainer, name: str, init: str = "eva") -> Iterable:
     """The fit's training dataloader (the datamodule's, the module's ``train_dataloader`` or the one passed to
     ``fit``), as Lightning will build it, for a look at its first batches before training.
 
@@ -223,11 +284,12 @@ def training_batches(trainer: pl.Trainer, name: str) -> Iterable:
     """
     source = trainer.fit_loop._data_source  # Lightning's record of where `train_dataloader` comes from (read only)
     if not source.is_defined():
-        raise ValueError(f"{name}(init='eva') reads the training data, but this fit has no `train_dataloader`.")
+        raise ValueError(f"{name}(init={init!r}) reads the training data, but this fit has no `train_dataloader`.")
     loader = source.dataloader()
     if isinstance(loader, (Mapping, list, tuple)):
+        entry = {"eva": "eva_init", "corda": "corda_init", "lora_ga": "lora_ga_init"}[init]
         raise ValueError(
-            f"{name}(init='eva') reads one training dataloader; this fit has {type(loader).__name__} of them. Call "
-            f"`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva) on the model before fitting."
+            f"{name}(init={init!r}) reads one training dataloader; this fit has {type(loader).__name__} of them. Call "
+            f"`{entry}(model, ...)` (peft_callbacks.methods.lora) on the model before fitting."
         )
     return loader

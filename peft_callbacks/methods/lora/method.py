@@ -50,7 +50,13 @@ from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
 from peft_callbacks.methods.lora.embedding import LoRAEmbedding, check_plain_lora
-from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
+from peft_callbacks.methods.lora.init import (
+    DATA_INITS,
+    ResidualLoRAConv,
+    ResidualLoRAConv1D,
+    ResidualLoRALinear,
+    is_residual_init,
+)
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention
 from peft_callbacks.methods.lora.params import ParameterLoRA
@@ -179,6 +185,17 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
                 "`init`='eva' needs data: it takes A from the layers' inputs on a few batches. Call "
                 "`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva), or use "
                 "LoRACallback(init='eva'), which uses the training data; got no data here."
+            )
+        if config.init in DATA_INITS:
+            entry = {
+                "corda": "corda_init(model, dataloader, config)",
+                "lora_ga": "lora_ga_init(model, loss_fn, config, batches=dataloader)",
+            }[config.init]
+            raise ValueError(
+                f"`init`={config.init!r} needs data: it starts the factors from the layers' "
+                f"{'inputs' if config.init == 'corda' else 'loss gradients'} on a few batches. Call `{entry}` "
+                f"(peft_callbacks.methods.lora.{config.init.replace('_', '')}), or use LoRACallback(init="
+                f"{config.init!r}), which uses the training data; got no data here."
             )
         only_parameters = config.target_modules is None and config.target_parameters
         modules = [] if only_parameters else super().select(model, config, head)
