@@ -34,6 +34,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),  # PEFT's gradient count
     pytest.mark.filterwarnings("ignore:CorDA changes the base weights"),
     pytest.mark.filterwarnings("ignore:`corda_config` specified but will be ignored"),
+    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False"),
 ]
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -72,23 +73,37 @@ def _assert_same_start(ours, theirs, original, atol):
         torch.testing.assert_close(product, their_product, rtol=0, atol=tol)
         base = layer.base_layer.weight
         assert torch.equal(base, original.get_submodule(path).weight), path  # ours: untouched
-        residual = base - product.to(base)
+        conv1d = mine.kind == "hf_conv1d"  # transformers' Conv1D stores (in, out)
+        residual = base - (product.T if conv1d else product).to(base)
         torch.testing.assert_close(residual, their_layer.base_layer.weight, rtol=0, atol=tol)
 
 
 # -- CorDA ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("corda_method", ["ipm", "kpm"])
-def test_corda_equals_peft(corda_method):
-    ours, inputs = HF_MODELS["llama"]()
+FAMILIES = {"llama": LLAMA_TARGETS, "gpt2": ["c_attn", "c_fc"]}  # nn.Linear; transformers' Conv1D
+
+
+def _model(family: str):
+    """A tiny model without dropout (LoRA-GA's estimate runs in training mode, as PEFT's)."""
+    model, inputs = HF_MODELS[family]()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, inputs
+
+
+@pytest.mark.parametrize(("family", "corda_method"), [("llama", "ipm"), ("llama", "kpm"), ("gpt2", "ipm")])
+def test_corda_equals_peft(family, corda_method):
+    ours, inputs = _model(family)
     original, theirs = copy.deepcopy(ours), copy.deepcopy(ours)
     batches = _samples()
     before = outputs(ours, inputs)
-    config = LoRAConfig(rank=4, alpha=8, target_modules=LLAMA_TARGETS)
+    targets = FAMILIES[family]
+    config = LoRAConfig(rank=4, alpha=8, target_modules=targets)
     corda_init(ours, batches, config, CorDAOptions(corda_method=corda_method, corda_batches=len(batches)))
     peft_config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=LLAMA_TARGETS,
+        target_modules=targets,
         init_lora_weights="corda",
         corda_config=CordaConfig(corda_method=corda_method),
     )
@@ -100,7 +115,7 @@ def test_corda_equals_peft(corda_method):
 
     preprocess_corda(theirs, peft_config, run_model=run_model)
     theirs = peft.get_peft_model(theirs, peft_config)
-    assert len(lora_layers(ours)) == 8
+    assert len(lora_layers(ours)) == 2 * len(targets)
     _assert_same_start(ours, theirs, original, atol=2e-4)
     torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), rtol=0, atol=1e-4)
     torch.testing.assert_close(outputs(ours, inputs), before, rtol=0, atol=1e-4)  # starts as the base
@@ -139,24 +154,27 @@ def _lm_loss(model, batch):
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("family", "options"),
     [
-        LoRAGAOptions(),
-        LoRAGAOptions(lora_ga_direction="ArBr", lora_ga_scale="weight_svd"),
-        LoRAGAOptions(lora_ga_direction="random", lora_ga_scale="gd_scale"),
+        ("llama", LoRAGAOptions()),
+        ("gpt2", LoRAGAOptions()),
+        ("llama", LoRAGAOptions(lora_ga_direction="ArBr", lora_ga_scale="weight_svd")),
+        ("llama", LoRAGAOptions(lora_ga_direction="random", lora_ga_scale="gd_scale")),
+        ("llama", LoRAGAOptions(lora_ga_direction="A2rBr", lora_ga_scale="unit")),
     ],
-    ids=["defaults", "ArBr-weight_svd", "random-gd_scale"],
+    ids=["defaults", "gpt2-conv1d", "ArBr-weight_svd", "random-gd_scale", "A2rBr-unit"],
 )
-def test_lora_ga_equals_peft_from_the_same_batches_and_draws(seeded_svd, options):
-    ours, inputs = HF_MODELS["llama"]()
+def test_lora_ga_equals_peft_from_the_same_batches_and_draws(seeded_svd, family, options):
+    ours, inputs = _model(family)
     original, theirs = copy.deepcopy(ours), copy.deepcopy(ours)
     batches = _lm_batches()
-    config = LoRAConfig(rank=4, alpha=8, target_modules=LLAMA_TARGETS)
+    targets = FAMILIES[family]
+    config = LoRAConfig(rank=4, alpha=8, target_modules=targets)
     lora_ga_init(ours, _lm_loss, config, dataclasses.replace(options, lora_ga_batches=3), batches=batches)
     peft_config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=LLAMA_TARGETS,
+        target_modules=targets,
         init_lora_weights="lora_ga",
         lora_ga_config=LoraGAConfig(direction=options.lora_ga_direction, scale=options.lora_ga_scale, stable_gamma=16),
     )
@@ -174,6 +192,31 @@ def test_lora_ga_equals_peft_from_the_same_batches_and_draws(seeded_svd, options
     _assert_same_start(ours, theirs, original, atol=1e-5)
     torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), rtol=0, atol=1e-5)
     assert all(p.grad is None for p in ours.parameters())  # the estimate's gradients are gone
+
+
+def test_the_gradient_is_the_average_over_backward_passes_and_the_model_is_left_as_it_was():
+    from peft_callbacks.methods.lora.loraga import estimate_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).eval()
+    model[0].bias.requires_grad_(False)
+    model[2].weight.grad = torch.full_like(model[2].weight, 7.0)
+    batches = [(torch.randn(4, 5), torch.randn(4, 2)) for _ in range(3)]
+
+    def loss(batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    expected = {}
+    for path in ("0", "2"):
+        weight = model.get_submodule(path).weight
+        expected[path] = sum(torch.autograd.grad(loss(b), weight)[0] for b in batches) / len(batches)
+    gradients = estimate_gradients(model, ["0", "2"], lambda: [loss(b).backward() for b in batches])
+    for path in ("0", "2"):
+        torch.testing.assert_close(gradients[path], expected[path], rtol=1e-6, atol=1e-7)
+    assert not model.training and not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert torch.equal(model[2].weight.grad, torch.full_like(model[2].weight, 7.0)) and model[0].weight.grad is None
+    with pytest.raises(ValueError, match="no gradient reached layer '0'"):
+        estimate_gradients(model, ["0"], lambda: None)
 
 
 def test_lora_ga_with_peft_train_step_contract_restores_the_model():
