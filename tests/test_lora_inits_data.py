@@ -397,9 +397,12 @@ def test_the_callback_starts_from_the_fit_data_trains_saves_and_reloads_exactly(
     assert recorded["corda_method"] == "ipm" and recorded["lora_ga_direction"] == "ArB2r"
 
 
-def test_a_corda_run_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_a_data_started_run_resumes_from_its_checkpoint(tmp_path, init):
     loader = DataLoader(_examples(), batch_size=4)
-    options = dict(rank=2, init="corda", target_modules=["q_proj"], corda_batches=2, merge_on_train_end=False)
+    options = dict(
+        rank=2, init=init, target_modules=["q_proj"], corda_batches=2, lora_ga_batches=2, merge_on_train_end=False
+    )
     lora, module = LoRACallback(**options), _LanguageModel()
     trainer = quiet_trainer(max_steps=2, callbacks=[lora])
     trainer.fit(module, loader)
@@ -420,6 +423,11 @@ def test_the_callback_refuses_data_inits_outside_fit_and_takes_kpm_data_of_its_o
         lora = LoRACallback(rank=2, init=init, target_modules=["q_proj"])
         with pytest.raises(ValueError, match=rf"LoRACallback\(init='{init}'\) starts LoRA's factors from the training"):
             lora.apply(HF_MODELS["llama"]()[0], "")
+    manual = _LanguageModel()
+    manual.automatic_optimization = False
+    lora = LoRACallback(rank=2, init="lora_ga", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"init='lora_ga'\) takes the gradient .* with manual optimisation"):
+        quiet_trainer(max_steps=1, callbacks=[lora]).fit(manual, DataLoader(_examples(), batch_size=4))
     with pytest.warns(UserWarning, match="Pass data of the knowledge to keep"):
         LoRACallback(rank=2, init="corda", corda_method="kpm", target_modules=["q_proj"])
     with pytest.raises(TypeError, match="`corda_dataloader` must be None or an iterable"):

@@ -176,6 +176,13 @@ class LoRACallback(PEFTCallback):
             data = training_batches(trainer, self.name, init) if data is None else data
             corda_init(model, data, self.config, self.corda, adapter_name=name)
         else:
+            if not module.automatic_optimization:
+                raise ValueError(
+                    f"{self.name}(init='lora_ga') takes the gradient of the loss `training_step` returns; with manual "
+                    f"optimisation ({type(module).__name__}.automatic_optimization=False) it steps the optimizers "
+                    f"itself instead. Call `lora_ga_init(model, loss_fn, config, batches=...)` "
+                    f"(peft_callbacks.methods.lora.loraga) in `configure_model`, and use init='default' here."
+                )
             with _logging_dropped(module):
                 lora_ga_init(
                     model,
