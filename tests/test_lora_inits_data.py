@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import pickle
 
 import lightning as L
 import pytest
@@ -395,6 +396,7 @@ def test_the_callback_starts_from_the_fit_data_trains_saves_and_reloads_exactly(
     torch.testing.assert_close(outputs(loaded, inputs), outputs(module.model, inputs), rtol=0, atol=0)
     recorded = lora.state_dict()["config"]
     assert recorded["corda_method"] == "ipm" and recorded["lora_ga_direction"] == "ArB2r"
+    assert pickle.loads(pickle.dumps(lora)).config == lora.config  # no trainer or module held after the fit
 
 
 @pytest.mark.parametrize("init", ["corda", "lora_ga"])

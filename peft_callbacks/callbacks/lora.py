@@ -213,6 +213,10 @@ class LoRACallback(PEFTCallback):
             )
         super().setup(trainer, pl_module, stage)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._fit_trainer, self._fit_module = None, None  # the data inits read them at setup only
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.lora_pro or self.loraplus_lr_ratio is not None:
