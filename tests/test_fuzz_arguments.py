@@ -176,6 +176,10 @@ _LORA_CALLBACK_ARGS = {
     "eva_batches": [1, 4],
     "eva_rho": [1, 1.5, 2.5],
     "eva_whiten": _BOOL_OK,
+    "corda_batches": [1, 4],
+    "lora_ga_batches": [1, 4],
+    "lora_ga_stable_gamma": [1, 1.5, 16],
+    "corda_dataloader": [None, [], ["bogus"], [1]],  # any iterable of batches: what they hold is read at fit time
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,

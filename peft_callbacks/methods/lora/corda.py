@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -95,7 +95,8 @@ class CorDAOptions:
         check_choice("corda_method", self.corda_method, CORDA_METHODS)
         object.__setattr__(self, "corda_batches", check_positive_int("corda_batches", self.corda_batches))
         loader = self.corda_dataloader
-        if loader is not None and (isinstance(loader, (str, bytes, torch.Tensor)) or not isinstance(loader, Iterable)):
+        single = (str, bytes, torch.Tensor, Mapping)  # iterable, but one batch (or several loaders), not batches
+        if loader is not None and (isinstance(loader, single) or not isinstance(loader, Iterable)):
             raise TypeError(
                 f"`corda_dataloader` must be None or an iterable of batches (a DataLoader), got "
                 f"{type(loader).__name__}."
