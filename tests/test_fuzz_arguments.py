@@ -179,6 +179,10 @@ _LORA_CALLBACK_ARGS = {
     "loftq_bits": [4, 8],
     "loftq_iter": [1, 3],
     "loftq_weights": _PATH_OK,  # read at setup, on a quantized base only
+    "corda_batches": [1, 4],
+    "lora_ga_batches": [1, 4],
+    "lora_ga_stable_gamma": [1, 1.5, 16],
+    "corda_dataloader": [None, [], ["bogus"], [1]],  # any iterable of batches: what they hold is read at fit time
     "save_adapter_to": _PATH_OK,
     "save_merged_to": _PATH_OK,
     "adapter_name": _NAME_OK,

@@ -259,7 +259,7 @@ def test_the_callback_takes_eva_from_the_training_data_and_saves_an_exact_adapte
 
 def test_the_callback_refuses_eva_outside_fit():
     lora = LoRACallback(rank=4, init="eva", target_modules=["query"])
-    with pytest.raises(ValueError, match=r"LoRACallback\(init='eva'\) takes LoRA's A from the training data"):
+    with pytest.raises(ValueError, match=r"LoRACallback\(init='eva'\) starts LoRA's factors from the training data"):
         lora.apply(HF_MODELS["bert"]()[0], "")
 
 

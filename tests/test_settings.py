@@ -52,14 +52,16 @@ from peft_callbacks.callbacks import CallbackOptions, LoRATrainingOptions
 from peft_callbacks.cli import main
 from peft_callbacks.engine import LayerConfig, LayerMethod, get_method, register_method, registered_methods
 from peft_callbacks.engine.arguments import takes_settings
+from peft_callbacks.methods.lora.corda import CorDAOptions
 from peft_callbacks.methods.lora.eva import EVAOptions
 from peft_callbacks.methods.lora.loftq import LoftQOptions
+from peft_callbacks.methods.lora.loraga import LoRAGAOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 # each typed callback: the settings dataclasses its arguments come from (CallbackOptions for all of them)
 TYPED = {
-    LoRACallback: (LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions),
+    LoRACallback: (LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions, CorDAOptions, LoRAGAOptions),
     AdaLoRACallback: (AdaLoRAConfig,),
     IA3Callback: (IA3Config,),
     LoHaCallback: (LoHaConfig,),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,12 +18,15 @@ from peft_callbacks.callbacks.options import CallbackOptions, typed_callback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.core import quantized
 from peft_callbacks.core.models import find_models
+from peft_callbacks.methods.lora.corda import CorDAOptions, corda_init
 from peft_callbacks.methods.lora.eva import EVAOptions, eva_init, eva_stored_config
 from peft_callbacks.methods.lora.loftq import LoftQOptions, apply_loftq, loftq_quantize
+from peft_callbacks.methods.lora.loraga import LoRAGAOptions, lora_ga_init
 from peft_callbacks.methods.lora.method import LoRAConfig
 from peft_callbacks.methods.lora.plus import MARKER, lora_B_parameters, split_loraplus_groups
 from peft_callbacks.methods.lora.pro import LoRAProAdamW, apply_lora_pro
 from peft_callbacks.plumbing.hooks import run_after_hook
+from peft_callbacks.plumbing.seam import temporarily
 from peft_callbacks.plumbing.strategies import is_sharding, strategy_kind
 
 log = logging.getLogger(__name__)
@@ -82,7 +88,10 @@ class LoRATrainingOptions:
             )
 
 
-@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions)
+DATA_INITS = ("eva", "corda", "lora_ga")  # the inits LoRACallback starts from the fit's data at setup
+
+
+@typed_callback(LoRAConfig, LoRATrainingOptions, EVAOptions, LoftQOptions, CorDAOptions, LoRAGAOptions)
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: inject at ``setup``, train only LoRA factors (+ the task head), merge at the end.
 
@@ -100,11 +109,20 @@ class LoRACallback(PEFTCallback):
     With ``init="eva"`` the factors ``A`` start from the principal components of each layer's inputs on the first
     ``eva_batches`` batches of the training dataloader, read at ``setup`` through the frozen base model
     (:mod:`peft_callbacks.methods.lora.eva`); batches are mappings of model inputs (transformers), ``(inputs,
-    targets)`` tuples or tensors.
+    targets)`` tuples or tensors. With ``init="corda"`` the factors come from the SVD of each weight times its inputs'
+    covariance on the first ``corda_batches`` batches (of ``corda_dataloader`` if given: for ``corda_method="kpm"``,
+    data of the knowledge to keep; else of the training data), and with ``init="lora_ga"`` from the SVD of the
+    gradient of the module's own ``training_step`` loss on the first ``lora_ga_batches`` training batches (no
+    optimizer step; ``self.log`` calls are dropped meanwhile); both at ``setup``, the base staying as it is
+    (:mod:`~peft_callbacks.methods.lora.corda`, :mod:`~peft_callbacks.methods.lora.loraga`). With ``init="loftq"``
+    the targeted linear layers of a full-precision model are quantized at ``setup`` (``loftq_bits``) and ``B·A``
+    starts as the rank-``r`` part of their quantization error; on a model loaded quantized, ``loftq_weights`` names
+    its full-precision weights (:mod:`~peft_callbacks.methods.lora.loftq`).
 
     Its arguments are the fields of :class:`~peft_callbacks.LoRAConfig`, of :class:`LoRATrainingOptions`, of
-    :class:`~peft_callbacks.methods.lora.eva.EVAOptions` and of
-    :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
+    :class:`~peft_callbacks.methods.lora.eva.EVAOptions`, :class:`~peft_callbacks.methods.lora.loftq.LoftQOptions`,
+    :class:`~peft_callbacks.methods.lora.corda.CorDAOptions`, :class:`~peft_callbacks.methods.lora.loraga.LoRAGAOptions`
+    and of :class:`~peft_callbacks.callbacks.options.CallbackOptions`, as keywords.
 
     Example::
 
@@ -125,37 +143,69 @@ class LoRACallback(PEFTCallback):
         training: LoRATrainingOptions,
         eva: EVAOptions,
         loftq: LoftQOptions,
+        corda: CorDAOptions,
+        lora_ga: LoRAGAOptions,
         options: CallbackOptions,
     ) -> None:
         self._configure(config, options)
         training.check_for(self.config)
         self.loraplus_lr_ratio = training.loraplus_lr_ratio
         self.lora_pro = training.lora_pro
-        self.eva = eva
-        self.loftq = loftq
+        self.eva, self.loftq, self.corda, self.lora_ga = eva, loftq, corda, lora_ga
+        if self.config.init == "corda" and corda.corda_method == "kpm" and corda.corda_dataloader is None:
+            rank_zero_warn(
+                f"{self.name}(init='corda', corda_method='kpm') keeps in the frozen base what the data it reads uses "
+                f"most; without `corda_dataloader` that is the training data of the new task. Pass data of the "
+                f"knowledge to keep (the base task) as `corda_dataloader`, or use corda_method='ipm'."
+            )
         self._fit_trainer: pl.Trainer | None = None
+        self._fit_module: pl.LightningModule | None = None
 
-    # -- init="eva" reads the training data -----------------------------------------------------------------------
+    # -- init="eva" / "corda" / "lora_ga" read the training data ------------------------------------------------------
     def applied_config(self) -> LoRAConfig:
         return eva_stored_config(self.config, self.eva) if self.config.init == "eva" else self.config
 
     def apply(self, model: torch.nn.Module, path: str) -> None:
-        if self.config.init == "loftq":  # quantizes the targets (or reads loftq_weights), then LoRA
+        init = self.config.init
+        if init == "loftq":  # quantizes the targets (or reads loftq_weights), then LoRA
             rank_zero_info(
                 f"{self.name}: {apply_loftq(model, self.config, self.loftq, adapter_name=self.adapter_name)}"
             )
             return
-        if self.config.init != "eva":
+        if init not in DATA_INITS:
             super().apply(model, path)
             return
-        if self._fit_trainer is None:
+        trainer, module = self._fit_trainer, self._fit_module
+        if trainer is None or module is None:
             raise ValueError(
-                f"{self.name}(init='eva') takes LoRA's A from the training data, read when `trainer.fit` starts; "
-                f"outside fit there is none. Fit first, or load the saved adapter (load_adapter) to evaluate."
+                f"{self.name}(init={init!r}) starts LoRA's factors from the training data, read when `trainer.fit` "
+                f"starts; outside fit there is none. Fit first, or load the saved adapter (load_adapter) to evaluate."
             )
-        eva_init(
-            model, training_batches(self._fit_trainer, self.name), self.config, self.eva, adapter_name=self.adapter_name
-        )
+        name = self.adapter_name
+        if init == "eva":
+            eva_init(model, training_batches(trainer, self.name, init), self.config, self.eva, adapter_name=name)
+        elif init == "corda":
+            data = self.corda.corda_dataloader
+            data = training_batches(trainer, self.name, init) if data is None else data
+            corda_init(model, data, self.config, self.corda, adapter_name=name)
+        else:
+            if not module.automatic_optimization:
+                raise ValueError(
+                    f"{self.name}(init='lora_ga') takes the gradient of the loss `training_step` returns; with manual "
+                    f"optimisation ({type(module).__name__}.automatic_optimization=False) it steps the optimizers "
+                    f"itself instead. Call `lora_ga_init(model, loss_fn, config, batches=...)` "
+                    f"(peft_callbacks.methods.lora.loraga) in `configure_model`, and use init='default' here."
+                )
+            with _logging_dropped(module):
+                lora_ga_init(
+                    model,
+                    _training_step_loss(module),
+                    self.config,
+                    self.lora_ga,
+                    batches=training_batches(trainer, self.name, init),
+                    adapter_name=name,
+                    module=module,
+                )
 
     def _loftq_base(self, pl_module: pl.LightningModule) -> None:
         """A checkpoint of a LoftQ fit (``validate``/``test(ckpt_path=...)`` on a fresh module) holds a LoRA trained
@@ -168,7 +218,7 @@ class LoRACallback(PEFTCallback):
 
     # -- LoRA+ and LoRA-Pro act on the optimizers -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._fit_trainer = trainer if stage == "fit" else None
+        self._fit_trainer, self._fit_module = (trainer, pl_module) if stage == "fit" else (None, None)
         if stage != "fit" and self.config.init == "loftq":  # before the checkpoint's adapter is re-created
             run_after_hook(pl_module, "on_load_checkpoint", lambda ckpt: self._loftq_base(pl_module), owner=self)
         kind = strategy_kind(trainer)
@@ -186,6 +236,10 @@ class LoRACallback(PEFTCallback):
                 f"`configure_optimizers` instead and leave loraplus_lr_ratio=None."
             )
         super().setup(trainer, pl_module, stage)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._fit_trainer, self._fit_module = None, None  # the data inits read them at setup only
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -236,12 +290,30 @@ class LoRACallback(PEFTCallback):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["config"].update(loraplus_lr_ratio=self.loraplus_lr_ratio, lora_pro=self.lora_pro)
-        state["config"].update(dataclasses.asdict(self.eva))
-        state["config"].update(dataclasses.asdict(self.loftq))
+        state["config"].update(
+            dataclasses.asdict(self.eva),
+            **dataclasses.asdict(self.loftq),
+            **self.corda.recorded(),
+            **dataclasses.asdict(self.lora_ga),
+        )
         return state
 
 
-def training_batches(trainer: pl.Trainer, name: str) -> Iterable:
+def _training_step_loss(module: pl.LightningModule) -> Any:
+    """``loss(model, batch)``: what ``module.training_step(batch, i)`` returns for the ``i``-th batch read."""
+    index = itertools.count()
+    return lambda model, batch: module.training_step(batch, next(index))
+
+
+@contextlib.contextmanager
+def _logging_dropped(module: pl.LightningModule) -> Any:
+    """``self.log`` / ``self.log_dict`` as no-ops: a ``training_step`` run at ``setup``, outside Lightning's loop."""
+    with temporarily(module, "log", lambda *args, **kwargs: None):
+        with temporarily(module, "log_dict", lambda *args, **kwargs: None):
+            yield
+
+
+def training_batches(trainer: pl.Trainer, name: str, init: str = "eva") -> Iterable:
     """The fit's training dataloader (the datamodule's, the module's ``train_dataloader`` or the one passed to
     ``fit``), as Lightning will build it, for a look at its first batches before training.
 
@@ -250,11 +322,12 @@ def training_batches(trainer: pl.Trainer, name: str) -> Iterable:
     """
     source = trainer.fit_loop._data_source  # Lightning's record of where `train_dataloader` comes from (read only)
     if not source.is_defined():
-        raise ValueError(f"{name}(init='eva') reads the training data, but this fit has no `train_dataloader`.")
+        raise ValueError(f"{name}(init={init!r}) reads the training data, but this fit has no `train_dataloader`.")
     loader = source.dataloader()
     if isinstance(loader, (Mapping, list, tuple)):
+        entry = {"eva": "eva_init", "corda": "corda_init", "lora_ga": "lora_ga_init"}[init]
         raise ValueError(
-            f"{name}(init='eva') reads one training dataloader; this fit has {type(loader).__name__} of them. Call "
-            f"`eva_init(model, dataloader, config)` (peft_callbacks.methods.lora.eva) on the model before fitting."
+            f"{name}(init={init!r}) reads one training dataloader; this fit has {type(loader).__name__} of them. Call "
+            f"`{entry}(model, ...)` (peft_callbacks.methods.lora) on the model before fitting."
         )
     return loader

@@ -35,6 +35,8 @@ strategy                     ``load_checkpoint``           freezing param groups
 strategy                     ``checkpoint_io``             atomic checkpoint files (SlimCheckpoint)
 the user's module class      ``on_load_checkpoint``        :func:`~peft_callbacks.load_checkpoint` outside a Trainer
                                                            (only within the call, see :func:`temporarily`)
+LightningModule              ``log``, ``log_dict``         no-ops while LoRA-GA runs ``training_step`` at ``setup``
+                                                           for its gradient (only within it, :func:`temporarily`)
 ===========================  ============================  =========================================================
 
 Example::

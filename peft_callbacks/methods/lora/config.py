@@ -46,6 +46,10 @@ class LoRAConfig(LayerConfig, method="lora"):
             ``"loftq"``: a quantized base whose quantization error ``B·A`` starts by compensating
             (:mod:`~peft_callbacks.methods.lora.loftq`: ``loftq_quantize`` for a full-precision model, ``loftq_init``
             with the original weights for a quantized one, or ``LoRACallback``).
+            ``"corda"``: from the SVD of ``W·C`` (``C`` the covariance of the layer's inputs on data), ``"lora_ga"``:
+            from the SVD of the loss gradient of ``W`` on a few batches; both leave the rest of the weight as the
+            residual, as PiSSA does, and need data (:func:`~peft_callbacks.methods.lora.corda.corda_init`,
+            :func:`~peft_callbacks.methods.lora.loraga.lora_ga_init`, or ``LoRACallback``); linear layers only.
         target_parameters: parameters to adapt directly (names, dotted suffixes as in PEFT —
             ``"experts.gate_up_proj"`` — or regexes): the fused 3-D expert weights of mixture-of-experts blocks get
             one ``A``, ``B`` per expert (:mod:`peft_callbacks.methods.lora.params`). With ``target_modules=None`` only

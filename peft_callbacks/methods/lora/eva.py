@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.engine import DEFAULT_ADAPTER, get_method, inject
 from peft_callbacks.engine.patterns import select_layers
+from peft_callbacks.methods.lora.batches import default_forward, probe_batches, token_mask
 from peft_callbacks.methods.lora.config import LoRAConfig
 
 log = logging.getLogger(__name__)
@@ -100,39 +101,6 @@ class EVAOptions:
         object.__setattr__(self, "eva_batches", check_positive_int("eva_batches", self.eva_batches))
         object.__setattr__(self, "eva_rho", check_float("eva_rho", self.eva_rho, low=1.0))
         check_bool("eva_whiten", self.eva_whiten)
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on one batch: ``model(**batch)`` for a mapping (transformers), ``model(batch[0])`` for a tuple or
-    list (``(inputs, targets)``), ``model(batch)`` otherwise."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to(v, device) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-def _token_mask(batch: Any, use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:
-    """Which tokens count (PEFT's ``prepare_model_inputs_fn_language_modeling``): ``attention_mask``, and
-    ``labels != label_mask_value``; ``None`` (all rows) for batches without them."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch and "attention_mask" not in batch:
-        return None
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(batch["input_ids"]).bool() if mask is None else mask.bool()
-    labels = batch.get("labels")
-    if use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
-        mask = mask & (labels != label_mask_value)
-    return mask
 
 
 class _Moments:
@@ -222,15 +190,11 @@ def eva_components(
         return record
 
     handles = [model.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in targets]
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     training, count = model.training, 0
     model.eval()
     try:
-        for batch in dataloader:
-            if num_batches is not None and count >= num_batches:
-                break
-            batch = _to(batch, device)
-            state["mask"] = _token_mask(batch, use_label_mask, label_mask_value)
+        for batch in probe_batches(dataloader, model, num_batches=num_batches):
+            state["mask"] = token_mask(batch, use_label_mask, label_mask_value)
             forward_fn(model, batch)
             state["alive"].clear()
             count += 1

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from peft_callbacks.methods.lora.method import LoRAConfig
 
 __all__ = [
+    "DATA_INITS",
     "RESIDUAL_INITS",
     "ResidualLoRAAdapter",
     "ResidualLoRAConv",
@@ -67,19 +68,21 @@ __all__ = [
     "principal_factors",
 ]
 
-RESIDUAL_INITS = ("pissa", "pissa_niter_<K>", "olora")
+DATA_INITS = ("corda", "lora_ga")  # residual inits whose factors come from data, supplied after injection
+RESIDUAL_INITS = ("pissa", "pissa_niter_<K>", "olora", *DATA_INITS)
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
 def is_residual_init(init: str) -> bool:
-    """Does ``init`` take the factors from the base weight (PiSSA, OLoRA)?
+    """Does ``init`` start the factors from a part of the base weight, the base acting as the residual (PiSSA, OLoRA,
+    and the data-driven CorDA and LoRA-GA)?
 
     Example::
 
-        >>> is_residual_init("pissa_niter_4"), is_residual_init("gaussian")
-        (True, False)
+        >>> is_residual_init("pissa_niter_4"), is_residual_init("corda"), is_residual_init("gaussian")
+        (True, True, False)
     """
-    return init in ("pissa", "olora") or _NITER.fullmatch(init) is not None
+    return init in ("pissa", "olora", *DATA_INITS) or _NITER.fullmatch(init) is not None
 
 
 def principal_factors(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +144,8 @@ class ResidualLoRAAdapter(LoRAAdapter):
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
         weight = base_weight(base_layer)
-        if weight.device.type == "meta":  # a dry run: shapes only
+        if weight.device.type == "meta" or config.init in DATA_INITS:
+            # a dry run (shapes only), or factors from data: set by `start_from` once computed, or loaded from a file
             lora_A, lora_B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
         else:
             rows = weight.T if self.kind == "hf_conv1d" else weight.flatten(1)  # (out, fan_in)
@@ -154,6 +158,33 @@ class ResidualLoRAAdapter(LoRAAdapter):
         self.register_buffer("lora_B_init", self.lora_B.weight.detach().clone())
 
     absorbs_scale = False  # B alone would scale B·A, not B·A − B₀·A₀
+
+    @torch.no_grad()
+    def start_from(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Start from factors ``A₀`` ``(r, fan_in)`` and ``B₀`` ``(out, r)`` computed elsewhere (CorDA, LoRA-GA:
+        from data, before injection): both the trained factors and the frozen copies subtracted again, so the layer
+        still computes the base.
+
+        Raises:
+            ValueError: factors of another shape than this adapter's.
+
+        Example::
+
+            >>> from peft_callbacks.methods.lora import LoRAConfig
+            >>> lora = ResidualLoRALinear(nn.Linear(6, 5), LoRAConfig(rank=2, init="corda"))
+            >>> lora.start_from(torch.randn(2, 6), torch.randn(5, 2))
+            >>> torch.equal(lora.lora_B.weight, lora.lora_B_init), bool(lora.delta_weight().abs().max() < 1e-6)
+            (True, True)
+        """
+        a_shape, b_shape = (self.r, self.lora_A.weight[0].numel()), (self.lora_B.weight.shape[0], self.r)
+        if tuple(lora_A.shape) != a_shape or tuple(lora_B.shape) != b_shape:
+            raise ValueError(
+                f"start_from: factors of shapes A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} do not fit this "
+                f"adapter (A {a_shape}, B {b_shape})."
+            )
+        for factor, buffer, value in ((self.lora_A, "lora_A_init", lora_A), (self.lora_B, "lora_B_init", lora_B)):
+            factor.weight.copy_(value.reshape(factor.weight.shape))
+            getattr(self, buffer).copy_(factor.weight)
 
     def _merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[A; A₀]`` (2r, …) and ``[B, −B₀]`` (…, 2r): one rank-2r product for ``B·A − B₀·A₀``."""

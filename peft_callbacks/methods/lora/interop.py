@@ -3,11 +3,13 @@
 * Plain LoRA / DoRA: PEFT's keys (``lora_A.weight``, ``lora_magnitude_vector.weight``) and shapes.
 * PiSSA / OLoRA: written as PEFT writes them (``init_lora_weights: "pissa"``, only ``lora_A`` / ``lora_B``): PEFT
   recomputes the decomposition of the original base when it loads them, as it does for its own files. A randomised
-  SVD (``pissa_niter_<K>``) cannot be recomputed, so it is written as the plain rank-``2r`` LoRA that applies to the
-  original base (``[B, −B₀]·[A; A₀]``, alpha doubled or ×√2 with rsLoRA), which is PEFT's own conversion
+  SVD (``pissa_niter_<K>``) cannot be recomputed, nor can factors from data (``corda``, ``lora_ga``), so these are
+  written as the plain rank-``2r`` LoRA that applies to the original base (``[B, −B₀]·[A; A₀]``, alpha and
+  ``alpha_pattern`` doubled or ×√2 with rsLoRA, ``rank_pattern`` doubled), which is PEFT's own conversion
   (``path_initial_model_for_weight_conversion``). Importing a PiSSA/OLoRA directory decomposes the fresh base here.
 * LoftQ: a plain LoRA on a quantized base; written with ``init_lora_weights: true`` (PEFT loads it onto its LoftQ
   base), and PEFT's ``"loftq"`` files are read as plain LoRA, with a warning naming the base they need.
+  PEFT's unconverted CorDA / LoRA-GA files are refused: their factors belong to a residual base PEFT did not save.
 * LoRA on parameters: PEFT nests one wrapper per targeted parameter of a module, the first parameter (in the module's
   order) innermost: ``experts.base_layer.lora_A.weight`` (``gate_up_proj``), ``experts.lora_A.weight``
   (``down_proj``); the config lists ``target_parameters``.
@@ -30,7 +32,7 @@ import torch.nn as nn
 from peft_callbacks.engine import AdaptedLayer
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.embedding import LoRAEmbedding, drop_saved_embedding
-from peft_callbacks.methods.lora.init import ResidualLoRAAdapter, is_residual_init
+from peft_callbacks.methods.lora.init import DATA_INITS, ResidualLoRAAdapter, is_residual_init
 from peft_callbacks.methods.lora.layers import LoRAConv1D
 from peft_callbacks.methods.lora.mha import (
     PEFT_OUT_PROJ_FIXED,
@@ -56,8 +58,8 @@ _UNSUPPORTED_PEFT = (
 
 
 def _converted(config: LoRAConfig) -> bool:
-    """Is the adapter written as a plain rank-2r LoRA (a randomised SVD PEFT cannot redo)?"""
-    return config.init.startswith("pissa_niter_")
+    """Is the adapter written as a plain rank-2r LoRA (a randomised SVD, or factors from data, PEFT cannot redo)?"""
+    return config.init.startswith("pissa_niter_") or config.init in DATA_INITS
 
 
 def _peft_init(init: str) -> bool | str:
@@ -67,7 +69,11 @@ def _peft_init(init: str) -> bool | str:
 def _our_init(value: Any) -> str:
     if value is True or value is False or value is None:
         return "default"  # False (random B) only matters before the tensors are loaded
-    if isinstance(value, str) and (value in ("gaussian", "orthogonal") or is_residual_init(value)):
+    if (
+        isinstance(value, str)
+        and (value in ("gaussian", "orthogonal") or is_residual_init(value))
+        and value not in DATA_INITS
+    ):
         return value
     if value == "eva":  # EVA's A is data: the file holds it, and its ranks in rank_pattern; no base change
         return "default"
@@ -78,10 +84,17 @@ def _our_init(value: Any) -> str:
             "loftq_quantize(original_model, config, adapter=False) (peft_callbacks.methods.lora.loftq)."
         )
         return "default"
+    if value in DATA_INITS:  # PEFT saved factors for a residual base it did not save
+        raise ValueError(
+            f"init_lora_weights={value!r}: PEFT saved these factors for the residual base W - s*B0*A0 it computed from "
+            f"data and did not save, so they cannot be applied to the original base. Save the adapter in PEFT with "
+            f"`save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>)`, which writes a "
+            f"plain LoRA for the original base (it imports here), or start it here with init={value!r}."
+        )
     raise ValueError(
-        f"init_lora_weights={value!r} is not supported here (peft_callbacks has 'gaussian', 'pissa', "
-        f"'pissa_niter_<K>', 'olora', 'orthogonal', 'eva' and 'loftq'; others change the base in ways it does not "
-        f"record)"
+        f"init_lora_weights={value!r} is not supported here (peft_callbacks imports 'gaussian', 'pissa', "
+        f"'pissa_niter_<K>', 'olora', 'orthogonal', 'eva' and 'loftq', and 'corda' / 'lora_ga' adapters PEFT saved "
+        f"converted; others change the base in ways it does not record)"
     )
 
 
@@ -98,8 +111,12 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         for n in (a.parameter_names if isinstance(a, ParameterLoRA) else ())
     ]
     r, alpha, init = config.rank, config.alpha, _peft_init(config.init)
-    if _converted(config):
-        r, alpha, init = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2), True
+    rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    if _converted(config):  # [B, −B₀]·[A; A₀]: twice the rank, and the alpha that keeps each layer's scaling
+        factor = math.sqrt(2) if config.use_rslora else 2
+        r, alpha, init = 2 * r, alpha * factor, True
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * factor for k, v in alpha_pattern.items()}
     attention = any(isinstance(a, LoRAMultiheadAttention) for a in adapters)
     return {
         "r": r,
@@ -113,8 +130,8 @@ def to_peft(config: LoRAConfig, layers: dict[str, AdaptedLayer]) -> dict[str, An
         "init_lora_weights": init,
         "target_modules": modules,  # [] (not None) when only parameters: PEFT would add its default modules
         "target_parameters": parameters or None,
-        "rank_pattern": dict(config.rank_pattern or {}),  # exact layer paths, longest first: PEFT reads them back
-        "alpha_pattern": dict(config.alpha_pattern or {}),
+        "rank_pattern": rank_pattern,  # exact layer paths, longest first: PEFT reads them back
+        "alpha_pattern": alpha_pattern,
         "trainable_token_indices": config.trainable_token_indices,
         **({"peft_version": PEFT_OUT_PROJ_FIXED} if attention else {}),  # out_proj's update applied once
     }

@@ -50,7 +50,13 @@ from peft_callbacks.methods.lora import interop
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.dora import DoRAConv, DoRAConv1D, DoRALinear
 from peft_callbacks.methods.lora.embedding import LoRAEmbedding, check_plain_lora
-from peft_callbacks.methods.lora.init import ResidualLoRAConv, ResidualLoRAConv1D, ResidualLoRALinear, is_residual_init
+from peft_callbacks.methods.lora.init import (
+    DATA_INITS,
+    ResidualLoRAConv,
+    ResidualLoRAConv1D,
+    ResidualLoRALinear,
+    is_residual_init,
+)
 from peft_callbacks.methods.lora.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRALinear
 from peft_callbacks.methods.lora.mha import LoRAMultiheadAttention
 from peft_callbacks.methods.lora.params import ParameterLoRA
@@ -185,6 +191,17 @@ class LoRAMethod(PerLayerSettings, LayerMethod):
                 "`init`='loftq' quantizes the base (or needs its original weights): call "
                 "`loftq_quantize(model, config)` on a full-precision model, or `loftq_init(model, original, config)` "
                 "on a quantized one (peft_callbacks.methods.lora.loftq), or use LoRACallback(init='loftq')."
+            )
+        if config.init in DATA_INITS:
+            entry = {
+                "corda": "corda_init(model, dataloader, config)",
+                "lora_ga": "lora_ga_init(model, loss_fn, config, batches=dataloader)",
+            }[config.init]
+            raise ValueError(
+                f"`init`={config.init!r} needs data: it starts the factors from the layers' "
+                f"{'inputs' if config.init == 'corda' else 'loss gradients'} on a few batches. Call `{entry}` "
+                f"(peft_callbacks.methods.lora.{config.init.replace('_', '')}), or use LoRACallback(init="
+                f"{config.init!r}), which uses the training data; got no data here."
             )
         only_parameters = config.target_modules is None and config.target_parameters
         modules = [] if only_parameters else super().select(model, config, head)
