@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from peft_callbacks._validation import check_choice, check_positive_int
 from peft_callbacks.engine import DEFAULT_ADAPTER
-from peft_callbacks.methods.lora.batches import default_forward, probe_batches, token_mask
+from peft_callbacks.methods.lora.batches import default_forward, read_layer_inputs, token_mask
 from peft_callbacks.methods.lora.config import LoRAConfig
 from peft_callbacks.methods.lora.data_inits import data_targets, inject_started, weight_rows
 
@@ -132,56 +132,35 @@ def corda_covariances(
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    groups: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    state: dict[str, Any] = {"mask": None, "alive": []}
 
-    def hook(path: str) -> Callable:
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            if path not in groups:  # the first batch: layers fed the very same tensor share one covariance
-                groups[path] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), path)
-                state["alive"].append(x)  # held through the batch: a freed input's address could be reused
-            if groups[path] != path:
-                return
-            for rows in _samples(x.detach(), state["mask"]):
-                if rows.shape[0] == 0:
-                    continue
-                rows = rows.float()
-                rows = rows / torch.max(rows).abs()  # PEFT's normalisation, per sample
-                if not torch.isfinite(rows).all():
-                    raise ValueError(
-                        f"CorDA: layer {path!r} got an input whose largest value is 0 or that is not finite; its "
-                        f"covariance is undefined. Check the batches, or leave the layer out of the targets."
-                    )
-                product = rows.t() @ rows  # (in, T) @ (T, in)
-                sums[path] = product if path not in sums else sums[path] + product
-                counts[path] = counts.get(path, 0) + 1
+    def record(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        for rows in _samples(x, mask):
+            if rows.shape[0] == 0:
+                continue
+            rows = rows.float()
+            rows = rows / torch.max(rows).abs()  # PEFT's normalisation, per sample
+            if not torch.isfinite(rows).all():
+                raise ValueError(
+                    f"CorDA: layer {path!r} got an input whose largest value is 0 or that is not finite; its "
+                    f"covariance is undefined. Check the batches, or leave the layer out of the targets."
+                )
+            product = rows.t() @ rows  # (in, T) @ (T, in)
+            sums[path] = product if path not in sums else sums[path] + product
+            counts[path] = counts.get(path, 0) + 1
 
-        return record
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in targets]
-    training, count = model.training, 0
-    model.eval()
-    try:
-        for batch in probe_batches(dataloader, model, num_batches=num_batches):
-            state["mask"] = token_mask(batch, use_label_mask=False)  # padding only: every real token is an input
-            forward_fn(model, batch)
-            state["alive"].clear()
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
-    if count == 0:
-        raise ValueError("`dataloader` gave no batch: CorDA needs a few batches of inputs to initialise LoRA.")
-    silent = [p for p in targets if p not in groups]
-    if silent:
-        raise ValueError(f"CorDA: layers {silent[:5]} never ran on the batches; exclude them from the targets.")
+    groups = read_layer_inputs(
+        model,
+        dataloader,
+        targets,
+        record,
+        what="CorDA",
+        num_batches=num_batches,
+        forward_fn=forward_fn,
+        mask_fn=lambda batch: token_mask(batch, use_label_mask=False),  # padding only: every real token is an input
+    )
     empty = [p for p in targets if groups[p] not in counts]
     if empty:
         raise ValueError(f"CorDA: layers {empty[:5]} saw no token on the batches (all padding).")
-    log.info("CorDA: %d batch(es), %d distinct layer input(s) over %d layer(s)", count, len(sums), len(targets))
     means = {first: total / counts[first] for first, total in sums.items()}  # one per distinct input
     return {p: means[groups[p]] for p in targets}
 

@@ -60,7 +60,7 @@ from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.engine import DEFAULT_ADAPTER, get_method, inject
 from peft_callbacks.engine.patterns import select_layers
-from peft_callbacks.methods.lora.batches import default_forward, probe_batches, token_mask
+from peft_callbacks.methods.lora.batches import default_forward, read_layer_inputs, token_mask
 from peft_callbacks.methods.lora.config import LoRAConfig
 
 log = logging.getLogger(__name__)
@@ -169,49 +169,25 @@ def eva_components(
         ValueError: no batches, or a target that never ran.
     """
     moments: dict[str, _Moments] = {}
-    groups: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    state: dict[str, Any] = {"mask": None, "alive": []}
 
-    def hook(path: str) -> Callable:
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            if path not in groups:  # the first batch: layers fed the very same tensor share one decomposition
-                groups[path] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), path)
-                state["alive"].append(x)  # held through the batch: a freed input's address could be reused
-            if groups[path] != path:
-                return
-            mask = state["mask"]
-            rows = (
-                x[mask] if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else x.reshape(-1, x.shape[-1])
-            )
-            moments.setdefault(path, _Moments()).add(rows)
+    def record(path: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        rows = x[mask] if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else x.reshape(-1, x.shape[-1])
+        moments.setdefault(path, _Moments()).add(rows)
 
-        return record
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in targets]
-    training, count = model.training, 0
-    model.eval()
-    try:
-        for batch in probe_batches(dataloader, model, num_batches=num_batches):
-            state["mask"] = token_mask(batch, use_label_mask, label_mask_value)
-            forward_fn(model, batch)
-            state["alive"].clear()
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
-    if count == 0:
-        raise ValueError("`dataloader` gave no batch: EVA needs a few batches of inputs to initialise LoRA.")
-    silent = [p for p in targets if p not in groups]
-    if silent:
-        raise ValueError(f"EVA: layers {silent[:5]} never ran on the probe batches; exclude them from the targets.")
+    groups = read_layer_inputs(
+        model,
+        dataloader,
+        targets,
+        record,
+        what="EVA",
+        num_batches=num_batches,
+        forward_fn=forward_fn,
+        mask_fn=lambda batch: token_mask(batch, use_label_mask, label_mask_value),
+    )
     empty = [p for p, m in moments.items() if m.n == 0]
     if empty:
         raise ValueError(f"EVA: layers {empty[:5]} saw no token on the probe batches (all padding or masked labels).")
     decomposed = {p: (*m.principal(), m.n) for p, m in moments.items()}
-    log.info("EVA: %d batch(es), %d distinct layer input(s) over %d layer(s)", count, len(decomposed), len(targets))
     return decomposed, groups
 
 
