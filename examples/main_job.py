@@ -92,6 +92,11 @@ def budget(bound: float, **kwargs) -> ForgettingBudget:
     )
 
 
+def replay_budget(bound: float) -> ForgettingBudget:
+    """The budget acting on the replay share of the base task's training split (the share is what it sets)."""
+    return budget(bound, replay=Base.train_data, base_head=Base.weights)
+
+
 # -- the methods: one row each (``out`` is the run's adapter folder, for callbacks that can write an adapter file) --
 VISION_METHODS = [
     Method("full fine-tuning", lambda out: [], lr=1e-3, note="every weight trains"),
@@ -118,11 +123,11 @@ VISION_METHODS = [
     Method("LoRA r=4 + finish ≤0.10", lambda out: [lora(out), finish(0.10, base_head=Base.weights)], lr=3e-3),
     Method(
         "full fine-tuning + budget ≤0.10",
-        lambda out: [budget(0.10, base_head=Base.weights)],
+        lambda out: [replay_budget(0.10)],
         lr=1e-3,
-        note="no weight: a controller sets the penalty",
+        note="no weight: a controller sets the replay share",
     ),
-    Method("LoRA r=4 + budget ≤0.10", lambda out: [lora(out), budget(0.10, base_head=Base.weights)], lr=3e-3),
+    Method("LoRA r=4 + budget ≤0.10", lambda out: [lora(out), replay_budget(0.10)], lr=3e-3),
 ]
 ENCODER = dict(module="encoder")  # adapt the transformers encoder; the LightningModule's own head trains fully
 # the finish on text: label-free, the drift of the sentence embeddings (on general lines of its own) is what it caps
