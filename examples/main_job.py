@@ -13,8 +13,9 @@ is label-free: the drift (1 − cosine) of its sentence embeddings on lines of *
 
 Rows with ``+`` add forgetting control to a method: replay of base-task images, distillation (LwF), L2-SP and EWC
 pull-back, the forgetting-aware finish (the update scaled back to the largest share that forgets at most the
-budget) and the forgetting budget (a penalty whose strength a controller sets while training; no weight). Replay
-and EWC learn from the base task's *training* split (``base_train_dataloader``); the finish and the budget select on
+budget) and the forgetting budget (no weight: a controller sets, while training, the replay share of base-task
+images on vision and a penalty's strength on text, which has no base labels). Replay, the vision budget's replay and
+EWC learn from the base task's *training* split (``base_train_dataloader``); the finish and the budget select on
 its *validation* split (``base_val_dataloader``, the finish also on the new task's validation split). The table
 reports on *test* splits that nothing selects on: the new task's ``test/acc`` after ``trainer.test`` and forgetting
 on the base task's test split (``base_dataloader``). The weights of replay, LwF, L2-SP and EWC come from a small

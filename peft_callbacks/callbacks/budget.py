@@ -281,11 +281,12 @@ class ForgettingBudget(_AnchoredTerm):
     def _new_state(self) -> ForgettingBudgetState:
         budget = ForgettingBudgetState(self.max_forgetting, full_every=self.full_every, margin=self.margin or 0.0)
         if self.replay is not None:
-            # the strength is the replay odds (base examples per new one), from 0.1 to the cap; replay starts at
-            # odds 1, as many base as new examples (Chaudhry et al. 2019's experience replay), since forgetting that
-            # an optimizer's momentum carries cannot be caught once it shows; the controller lowers it from there
-            budget.controller.min_multiplier = 0.1
+            # the strength is the replay odds (base examples per new one), from 0.1 (or a tenth of the cap) to the
+            # cap; replay starts at odds 1, as many base as new examples (Chaudhry et al. 2019's experience replay),
+            # since forgetting that an optimizer's momentum carries cannot be caught once it shows; the controller
+            # lowers it from there
             budget.controller.max_multiplier = self.max_replay / (1.0 - self.max_replay)
+            budget.controller.min_multiplier = min(0.1, budget.controller.max_multiplier / 10)
             budget.controller.start_active(1.0)
         return budget
 
