@@ -1,16 +1,18 @@
 """Step time with ``ForgettingBudget`` against without, side by side in one process.
 
 Each round fits the same model four times, alternating: full fine-tuning and LoRA (``LoRACallback``), each without
-and with the budget (defaults: a reading every 10 steps on 2 base batches, a full score on ``--base-batches``
-batches every 5 readings, and at each of the first 5 readings until one has seen forgetting). Over 50 steps that is
-5 proxy readings and 1 to 5 full scores. The time per step is the wall time from the start of the first timed step
-to the end of the last, over the steps: it includes the budget's readings and full scores and its penalty. The
-budget's penalty is forced on from the first step (``λ = 10³``), the worst case: while forgetting is under the
-budget ``λ = 0`` and the term is skipped. The figure is the median over rounds; the ratio is with/without.
+and with the budget (defaults: a reading at every step over the first 50 steps, then every 10 steps, on 2 base
+batches; a full score on ``--base-batches`` batches every 5 readings, and at each of the first 5 readings until one
+has seen forgetting; the trained tensors copied at each full score that meets the target, for the end-of-fit
+restore). The time per step is the wall time from the start of the first timed step to the end of the last, over
+the steps: it includes the budget's readings, full scores, copies and its penalty. The budget's penalty is forced on
+from the first step (``λ = 10³``), the worst case: while forgetting is under the budget ``λ = 0`` and the term is
+skipped. The figure is the median over rounds; the ratio is with/without. Two windows are timed: all steps, and
+the steady state from ``--steady-from`` on, after the readings at every step.
 
 Usage::
 
-    python benchmarks/budget_overhead.py --model vit_tiny_patch16_224 --size 32 --steps 50 --rounds 2 --threads 2
+    python benchmarks/budget_overhead.py --model vit_tiny_patch16_224 --size 32 --steps 200 --rounds 2 --threads 1
     python benchmarks/budget_overhead.py --model vit_s16 --steps 40 --rounds 2     # a model of benchmarks/common.py
 """
 
@@ -92,7 +94,9 @@ def _base_loader(bench, module, batches: int):
     return DataLoader(TensorDataset(x, y), batch_size=len(target))
 
 
-def _fit(bench, lora: bool, budget: bool, steps: int, base_batches: int) -> float:
+def _fit(bench, lora: bool, budget: bool, steps: int, base_batches: int, steady_from: int) -> tuple[float, float]:
+    """Seconds per step over all timed steps, and over the steps from ``steady_from`` on (after the readings at
+    every step of the budget's start)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -108,11 +112,13 @@ def _fit(bench, lora: bool, budget: bool, steps: int, base_batches: int) -> floa
 
     class Clock(Callback):  # last in the list: its batch end comes after the budget's reading
         def __init__(self) -> None:
-            self.start = self.end = 0.0
+            self.start = self.steady = self.end = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == 1:  # the first step warms up
                 self.start = time.perf_counter()
+            if trainer.global_step == steady_from:
+                self.steady = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.end = time.perf_counter()
@@ -133,7 +139,8 @@ def _fit(bench, lora: bool, budget: bool, steps: int, base_batches: int) -> floa
         enable_model_summary=False,
     )
     trainer.fit(module, _loader(bench, steps + 1))
-    return (clock.end - clock.start) / steps
+    steady = (clock.end - clock.steady) / (steps + 1 - steady_from) if steady_from <= steps else math.nan
+    return (clock.end - clock.start) / steps, steady
 
 
 def main() -> None:
@@ -144,6 +151,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--base-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--steady-from", type=int, default=60, help="step from which the steady state is timed (default: %(default)s)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -153,19 +163,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench = BENCHES[args.model] if args.model in BENCHES else _timm_bench(args.model, args.size)
     runs = [(lora, budget) for lora in (False, True) for budget in (False, True)]
-    times: dict[tuple[bool, bool], list[float]] = {run: [] for run in runs}
+    times: dict[tuple[bool, bool], list[tuple[float, float]]] = {run: [] for run in runs}
     for index in range(args.rounds):
         order = runs if index % 2 == 0 else runs[::-1]
         for lora, budget in order:
-            times[(lora, budget)].append(_fit(bench, lora, budget, args.steps, args.base_batches))
+            times[(lora, budget)].append(_fit(bench, lora, budget, args.steps, args.base_batches, args.steady_from))
     print(f"{bench.describe}; {args.steps} timed steps, {args.rounds} round(s), {args.threads} thread(s)")
-    print("| training | without budget (s/step) | with budget (s/step) | ratio |")
-    print("|---|---|---|---|")
+    print("| training | window | without budget (s/step) | with budget (s/step) | ratio |")
+    print("|---|---|---|---|---|")
     for lora in (False, True):
-        without = statistics.median(times[(lora, False)])
-        with_budget = statistics.median(times[(lora, True)])
         name = "LoRA r=8" if lora else "full fine-tuning"
-        print(f"| {name} | {without:.3f} | {with_budget:.3f} | {with_budget / without:.3f} |")
+        for index, window in enumerate(("all steps", f"from step {args.steady_from}")):
+            without = statistics.median(t[index] for t in times[(lora, False)])
+            with_budget = statistics.median(t[index] for t in times[(lora, True)])
+            print(f"| {name} | {window} | {without:.4f} | {with_budget:.4f} | {with_budget / without:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
     python examples/forgetting_budget.py --quick    # a few steps
 
 A timm classifier trained on digits 0-4 is fully fine-tuned on digits 5-9 with a new head. Unconstrained, it forgets
-most of digits 0-4; with the budget, a normalised L2-SP penalty whose strength a controller sets from the forgetting
-it reads keeps the base-task accuracy drop under ``max_forgetting``. The budget reads base data from the base task's
-*training* split (a fixed, unshuffled slice), and ``ForgettingMonitor`` reports on the held-out split, which the
-budget never saw.
+most of digits 0-4; with the budget, base-task images replayed at a share that a controller sets from the forgetting
+it reads keep the base-task accuracy drop under ``max_forgetting`` (without ``replay=``, the budget sets the
+strength of a normalised L2-SP penalty instead). The budget reads forgetting on the base task's *validation* split,
+replays its *training* split, and ``ForgettingMonitor`` reports on the held-out *test* split, which the budget never
+saw.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import copy
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Subset
 
 from peft_callbacks import ForgettingBudget, ForgettingMonitor
 from peft_callbacks.demo import DigitsDataModule, ImageClassifier
@@ -37,19 +37,24 @@ def main(argv: list[str] | None = None) -> tuple[ForgettingBudget, ForgettingMon
 
     original_head = copy.deepcopy(model.model.get_classifier())
     model.model.reset_classifier(5)  # the new task, digits 5-9, with a new head
-    new_task = DigitsDataModule(classes=[5, 6, 7, 8, 9], base_classes=[0, 1, 2, 3, 4])
-    base_train = new_task.base_train_dataloader().dataset  # the base task's training split, not the reported one
-    budget_data = DataLoader(Subset(base_train, range(min(256, len(base_train)))), batch_size=64)  # fixed order
+    splits = dict(val_fraction=0.125, test_fraction=0.125)  # validation: what the budget reads; test: what we report
+    new_task = DigitsDataModule(classes=[5, 6, 7, 8, 9], base_classes=[0, 1, 2, 3, 4], **splits)
 
     budget = ForgettingBudget(
-        budget_data, max_forgetting=args.max_forgetting, base_head=original_head, every_n_steps=2 if args.quick else 10
+        "base_val_dataloader",  # methods of the DataModule, resolved at fit start
+        max_forgetting=args.max_forgetting,
+        base_head=original_head,
+        replay="base_train_dataloader",
+        every_n_steps=2 if args.quick else 10,
     )
-    monitor = ForgettingMonitor(new_task.base_dataloader(), base_head=original_head, val_metric="val/acc", plot=False)
+    monitor = ForgettingMonitor("base_dataloader", base_head=original_head, val_metric="val/acc", plot=False)
     trainer = pl.Trainer(callbacks=[budget, monitor], logger=CSVLogger(args.out), enable_checkpointing=False, **limits)
     trainer.fit(model, new_task)
 
     print(f"held-out base accuracy: {monitor.baseline:.3f} before, {monitor.latest['value']:.3f} after")
-    print(f"forgetting {monitor.latest['forgetting']:+.3f} (budget {args.max_forgetting}); λ={budget.multiplier:.3g}")
+    restored = "" if budget.restored_step is None else f"; restored to step {budget.restored_step}"
+    share = f"replay share at the end {budget.replay_share:.2f}"
+    print(f"forgetting {monitor.latest['forgetting']:+.3f} (budget {args.max_forgetting}); {share}{restored}")
     return budget, monitor
 
 

@@ -13,8 +13,9 @@ is label-free: the drift (1 − cosine) of its sentence embeddings on lines of *
 
 Rows with ``+`` add forgetting control to a method: replay of base-task images, distillation (LwF), L2-SP and EWC
 pull-back, the forgetting-aware finish (the update scaled back to the largest share that forgets at most the
-budget) and the forgetting budget (a penalty whose strength a controller sets while training; no weight). Replay
-and EWC learn from the base task's *training* split (``base_train_dataloader``); the finish and the budget select on
+budget) and the forgetting budget (no weight: a controller sets, while training, the replay share of base-task
+images on vision and a penalty's strength on text, which has no base labels). Replay, the vision budget's replay and
+EWC learn from the base task's *training* split (``base_train_dataloader``); the finish and the budget select on
 its *validation* split (``base_val_dataloader``, the finish also on the new task's validation split). The table
 reports on *test* splits that nothing selects on: the new task's ``test/acc`` after ``trainer.test`` and forgetting
 on the base task's test split (``base_dataloader``). The weights of replay, LwF, L2-SP and EWC come from a small
@@ -92,6 +93,11 @@ def budget(bound: float, **kwargs) -> ForgettingBudget:
     )
 
 
+def replay_budget(bound: float) -> ForgettingBudget:
+    """The budget acting on the replay share of the base task's training split (the share is what it sets)."""
+    return budget(bound, replay=Base.train_data, base_head=Base.weights)
+
+
 # -- the methods: one row each (``out`` is the run's adapter folder, for callbacks that can write an adapter file) --
 VISION_METHODS = [
     Method("full fine-tuning", lambda out: [], lr=1e-3, note="every weight trains"),
@@ -118,11 +124,11 @@ VISION_METHODS = [
     Method("LoRA r=4 + finish ≤0.10", lambda out: [lora(out), finish(0.10, base_head=Base.weights)], lr=3e-3),
     Method(
         "full fine-tuning + budget ≤0.10",
-        lambda out: [budget(0.10, base_head=Base.weights)],
+        lambda out: [replay_budget(0.10)],
         lr=1e-3,
-        note="no weight: a controller sets the penalty",
+        note="no weight: a controller sets the replay share",
     ),
-    Method("LoRA r=4 + budget ≤0.10", lambda out: [lora(out), budget(0.10, base_head=Base.weights)], lr=3e-3),
+    Method("LoRA r=4 + budget ≤0.10", lambda out: [lora(out), replay_budget(0.10)], lr=3e-3),
 ]
 ENCODER = dict(module="encoder")  # adapt the transformers encoder; the LightningModule's own head trains fully
 # the finish on text: label-free, the drift of the sentence embeddings (on general lines of its own) is what it caps

@@ -167,5 +167,7 @@ def test_add_forgetting_monitor_example(tmp_path):
 
 def test_forgetting_budget_example(tmp_path):
     budget, monitor = load_example("forgetting_budget").main(["--quick", "--out", str(tmp_path)])
-    assert budget.baseline is not None and len(budget.history) == 2  # a reading every 2 of the 4 steps
+    # a reading at every step over the first 2 · 5 (every_n_steps · full_every): all 4 steps
+    assert budget.baseline is not None and [r["step"] for r in budget.history] == [1, 2, 3, 4]
+    assert all("replay_share" in r for r in budget.history)  # replay is what it controls
     assert budget.final_forgetting is not None and monitor.latest["forgetting"] is not None

@@ -24,7 +24,7 @@ from peft_callbacks.callbacks.lora import LoRACallback
 from peft_callbacks.callbacks.peft import PEFTCallback
 from peft_callbacks.callbacks.regularization import EWCCallback, L2SPCallback
 from peft_callbacks.forgetting.anchors import UpdateAnchor
-from peft_callbacks.forgetting.budget import BudgetController
+from peft_callbacks.forgetting.budget import BudgetController, noise_margin
 from peft_callbacks.forgetting.penalties import l2sp_penalty, normalizing_scale, start_square_norm
 from peft_callbacks.forgetting.scoring import BaseTaskScorer
 
@@ -150,7 +150,8 @@ def test_budget_with_lora_and_full_fine_tuning_logs_every_reading(tmp_path):
         tmp_path, [LoRACallback(rank=2, alpha=4), budget], max_steps=24, logger=CSVLogger(str(tmp_path), name="b")
     )
     fit.fit(module, train_loader())
-    assert len(budget.history) == 6 and budget.final_forgetting is not None
+    # every step over the first every_n_steps · full_every = 20 steps, where forgetting rises fastest; then every 4
+    assert [r["step"] for r in budget.history] == [*range(1, 21), 24] and budget.final_forgetting is not None
     copy = pickle.loads(pickle.dumps(budget))  # callbacks pickle (spawned processes, checkpoints of the trainer)
     assert copy.history == budget.history and copy.multiplier == budget.multiplier
     (path,) = glob.glob(os.path.join(str(tmp_path), "b", "*", "metrics.csv"))
@@ -174,29 +175,116 @@ def test_without_base_labels_the_budget_holds_the_feature_drift():
     assert budget.final_forgetting <= 0.02 < unconstrained.final_forgetting
 
 
+def pretrained_base() -> tuple[dict, nn.Module, DataLoader, DataLoader]:
+    """A backbone and the original head trained on a base task (5 classes of a linear teacher): its state, the head,
+    a held-out base set (128 examples) and the base training set (384, shuffled) to replay."""
+    torch.manual_seed(7)
+    teacher = torch.randn(8, 5)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(8))
+    y = (x @ teacher).argmax(-1)
+    module, head = NewTask(), original_head()
+    optimizer = torch.optim.Adam([*module.net[:4].parameters(), *head.parameters()], lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        F.cross_entropy(head(module.net[:4](x[:384])), y[:384]).backward()
+        optimizer.step()
+    held_out = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=32)
+    shuffled = torch.Generator().manual_seed(9)
+    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=32, shuffle=True, generator=shuffled)
+    return module.net[:4].state_dict(), head, held_out, train
+
+
+def from_base(state: dict, lr: float) -> NewTask:
+    module = NewTask(lr=lr)
+    module.net[:4].load_state_dict(state)
+    return module
+
+
+def new_task_accuracy(module: NewTask) -> float:
+    x, y = next(iter(DataLoader(train_loader().dataset, batch_size=64)))
+    with torch.no_grad():
+        return float((module(x).argmax(-1) == y).float().mean())
+
+
+def test_replay_budget_holds_a_fast_rise_on_a_20_step_run_and_keeps_most_of_the_new_task():
+    state, head, held_out, train = pretrained_base()
+    free = from_base(state, lr=1.5)  # plain SGD at a high rate: forgetting passes 0.3 within 20 steps
+    start = new_task_accuracy(free)
+    trainer(max_steps=20).fit(free, train_loader())
+    baseline = BaseTaskScorer(from_base(state, 1.5), metric="accuracy", base_head=head, drift=False).score(held_out)
+    free_gain = new_task_accuracy(free) - start
+    assert base_forgetting(free, head, held_out, baseline.value) > 0.3 and free_gain > 0.1
+
+    module = from_base(state, lr=1.5)
+    budget = ForgettingBudget(held_out, 0.1, base_head=head, every_n_steps=2, replay=train, restore=False)
+    trainer(callbacks=[budget], max_steps=20).fit(module, train_loader())
+    assert budget.final_forgetting == pytest.approx(base_forgetting(module, head, held_out, baseline.value))
+    assert budget.final_forgetting <= 0.1  # held by the controller alone (no end-of-fit restore)
+    assert [r["step"] for r in budget.history][:10] == list(range(1, 11))  # every step at the start
+    shares = [r["replay_share"] for r in budget.history]
+    assert all(0.0 <= s <= 0.8 for s in shares) and max(shares) > 0.5  # it raised the share when forgetting rose
+    assert new_task_accuracy(module) - start > 0.75 * free_gain  # most of the new task's progress kept
+
+
+def test_the_margin_comes_from_the_split_to_split_noise_of_the_base_score():
+    module, head = NewTask(), original_head()
+    budget = ForgettingBudget(base_loader(module, head), 0.1, base_head=head, every_n_steps=2)
+    trainer(callbacks=[budget], max_steps=2).fit(module, train_loader())
+    assert budget.target == pytest.approx((1 - noise_margin(0.1, 64)) * 0.1)  # 64 base examples
+    assert 0.5 < budget.target / 0.1 < 0.7
+    fixed = ForgettingBudget(base_loader(module, head), 0.1, base_head=head, margin=0.2)
+    trainer(callbacks=[fixed], max_steps=2).fit(NewTask(), train_loader())
+    assert fixed.target == pytest.approx(0.08)
+
+
+def test_a_final_state_over_the_budget_is_restored_to_the_latest_state_that_met_it():
+    state, head, held_out, _ = pretrained_base()
+    kept: dict[int, dict] = {}
+
+    class Keep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            kept[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    # readings at steps 1-3 only: the controller cannot act on the rest, the end-of-fit check must
+    budget = ForgettingBudget(held_out, 0.1, base_head=head, every_n_steps=1000, dense_steps=3, margin=0.0)
+    module = from_base(state, lr=3.0)
+    trainer(callbacks=[budget, Keep()], max_steps=20).fit(module, train_loader())
+    met = [r["step"] for r in budget.history if r["measured_forgetting"] is not None and r["forgetting"] <= 0.1]
+    assert met and budget.restored_step == met[-1]  # the latest full score that met it
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, kept[budget.restored_step][name], msg=name)
+    assert budget.final_forgetting <= 0.1
+    free = ForgettingBudget(held_out, 0.1, base_head=head, every_n_steps=1000, dense_steps=3, restore=False)
+    trainer(callbacks=[free], max_steps=20).fit(from_base(state, lr=3.0), train_loader())
+    assert free.final_forgetting > 0.1 and free.restored_step is None  # without restore: over the budget
+
+
 def _fit_with_checkpoints(
-    tmp_path, name: str, ckpt_path=None, metric: str | None = "accuracy"
+    tmp_path, name: str, ckpt_path=None, metric: str | None = "accuracy", replay: bool = False
 ) -> tuple[ForgettingBudget, NewTask]:
     module = NewTask()
     head = original_head()
     data = base_loader(module, head, labels=metric is not None)
     bound = 0.1 if metric else 0.02
-    budget = ForgettingBudget(data, max_forgetting=bound, base_head=head, every_n_steps=2, metric=metric)
+    options = {"replay": base_loader(module, head)} if replay else {}  # in order: the stream resumes in place
+    budget = ForgettingBudget(data, max_forgetting=bound, base_head=head, every_n_steps=2, metric=metric, **options)
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=16, save_top_k=-1)
     fit = trainer(tmp_path, [budget, checkpoints], max_epochs=5, enable_checkpointing=True)
     fit.fit(module, train_loader(), ckpt_path=ckpt_path)
     return budget, module
 
 
-@pytest.mark.parametrize("metric", ["accuracy", None], ids=["accuracy", "drift"])
-def test_resume_mid_fit_gives_the_same_trajectory(tmp_path, metric):
-    whole, module = _fit_with_checkpoints(tmp_path, "whole", metric=metric)
+@pytest.mark.parametrize(
+    "metric, replay", [("accuracy", False), (None, False), ("accuracy", True)], ids=["accuracy", "drift", "replay"]
+)
+def test_resume_mid_fit_gives_the_same_trajectory(tmp_path, metric, replay):
+    whole, module = _fit_with_checkpoints(tmp_path, "whole", metric=metric, replay=replay)
     # at the end of an epoch: a plain DataLoader cannot resume inside one at the same batch
     (middle,) = glob.glob(str(tmp_path / "whole" / "*step=16.ckpt"))
     saved = torch.load(middle, weights_only=True)  # plain tensors and numbers only
     assert any(k.startswith("ForgettingBudget") for k in saved["callbacks"])
-    resumed, again = _fit_with_checkpoints(tmp_path, "resumed", ckpt_path=middle, metric=metric)
-    assert len(resumed.history) == len(whole.history) == 20
+    resumed, again = _fit_with_checkpoints(tmp_path, "resumed", ckpt_path=middle, metric=metric, replay=replay)
+    assert len(resumed.history) == len(whole.history) == 25  # every step up to step 10, then every 2 of 40
     assert any(r["multiplier"] > 0 for r in whole.history[:8])  # the saved state held a live controller
     for one, two in zip(whole.history, resumed.history):
         assert one.keys() == two.keys()
@@ -305,7 +393,7 @@ class _ForceStrength(Callback):
 @pytest.mark.parametrize("config", [None, *MERGEABLE], ids=lambda c: "full" if c is None else c.values[0])
 def test_budget_penalty_acts_on_the_update_of_every_method_and_full_fine_tuning(config):
     module = EveryMethodNet()
-    budget = ForgettingBudget(method_data(1), max_forgetting=0.1, every_n_steps=2)
+    budget = ForgettingBudget(method_data(1), max_forgetting=0.1, every_n_steps=2, dense_steps=0)
     surgery = [] if config is None else [PEFTCallback(config.replace(train_head=False), merge_on_train_end=False)]
     L.seed_everything(0, verbose=False)
     trainer(callbacks=[*surgery, budget, _ForceStrength(budget)], max_steps=4).fit(module, method_data(0))

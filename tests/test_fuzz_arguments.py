@@ -520,7 +520,10 @@ CASES: dict[str, Case] = {
             "max_forgetting": [0],
             "num_classes": [None],
             "limit_batches": [None],
-            "margin": [0],
+            "margin": [0, None],  # None: the margin from the base score's noise
+            "replay": [None, *_LOADERS],  # None: the penalty is the strength controlled
+            "dense_steps": [None, 0],
+            "restore": _BOOL_OK,
             **_BASE_TASK,
         },
     ),
