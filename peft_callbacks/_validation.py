@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 
@@ -141,6 +142,34 @@ _ADAPTER_NAME_RULE = (
     f"a plain name of 1 to {MAX_ADAPTER_NAME} printable characters without '.', '/', '\\' or ':' (it becomes a "
     f"module key and a sub-folder name)"
 )
+
+
+def check_instance(name: str, value: Any, kind: type, *, optional: bool = False) -> Any:
+    """Return ``value`` if it is a ``kind`` (or ``None`` with ``optional``)."""
+    if (value is None and optional) or isinstance(value, kind):
+        return value
+    allowed = f"a {kind.__name__}" + (" or None" if optional else "")
+    raise TypeError(f"`{name}` must be {allowed}, got {type(value).__name__} {_short_repr(value)}.")
+
+
+def check_callable(name: str, value: Any, *, optional: bool = False) -> Any:
+    """Return ``value`` if it can be called (or is ``None`` with ``optional``)."""
+    if (value is None and optional) or (callable(value) and not isinstance(value, type)):
+        return value
+    raise TypeError(
+        f"`{name}` must be a function{' or None' if optional else ''}, got {type(value).__name__} {_short_repr(value)}."
+    )
+
+
+def check_batches(name: str, value: Any) -> Any:
+    """Return ``value`` if it can be a source of batches: an iterable (a DataLoader, a list of batches), not a
+    string, a mapping or a tensor (those are one batch: wrap it in a list)."""
+    if isinstance(value, (str, bytes, dict, torch.Tensor)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"`{name}` must be a DataLoader or another iterable of batches, got {type(value).__name__} "
+            f"{_short_repr(value)} (one batch: pass [batch])."
+        )
+    return value
 
 
 def check_adapter_name(value: Any, name: str = "adapter_name") -> str:

@@ -65,6 +65,20 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
 
 
+def _lora_config(rank: int):
+    return peft_callbacks.LoRAConfig(rank=rank, alpha=rank)
+
+
+def _sum_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).sum()
+
+
+def _quantized_net() -> nn.Module:
+    model = _net()
+    peft_callbacks.loftq_quantize(model, _lora_config(2), adapter=False)
+    return model
+
+
 def _lora_net() -> nn.Module:
     return peft_callbacks.inject_lora(_net(), rank=2)
 
@@ -409,6 +423,37 @@ CASES: dict[str, Case] = {
             "trainable_token_indices": [None],
             "adapter_name": _NAME_OK,
         },
+    ),
+    "EVAOptions": Case(valid=dict, accepts={"eva_batches": [1, 4], "eva_rho": [1, 1.5, 2.5], "eva_whiten": _BOOL_OK}),
+    "CorDAOptions": Case(valid=dict, accepts={"corda_batches": [1, 4], "corda_dataloader": [None, [], ["bogus"], [1]]}),
+    "LoRAGAOptions": Case(valid=dict, accepts={"lora_ga_batches": [1, 4], "lora_ga_stable_gamma": [1, 1.5, 16]}),
+    "LoftQOptions": Case(valid=dict, accepts={"loftq_bits": [4, 8], "loftq_iter": [1, 3], "loftq_weights": _PATH_OK}),
+    "eva_init": Case(
+        valid=lambda: {"model": _net(), "dataloader": [torch.randn(8, 4)], "config": _lora_config(2)},
+        accepts={"eva": [None], "adapter_name": _NAME_OK, "use_label_mask": _BOOL_OK, "label_mask_value": [-1, 0]},
+    ),
+    "corda_init": Case(
+        valid=lambda: {"model": _net(), "dataloader": [torch.randn(8, 4)], "config": _lora_config(1)},
+        accepts={"corda": [None], "adapter_name": _NAME_OK},
+    ),
+    "lora_ga_init": Case(
+        valid=lambda: {
+            "model": _net(),
+            "train_step": _sum_loss,
+            "config": _lora_config(1),
+            "batches": [torch.randn(8, 4)],
+        },
+        accepts={"lora_ga": [None], "adapter_name": _NAME_OK, "module": [None], "batches": [None]},
+        gaps={"batches": "each batch goes to the user's own train_step(model, batch); its error is the one raised"},
+    ),
+    "loftq_quantize": Case(
+        valid=lambda: {"model": _net(), "config": _lora_config(2)},
+        accepts={"loftq": [None], "adapter_name": _NAME_OK, "adapter": _BOOL_OK},
+    ),
+    "loftq_init": Case(
+        valid=lambda: {"model": _quantized_net(), "original": _net().state_dict(), "config": _lora_config(2)},
+        accepts={"config": [None], "adapter_name": _NAME_OK, "accept": [None]},  # config None: re-initialise
+        also_raises=(FileNotFoundError,),
     ),
     "lora_disabled": _model_case(_lora_net, enter=True),
     "lora_layers": _model_case(_lora_net),

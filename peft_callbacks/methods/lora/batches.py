@@ -30,9 +30,13 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     list (``(inputs, targets)``), ``model(batch)`` otherwise."""
     if isinstance(batch, Mapping):
         return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(
+            f"a batch of `dataloader` must be a mapping of model inputs, an (inputs, targets) tuple or a tensor; got "
+            f"{type(batch).__name__} {str(batch)[:60]!r}. For other layouts pass `forward_fn(model, batch)`."
+        )
+    return model(inputs)
 
 
 def model_device(model: nn.Module) -> torch.device:

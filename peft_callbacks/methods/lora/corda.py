@@ -50,7 +50,15 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_choice, check_positive_int
+from peft_callbacks._validation import (
+    check_adapter_name,
+    check_batches,
+    check_callable,
+    check_choice,
+    check_instance,
+    check_module,
+    check_positive_int,
+)
 from peft_callbacks.engine import DEFAULT_ADAPTER
 from peft_callbacks.methods.lora.batches import default_forward, read_layer_inputs, token_mask
 from peft_callbacks.methods.lora.config import LoRAConfig
@@ -237,6 +245,12 @@ def corda_init(
         ValueError: a target that is not linear, a ``rank`` above ``min(out, in)``, an empty ``dataloader``, layers
             that never ran.
     """
+    check_module("model", model)
+    check_batches("dataloader", dataloader)
+    check_instance("config", config, LoRAConfig)
+    check_instance("corda", corda, CorDAOptions, optional=True)
+    check_adapter_name(adapter_name)
+    check_callable("forward_fn", forward_fn)
     corda = CorDAOptions() if corda is None else corda
     if not isinstance(corda, CorDAOptions):
         raise TypeError(f"`corda` must be None or a CorDAOptions, got {type(corda).__name__}.")

@@ -55,7 +55,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_bool, check_float, check_module, check_positive_int
+from peft_callbacks._validation import (
+    check_adapter_name,
+    check_batches,
+    check_bool,
+    check_callable,
+    check_float,
+    check_instance,
+    check_int,
+    check_module,
+    check_positive_int,
+)
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
 from peft_callbacks.engine import DEFAULT_ADAPTER, get_method, inject
@@ -243,6 +253,13 @@ def eva_init(
     check_module("model", model)
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}.")
+    check_batches("dataloader", dataloader)
+    check_instance("config", config, LoRAConfig)
+    check_instance("eva", eva, EVAOptions, optional=True)
+    check_adapter_name(adapter_name)
+    check_callable("forward_fn", forward_fn)
+    check_bool("use_label_mask", use_label_mask)
+    check_int("label_mask_value", label_mask_value)
     eva = EVAOptions() if eva is None else eva
     if not isinstance(eva, EVAOptions):
         raise TypeError(f"`eva` must be None or an EVAOptions, got {type(eva).__name__}.")

@@ -67,7 +67,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_int, check_module, check_path, check_positive_int
+from peft_callbacks._validation import (
+    check_adapter_name,
+    check_bool,
+    check_callable,
+    check_instance,
+    check_int,
+    check_module,
+    check_path,
+    check_positive_int,
+)
 from peft_callbacks.core import quantized
 from peft_callbacks.core.heads import find_head
 from peft_callbacks.core.kinds import layer_kind
@@ -356,6 +365,9 @@ def loftq_quantize(
     """
     check_module("model", model)
     stored = _check_config(config)
+    check_instance("loftq", loftq, LoftQOptions, optional=True)
+    check_adapter_name(adapter_name)
+    check_bool("adapter", adapter)
     loftq = LoftQOptions() if loftq is None else loftq
     if not isinstance(loftq, LoftQOptions):
         raise TypeError(f"`loftq` must be None or a LoftQOptions, got {type(loftq).__name__}.")
@@ -451,8 +463,14 @@ def loftq_init(
             either.
     """
     check_module("model", model)
-    if accept is not None and not callable(accept):
-        raise TypeError(f"`accept` must be None or a callable (model, path) -> bool, got {type(accept).__name__}.")
+    if not isinstance(original, (Mapping, str, os.PathLike)) or isinstance(original, str) and not original:
+        raise TypeError(
+            f"`original` must be a state dict or the path of a safetensors file or folder, got "
+            f"{type(original).__name__} {str(original)[:60]!r}."
+        )
+    check_instance("config", config, LoRAConfig, optional=True)
+    check_adapter_name(adapter_name)
+    check_callable("accept", accept, optional=True)
     method = get_method("lora")
     existing = method.modules(model, adapter_name)
     if config is not None and existing:

@@ -47,7 +47,16 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from peft_callbacks._validation import check_choice, check_positive_float, check_positive_int
+from peft_callbacks._validation import (
+    check_adapter_name,
+    check_batches,
+    check_callable,
+    check_choice,
+    check_instance,
+    check_module,
+    check_positive_float,
+    check_positive_int,
+)
 from peft_callbacks.engine import DEFAULT_ADAPTER
 from peft_callbacks.methods.lora.batches import probe_batches
 from peft_callbacks.methods.lora.config import LoRAConfig
@@ -251,6 +260,14 @@ def lora_ga_init(
         ValueError: a target that is not linear, ``2·rank`` above ``min(out, in)``, no batch, a layer no gradient
             reached.
     """
+    check_module("model", model)
+    check_callable("train_step", train_step)
+    check_instance("config", config, LoRAConfig)
+    check_instance("lora_ga", lora_ga, LoRAGAOptions, optional=True)
+    if batches is not None:
+        check_batches("batches", batches)
+    check_adapter_name(adapter_name)
+    check_instance("module", module, nn.Module, optional=True)
     lora_ga = LoRAGAOptions() if lora_ga is None else lora_ga
     if not isinstance(lora_ga, LoRAGAOptions):
         raise TypeError(f"`lora_ga` must be None or a LoRAGAOptions, got {type(lora_ga).__name__}.")
