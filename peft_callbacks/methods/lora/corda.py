@@ -252,9 +252,7 @@ def corda_init(
     check_adapter_name(adapter_name)
     check_callable("forward_fn", forward_fn)
     corda = CorDAOptions() if corda is None else corda
-    if not isinstance(corda, CorDAOptions):
-        raise TypeError(f"`corda` must be None or a CorDAOptions, got {type(corda).__name__}.")
-    config = dataclasses.replace(config, init="corda") if isinstance(config, LoRAConfig) else config
+    config = dataclasses.replace(config, init="corda")
     targets, ranks = data_targets(model, config, adapter_name, min, "at most min(out, in) components")
     covariances = corda_covariances(model, dataloader, targets, num_batches=corda.corda_batches, forward_fn=forward_fn)
 

@@ -251,8 +251,6 @@ def eva_init(
         ValueError: bad options, an empty ``dataloader``, or layers that never ran.
     """
     check_module("model", model)
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"`config` must be a LoRAConfig, got {type(config).__name__}.")
     check_batches("dataloader", dataloader)
     check_instance("config", config, LoRAConfig)
     check_instance("eva", eva, EVAOptions, optional=True)
@@ -261,8 +259,6 @@ def eva_init(
     check_bool("use_label_mask", use_label_mask)
     check_int("label_mask_value", label_mask_value)
     eva = EVAOptions() if eva is None else eva
-    if not isinstance(eva, EVAOptions):
-        raise TypeError(f"`eva` must be None or an EVAOptions, got {type(eva).__name__}.")
     _check_options(eva, config)
     method = get_method("lora")
     if method.modules(model, adapter_name):

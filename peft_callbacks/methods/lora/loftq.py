@@ -369,8 +369,6 @@ def loftq_quantize(
     check_adapter_name(adapter_name)
     check_bool("adapter", adapter)
     loftq = LoftQOptions() if loftq is None else loftq
-    if not isinstance(loftq, LoftQOptions):
-        raise TypeError(f"`loftq` must be None or a LoftQOptions, got {type(loftq).__name__}.")
     if loftq.loftq_weights is not None:
         raise ValueError(
             f"`loftq_weights`={loftq.loftq_weights!r} is for a model whose targets are quantized already; "

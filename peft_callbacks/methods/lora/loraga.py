@@ -269,11 +269,7 @@ def lora_ga_init(
     check_adapter_name(adapter_name)
     check_instance("module", module, nn.Module, optional=True)
     lora_ga = LoRAGAOptions() if lora_ga is None else lora_ga
-    if not isinstance(lora_ga, LoRAGAOptions):
-        raise TypeError(f"`lora_ga` must be None or a LoRAGAOptions, got {type(lora_ga).__name__}.")
-    if not callable(train_step):
-        raise TypeError(f"`train_step` must be callable, got {type(train_step).__name__}.")
-    config = dataclasses.replace(config, init="lora_ga") if isinstance(config, LoRAConfig) else config
+    config = dataclasses.replace(config, init="lora_ga")
     targets, ranks = data_targets(
         model, config, adapter_name, lambda out, fan_in: min(out, fan_in) // 2, "its top 2·rank gradient components"
     )
