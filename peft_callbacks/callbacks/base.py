@@ -48,6 +48,17 @@ from peft_callbacks.plumbing.strategies import (
 log = logging.getLogger(__name__)
 
 
+def run_before_surgery(trainer: pl.Trainer, callback: Callback, name: str) -> None:
+    """Move ``callback`` before the first :class:`SurgeryCallback` in ``trainer.callbacks`` (if it comes after
+    one), so its ``on_train_end`` runs before they save adapters and merge."""
+    callbacks = trainer.callbacks
+    mine = next(i for i, c in enumerate(callbacks) if c is callback)
+    first = next((i for i, c in enumerate(callbacks) if isinstance(c, SurgeryCallback)), None)
+    if first is not None and first < mine:
+        callbacks.insert(first, callbacks.pop(mine))
+        rank_zero_info(f"{name}: moved before {type(callbacks[first + 1]).__name__} in callbacks.")
+
+
 class SurgeryCallback(Callback):
     """Base class of the callbacks that change a model: LoRA, adapters, prompts, freezing.
 

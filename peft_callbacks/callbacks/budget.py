@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_int, check_positive_int
-from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.callbacks.base import run_before_surgery
 from peft_callbacks.callbacks.forgetting import log_figures
 from peft_callbacks.callbacks.regularization import _AnchoredTerm
 from peft_callbacks.engine.arguments import takes_settings
@@ -195,14 +195,8 @@ class ForgettingBudget(_AnchoredTerm):
 
     # -- fit start ----------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.restore:
-            return
-        callbacks = trainer.callbacks
-        mine = next(i for i, c in enumerate(callbacks) if c is self)
-        first = next((i for i, c in enumerate(callbacks) if isinstance(c, SurgeryCallback)), None)
-        if first is not None and first < mine:  # restore before they save adapters and merge at on_train_end
-            callbacks.insert(first, callbacks.pop(mine))
-            rank_zero_info(f"{self.name}: moved before {type(callbacks[first + 1]).__name__} in callbacks.")
+        if stage == "fit" and self.restore:  # restore before they save adapters and merge at on_train_end
+            run_before_surgery(trainer, self, self.name)
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().prepare(trainer, pl_module)

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from peft_callbacks._validation import check_bool, check_choice, check_float, check_optional_str, check_positive_int
-from peft_callbacks.callbacks.base import SurgeryCallback
+from peft_callbacks.callbacks.base import run_before_surgery
 from peft_callbacks.engine.arguments import takes_settings
 from peft_callbacks.forgetting.anchors import UpdateAnchor, update_scope
 from peft_callbacks.forgetting.batches import call_model, move_to_device, split_batch
@@ -140,14 +140,8 @@ class ForgettingAwareFinish(Callback):
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        callbacks = trainer.callbacks
-        mine = next(i for i, c in enumerate(callbacks) if c is self)
-        first = next((i for i, c in enumerate(callbacks) if isinstance(c, SurgeryCallback)), None)
-        if first is not None and first < mine:  # run before they save adapters and merge at on_train_end
-            callbacks.insert(first, callbacks.pop(mine))
-            rank_zero_info(f"ForgettingAwareFinish: moved before {type(callbacks[first + 1]).__name__} in callbacks.")
+        if stage == "fit":
+            run_before_surgery(trainer, self, "ForgettingAwareFinish")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.ckpt_path:
